@@ -1,0 +1,48 @@
+"""Shared benchmark plumbing: every benchmark records (group, provider, bytes moved), and the
+terminal summary prints each group's providers side by side with GB/s and ratios to the
+group's reference provider and to a plain memory copy of the same bytes."""
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+_RESULTS = defaultdict(dict)
+
+
+@pytest.fixture
+def record():
+    def _record(benchmark, group, provider, nbytes=None, items=None, unit="items"):
+        stats = benchmark.stats.stats if benchmark.stats else None
+        if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
+            return
+        _RESULTS[group][provider] = {"median_s": stats.median, "bytes": nbytes,
+                                     "items": items, "unit": unit}
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("fastds: providers side by side (median)")
+    for group, rows in _RESULTS.items():
+        tr.write_line(f"[{group}]")
+        ref = rows.get("ref") or next(iter(rows.values()))
+        copy = rows.get("memcpy")
+        for name, r in rows.items():
+            line = f"  {name:>14}: {r['median_s'] * 1e3:10.3f} ms"
+            if r["bytes"]:
+                line += f"  {r['bytes'] / r['median_s'] / 1e9:7.2f} GB/s"
+            if r["items"]:
+                line += f"  {r['items'] / r['median_s']:12.1f} {r['unit']}/s"
+            line += f"  speedup vs ref {ref['median_s'] / r['median_s']:8.2f}x"
+            if copy and name != "memcpy":
+                line += f"  of memcpy bandwidth {copy['median_s'] / r['median_s']:5.2f}"
+            tr.write_line(line)
+    out = Path(os.environ.get("FASTDS_BENCH_JSON", ".benchmarks/fastds_summary.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_RESULTS, indent=2))

@@ -1,0 +1,85 @@
+// pybind11 module fastds._C: the CPU kernels. Arrays arrive as numpy (torch CPU tensors are
+// passed through .numpy(), zero-copy); the Python wrappers in fastds/ validate shapes and
+// dtypes, so these functions only check what would otherwise corrupt memory.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "step_cpu.h"
+#include "stitch_cpu.h"
+
+namespace py = pybind11;
+using namespace fastds;
+
+template <typename T>
+using carr = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+static py::tuple plan_py(carr<int64_t> starts, int H, int W, int tile, int halo, int cell) {
+  if (starts.ndim() != 2 || starts.shape(1) != 2)
+    throw std::invalid_argument("starts must have shape (N, 2)");
+  StitchPlan p = build_stitch_plan(starts.data(), starts.shape(0), H, W, tile, halo, cell);
+  auto boxes = carr<int32_t>({(py::ssize_t)starts.shape(0), (py::ssize_t)6});
+  std::copy(p.boxes.begin(), p.boxes.end(), boxes.mutable_data());
+  auto ptr = carr<int32_t>((py::ssize_t)p.cell_ptr.size());
+  std::copy(p.cell_ptr.begin(), p.cell_ptr.end(), ptr.mutable_data());
+  auto idx = carr<int32_t>((py::ssize_t)p.cell_idx.size());
+  std::copy(p.cell_idx.begin(), p.cell_idx.end(), idx.mutable_data());
+  return py::make_tuple(boxes, ptr, idx, p.ncx);
+}
+
+template <typename T, bool Pixelwise>
+static void stitch_py(carr<T> patches, carr<int32_t> boxes, carr<int32_t> ptr,
+                      carr<int32_t> idx, int cell, int ncx, carr<T> hann, double eps,
+                      py::array_t<T, py::array::c_style> out) {
+  if (patches.ndim() != 4) throw std::invalid_argument("patches must be (N, C, tile, tile)");
+  if (out.ndim() != 3) throw std::invalid_argument("out must be (C, H, W)");
+  const int C = (int)patches.shape(1), tile = (int)patches.shape(2);
+  const int H = (int)out.shape(1), W = (int)out.shape(2);
+  if (out.shape(0) != C) throw std::invalid_argument("out channels differ from patches'");
+  if (boxes.shape(0) != patches.shape(0)) throw std::invalid_argument("plan/patch count differ");
+  const T* pp = patches.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release nogil;
+  auto fn = Pixelwise ? &stitch_pixelwise_cpu<T> : &stitch_cpu<T>;
+  fn(pp, C, tile, H, W, boxes.data(), ptr.data(), idx.data(), cell, ncx, hann.data(), (T)eps, op);
+}
+
+template <typename T>
+static void step_py(carr<T> m, carr<T> x, py::object noise, py::object x0_prev,
+                    py::object x0_out, py::array_t<T, py::array::c_style> out, carr<T> coef,
+                    int clip_on, double clip) {
+  const long n = (long)x.size();
+  if (m.size() != n || out.size() != n)
+    throw std::invalid_argument("fused_step: model output, x_t and out differ in size");
+  if (coef.size() != 6) throw std::invalid_argument("fused_step: coef must hold 6 values");
+  carr<T> z, xp;
+  py::array_t<T, py::array::c_style> xo;
+  const T *zp = nullptr, *xpp = nullptr;
+  T* xop = nullptr;
+  if (!noise.is_none()) { z = noise.cast<carr<T>>(); if (z.size() != n) throw std::invalid_argument("noise size"); zp = z.data(); }
+  if (!x0_prev.is_none()) { xp = x0_prev.cast<carr<T>>(); if (xp.size() != n) throw std::invalid_argument("x0_prev size"); xpp = xp.data(); }
+  if (!x0_out.is_none()) { xo = x0_out.cast<py::array_t<T, py::array::c_style>>(); if (xo.size() != n) throw std::invalid_argument("x0_out size"); xop = xo.mutable_data(); }
+  const T* mp = m.data();
+  const T* xpx = x.data();
+  const T* cp = coef.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release nogil;
+  fused_step_cpu<T>(mp, xpx, zp, xpp, xop, op, n, cp, clip_on, (T)clip);
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "fastds CPU kernels (OpenMP)";
+  mod.def("build_stitch_plan", &plan_py, py::arg("starts"), py::arg("H"), py::arg("W"),
+          py::arg("tile"), py::arg("halo"), py::arg("cell"));
+  mod.def("stitch_f32", &stitch_py<float, false>);
+  mod.def("stitch_f64", &stitch_py<double, false>);
+  mod.def("stitch_pixelwise_f32", &stitch_py<float, true>);
+  mod.def("stitch_pixelwise_f64", &stitch_py<double, true>);
+  mod.def("fused_step_f32", &step_py<float>);
+  mod.def("fused_step_f64", &step_py<double>);
+  mod.def("omp_max_threads", []() { return omp_get_max_threads(); });
+}

@@ -1,0 +1,65 @@
+// Host launchers for the CUDA kernels, compiled by nvcc into fastds._C_cuda.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "stitch_cuda.cu"
+#include "step.h"
+#include "cuda_launch.h"
+
+namespace fastds {
+
+static void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fastds CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+void stitch_cuda_launch(int dtype_bits, uintptr_t patches, int C, int tile, int H, int W,
+                        uintptr_t boxes, uintptr_t cell_ptr, uintptr_t cell_idx, int cell,
+                        int ncx, uintptr_t hann, double eps, uintptr_t out, uintptr_t stream) {
+  const long total = (long)C * H * W;
+  const int threads = 256;
+  const unsigned blocks = (unsigned)((total + threads - 1) / threads);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype_bits == 32) {
+    fastds_stitch_f32<<<blocks, threads, 0, s>>>(
+        (const float*)patches, C, tile, H, W, (const int*)boxes, (const int*)cell_ptr,
+        (const int*)cell_idx, cell, ncx, (const float*)hann, (float)eps, (float*)out);
+  } else {
+    fastds_stitch_f64<<<blocks, threads, 0, s>>>(
+        (const double*)patches, C, tile, H, W, (const int*)boxes, (const int*)cell_ptr,
+        (const int*)cell_idx, cell, ncx, (const double*)hann, eps, (double*)out);
+  }
+  check(cudaGetLastError(), "stitch launch");
+}
+
+template <typename T>
+__global__ void fused_step_kernel(const T* m, const T* x, const T* noise, const T* x0_prev,
+                                  T* x0_out, T* out, long n, const T* coef, int clip_on,
+                                  T clip) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  out[i] = fused_step_value<T>(m[i], x[i], noise ? noise[i] : T(0),
+                               x0_prev ? x0_prev[i] : T(0), coef, clip_on, clip,
+                               x0_out ? x0_out + i : nullptr);
+}
+
+void fused_step_cuda_launch(int dtype_bits, uintptr_t m, uintptr_t x, uintptr_t noise,
+                            uintptr_t x0_prev, uintptr_t x0_out, uintptr_t out, long n,
+                            uintptr_t coef, int clip_on, double clip, uintptr_t stream) {
+  const int threads = 256;
+  const unsigned blocks = (unsigned)((n + threads - 1) / threads);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype_bits == 32)
+    fused_step_kernel<float><<<blocks, threads, 0, s>>>(
+        (const float*)m, (const float*)x, (const float*)noise, (const float*)x0_prev,
+        (float*)x0_out, (float*)out, n, (const float*)coef, clip_on, (float)clip);
+  else
+    fused_step_kernel<double><<<blocks, threads, 0, s>>>(
+        (const double*)m, (const double*)x, (const double*)noise, (const double*)x0_prev,
+        (double*)x0_out, (double*)out, n, (const double*)coef, clip_on, clip);
+  check(cudaGetLastError(), "fused step launch");
+}
+
+}  // namespace fastds

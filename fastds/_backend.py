@@ -1,0 +1,129 @@
+"""Capability probes, made once and lazily, and the one place backend errors are written.
+
+``HAS_CUDA_EXT``, ``HAS_TRITON``, ``HAS_CUPY`` and ``CUDA`` are module attributes computed on
+first access (PEP 562), so ``import fastds`` never imports triton or cupy.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+
+__all__ = ["BackendUnavailable", "capabilities", "require", "csrc_dir", "cpu_ext", "cuda_ext"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for explicitly and cannot run here; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def _import(name):
+    try:
+        return importlib.import_module(name), None
+    except Exception as err:  # ImportError, or a broken binary (OSError, RuntimeError)
+        return None, f"{type(err).__name__}: {err}"
+
+
+def cpu_ext():
+    mod, err = _import("fastds._C")
+    if mod is None:
+        raise BackendUnavailable(
+            "the compiled CPU extension fastds._C is missing (" + err + "); reinstall with "
+            "`pip install -e .` from the repository so setup.py builds it")
+    return mod
+
+
+def cuda_ext():
+    mod, err = _import("fastds._C_cuda")
+    if mod is None:
+        raise BackendUnavailable(
+            "the CUDA extension fastds._C_cuda was not built (" + err + "); install the CUDA "
+            "toolkit (nvcc) and reinstall, or set FASTDS_FORCE_CUDA=1 to see why the build failed")
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available():
+    torch, _ = _import("torch")
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_available():
+    cupy, _ = _import("cupy")
+    if cupy is None:
+        return False
+    try:
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+_PROBES = {
+    "HAS_CPU_EXT": lambda: _import("fastds._C")[0] is not None,
+    "HAS_CUDA_EXT": lambda: _import("fastds._C_cuda")[0] is not None,
+    "HAS_TRITON": lambda: _import("triton")[0] is not None,
+    "HAS_CUPY": lambda: _import("cupy")[0] is not None,
+    "CUDA": _cuda_available,
+    "CUPY_CUDA": _cupy_available,
+}
+
+
+def __getattr__(name):
+    if name in _PROBES:
+        return _PROBES[name]()
+    raise AttributeError(name)
+
+
+def capabilities() -> dict:
+    """All probes as a dict, e.g. for ``fastds --version`` and bug reports."""
+    return {name: bool(probe()) for name, probe in _PROBES.items()}
+
+
+_HOW = {
+    "cpu": lambda: None if _PROBES["HAS_CPU_EXT"]() else (
+        "fastds._C is not built (" + str(_import("fastds._C")[1]) + "); run `pip install -e .`"),
+    "cuda": lambda: (
+        "fastds._C_cuda is not built (install the CUDA toolkit and reinstall)"
+        if not _PROBES["HAS_CUDA_EXT"]() else
+        "torch.cuda.is_available() is False (no CUDA device or driver)"
+        if not _cuda_available() else None),
+    "cupy": lambda: (
+        "cupy is not installed (`pip install cupy-cuda13x`)" if not _PROBES["HAS_CUPY"]() else
+        "cupy.cuda.is_available() is False (no CUDA device or driver)"
+        if not _cupy_available() else None),
+    "triton": lambda: (
+        "triton is not installed (`pip install triton`)" if not _PROBES["HAS_TRITON"]() else
+        None if _cuda_available() or _interpreting() else
+        "no CUDA device for triton (set TRITON_INTERPRET=1 before importing to run on CPU)"),
+}
+
+
+def _interpreting():
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str) -> str | None:
+    """None if ``backend`` can run here, else a sentence saying what is missing."""
+    if backend not in _HOW:
+        return None
+    return _HOW[backend]()
+
+
+def require(backend: str, *, op: str, choices) -> None:
+    """Raise BackendUnavailable/ValueError unless ``backend`` is one of ``choices`` and runs here."""
+    if backend not in choices:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(choices)}")
+    reason = why_unavailable(backend)
+    if reason:
+        raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
+
+
+def csrc_dir() -> Path:
+    """Folder holding the CUDA sources compiled at run time (installed copy, else the repo's)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_csrc", here.parent / "csrc"):
+        if (cand / "stitch.h").exists():
+            return cand
+    raise BackendUnavailable("fastds CUDA sources (stitch.h) not found in the installation")

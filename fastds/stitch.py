@@ -1,0 +1,296 @@
+"""Patch planning and Halo-and-Hann stitching (METHOD.md §5).
+
+``stitch`` is the dispatcher; ``stitch_ref`` is the readable reference every backend is
+tested against. Backends: ``ref`` (numpy/torch loop), ``cpu`` (C++/OpenMP gather,
+``csrc/stitch_cpu.cpp``), ``cuda`` (``csrc/stitch_cuda.cu`` through ``fastds._C_cuda``, torch
+CUDA tensors), ``cupy`` (the same ``.cu`` source through ``cupy.RawModule``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from . import _backend
+
+__all__ = ["plan_patches", "stitch", "stitch_ref", "kept_box", "hann_table"]
+
+BACKENDS = ("auto", "ref", "cpu", "cuda", "cupy")
+
+
+def _positive_int(name, value, *, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return int(value)
+
+
+def _axis_starts(size, tile, stride):
+    count = math.ceil((size - tile) / stride) + 1
+    return np.unique(np.minimum(np.arange(count) * stride, size - tile))
+
+
+def plan_patches(shape, tile, halo, stride) -> np.ndarray:
+    """Patch starts covering an image, the last patch on each axis flush with the border.
+
+    Parameters
+    ----------
+    shape : (H, W)
+    tile : int, patch side in pixels (patches are ``tile x tile``)
+    halo : int, pixels dropped at inner patch edges when stitching
+    stride : int, step between patch starts, at most ``tile - 2*halo`` so the kept
+        regions still cover every pixel
+
+    Returns
+    -------
+    starts : np.ndarray int64 (N, 2) of ``(y0, x0)``, row-major, with
+        ``y0 = min(i*stride, H - tile)`` (and the same for x0); every pixel is covered.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (H, W), got {shape!r}")
+    H, W = (_positive_int(n, v) for n, v in zip(("H", "W"), shape))
+    tile = _positive_int("tile", tile)
+    halo = _positive_int("halo", halo, allow_zero=True)
+    stride = _positive_int("stride", stride)
+    if tile > H or tile > W:
+        raise ValueError(f"tile={tile} is larger than the image {H}x{W}; use a smaller tile")
+    if stride > tile - 2 * halo:
+        raise ValueError(
+            f"stride={stride} > tile - 2*halo = {tile - 2 * halo}: the kept patch centres would "
+            f"leave gaps; use stride <= {max(tile - 2 * halo, 0)} or a smaller halo")
+    ys, xs = _axis_starts(H, tile, stride), _axis_starts(W, tile, stride)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.int64)
+
+
+def kept_box(y0, x0, tile, halo, H, W):
+    """The kept region ``(ky0, ky1, kx0, kx1)`` of a patch: halo dropped on inner sides."""
+    return (y0 + halo if y0 > 0 else y0, y0 + tile - halo if y0 + tile < H else y0 + tile,
+            x0 + halo if x0 > 0 else x0, x0 + tile - halo if x0 + tile < W else x0 + tile)
+
+
+@functools.lru_cache(maxsize=32)
+def hann_table(tile: int) -> np.ndarray:
+    """float64 (tile + 1, tile): row M is ``numpy.hanning(M)`` padded with zeros."""
+    table = np.zeros((tile + 1, tile))
+    for m in range(1, tile + 1):
+        table[m, :m] = np.hanning(m)
+    table.setflags(write=False)
+    return table
+
+
+def _is_torch(a):
+    return type(a).__module__.startswith("torch")
+
+
+def _is_cupy(a):
+    return type(a).__module__.startswith("cupy")
+
+
+def _check_inputs(patches, starts, shape, halo, eps):
+    if _is_torch(patches):
+        import torch
+        floating = patches.dtype in (torch.float32, torch.float64)
+        dtype_name = str(patches.dtype).replace("torch.", "")
+    else:
+        floating = np.dtype(patches.dtype) in (np.float32, np.float64)
+        dtype_name = str(patches.dtype)
+    if not floating:
+        raise TypeError(f"stitch: patches must be float32 or float64, got {dtype_name}")
+    if patches.ndim not in (3, 4):
+        raise ValueError(
+            f"stitch: patches must be (N, tile, tile) or (N, C, tile, tile), got shape "
+            f"{tuple(patches.shape)}")
+    tile = int(patches.shape[-1])
+    if int(patches.shape[-2]) != tile:
+        raise ValueError(f"stitch: patches must be square, got {tuple(patches.shape[-2:])}")
+    if len(shape) != 2:
+        raise ValueError(f"stitch: shape must be (H, W), got {shape!r}")
+    H, W = int(shape[0]), int(shape[1])
+    if tile > H or tile > W:
+        raise ValueError(f"stitch: tile {tile} does not fit in the image {H}x{W}")
+    halo = _positive_int("halo", halo, allow_zero=True)
+    if 2 * halo >= tile:
+        raise ValueError(f"stitch: halo={halo} leaves nothing of a {tile}-pixel tile (need 2*halo < tile)")
+    if not (eps > 0):
+        raise ValueError(f"stitch: eps must be > 0, got {eps}")
+    starts = np.asarray(starts.cpu() if _is_torch(starts) else
+                        (starts.get() if _is_cupy(starts) else starts))
+    if starts.ndim != 2 or starts.shape[1] != 2:
+        raise ValueError(f"stitch: starts must be (N, 2) of (y0, x0), got shape {starts.shape}")
+    if not np.issubdtype(starts.dtype, np.integer):
+        raise TypeError(f"stitch: starts must be integers, got {starts.dtype}")
+    if starts.shape[0] != patches.shape[0]:
+        raise ValueError(
+            f"stitch: {patches.shape[0]} patches but {starts.shape[0]} starts; they must match")
+    bad = (starts[:, 0] < 0) | (starts[:, 0] > H - tile) | (starts[:, 1] < 0) | (starts[:, 1] > W - tile)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"stitch: patch {i} starts at {tuple(starts[i])}, outside 0..{H - tile} x 0..{W - tile} "
+            f"for {tile}-pixel tiles in a {H}x{W} image ({int(bad.sum())} such patches)")
+    return starts.astype(np.int64), tile, H, W, halo
+
+
+def stitch_ref(patches, starts, shape, *, halo=0, eps=1e-6):
+    """Reference Halo-and-Hann stitch: a readable loop in numpy or torch (any device).
+
+    Same contract as :func:`stitch`; sums in patch order in the patches' dtype.
+    """
+    starts, tile, H, W, halo = _check_inputs(patches, starts, shape, halo, eps)
+    squeeze = patches.ndim == 3
+    if _is_torch(patches):
+        import torch
+        p = patches.unsqueeze(1) if squeeze else patches
+        S = torch.zeros((p.shape[1], H, W), dtype=p.dtype, device=p.device)
+        Z = torch.zeros((H, W), dtype=p.dtype, device=p.device)
+        as_array = lambda a: torch.as_tensor(a, dtype=p.dtype, device=p.device)  # noqa: E731
+        floor = lambda a: torch.clamp(a, min=eps)  # noqa: E731
+    else:
+        xp = np
+        if _is_cupy(patches):
+            import cupy as xp
+        p = patches[:, None] if squeeze else patches
+        S = xp.zeros((p.shape[1], H, W), dtype=p.dtype)
+        Z = xp.zeros((H, W), dtype=p.dtype)
+        as_array = lambda a: xp.asarray(a, dtype=p.dtype)  # noqa: E731
+        floor = lambda a: xp.maximum(a, eps)  # noqa: E731
+    for n, (y0, x0) in enumerate(starts.tolist()):
+        ky0, ky1, kx0, kx1 = kept_box(y0, x0, tile, halo, H, W)
+        w = floor(as_array(np.outer(np.hanning(ky1 - ky0), np.hanning(kx1 - kx0))))
+        S[:, ky0:ky1, kx0:kx1] += w * p[n, :, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+        Z[ky0:ky1, kx0:kx1] += w
+    out = S / floor(Z)
+    return out[0] if squeeze else out
+
+
+def _cell_size(starts, tile):
+    """Cell of the CSR candidate lists: the typical start spacing (the median, since the
+    flush last patch makes one gap short), so a cell meets few patches that miss it."""
+    sizes = []
+    for axis in (0, 1):
+        u = np.unique(starts[:, axis])
+        sizes.append(int(np.median(np.diff(u))) if u.size > 1 else tile)
+    return max(1, min(min(sizes), tile))
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_cached(key, starts_bytes, n, H, W, tile, halo):
+    starts = np.frombuffer(starts_bytes, dtype=np.int64).reshape(n, 2)
+    cell = _cell_size(starts, tile)
+    boxes, ptr, idx, ncx = _backend.cpu_ext().build_stitch_plan(starts, H, W, tile, halo, cell)
+    return boxes, ptr, idx, cell, int(ncx)
+
+
+def _plan(starts, H, W, tile, halo):
+    # Inference stitches every day (and every member) with the same starts: build the CSR
+    # plan once. The bytes are part of the key, so a hash collision cannot return a wrong plan.
+    b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
+    return _plan_cached(hash(b), b, len(starts), H, W, tile, halo)
+
+
+def _stitch_cpu(p, starts, H, W, tile, halo, eps):
+    torch_in = _is_torch(p)
+    arr = p.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(p)
+    boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
+    out = np.empty((arr.shape[1], H, W), dtype=arr.dtype)
+    fn = _backend.cpu_ext().stitch_f32 if arr.dtype == np.float32 else _backend.cpu_ext().stitch_f64
+    fn(arr, boxes, ptr, idx, cell, ncx, hann_table(tile).astype(arr.dtype), float(eps), out)
+    if torch_in:
+        import torch
+        return torch.from_numpy(out)
+    return out
+
+
+def _stitch_cuda(p, starts, H, W, tile, halo, eps):
+    import torch
+    boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
+    dev = p.device
+    p = p.contiguous()
+    plan = [torch.from_numpy(a).to(dev) for a in (boxes, ptr, idx)]
+    hann = torch.from_numpy(hann_table(tile)).to(device=dev, dtype=p.dtype)
+    out = torch.empty((p.shape[1], H, W), dtype=p.dtype, device=dev)
+    _backend.cuda_ext().stitch(
+        32 if p.dtype == torch.float32 else 64, p.data_ptr(), p.shape[1], tile, H, W,
+        plan[0].data_ptr(), plan[1].data_ptr(), plan[2].data_ptr(), cell, ncx,
+        hann.data_ptr(), float(eps), out.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_module():
+    import cupy
+    src_dir = _backend.csrc_dir()
+    code = (src_dir / "stitch_cuda.cu").read_text()
+    return cupy.RawModule(code=code, options=("-I" + str(src_dir), "--std=c++17"))
+
+
+def _stitch_cupy(p, starts, H, W, tile, halo, eps):
+    import cupy
+    boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
+    p = cupy.ascontiguousarray(p)
+    out = cupy.empty((p.shape[1], H, W), dtype=p.dtype)
+    single = p.dtype == cupy.float32
+    kernel = _cupy_module().get_function("fastds_stitch_f32" if single else "fastds_stitch_f64")
+    total = out.size
+    scalar = np.float32 if single else np.float64
+    kernel(((total + 255) // 256,), (256,), (
+        p, np.int32(p.shape[1]), np.int32(tile), np.int32(H), np.int32(W),
+        cupy.asarray(boxes), cupy.asarray(ptr), cupy.asarray(idx), np.int32(cell), np.int32(ncx),
+        cupy.asarray(hann_table(tile), dtype=p.dtype), scalar(eps), out))
+    return out
+
+
+_IMPL = {"cpu": _stitch_cpu, "cuda": _stitch_cuda, "cupy": _stitch_cupy}
+
+
+def _auto_backend(patches):
+    if _is_cupy(patches):
+        return "cupy"
+    if _is_torch(patches) and patches.device.type == "cuda":
+        return "cuda" if _backend.why_unavailable("cuda") is None else "ref"
+    return "cpu" if _backend.why_unavailable("cpu") is None else "ref"
+
+
+def stitch(patches, starts, shape, *, halo=0, eps=1e-6, backend="auto"):
+    """Blend overlapping patches into one image with Halo-and-Hann weights (METHOD.md Eq. 9).
+
+    Parameters
+    ----------
+    patches : (N, tile, tile) or (N, C, tile, tile), float32 or float64; numpy, torch (CPU or
+        CUDA) or CuPy. The result has the same kind, dtype and device.
+    starts : (N, 2) integers, ``(y0, x0)`` of each patch, e.g. from :func:`plan_patches`;
+        each within ``0..H-tile`` x ``0..W-tile``.
+    shape : (H, W) of the output image.
+    halo : pixels dropped from each patch side that does not touch the image border
+        (a side touches it when ``y0 == 0``, ``y0 + tile == H``, and the same for x).
+    eps : floor for the weights and for the normaliser.
+    backend : ``"auto"`` (the fastest available for the input's device), ``"ref"``, ``"cpu"``,
+        ``"cuda"`` or ``"cupy"``; an unavailable one raises ``BackendUnavailable`` saying why.
+
+    Returns
+    -------
+    (H, W) or (C, H, W), matching ``patches``: for each pixel ``S / max(Z, eps)`` where, over
+    the patches whose kept region ``[ky0, ky1) x [kx0, kx1)`` holds it,
+    ``w = max(hanning(ky1 - ky0)[y - ky0] * hanning(kx1 - kx0)[x - kx0], eps)``,
+    ``S = sum w * patch`` and ``Z = sum w`` (``hanning`` is ``numpy.hanning``). A pixel that
+    no kept region covers is 0. Constant patches give that constant everywhere.
+    """
+    _backend.require(backend, op="stitch", choices=BACKENDS)
+    if backend == "auto":
+        backend = _auto_backend(patches)
+    if backend == "ref":
+        return stitch_ref(patches, starts, shape, halo=halo, eps=eps)
+    if backend == "cuda" and not (_is_torch(patches) and patches.device.type == "cuda"):
+        raise ValueError("stitch: backend 'cuda' takes torch CUDA tensors; move patches with .cuda()")
+    if backend == "cupy" and not _is_cupy(patches):
+        raise ValueError("stitch: backend 'cupy' takes CuPy arrays; convert with cupy.asarray")
+    if backend == "cpu" and (_is_cupy(patches) or (_is_torch(patches) and patches.device.type != "cpu")):
+        raise ValueError("stitch: backend 'cpu' takes numpy arrays or CPU torch tensors")
+    starts, tile, H, W, halo = _check_inputs(patches, starts, shape, halo, eps)
+    squeeze = patches.ndim == 3
+    p = patches[:, None] if squeeze else patches
+    out = _IMPL[backend](p, starts, H, W, tile, halo, eps)
+    return out[0] if squeeze else out
