@@ -1,0 +1,212 @@
+"""``prepare``: raw files -> one cached, chunked Zarr store per region.
+
+Store layout (Zarr, written to a temporary folder and renamed into place)::
+
+    coarse      (time_c, lat_c, lon_c) float32  daily coarse field, physical units
+    fine        (time, lat, lon)       float32  daily fine field over the fine record
+    elevation   (lat, lon)             float32  metres (zeros when none was given)
+    split_c     (time_c)               int8     0 train, 1 val, 2 test (by target day)
+    split       (time)                 int8     the same split at the fine days
+    attrs: norm_x, norm_y (per-season min/max of log10, train days), region, variable,
+           align, manifest (inputs and settings), warnings (days with few valid hours)
+
+Re-running with the same inputs and settings returns at once (the manifest matches); an
+interrupted run leaves the previous store (or none) and a ``.tmp-*`` folder that is ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .._io import atomic_path
+from .readers import GRIDS, DataError, DataWarning, _resolve, open_coarse, open_elevation, open_fine
+from .regions import Region, parse_region
+from .transforms import MinMax, fit_minmax, split_days
+
+__all__ = ["prepare", "open_store", "Store"]
+
+STORE_VERSION = 1
+
+
+def _fingerprint(paths, what):
+    files = _resolve(paths, what)
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_dir():  # a Zarr cube: its metadata files stand for it
+            for g in sorted(f.rglob("*")):
+                if g.is_file() and (g.name.startswith(".z") or g.name == "zarr.json"):
+                    st = g.stat()
+                    h.update(f"{g}:{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return {"files": len(files), "sha256": h.hexdigest()}
+
+
+def _check_cover(coarse: xr.DataArray, fine: xr.DataArray):
+    c, f = GRIDS["coarse"], GRIDS["fine"]
+    cbox = Region("coarse", float(coarse.lat.min()) - c.dlat / 2, float(coarse.lat.max()) + c.dlat / 2,
+                  float(coarse.lon.min()) - c.dlon / 2, float(coarse.lon.max()) + c.dlon / 2)
+    fbox = Region("fine", float(fine.lat.min()) - f.dlat / 2, float(fine.lat.max()) + f.dlat / 2,
+                  float(fine.lon.min()) - f.dlon / 2, float(fine.lon.max()) + f.dlon / 2)
+    if not cbox.overlaps(fbox):
+        raise DataError(f"prepare: the coarse region {cbox.as_tuple()} and the fine region "
+                        f"{fbox.as_tuple()} do not overlap; check --region and the input files")
+    tf = pd.DatetimeIndex(fine.time.values)
+    tc = pd.DatetimeIndex(coarse.time.values)
+    missing = tf.difference(tc)
+    if len(missing) == len(tf):
+        raise DataError(f"prepare: the fine record {tf.min():%Y-%m-%d}..{tf.max():%Y-%m-%d} and the "
+                        f"coarse record {tc.min():%Y-%m-%d}..{tc.max():%Y-%m-%d} share no day")
+    if len(missing):
+        raise DataError(f"prepare: {len(missing)} fine day(s) have no coarse day, e.g. "
+                        f"{', '.join(f'{d:%Y-%m-%d}' for d in missing[:5])}")
+
+
+def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
+            align="nearest", val=0.2, test=0.1, seed=0, block=1, allow_gaps=False,
+            progress=False) -> Path:
+    """Build the store for one region from raw files (see the module doc for its layout).
+
+    Parameters
+    ----------
+    coarse, fine : anything :func:`open_coarse` / :func:`open_fine` take.
+    out : the store folder (``*.zarr`` by convention).
+    region : ``"area0"``, ``"area1"``, a box string, or a :class:`Region`.
+    elevation : NetCDF with elevation (see :func:`open_elevation`), or None for zeros.
+    align : coarse -> fine alignment used by the datasets, ``"nearest"`` or ``"bilinear"``.
+    val, test, seed, block : the split (see :func:`split_days`), fixed here so every stage
+        uses the same one.
+
+    Returns the store path. Warnings about days with few valid hours are re-issued and
+    kept in the store's ``warnings`` attribute.
+    """
+    region = parse_region(region)
+    out = Path(out)
+    manifest = {
+        "version": STORE_VERSION, "coarse": _fingerprint(coarse, "prepare --coarse"),
+        "fine": _fingerprint(fine, "prepare --fine"),
+        "elevation": _fingerprint(elevation, "prepare --elevation") if elevation else None,
+        "region": [region.name, *region.as_tuple()], "variable": variable, "align": align,
+        "split": {"val": val, "test": test, "seed": seed, "block": block},
+        "allow_gaps": allow_gaps,
+    }
+    if (out / "zarr.json").exists() or (out / ".zattrs").exists():
+        try:
+            old = json.loads(xr.open_zarr(str(out), consolidated=False).attrs.get("manifest", "{}"))
+        except Exception:
+            old = None
+        if old == manifest:
+            return out
+    if align not in ("nearest", "bilinear"):
+        raise ValueError(f"prepare: align must be 'nearest' or 'bilinear', got {align!r}")
+
+    xc = open_coarse(coarse, variable, region=region, allow_gaps=allow_gaps)
+    yf = open_fine(fine, variable, region=region, allow_gaps=allow_gaps)
+    _check_cover(xc, yf)
+    if elevation:
+        elev = open_elevation(elevation)
+        elev = elev.interp(lat=yf.lat, lon=yf.lon, method="nearest",
+                           kwargs={"fill_value": None}).astype(np.float32)
+        if elev.isnull().any():
+            raise DataError(f"prepare: elevation file {elevation} does not cover the fine region")
+        elev_note = str(elevation)
+    else:
+        elev = xr.zeros_like(yf.isel(time=0, drop=True)).astype(np.float32)
+        elev_note = "none (zeros)"
+
+    tc = pd.DatetimeIndex(xc.time.values)
+    split_c = split_days(tc, val=val, test=test, seed=seed, block=block)
+    split_f = split_c[tc.get_indexer(pd.DatetimeIndex(yf.time.values))]
+    ds = xr.Dataset(
+        {
+            "coarse": xc.rename({"time": "time_c", "lat": "lat_c", "lon": "lon_c"}).chunk({"time_c": 256}),
+            "fine": yf.chunk({"time": 16}),
+            "elevation": elev.drop_vars([c for c in elev.coords if c not in ("lat", "lon")]).load(),
+            "split_c": ("time_c", split_c),
+            "split": ("time", split_f),
+        })
+    for v in ("coarse", "fine"):
+        ds[v].attrs = {"units": xc.attrs.get("units", "1"), "long_name": variable}
+        ds[v].encoding = {}
+    with atomic_path(out, directory=True) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        if progress:
+            from dask.diagnostics import ProgressBar
+            with ProgressBar(dt=1.0):
+                ds.to_zarr(str(tmp), mode="w", consolidated=False)
+        else:
+            ds.to_zarr(str(tmp), mode="w", consolidated=False)
+        written = xr.open_zarr(str(tmp), consolidated=False)
+        norm_x = fit_minmax(written["coarse"].values, tc, split_c == 0)
+        norm_y = fit_minmax(written["fine"].values, yf.time.values, split_f == 0)
+        notes = sorted({str(w.message) for w in caught if issubclass(w.category, DataWarning)})
+        attrs = {
+            "norm_x": json.dumps(norm_x.to_dict()), "norm_y": json.dumps(norm_y.to_dict()),
+            "region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
+            "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
+            "warnings": json.dumps(notes), "fastds_store_version": STORE_VERSION,
+        }
+        import zarr
+        group = zarr.open_group(str(tmp), mode="r+")
+        group.attrs.update(attrs)
+    for note in notes:
+        warnings.warn(DataWarning(note), stacklevel=2)
+    return out
+
+
+@dataclass
+class Store:
+    """An opened store: lazy arrays plus the parameters every stage needs."""
+    path: Path
+    ds: xr.Dataset
+    norm_x: MinMax
+    norm_y: MinMax
+    region: Region
+    variable: str
+    align: str
+
+    @property
+    def coarse(self) -> xr.DataArray:
+        return self.ds["coarse"]
+
+    @property
+    def fine(self) -> xr.DataArray:
+        return self.ds["fine"]
+
+    @property
+    def elevation(self) -> xr.DataArray:
+        return self.ds["elevation"]
+
+    @property
+    def times_c(self) -> pd.DatetimeIndex:
+        return pd.DatetimeIndex(self.ds["time_c"].values)
+
+    @property
+    def times(self) -> pd.DatetimeIndex:
+        return pd.DatetimeIndex(self.ds["time"].values)
+
+
+def open_store(path) -> Store:
+    """Open a store written by :func:`prepare`; a clear error if ``path`` is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"store {path} does not exist; create it with `fastds prepare`")
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False)
+    except Exception as err:
+        raise DataError(f"{path} is not a fastds store ({type(err).__name__}: {err})") from None
+    if "norm_x" not in ds.attrs:
+        raise DataError(f"{path} is a Zarr store but not a complete fastds store (no norm_x); "
+                        "re-run `fastds prepare`")
+    name, *box = json.loads(ds.attrs["region"])
+    return Store(path, ds, MinMax.from_dict(json.loads(ds.attrs["norm_x"])),
+                 MinMax.from_dict(json.loads(ds.attrs["norm_y"])), Region(name, *box),
+                 ds.attrs["variable"], ds.attrs["align"])

@@ -1,0 +1,241 @@
+import shutil
+import warnings
+
+import netCDF4
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from fastds.data.datasets import FinePatches, LagSequences
+from fastds.data.readers import DataError, DataWarning, open_coarse, open_elevation, open_fine
+from fastds.data.regions import AREAS, parse_region, season_of
+from fastds.data.store import open_store, prepare
+from fastds.data.synthetic import TwinSpec, make_twin, write_twin
+from fastds.data.transforms import align_index, fit_minmax, split_days
+
+SPEC = TwinSpec(coarse_start="2005-01-01", coarse_end="2005-12-31",
+                fine_start="2005-05-16", fine_end="2005-09-30", seed=3)
+BOX = ",".join(map(str, SPEC.region.as_tuple()))
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return make_twin(SPEC)
+
+
+@pytest.fixture(scope="module")
+def twin_dir(tmp_path_factory, twin):
+    out = tmp_path_factory.mktemp("twin")
+    write_twin(out, SPEC, twin=twin, native_days=3)
+    return out
+
+
+def test_native_round_trip(twin, twin_dir):
+    c = open_coarse(twin_dir / "coarse")
+    f = open_fine(str(twin_dir / "fine" / "*.nc4"))
+    assert c.dims == ("time", "lat", "lon") and len(c.time) == 3 and len(f.time) == 3
+    np.testing.assert_allclose(c.values, twin["coarse"].sel(time=c.time).values, rtol=2e-6)
+    np.testing.assert_allclose(f.values, twin["fine_truth"].sel(time=f.time).values, rtol=2e-6)
+    np.testing.assert_allclose(c.lat, twin.lat_c)
+    np.testing.assert_allclose(f.lon, twin.lon)
+
+
+def test_cube_equals_native(twin_dir):
+    days = slice("2005-05-16", "2005-05-18")
+    np.testing.assert_allclose(open_coarse(twin_dir / "coarse").values,
+                               open_coarse(twin_dir / "coarse_daily.nc").sel(time=days).values,
+                               rtol=2e-6)
+    np.testing.assert_allclose(open_fine(twin_dir / "fine").values,
+                               open_fine(twin_dir / "fine_daily.nc").sel(time=days).values, rtol=2e-6)
+
+
+def test_zarr_cube(twin_dir, tmp_path):
+    ds = xr.open_dataset(twin_dir / "coarse_daily.nc").load()
+    ds.to_zarr(tmp_path / "c.zarr")
+    np.testing.assert_allclose(open_coarse(tmp_path / "c.zarr").values,
+                               open_coarse(twin_dir / "coarse_daily.nc").values)
+
+
+def test_descending_lat_0_360_lon_and_subset(twin, tmp_path):
+    write_twin(tmp_path, SPEC, twin=twin, native_days=2, cubes=False, lat_descending=True, lon_360=True)
+    c = open_coarse(tmp_path / "coarse")
+    assert np.all(np.diff(c.lat) > 0) and np.all(np.diff(c.lon) > 0) and c.lon.min() < 180
+    np.testing.assert_allclose(c.values, twin["coarse"].isel(time=slice(0, 0)).values.reshape(0, *c.shape[1:])
+                               if False else twin["coarse"].sel(time=c.time).values, rtol=2e-6)
+    sub = open_fine(tmp_path / "fine", region="25,26,45,46")
+    assert float(sub.lat.min()) >= 25 and float(sub.lat.max()) <= 26
+    np.testing.assert_allclose(sub.values, twin["fine_truth"].sel(time=sub.time, lat=sub.lat, lon=sub.lon).values,
+                               rtol=2e-6)
+
+
+def test_fill_values_become_nan_and_are_reported(twin, tmp_path):
+    write_twin(tmp_path, SPEC, twin=twin, native_days=2, cubes=False, fill_fraction=0.7)
+    with pytest.warns(DataWarning, match="2005-05-1[67]: only"):
+        c = open_coarse(tmp_path / "coarse").values
+    assert np.nanmax(c) < 10 and np.isfinite(c).mean() > 0.9
+    path = next((tmp_path / "coarse").glob("*.nc4"))
+    with netCDF4.Dataset(path, "r+") as nc:
+        nc["DUEXTTAU"][:] = 1e15
+    with pytest.warns(DataWarning):
+        c = open_coarse(tmp_path / "coarse").values
+    assert np.isnan(c).any() and not (c > 1e10).any()
+
+
+def test_bad_inputs(twin, twin_dir, tmp_path):
+    with pytest.raises(DataError, match="no variable 'SUEXTTAU'.*has: .*DUEXTTAU"):
+        open_coarse(twin_dir / "coarse", "SUEXTTAU").values
+    with pytest.raises(DataError, match="not on the MERRA-2"):
+        open_coarse(twin_dir / "fine_daily.nc")
+    with pytest.raises(DataError, match="is a G5NR file"):
+        open_coarse(twin_dir / "fine")
+    # gaps
+    gap = tmp_path / "gap"
+    shutil.copytree(twin_dir / "coarse", gap)
+    sorted(gap.glob("*.nc4"))[1].unlink()
+    with pytest.raises(DataError, match="1 missing day.*2005-05-17"):
+        open_coarse(gap)
+    assert open_coarse(gap, allow_gaps=True).isel(time=1).isnull().all()
+    # duplicated day (stream 300 and a reprocessed 401 file)
+    dup = tmp_path / "dup"
+    shutil.copytree(twin_dir / "coarse", dup)
+    f = sorted(dup.glob("*.nc4"))[0]
+    shutil.copy(f, dup / f.name.replace("MERRA2_300", "MERRA2_401"))
+    with pytest.raises(DataError, match="duplicated day 2005-05-16: .*MERRA2_"):
+        open_coarse(dup)
+    # truncated file
+    bad = tmp_path / "trunc"
+    shutil.copytree(twin_dir / "coarse", bad)
+    f = sorted(bad.glob("*.nc4"))[0]
+    f.write_bytes(f.read_bytes()[:300])
+    with pytest.raises(DataError, match="cannot read .*MERRA2_300.*truncated"):
+        open_coarse(bad).values
+    # not NetCDF at all
+    txt = tmp_path / "notes.nc"
+    txt.write_text("hello")
+    with pytest.raises(DataError, match="notes.nc.*truncated or not NetCDF"):
+        open_coarse(txt)
+    with pytest.raises(DataError, match="does not exist"):
+        open_fine(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="matches no file"):
+        open_fine(str(tmp_path / "*.nothing"))
+    with pytest.raises(DataError, match="does not overlap region"):
+        open_coarse(twin_dir / "coarse", region="area0")
+    with pytest.raises(ValueError, match="neither a known area"):
+        parse_region("mars")
+
+
+def test_prepare_idempotent_and_errors(twin_dir, tmp_path):
+    kw = dict(coarse=twin_dir / "coarse_daily.nc", fine=twin_dir / "fine_daily.nc",
+              elevation=twin_dir / "elevation.nc", region=BOX)
+    out = prepare(out=tmp_path / "s.zarr", **kw)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    assert prepare(out=tmp_path / "s.zarr", **kw) == out
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp
+    st = open_store(out)
+    assert st.fine.shape[1:] == st.elevation.shape
+    assert not list(tmp_path.glob(".s.zarr.tmp-*"))
+    with pytest.raises(DataError, match="does not overlap"):
+        prepare(out=tmp_path / "x.zarr", coarse=twin_dir / "coarse_daily.nc",
+                fine=twin_dir / "fine_daily.nc", region="area0")
+    with pytest.raises(DataError, match="not a fastds store|does not exist"):
+        open_store(tmp_path / "x.zarr")
+
+
+def test_prepare_interrupted_leaves_no_store(twin_dir, tmp_path, monkeypatch):
+    import fastds.data.store as store_mod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "fit_minmax", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
+                fine=twin_dir / "fine_daily.nc", region=BOX)
+    assert not (tmp_path / "s.zarr").exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_normalisation_inverts(rng):
+    times = pd.date_range("2005-01-01", periods=400)
+    v = 10 ** rng.normal(-1, 0.4, (400, 5, 6))
+    mm = fit_minmax(v, times, np.ones(400, bool))
+    for s in (1, 2, 3, 4):
+        z = mm.forward(v, s)
+        np.testing.assert_allclose(mm.inverse(z, s), v, rtol=2e-6)
+    z = mm.forward(v[season_of(times.month) == 3], 3)
+    assert z.min() == pytest.approx(0, abs=1e-6) and z.max() == pytest.approx(1, abs=1e-6)
+
+
+def test_split_no_leak_and_fractions():
+    times = pd.date_range("2000-01-01", "2004-12-31")
+    sp = split_days(times, seed=1)
+    assert set(np.unique(sp)) == {0, 1, 2}
+    for s in (1, 2, 3, 4):
+        sel = season_of(times.month) == s
+        assert abs((sp[sel] == 2).mean() - 0.1) < 0.01 and abs((sp[sel] == 1).mean() - 0.2) < 0.01
+    np.testing.assert_array_equal(sp, split_days(times, seed=1))
+    assert not np.array_equal(sp, split_days(times, seed=2))
+
+
+def test_datasets_respect_splits(twin_dir, tmp_path):
+    out = prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
+                  fine=twin_dir / "fine_daily.nc", region=BOX)
+    st = open_store(out)
+    test_days = set(np.flatnonzero(st.ds["split"].values == 2))
+    fp = FinePatches(st, season=3, split="train", tile=16, stride=8, t_lag=10)
+    assert len(fp) > 0 and not (set(fp.days.tolist()) & test_days)
+    item = fp[len(fp) - 1]
+    d = int(item["day"])
+    y0, x0 = item["start"].tolist()
+    np.testing.assert_allclose(item["lags"][-1].numpy(), fp.y[d - 1, y0:y0 + 16, x0:x0 + 16])
+    ls = LagSequences(st, season=3, split="test", t_lag=10)
+    assert set(ls.days.tolist()) <= set(np.flatnonzero(st.ds["split_c"].values == 2))
+    lags, target = ls[0]
+    assert lags.shape[0] == 10 and target.shape[0] == 1
+
+
+def test_twin_statistics(twin):
+    logf = np.log10(twin["fine_truth"].values)
+    a = logf - logf.mean(0)
+    acf1 = ((a[1:] * a[:-1]).mean(0) / a.var(0)).mean()
+    assert 0.6 <= acf1 <= 0.8
+    # coarse = area mean over each MERRA-2 cell of a related, not identical, fine field
+    lat, lon = twin.lat.values, twin.lon.values
+    pairs = []
+    for i, cl in enumerate(twin.lat_c.values):
+        for j, cn in enumerate(twin.lon_c.values):
+            my = (lat >= cl - 0.25 - 1e-9) & (lat < cl + 0.25 - 1e-9)
+            mx = (lon >= cn - 0.3125 - 1e-9) & (lon < cn + 0.3125 - 1e-9)
+            if my.sum() == 8 and mx.sum() == 10:
+                block = twin["fine_truth"].values[:, my][:, :, mx].mean(axis=(1, 2))
+                pairs.append((block, twin["coarse"].values[:, i, j]))
+    assert len(pairs) >= 4
+    blocks, cells = (np.concatenate(x) for x in zip(*pairs))
+    r = np.corrcoef(np.log10(blocks), np.log10(cells))[0, 1]
+    assert 0.9 < r < 0.9999, r
+    # summer dustier than winter; high terrain cleaner
+    summer = logf[pd.DatetimeIndex(twin.time.values).month == 7].mean()
+    winter = logf[pd.DatetimeIndex(twin.time.values).month == 1].mean()
+    assert summer > winter
+    e = twin["elevation"].values
+    assert logf.mean(0)[e > np.percentile(e, 80)].mean() < logf.mean(0)[e < np.percentile(e, 20)].mean()
+    np.testing.assert_array_equal(make_twin(SPEC)["fine_truth"].values[:5], twin["fine_truth"].values[:5])
+
+
+def test_align_index():
+    src = np.array([0.0, 0.5, 1.0])
+    dst = np.array([0.0, 0.2, 0.3, 0.9, 1.0])
+    np.testing.assert_array_equal(align_index(src, dst), [0, 0, 1, 2, 2])
+    i0, w = align_index(src, dst, method="bilinear")
+    np.testing.assert_allclose((1 - w) * src[i0] + w * src[i0 + 1], dst)
+
+
+def test_elevation_reader(twin_dir):
+    e = open_elevation(twin_dir / "elevation.nc")
+    assert e.dims == ("lat", "lon") and float(e.max()) > 100
+
+
+def test_areas():
+    assert parse_region("area1") is AREAS["area1"]
+    assert parse_region("10,20,30,40").as_tuple() == (10, 20, 30, 40)
