@@ -1,0 +1,195 @@
+"""Typed, frozen configuration, read from TOML at the edges (CLI, run folders).
+
+``load_config(preset="tiny", path=None, overrides=("train.lr=1e-3",))`` resolves a preset
+shipped in ``fastds/configs/``, then a user TOML, then ``--set`` overrides, and checks every
+key against the dataclasses below (an unknown key is an error naming it). Library code never
+reads this module's objects globally: stages take the dataclass they need as an argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["DataConfig", "PretrainConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
+           "Config", "load_config", "to_toml", "PRESETS"]
+
+PRESETS = ("tiny", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    t_lag: int = 40               # lag days in (Stage A and the transfer encoder)
+    tile: int = 16                # training patch size
+    train_stride: int = 8
+    align: str = "nearest"        # coarse -> fine: "nearest" (reference code) or "bilinear"
+    seasons: tuple = (1, 2, 3, 4)
+    max_train_patches: int = 0    # 0: all; else a seeded subset per epoch (CPU demos)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    widths: tuple = (64, 128, 256)
+    attention: bool = True        # attention at the lowest level
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    batch: int = 32
+    epochs: int = 20
+    plateau_factor: float = 0.1
+    plateau_patience: int = 3
+    early_stop: int = 6
+    grad_clip: float = 0.0
+    max_steps: int = 0            # 0: no cap
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    T: int = 1000                 # paper 1000; reference code 2000
+    prediction: str = "sample"    # "sample" (x0, reference code), "epsilon", "v"
+    schedule: str = "squaredcos_cap_v2"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    widths: tuple = (64, 128, 256)
+    attention: bool = True
+    transfer: bool = True         # False: the transfer-free ablation
+    lr: float = 1e-4
+    weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
+    batch: int = 64
+    epochs: int = 100
+    grad_clip: float = 0.5
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    early_stop: int = 10
+    ema: float = 0.999            # 0 disables
+    bf16: bool = False
+    max_steps: int = 0
+    checkpoint_every: int = 0     # steps; 0: at epoch ends only
+    vae_latent: int = 4
+    vae_beta: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddpm"         # "ddpm", "ddim", "dpmpp"
+    steps: int = 200
+    tile: int = 16
+    halo: int = 4
+    stride: int = 2
+    batch: int = 1024             # patches per denoiser call
+    members: int = 1
+    mode: str = "strict"          # "strict" or "lenient"
+    clip: float = 0.0             # 0: no clipping of x0 (reference code)
+    eta: float = 0.0              # DDIM
+    use_ema: bool = True
+    cuda_graphs: bool = True      # used only on CUDA
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _coerce(cls, section, key, value):
+    f = {f.name: f for f in fields(cls)}.get(key)
+    if f is None:
+        raise KeyError(f"config: unknown key {section}.{key} (known: "
+                       f"{', '.join(x.name for x in fields(cls))})")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"config: {section}.{key} must be a list, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"config: {section}.{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    raise TypeError(f"config: {section}.{key} must be {type(default).__name__}, got {value!r}")
+
+
+def _merge(cfg: Config, tree: dict) -> Config:
+    updates = {}
+    for section, values in tree.items():
+        if section == "preset":
+            updates["preset"] = str(values)
+            continue
+        if section not in {f.name for f in fields(Config)} or not isinstance(values, dict):
+            raise KeyError(f"config: unknown section [{section}] (known: data, pretrain, "
+                           "diffusion, train, sample)")
+        sub = getattr(cfg, section)
+        updates[section] = dataclasses.replace(
+            sub, **{k: _coerce(type(sub), section, k, v) for k, v in values.items()})
+    return dataclasses.replace(cfg, **updates)
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"--set expects section.key=value (e.g. train.lr=1e-3), got {text!r}")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words are strings: sample.sampler=ddim
+    return {section: {name: value}}
+
+
+def load_config(preset: str | None = "tiny", path=None, overrides=()) -> Config:
+    """Resolve preset -> TOML file -> ``section.key=value`` overrides into a :class:`Config`."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"config: cannot read {p}: {err}") from None
+        preset = tree.get("preset", preset)
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"config: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        text = (Path(__file__).parent / "configs" / f"{preset}.toml").read_text()
+        cfg = _merge(cfg, tomllib.loads(text))
+        cfg = dataclasses.replace(cfg, preset=preset)
+    if path is not None:
+        cfg = _merge(cfg, tree)
+    for o in overrides or ():
+        cfg = _merge(cfg, _parse_override(o))
+    return cfg
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what ``--dry-run`` prints and runs store)."""
+    lines = [f"preset = {_toml_value(cfg.preset)}"]
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        lines.append(f"\n[{f.name}]")
+        sub = getattr(cfg, f.name)
+        lines += [f"{g.name} = {_toml_value(getattr(sub, g.name))}" for g in fields(sub)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""Samplers: pure functions of (model, conditioning, latents, generator, steps).
+
+All three samplers run one loop, :func:`run_plan`, over a :class:`~fastds.sampling.steps.StepPlan`
+(the sampler's per-step coefficients). Per step: call the network, draw noise if the step is
+noisy (``torch.randn(x.shape, generator=..., dtype=x.dtype, device=x.device)``, after the
+model call, in step order), apply the fused update. ``model(x_t, t, cond)`` receives ``t`` as
+a long tensor of shape (B,).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ..diffusion.schedule import squaredcos_cap_v2
+from .steps import StepPlan, ddim_plan, ddpm_plan, dpmpp_plan, fused_step
+
+__all__ = ["sample_ddpm", "sample_ddim", "sample_dpmpp", "run_plan", "alpha_bar_for", "make_plan"]
+
+
+@functools.lru_cache(maxsize=8)
+def alpha_bar_for(T: int) -> np.ndarray:
+    """ᾱ of the squared-cosine schedule with T steps, float64 (T,)."""
+    return np.cumprod(1.0 - squaredcos_cap_v2(int(T)))
+
+
+def make_plan(sampler: str, *, T: int, steps=None, prediction="sample", eta=0.0) -> StepPlan:
+    ab = alpha_bar_for(T)
+    if sampler == "ddpm":
+        return ddpm_plan(ab, steps, prediction)
+    if sampler == "ddim":
+        return ddim_plan(ab, steps or 50, prediction, eta)
+    if sampler == "dpmpp":
+        return dpmpp_plan(ab, steps or 20, prediction)
+    raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpmpp', got {sampler!r}")
+
+
+@torch.no_grad()
+def run_plan(model, x_T, plan: StepPlan, *, cond=None, generator=None, clip=None, backend="auto"):
+    """The one sampling loop. x_T (B, C, h, w) -> x_0 (B, C, h, w)."""
+    x = x_T
+    x0_prev = None
+    multistep = bool(np.any(plan.coef[:, 4] != 0))
+    for i in range(len(plan)):
+        t = torch.full((x.shape[0],), int(plan.timesteps[i]), dtype=torch.long, device=x.device)
+        m = model(x, t, cond)                                   # network output at (x_t, t)
+        z = (torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+             if plan.noisy[i] else None)                        # fresh noise, only where used
+        x0 = torch.empty_like(x) if multistep else None         # x̂0 kept for 2nd-order steps
+        x = fused_step(m.to(x.dtype), x, plan.coef[i], noise=z,  # x_{t-1} in one pass
+                       x0_prev=x0_prev if plan.coef[i][4] else None, clip=clip, x0_out=x0,
+                       backend=backend)
+        x0_prev = x0
+    return x
+
+
+def sample_ddpm(model, x_T, *, T, steps=None, prediction="sample", clip=None, cond=None,
+                generator=None, backend="auto"):
+    """DDPM ancestral sampling with the semantics of the common ``DDPMScheduler``
+    (squaredcos_cap_v2, fixed_small variance, optional x̂0 clipping to ±clip, no noise at the
+    last step, "leading" spacing when ``steps < T``). x_T (B, C, h, w) -> (B, C, h, w)."""
+    return run_plan(model, x_T, make_plan("ddpm", T=T, steps=steps, prediction=prediction),
+                    cond=cond, generator=generator, clip=clip, backend=backend)
+
+
+def sample_ddim(model, x_T, *, T, steps=50, prediction="sample", eta=0.0, clip=None, cond=None,
+                generator=None, backend="auto"):
+    """DDIM with η (0: deterministic), leading spacing. x_T (B, C, h, w) -> (B, C, h, w)."""
+    return run_plan(model, x_T, make_plan("ddim", T=T, steps=steps, prediction=prediction, eta=eta),
+                    cond=cond, generator=generator, clip=clip, backend=backend)
+
+
+def sample_dpmpp(model, x_T, *, T, steps=20, prediction="sample", clip=None, cond=None,
+                 generator=None, backend="auto"):
+    """DPM-Solver++(2M), deterministic. x_T (B, C, h, w) -> (B, C, h, w)."""
+    return run_plan(model, x_T, make_plan("dpmpp", T=T, steps=steps, prediction=prediction),
+                    cond=cond, generator=generator, clip=clip, backend=backend)
