@@ -24,3 +24,50 @@ requires_cupy_gpu = pytest.mark.skipif(
 def rng():
     import numpy as np
     return np.random.default_rng(1234)
+
+
+# ----------------------------------------------------------------------------- shared pipeline
+# One small twin, one store and one tiny trained run for every test that needs trained
+# models (about a minute on 2 cores, built once per session).
+TEST_OVERRIDES = ("data.seasons=[3]", "data.t_lag=6", "data.max_train_patches=2048",
+                  "pretrain.widths=[8, 16, 16]", "pretrain.epochs=3",
+                  "train.widths=[16, 32, 32]", "train.epochs=4", "train.batch=32")
+
+
+@pytest.fixture(scope="session")
+def twin_spec():
+    from fastds.data.synthetic import TwinSpec
+    return TwinSpec(coarse_start="2005-01-01", coarse_end="2005-12-31",
+                    fine_start="2005-05-16", fine_end="2005-09-30", seed=11)
+
+
+@pytest.fixture(scope="session")
+def twin_files(tmp_path_factory, twin_spec):
+    from fastds.data.synthetic import write_twin
+    out = tmp_path_factory.mktemp("twin")
+    write_twin(out, twin_spec, native_days=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_path(twin_files, twin_spec):
+    from fastds.data.store import prepare
+    box = ",".join(map(str, twin_spec.region.as_tuple()))
+    return prepare(coarse=twin_files / "coarse_daily.nc", fine=twin_files / "fine_daily.nc",
+                   elevation=twin_files / "elevation.nc", region=box,
+                   out=twin_files.parent / "store.zarr")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from fastds.config import load_config
+    return load_config("tiny", overrides=TEST_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, store_path, tiny_config):
+    from fastds.training.stages import pretrain, train
+    run = tmp_path_factory.mktemp("run")
+    pretrain(data=store_path, run=run, config=tiny_config, progress=False)
+    train(data=store_path, run=run, config=tiny_config, model="ddpm", progress=False)
+    return run

@@ -1,0 +1,280 @@
+"""The one training loop for every model (Stage A, DDPM, baselines).
+
+- AdamW over *trainable* parameters only (frozen ones get no slot, no update, no decay:
+  Eq. 3); weight decay on weight matrices/kernels, none on biases and norms.
+- Gradient clipping, ReduceLROnPlateau on validation loss, early stopping, EMA of weights,
+  optional bf16 autocast, tqdm progress with the running loss.
+- Seeded data order (a permutation per epoch from (seed, epoch)), one torch.Generator for
+  the loss's randomness, both saved in checkpoints together with every other RNG state.
+- Checkpoints are atomic; ``resume=True`` continues a killed run from its last checkpoint
+  (epoch end, or every ``checkpoint_every`` steps) and ends with the same weights as an
+  uninterrupted run.
+- Data parallel under ``torchrun`` (DistributedDataParallel; gloo on CPU): each rank takes a
+  strided shard of the epoch's permutation; rank 0 writes checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._io import atomic_path
+
+__all__ = ["FitSettings", "fit", "save_checkpoint", "load_checkpoint", "trainable_parameters"]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch: int = 32
+    epochs: int = 10
+    grad_clip: float = 0.0
+    plateau_factor: float = 0.1
+    plateau_patience: int = 3
+    early_stop: int = 6
+    ema: float = 0.0
+    bf16: bool = False
+    max_steps: int = 0
+    checkpoint_every: int = 0
+    epoch_subset: int = 0       # samples per epoch (seeded subset), 0: all
+    seed: int = 0
+
+
+def trainable_parameters(model: nn.Module):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for p in trainable_parameters(model):
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _rng_state(gen):
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(), "loss_gen": gen.get_state()}
+
+
+def _set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen.set_state(state["loss_gen"])
+
+
+def save_checkpoint(path, state: dict):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+                           "delete it to start over") from None
+
+
+def _epoch_indices(n, epoch, settings, rank, world):
+    g = torch.Generator().manual_seed(settings.seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if settings.epoch_subset and settings.epoch_subset < n:
+        perm = perm[: settings.epoch_subset]
+    usable = (len(perm) // world) * world  # equal shards keep DDP's collectives in step
+    return perm[:usable][rank::world].tolist()
+
+
+def _batches(dataset, indices, batch, collate):
+    for i in range(0, len(indices), batch):
+        yield collate([dataset[j] for j in indices[i:i + batch]])
+
+
+def _val_loss(model, loss_fn, val_set, settings, collate, device):
+    if val_set is None or len(val_set) == 0:
+        return float("nan")
+    rank, world = _world()
+    gen = torch.Generator().manual_seed(settings.seed + 7)  # same t/noise every evaluation
+    g = torch.Generator().manual_seed(settings.seed + 11)
+    idx = torch.randperm(len(val_set), generator=g)[: max(settings.epoch_subset // 4, 256)].tolist()
+    idx = idx[rank::world]
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in _batches(val_set, idx, settings.batch, collate):
+            loss = loss_fn(model, _to(b, device), gen)
+            n = _batch_size(b)
+            total += float(loss) * n
+            count += n
+    model.train()
+    if world > 1:
+        t = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / max(count, 1)
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return type(batch)(v.to(device) for v in batch)
+
+
+def _batch_size(batch):
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return first.shape[0]
+
+
+def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings, ckpt_path,
+        extra_state=None, resume=False, progress=True, device="cpu", on_step=None,
+        desc="train") -> dict:
+    """Train ``model`` with ``loss_fn(model, batch, generator) -> scalar``.
+
+    Writes ``ckpt_path`` (last state) and ``ckpt_path`` with suffix ``.best.pt`` (best
+    validation loss: model and EMA weights). ``extra_state`` (config, normalisation, ...) is
+    stored in both. ``on_step(global_step)`` runs after each optimizer step and any
+    checkpoint of that step (tests use it to interrupt a run). Returns the history dict.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.data import default_collate
+    from tqdm.auto import tqdm
+
+    _maybe_init_distributed()
+    rank, world = _world()
+    ckpt_path = Path(ckpt_path)
+    best_path = ckpt_path.with_suffix(".best.pt")
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    if not trainable_parameters(model):
+        raise ValueError(f"{desc}: the model has no trainable parameters")
+    opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=settings.plateau_factor,
+                                                       patience=settings.plateau_patience)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
+           if settings.ema else None)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val": math.inf,
+             "bad_epochs": 0, "history": [], "done": False, "loss_sum": 0.0, "first_loss": None}
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        _set_rng_state(ck["rng"], gen)
+        state = ck["loop"]
+        if state.get("done"):
+            return {"history": state["history"], "resumed": True, "best_val": state["best_val"]}
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    extra_state = dict(extra_state or {})
+    extra_state["settings"] = asdict(settings)
+
+    def checkpoint():
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(gen),
+            "loop": state, **extra_state})
+
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=settings.bf16)
+    model.train()
+    stop = False
+    while state["epoch"] < settings.epochs and not stop:
+        epoch = state["epoch"]
+        indices = _epoch_indices(len(train_set), epoch, settings, rank, world)
+        skip = state["step_in_epoch"] * settings.batch
+        n_batches = math.ceil(len(indices) / settings.batch)
+        bar = tqdm(total=n_batches, initial=state["step_in_epoch"], desc=f"{desc} epoch {epoch + 1}/{settings.epochs}",
+                   disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+        running = None
+        for batch in _batches(train_set, indices[skip:], settings.batch, default_collate):
+            with autocast:
+                loss = loss_fn(net, _to(batch, device), gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip:
+                nn.utils.clip_grad_norm_(trainable_parameters(model), settings.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            value = loss.item()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            state["loss_sum"] += value
+            if state["first_loss"] is None:
+                state["first_loss"] = value
+            bar.set_postfix(loss=f"{running:.4g}", lr=f"{opt.param_groups[0]['lr']:.2g}")
+            bar.update(1)
+            if settings.checkpoint_every and state["global_step"] % settings.checkpoint_every == 0:
+                checkpoint()
+            if on_step is not None:
+                on_step(state["global_step"])
+            if settings.max_steps and state["global_step"] >= settings.max_steps:
+                stop = True
+                break
+        bar.close()
+        eval_model = ema.module if ema is not None else model
+        val = _val_loss(eval_model, loss_fn, val_set, settings, default_collate, device)
+        train_loss = state["loss_sum"] / max(state["step_in_epoch"], 1)
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                                 "lr": opt.param_groups[0]["lr"], "steps": state["global_step"],
+                                 "first_loss": state["first_loss"]})
+        if progress and rank == 0:
+            tqdm.write(f"{desc}: epoch {epoch + 1} train {train_loss:.4g} val {val:.4g}")
+        if not math.isnan(val):
+            sched.step(val)
+        if not math.isnan(val) and val < state["best_val"]:
+            state["best_val"], state["bad_epochs"] = val, 0
+            if rank == 0:
+                save_checkpoint(best_path, {"model": model.state_dict(),
+                                            "ema": ema.module.state_dict() if ema is not None else None,
+                                            "val_loss": val, "epoch": epoch + 1, **extra_state})
+        elif not math.isnan(val):
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= settings.early_stop:
+                stop = True
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        state["loss_sum"] = 0.0
+        if stop or state["epoch"] >= settings.epochs:
+            state["done"] = True
+        checkpoint()
+    if rank == 0 and not best_path.exists():  # no validation data: the last weights are "best"
+        save_checkpoint(best_path, {"model": model.state_dict(),
+                                    "ema": ema.module.state_dict() if ema is not None else None,
+                                    "val_loss": float("nan"), "epoch": state["epoch"], **extra_state})
+    if rank == 0:
+        log = ckpt_path.with_suffix(".log.json")
+        with atomic_path(log) as tmp:
+            tmp.write_text(json.dumps(state["history"], indent=1))
+    return {"history": state["history"], "best_val": state["best_val"], "resumed": resume}

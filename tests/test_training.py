@@ -1,0 +1,178 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastds.models.baselines import VAE, DeterministicUNet
+from fastds.models.conditional import build_model
+from fastds.models.transfer import TransferEncoder
+from fastds.models.unet import Denoiser, TemporalUNet
+from fastds.training.loop import FitSettings, fit, load_checkpoint
+
+
+@pytest.mark.parametrize("hw", [(9, 9), (16, 16), (13, 22), (55, 37)])
+def test_shapes_through_every_model(hw):
+    H, W = hw
+    u = TemporalUNet(5, (8, 16, 16))
+    assert u(torch.randn(2, 5, H, W)).shape == (2, 1, H, W)
+    te = TransferEncoder.from_unet(u)
+    assert te(torch.randn(3, 5, H, W)).shape == (3, 16, H, W)
+    d = Denoiser(7 + 16, (8, 16, 16))
+    out = d(torch.randn(2, 1, H, W), torch.tensor([0, 999]), torch.randn(2, 23, H, W))
+    assert out.shape == (2, 1, H, W) and (out > 0).all() and (out < 1).all()
+    assert DeterministicUNet(23, (8, 16, 16))(None, None, torch.randn(2, 23, H, W)).shape == (2, 1, H, W)
+    v = VAE(23, (8, 16, 16), latent=3)
+    r, mu, lv = v(torch.randn(2, 1, H, W), torch.randn(2, 23, H, W))
+    assert r.shape == (2, 1, H, W) and mu.shape[1] == 3
+    cond = torch.randn(2, 23, H, W)
+    assert v.generate(cond, torch.randn(v.latent_shape(cond))).shape == (2, 1, H, W)
+
+
+def test_transfer_free_ablation_is_one_setting():
+    with_t = build_model("ddpm", widths=(8, 16, 16), t_lag=4, transfer_widths=(8, 16, 16))
+    without = build_model("ddpm", widths=(8, 16, 16), t_lag=4, transfer_widths=None)
+    assert with_t.transfer is not None and without.transfer is None
+    b = dict(coarse=torch.randn(2, 1, 16, 16), covariates=torch.randn(2, 6, 16, 16),
+             lags=torch.randn(2, 4, 16, 16))
+    assert with_t.cond(**b).shape[1] == 7 + 16 and without.cond(**b).shape[1] == 7
+
+
+class _Patches(torch.utils.data.Dataset):
+    def __init__(self, n=64, t_lag=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [dict(target=torch.rand(1, 16, 16, generator=g), coarse=torch.rand(1, 16, 16, generator=g),
+                           covariates=torch.rand(6, 16, 16, generator=g), lags=torch.rand(t_lag, 16, 16, generator=g))
+                      for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _l1(m, b, gen):
+    inner = m.module if hasattr(m, "module") else m
+    cond = inner.cond(b["coarse"], b["covariates"], b["lags"])
+    return F.l1_loss(m(None, None, cond), b["target"])
+
+
+def test_frozen_encoder_gets_no_update_and_no_decay(tmp_path):
+    model = build_model("unet", widths=(8, 16, 16), t_lag=4, transfer_widths=(8, 16, 16))
+    before = {k: v.clone() for k, v in model.transfer.state_dict().items()}
+    fit(model, _l1, _Patches(), None, ckpt_path=tmp_path / "m.pt", progress=False,
+        settings=FitSettings(lr=1e-2, weight_decay=0.5, batch=16, epochs=2))
+    for k, v in model.transfer.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert all(not p.requires_grad for p in model.transfer.parameters())
+    assert not model.transfer.training
+    ck = load_checkpoint(tmp_path / "m.pt")
+    n_opt = sum(len(g["params"]) for g in ck["optimizer"]["param_groups"])
+    assert n_opt == sum(1 for p in model.net.parameters())
+    assert set(ck["optimizer"]["state"]) == set(range(n_opt))
+    # decay only on weight tensors of the trainable net
+    decayed = [g for g in ck["optimizer"]["param_groups"] if g["weight_decay"] > 0]
+    assert len(decayed) == 1 and len(decayed[0]["params"]) == sum(p.ndim >= 2 for p in model.net.parameters())
+
+
+def test_resume_after_kill_gives_same_weights(tmp_path):
+    settings = FitSettings(lr=5e-3, weight_decay=1e-3, batch=8, epochs=3, checkpoint_every=1,
+                           ema=0.9, grad_clip=0.5)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("vae", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8))
+
+    def vae_loss(m, b, gen):
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
+        recon, mu, lv = m.net(b["target"], cond)
+        return F.mse_loss(recon, b["target"]) - 1e-3 * torch.mean(1 + lv - mu ** 2 - lv.exp())
+
+    data, val = _Patches(40), _Patches(16, seed=1)
+    full = fresh()
+    fit(full, vae_loss, data, val, settings=settings, ckpt_path=tmp_path / "a.pt", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 7:  # mid second epoch, right after the step-7 checkpoint
+            raise Killed
+
+    part = fresh()
+    with pytest.raises(Killed):
+        fit(part, vae_loss, data, val, settings=settings, ckpt_path=tmp_path / "b.pt", progress=False,
+            on_step=kill)
+    torch.manual_seed(123)  # the process that resumes starts with other RNG states
+    resumed = fresh()
+    fit(resumed, vae_loss, data, val, settings=settings, ckpt_path=tmp_path / "b.pt", progress=False,
+        resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    ea, eb = load_checkpoint(tmp_path / "a.pt")["ema"], load_checkpoint(tmp_path / "b.pt")["ema"]
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.nn.functional as F
+    sys.path.insert(0, sys.argv[2])
+    from test_training import _Patches, _l1
+    from fastds.models.conditional import build_model
+    from fastds.training.loop import FitSettings, fit
+    torch.manual_seed(0)
+    model = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8))
+    fit(model, _l1, _Patches(64), _Patches(16, seed=1), ckpt_path=sys.argv[1], progress=False,
+        settings=FitSettings(lr=1e-2, batch=8, epochs=2, weight_decay=1e-2))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    assert dist.get_world_size() == 2
+    assert all(torch.equal(gathered[0], g) for g in gathered), "ranks diverged"
+    if dist.get_rank() == 0:
+        print("DDP_OK", float(flat.abs().sum()))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", str(script), str(tmp_path / "ddp.pt"), tests_dir],
+                         capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    print(res.stdout[-2000:], res.stderr[-3000:])
+    assert res.returncode == 0 and "DDP_OK" in res.stdout
+    assert load_checkpoint(tmp_path / "ddp.pt")["loop"]["done"]
+
+
+def test_ddpm_loss_falls_on_twin(trained_run):
+    log = json.loads((trained_run / "season3" / "ddpm.log.json").read_text())
+    first, epoch1, last = log[0]["first_loss"], log[0]["train_loss"], log[-1]["train_loss"]
+    print(f"DDPM train loss: first step {first:.4g}, epoch 1 mean {epoch1:.4g}, last epoch mean "
+          f"{last:.4g} after {log[-1]['steps']} steps")
+    assert last < 0.5 * first and last < epoch1
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+
+
+def test_pretrain_and_run_layout(trained_run):
+    s3 = trained_run / "season3"
+    for name in ("pretrain.pt", "pretrain.best.pt", "ddpm.pt", "ddpm.best.pt", "ddpm.log.json"):
+        assert (s3 / name).exists(), name
+    assert json.loads((trained_run / "run.json").read_text())["store"].endswith("store.zarr")
+    ck = load_checkpoint(s3 / "ddpm.pt")
+    assert {"model", "optimizer", "scheduler", "ema", "rng", "norm_y", "config"} <= set(ck)
+
+
+def test_train_without_pretrain_says_what_to_do(store_path, tiny_config, tmp_path):
+    from fastds.training.stages import train
+    with pytest.raises(FileNotFoundError, match="run `fastds pretrain`"):
+        train(data=store_path, run=tmp_path, config=tiny_config, progress=False)
