@@ -38,7 +38,7 @@ TEST_OVERRIDES = ("data.seasons=[3]", "data.t_lag=6", "data.max_train_patches=20
 def twin_spec():
     from fastds.data.synthetic import TwinSpec
     return TwinSpec(coarse_start="2005-01-01", coarse_end="2005-12-31",
-                    fine_start="2005-05-16", fine_end="2005-09-30", seed=11)
+                    fine_start="2005-05-16", fine_end="2005-08-24", seed=11)
 
 
 @pytest.fixture(scope="session")

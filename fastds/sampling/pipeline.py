@@ -27,11 +27,14 @@ from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..data.transforms import align_index, covariate_maps, upsample
 from ..stitch import plan_patches, stitch
+from .. import _backend
+from .graphs import StaticSampler
 from .samplers import make_plan, run_plan
 
 __all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse"]
 
 MODES = ("strict", "lenient")
+_GRAPHS: dict = {}  # captured StaticSamplers per model and batch shape (CUDA only)
 
 
 @dataclass
@@ -69,6 +72,10 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     base_p = torch.from_numpy(_patchify(base, starts, tile)).to(device)
     out = np.empty((members, H, W), np.float32)
     shared_lags = inputs.lags.shape[0] == 1
+    # CUDA graphs (one per batch shape) when on a GPU with Triton; the eager loop otherwise.
+    use_graphs = (kind == "ddpm" and cfg.cuda_graphs and torch.device(device).type == "cuda"
+                  and _backend.why_unavailable("triton") is None)
+    graphs = _GRAPHS.setdefault(id(model), {}) if use_graphs else None
     for k in range(members):
         lag_p = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts, tile)).to(device)
         gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
@@ -83,6 +90,13 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
                 pieces.append(model.net.generate(cond, z))
             elif kind == "unet":
                 pieces.append(model(None, None, model.cond(coarse, cov, lags)))
+            elif cache_conditioning and graphs:
+                cond = model.cond(coarse, cov, lags)
+                key = (tuple(x_T[sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
+                if key not in graphs:
+                    graphs[key] = StaticSampler(model, plan, x_T[sl], cond, clip=cfg.clip or None)
+                seeds = torch.randint(0, 2 ** 31 - 1, (len(plan),), generator=gen, device=device)
+                pieces.append(graphs[key](x_T[sl], cond, seeds))
             elif cache_conditioning:
                 cond = model.cond(coarse, cov, lags)  # once per patch, reused by every step
                 pieces.append(run_plan(model, x_T[sl], plan, cond=cond, generator=gen,
