@@ -29,7 +29,7 @@ bench: $(STAMP)
 
 # Benchmarks' own correctness checks, each provider run once and untimed (CI runs this).
 bench-check: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -c bench/pytest.ini bench --benchmark-disable
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -c bench/pytest.ini bench --benchmark-disable -m "not slow"
 
 clean:
 	rm -rf build *.egg-info fastds/*.so .pytest_cache .benchmarks

@@ -94,6 +94,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_epoch_peak_rss(tmp_path):
     """Peak RSS of prepare + one Stage-A epoch over Area 1's full coarse record (printed)."""
     res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], capture_output=True,

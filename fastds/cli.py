@@ -1,0 +1,193 @@
+"""The ``fastds`` command: the only place that parses arguments and prints.
+
+Subcommands: synth, prepare, pretrain, train, sample, evaluate, demo. Every one takes
+``--config FILE.toml``, ``--preset tiny|paper``, ``--set section.key=value`` (repeatable) and
+``--dry-run`` (print the resolved config and stop). Errors are one line on stderr and exit
+code 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _common(p):
+    p.add_argument("--config", help="TOML file with [data], [pretrain], [diffusion], [train], [sample]")
+    p.add_argument("--preset", default=None, choices=["tiny", "paper"],
+                   help="base settings (default: the config file's, else tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="fastds", description="Generative downscaling of gridded "
+                                 "satellite and reanalysis data (MERRA-2 -> G5NR-like).")
+    ap.add_argument("--version", action="store_true", help="print version and capabilities")
+    sub = ap.add_subparsers(dest="cmd")
+
+    p = sub.add_parser("synth", help="write a synthetic twin region in the native NASA formats")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--region", default=None, help="area0, area1 or LAT_MIN,LAT_MAX,LON_MIN,LON_MAX (default: a small box)")
+    p.add_argument("--coarse-start", default="2004-01-01")
+    p.add_argument("--coarse-end", default="2008-12-31")
+    p.add_argument("--fine-start", default="2005-05-16")
+    p.add_argument("--fine-end", default="2007-05-15")
+    p.add_argument("--native-days", type=int, default=3, help="days written as native files (-1: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="raw files -> one cached store per region")
+    _common(p)
+    p.add_argument("--coarse", required=True, help="MERRA-2 files: folder, glob, or merged cube")
+    p.add_argument("--fine", required=True, help="G5NR files: folder, glob, or merged cube")
+    p.add_argument("--elevation", help="NetCDF with elevation (lat, lon)")
+    p.add_argument("--region", required=True, help="area0, area1 or LAT_MIN,LAT_MAX,LON_MIN,LON_MAX")
+    p.add_argument("--out", required=True, help="store folder (e.g. area1.zarr)")
+    p.add_argument("--variable", default="DUEXTTAU")
+    p.add_argument("--allow-gaps", action="store_true", help="keep missing days as NaN instead of failing")
+
+    p = sub.add_parser("pretrain", help="Stage A: temporal U-Net on the coarse record")
+    _common(p)
+    p.add_argument("--data", required=True, help="store from `fastds prepare`")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--season", type=int, choices=[1, 2, 3, 4], help="one season (default: data.seasons)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    p = sub.add_parser("train", help="Stage C: conditional DDPM (or a baseline)")
+    _common(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--run", required=True, help="run folder (after pretrain)")
+    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae"])
+    p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
+    p.add_argument("--resume", action="store_true")
+
+    p = sub.add_parser("sample", help="downscale a date range (rollout beyond the fine record)")
+    _common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--start", required=True)
+    p.add_argument("--end", required=True)
+    p.add_argument("--out", required=True, help="output NetCDF (resumes if interrupted)")
+    p.add_argument("--members", type=int, default=None)
+    p.add_argument("--mode", choices=["strict", "lenient"], default=None)
+    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae", "interp"])
+    p.add_argument("--data", help="store (default: the run's)")
+
+    p = sub.add_parser("evaluate", help="skill, variograms, ACF/PACF, lag curves, spectra, report")
+    _common(p)
+    p.add_argument("--pred", required=True, action="append", metavar="[NAME=]FILE.nc",
+                   help="predictions (repeatable, optionally named: ddpm=pred.nc)")
+    p.add_argument("--truth", required=True, help="truth NetCDF or a store")
+    p.add_argument("--coarse", help="coarse NetCDF for maps and the Wasserstein analysis")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--area", default="area")
+    p.add_argument("--variable", default="DUEXTTAU")
+
+    p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
+    _common(p)
+    p.add_argument("--out", default="fastds-demo", help="report folder (default ./fastds-demo)")
+    p.add_argument("--quick", action="store_true", help="a reduced demo (tests, smoke runs)")
+    p.add_argument("--seasons", default="2", help="comma-separated seasons to train (default 2 = MAM)")
+    return ap
+
+
+def _config(args):
+    from .config import load_config
+    return load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
+
+
+def _run(args) -> int:
+    from .config import to_toml
+    cfg = _config(args)
+    if args.dry_run:
+        print(to_toml(cfg), end="")
+        return 0
+    progress = not args.quiet
+    if args.cmd == "synth":
+        from .data.regions import parse_region
+        from .data.synthetic import TWIN_REGION, TwinSpec, write_twin
+        spec = TwinSpec(region=parse_region(args.region) if args.region else TWIN_REGION,
+                        coarse_start=args.coarse_start, coarse_end=args.coarse_end,
+                        fine_start=args.fine_start, fine_end=args.fine_end, seed=args.seed)
+        w = write_twin(args.out, spec, native_days=None if args.native_days < 0 else args.native_days)
+        print(f"twin written to {w['dir']}: native files for {w.get('native_days', 0)} day(s), cubes "
+              "coarse_daily.nc fine_daily.nc fine_truth.nc elevation.nc")
+    elif args.cmd == "prepare":
+        from .data.store import prepare
+        out = prepare(coarse=args.coarse, fine=args.fine, out=args.out, region=args.region,
+                      elevation=args.elevation, variable=args.variable, align=cfg.data.align,
+                      allow_gaps=args.allow_gaps, progress=progress)
+        print(f"store ready: {out}")
+    elif args.cmd == "pretrain":
+        from .training.stages import pretrain
+        for p in pretrain(data=args.data, run=args.out, config=cfg, season=args.season,
+                          resume=args.resume, progress=progress, device=args.device):
+            print(f"stage A checkpoint: {p}")
+    elif args.cmd == "train":
+        from .training.stages import train
+        for p in train(data=args.data, run=args.run, config=cfg, model=args.model, season=args.season,
+                       resume=args.resume, progress=progress, device=args.device):
+            print(f"{args.model} checkpoint: {p}")
+    elif args.cmd == "sample":
+        from .sampling.pipeline import sample
+        sc = cfg.sample
+        sc = dataclasses.replace(sc, members=args.members or sc.members, mode=args.mode or sc.mode)
+        ds = sample(run=args.run, start=args.start, end=args.end, out=args.out, cfg=sc, model=args.model,
+                    data=args.data, device=args.device, progress=progress)
+        print(f"wrote {args.out}: {dict(ds.sizes)}")
+    elif args.cmd == "evaluate":
+        from .report import evaluate, format_table
+        preds = {}
+        for item in args.pred:
+            name, _, path = item.rpartition("=")
+            preds[name or Path(path).stem] = path
+        m = evaluate(preds, args.truth, out=args.out, coarse=args.coarse, area=args.area,
+                     variable=args.variable)
+        import pandas as pd
+        print(format_table(pd.DataFrame(m["table"])), end="")
+        print(f"report written to {args.out}")
+    elif args.cmd == "demo":
+        from .demo import run_demo
+        seasons = tuple(int(s) for s in args.seasons.split(","))
+        run_demo(out=args.out, config=cfg, quick=args.quick, seasons=seasons, device=args.device,
+                 progress=progress, echo=print)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.version:
+        from . import __version__, capabilities
+        print(f"fastds {__version__}", capabilities())
+        return 0
+    if not args.cmd:
+        ap.print_help()
+        return 2
+    t0 = time.time()
+    try:
+        code = _run(args)
+    except KeyboardInterrupt:
+        print("fastds: interrupted (completed work is kept; re-run to resume)", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line; the traceback only on request
+        if args.debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"fastds {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    if not getattr(args, "dry_run", False) and not args.quiet and args.cmd not in ("synth",):
+        print(f"fastds {args.cmd}: done in {time.time() - t0:.1f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Ensemble scores for predictions with a ``member`` dim."""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["crps", "spread_skill", "rank_histogram"]
+
+
+def _arrays(pred: xr.DataArray, truth: xr.DataArray, space):
+    pred, truth = xr.align(pred, truth, join="inner", exclude=["member"])
+    p = pred.transpose("time", "member", ...).values.astype(float)
+    t = truth.transpose("time", ...).values.astype(float)
+    if space == "log10":
+        p, t = np.log10(np.maximum(p, 1e-6)), np.log10(np.maximum(t, 1e-6))
+    return p.reshape(p.shape[0], p.shape[1], -1), t.reshape(t.shape[0], -1)
+
+
+def crps(pred, truth, *, space="log10"):
+    """Mean CRPS per day of an ensemble (time, member, lat, lon) against truth (time, lat, lon):
+    E|X - y| - E|X - X'|/2 with the empirical ensemble distribution. Returns (time,)."""
+    p, t = _arrays(pred, truth, space)
+    M = p.shape[1]
+    term1 = np.abs(p - t[:, None]).mean(1)
+    s = np.sort(p, axis=1)
+    i = np.arange(1, M + 1)[None, :, None]
+    term2 = (2 * (2 * i - M - 1) * s).sum(1) / (M * M) / 2  # E|X-X'|/2 via sorted members
+    return np.nanmean(term1 - term2, axis=1)
+
+
+def spread_skill(pred, truth, *, space="log10"):
+    """Spread/skill ratio: sqrt((M+1)/M · mean ensemble variance) / RMSE of the ensemble mean
+    (1 for a calibrated ensemble)."""
+    p, t = _arrays(pred, truth, space)
+    M = p.shape[1]
+    spread = np.sqrt((M + 1) / M * np.nanmean(p.var(1, ddof=1)))
+    skill = np.sqrt(np.nanmean((p.mean(1) - t) ** 2))
+    return spread / skill
+
+
+def rank_histogram(pred, truth, *, space="log10"):
+    """Counts (M+1,) of the truth's rank among the members (ties broken at random)."""
+    p, t = _arrays(pred, truth, space)
+    rng = np.random.default_rng(0)
+    below = (p < t[:, None]).sum(1)
+    ties = (p == t[:, None]).sum(1)
+    rank = below + np.floor(rng.random(below.shape) * (ties + 1)).astype(int)
+    return np.bincount(rank.ravel(), minlength=p.shape[1] + 1)

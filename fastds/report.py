@@ -1,0 +1,269 @@
+"""``evaluate``: predictions vs truth -> Table-3-style table, a JSON of every figure, PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ._io import atomic_path
+from .data.regions import season_name, season_of
+from .data.transforms import fit_minmax
+from .metrics import (acf_pacf, crps, day_scores, lag_curves, power_spectrum, rank_histogram,
+                      semivariogram, spread_skill, summarize, summarize_wasserstein,
+                      wasserstein_by_day)
+
+__all__ = ["evaluate", "format_table", "load_field"]
+
+TABLE_SCORES = ("r2", "r2_nse", "rmse", "mae", "bias")
+
+
+def load_field(path_or_obj, variable="DUEXTTAU") -> xr.DataArray:
+    """A (time[, member], lat, lon) DataArray from a NetCDF path, a Dataset or a DataArray."""
+    if isinstance(path_or_obj, xr.DataArray):
+        return path_or_obj
+    if isinstance(path_or_obj, xr.Dataset):
+        return path_or_obj[variable]
+    path = Path(path_or_obj)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate: {path} does not exist")
+    try:
+        ds = xr.open_dataset(path)
+    except Exception as err:
+        raise ValueError(f"evaluate: cannot open {path} as NetCDF ({type(err).__name__})") from None
+    if variable not in ds:
+        raise ValueError(f"evaluate: {path} has no variable {variable!r} (has: {', '.join(map(str, ds.data_vars))})")
+    return ds[variable].load()
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Markdown: one row per model x area x season, ``mean (sd)`` cells."""
+    cols = [c for c in TABLE_SCORES if f"{c}_mean" in table]
+    head = "| model | area | season | days | " + " | ".join(cols) + " | RMSE (phys.) |"
+    lines = [head, "|" + "---|" * (5 + len(cols))]
+    for _, r in table.iterrows():
+        cells = [f"{r[f'{c}_mean']:.3f} ({r[f'{c}_sd']:.3f})" for c in cols]
+        phys = f"{r['phys_rmse_mean']:.4f} ({r['phys_rmse_sd']:.4f})" if "phys_rmse_mean" in r else ""
+        lines.append(f"| {r['model']} | {r['area']} | {r['season']} | {r['days']} | " + " | ".join(cells) + f" | {phys} |")
+    return "\n".join(lines) + "\n"
+
+
+def _log(a):
+    return np.log10(np.maximum(np.asarray(a, float), 1e-6))
+
+
+def _mean_variogram(field, days, max_km, bins):
+    gs = []
+    for d in days:
+        c, g, _ = semivariogram(_log(field.sel(time=d).values), field.lat.values, field.lon.values,
+                                max_km=max_km, bins=bins)
+        gs.append(g)
+    return c, np.nanmean(gs, axis=0)
+
+
+def _mean_spectrum(field, days):
+    ps = [power_spectrum(_log(field.sel(time=d).values), field.lat.values, field.lon.values) for d in days]
+    return ps[0][0], np.mean([p for _, p in ps], axis=0)
+
+
+def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_km=600.0,
+             bins=24, variogram_days=8, plots=True, variable="DUEXTTAU") -> dict:
+    """Evaluate one or more predictions against the truth and write a report to ``out``.
+
+    Parameters
+    ----------
+    preds : {name: DataArray or path} (or one DataArray/path, named "model"), each
+        (time[, member], lat, lon) in physical units on the truth's grid.
+    truth : DataArray/Dataset/path (time, lat, lon), or a store path (its ``fine`` record).
+    coarse : optional (time, lat_c, lon_c) coarse field for maps and the Wasserstein analysis.
+    Writes ``table.csv``, ``table.md``, ``metrics.json`` and PNG plots; returns the metrics dict.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(preds, dict):
+        preds = {"model": preds}
+    preds = {k: load_field(v, variable) for k, v in preds.items()}
+    if isinstance(truth, (str, Path)) and Path(truth).is_dir():
+        from .data.store import open_store
+        st = open_store(truth)
+        truth = st.fine.load()
+        if coarse is None:
+            coarse = st.coarse.rename({"time_c": "time", "lat_c": "lat", "lon_c": "lon"})
+    truth = load_field(truth, variable)
+    if coarse is not None and not isinstance(coarse, xr.DataArray):
+        coarse = load_field(coarse, variable)
+
+    tables, metrics = [], {"models": {}}
+    for name, pred in preds.items():
+        common = pd.DatetimeIndex(np.intersect1d(pred.time.values, truth.time.values))
+        if len(common) == 0:
+            raise ValueError(f"evaluate: {name} shares no day with the truth "
+                             f"({pd.Timestamp(pred.time.values[0]):%Y-%m-%d}.. vs "
+                             f"{pd.Timestamp(truth.time.values[0]):%Y-%m-%d}..)")
+        p, t = pred.sel(time=common), truth.sel(time=common)
+        if p.sizes["lat"] != t.sizes["lat"] or p.sizes["lon"] != t.sizes["lon"]:
+            raise ValueError(f"evaluate: {name} grid {p.sizes['lat']}x{p.sizes['lon']} differs from the "
+                             f"truth's {t.sizes['lat']}x{t.sizes['lon']}")
+        t = t.assign_coords(lat=p.lat, lon=p.lon)
+        scores = day_scores(p, t)
+        phys = day_scores(p, t, space="physical")
+        tab = summarize(scores, area=area, model=name)
+        ptab = summarize(phys[["rmse", "mae"]].rename(columns={"rmse": "phys_rmse", "mae": "phys_mae"}),
+                         area=area, model=name)
+        tables.append(tab.merge(ptab, on=["model", "area", "season", "days"]))
+        pm = p.mean("member") if "member" in p.dims else p
+        vdays = common[np.linspace(0, len(common) - 1, min(variogram_days, len(common))).astype(int)]
+        entry = {"days": [d.strftime("%Y-%m-%d") for d in common],
+                 "scores": scores.reset_index().astype({"time": str}).to_dict(orient="list"),
+                 "variogram": dict(zip(("km", "gamma"), map(np.ndarray.tolist, _mean_variogram(pm, vdays, max_km, bins)))),
+                 "spectrum": dict(zip(("k", "power"), map(np.ndarray.tolist, _mean_spectrum(pm, vdays))))}
+        if len(common) >= 6:
+            a, pa = acf_pacf(pm)
+            entry["acf"], entry["pacf"] = a.tolist(), pa.tolist()
+            lc = lag_curves(pm)
+            entry["lag_curves"] = {k: v.tolist() for k, v in lc.items()}
+        if "member" in p.dims and p.sizes["member"] > 1:
+            entry["ensemble"] = {"crps": crps(p, t).tolist(), "spread_skill": float(spread_skill(p, t)),
+                                 "rank_histogram": rank_histogram(p, t).tolist()}
+        metrics["models"][name] = entry
+
+    # the truth's own curves, on the days of the first model
+    first = next(iter(metrics["models"].values()))
+    days = pd.DatetimeIndex(first["days"])
+    t = truth.sel(time=days)
+    vdays = days[np.linspace(0, len(days) - 1, min(variogram_days, len(days))).astype(int)]
+    metrics["truth"] = {"variogram": dict(zip(("km", "gamma"), map(np.ndarray.tolist, _mean_variogram(t, vdays, max_km, bins)))),
+                        "spectrum": dict(zip(("k", "power"), map(np.ndarray.tolist, _mean_spectrum(t, vdays))))}
+    if len(days) >= 6:
+        a, pa = acf_pacf(t)
+        metrics["truth"].update(acf=a.tolist(), pacf=pa.tolist(),
+                                lag_curves={k: v.tolist() for k, v in lag_curves(t).items()})
+    if coarse is not None:
+        cd = pd.DatetimeIndex(np.intersect1d(coarse.time.values, truth.time.values))
+        if len(cd):
+            ones = np.ones(len(cd), bool)
+            xv, yv = coarse.sel(time=cd).values, truth.sel(time=cd).values
+            nx, ny = fit_minmax(xv, cd, ones), fit_minmax(yv, cd, ones)
+            seasons = season_of(cd.month)
+            xn = np.stack([nx.forward(xv[i], s) for i, s in enumerate(seasons)])
+            yn = np.stack([ny.forward(yv[i], s) for i, s in enumerate(seasons)])
+            w = wasserstein_by_day(xn, yn, cd)
+            metrics["wasserstein"] = {"by_day": w.tolist(), "days": [d.strftime("%Y-%m-%d") for d in cd],
+                                      "summary": summarize_wasserstein(w, area).to_dict(orient="records")}
+    table = pd.concat(tables, ignore_index=True)
+    metrics["table"] = table.to_dict(orient="records")
+    with atomic_path(out / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(format_table(table))
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1, default=float))
+    if plots:
+        _plots(preds, truth, coarse, metrics, out, map_days or list(days[:2]))
+    return metrics
+
+
+def _plots(preds, truth, coarse, metrics, out, map_days):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        plt.close(fig)
+
+    extent = [float(truth.lon.min()), float(truth.lon.max()), float(truth.lat.min()), float(truth.lat.max())]
+    for day in map_days:
+        day = pd.Timestamp(day)
+        panels = [("truth (G5NR-like)", _log(truth.sel(time=day).values), "viridis")]
+        if coarse is not None and day in pd.DatetimeIndex(coarse.time.values):
+            panels.append(("coarse input (MERRA-2-like)", _log(coarse.sel(time=day).values), "viridis"))
+        for name, p in preds.items():
+            if day in pd.DatetimeIndex(p.time.values):
+                v = p.sel(time=day)
+                v = v.isel(member=0) if "member" in v.dims else v
+                panels.append((name, _log(v.values), "viridis"))
+                panels.append((f"{name} − truth", _log(v.values) - _log(truth.sel(time=day).values), "RdBu_r"))
+        vmin = np.nanpercentile(panels[0][1], 1)
+        vmax = np.nanpercentile(panels[0][1], 99)
+        ncols = min(4, len(panels))
+        nrows = -(-len(panels) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.7 * nrows), squeeze=False,
+                                 constrained_layout=True)
+        for ax in axes.ravel()[len(panels):]:
+            ax.set_visible(False)
+        for ax, (title, img, cmap) in zip(axes.ravel(), panels):
+            if cmap == "RdBu_r":
+                lim = np.nanmax(np.abs(img))
+                im = ax.imshow(img, origin="lower", extent=extent, cmap=cmap, vmin=-lim, vmax=lim)
+            else:
+                ext = extent
+                if coarse is not None and title.startswith("coarse"):
+                    c = coarse
+                    ext = [float(c.lon.min()), float(c.lon.max()), float(c.lat.min()), float(c.lat.max())]
+                im = ax.imshow(img, origin="lower", extent=ext, cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("lon (°E)", fontsize=8)
+            ax.set_ylabel("lat (°N)", fontsize=8)
+            fig.colorbar(im, ax=ax, shrink=0.75, label="log10 AOD" if cmap != "RdBu_r" else "Δ log10 AOD")
+        fig.suptitle(f"DUEXTTAU on {day:%Y-%m-%d} ({season_name(season_of(day.month))})")
+        save(fig, f"map_{day:%Y%m%d}.png")
+
+    m = metrics["models"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    tv = metrics["truth"]["variogram"]
+    ax.plot(tv["km"], tv["gamma"], "k-", lw=2, label="truth")
+    for name, e in m.items():
+        ax.plot(e["variogram"]["km"], e["variogram"]["gamma"], "o-", ms=3, label=name)
+    ax.set(xlabel="great-circle distance (km)", ylabel="semivariance of log10 AOD", title="Semivariograms")
+    ax.legend()
+    save(fig, "semivariogram.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ts = metrics["truth"]["spectrum"]
+    ax.loglog(ts["k"], ts["power"], "k-", lw=2, label="truth")
+    for name, e in m.items():
+        ax.loglog(e["spectrum"]["k"], e["spectrum"]["power"], label=name)
+    ax.set(xlabel="wavenumber (cycles/km)", ylabel="power of log10 AOD", title="Radially averaged power spectra")
+    ax.legend()
+    save(fig, "spectra.png")
+
+    if "acf" in metrics["truth"]:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, ax in zip(("acf", "pacf"), axes):
+            ax.plot(metrics["truth"][key], "k-", lw=2, label="truth")
+            for name, e in m.items():
+                if key in e:
+                    ax.plot(e[key], "o-", ms=3, label=name)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set(xlabel="lag (days)", ylabel=key.upper(), title=f"{key.upper()} of the region-mean series")
+            ax.legend()
+        save(fig, "acf_pacf.png")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, ax, lab in zip(("rmse", "r2"), axes, ("RMSE (log10 AOD)", "R² (squared Pearson)")):
+            tl = metrics["truth"]["lag_curves"]
+            ax.plot(tl["k"], tl[key], "k-", lw=2, label="truth")
+            for name, e in m.items():
+                if "lag_curves" in e:
+                    ax.plot(e["lag_curves"]["k"], e["lag_curves"][key], "o-", ms=3, label=name)
+            ax.set(xlabel="lag k (days)", ylabel=lab, title=f"Day t vs day t−k: {lab}")
+            ax.legend()
+        save(fig, "lag_curves.png")
+
+    if "wasserstein" in metrics:
+        w = pd.Series(metrics["wasserstein"]["by_day"], index=pd.DatetimeIndex(metrics["wasserstein"]["days"]))
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        groups = [w[season_of(w.index.month) == s].values for s in (1, 2, 3, 4)]
+        ax.boxplot([g for g in groups if len(g)], tick_labels=[season_name(s) for s, g in zip((1, 2, 3, 4), groups) if len(g)])
+        ax.set(ylabel="Wasserstein distance (normalised)", title="Coarse vs fine distributions per day")
+        save(fig, "wasserstein.png")
+    for name, e in m.items():
+        if "ensemble" in e:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            h = e["ensemble"]["rank_histogram"]
+            ax.bar(range(len(h)), h)
+            ax.set(xlabel="rank of truth among members", ylabel="count", title=f"Rank histogram: {name}")
+            save(fig, f"rank_histogram_{name}.png")

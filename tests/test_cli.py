@@ -1,0 +1,101 @@
+import subprocess
+import sys
+
+import pytest
+import xarray as xr
+
+from fastds.cli import main
+
+from conftest import TEST_OVERRIDES
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _sets():
+    return [a for o in TEST_OVERRIDES for a in ("--set", o)]
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    code, out, _ = run(capsys, "train", "--data", "x", "--run", "y", "--dry-run", "--set", "train.lr=0.01",
+                       "--set", "sample.sampler=dpmpp")
+    assert code == 0 and "lr = 0.01" in out and 'sampler = "dpmpp"' in out and 'preset = "tiny"' in out
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("synth", "prepare", "pretrain", "train", "sample", "evaluate", "demo"):
+        res = subprocess.run([sys.executable, "-m", "fastds.cli", cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "--config" in res.stdout and "--set" in res.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(capsys, tmp_path):
+    twin = tmp_path / "twin"
+    assert run(capsys, "synth", "--out", str(twin), "--coarse-start", "2005-01-01", "--coarse-end",
+               "2005-09-30", "--fine-start", "2005-05-16", "--fine-end", "2005-08-20",
+               "--native-days", "2", "--quiet")[0] == 0
+    store = tmp_path / "s.zarr"
+    code, out, err = run(capsys, "prepare", "--coarse", str(twin / "coarse_daily.nc"), "--fine",
+                         str(twin / "fine_daily.nc"), "--elevation", str(twin / "elevation.nc"),
+                         "--region", "24,28,44,49", "--out", str(store), "--quiet")
+    assert code == 0, err
+    runp = tmp_path / "run"
+    sets = _sets() + ["--set", "train.epochs=1", "--set", "pretrain.epochs=1"]
+    assert run(capsys, "pretrain", "--data", str(store), "--out", str(runp), "--quiet", *sets)[0] == 0
+    code, out, err = run(capsys, "train", "--data", str(store), "--run", str(runp), "--model", "unet", "--quiet", *sets)
+    assert code == 0, err
+    code, out, err = run(capsys, "train", "--data", str(store), "--run", str(runp), "--quiet", *sets)
+    assert code == 0, err
+    pred = tmp_path / "pred.nc"
+    code, out, err = run(capsys, "sample", "--run", str(runp), "--start", "2005-08-18", "--end", "2005-08-23",
+                         "--out", str(pred), "--members", "2", "--mode", "strict", "--quiet",
+                         "--set", "sample.steps=5", "--set", "sample.stride=8")
+    assert code == 0, err
+    ds = xr.open_dataset(pred)
+    assert ds["DUEXTTAU"].dims == ("time", "member", "lat", "lon") and ds.sizes["time"] == 6
+    code, out, err = run(capsys, "evaluate", "--pred", f"ddpm={pred}", "--truth", str(twin / "fine_truth.nc"),
+                         "--coarse", str(twin / "coarse_daily.nc"), "--out", str(tmp_path / "rep"), "--quiet")
+    assert code == 0, err
+    assert "| ddpm |" in out
+    for f in ("table.csv", "table.md", "metrics.json", "semivariogram.png", "spectra.png", "acf_pacf.png",
+              "lag_curves.png", "wasserstein.png", "rank_histogram_ddpm.png"):
+        assert (tmp_path / "rep" / f).exists(), f
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prepare", "--coarse", "/nonexistent", "--fine", "/nonexistent", "--region", "area1", "--out", "x.zarr"],
+     "does not exist"),
+    (["prepare", "--coarse", "/tmp", "--fine", "/tmp", "--region", "mars", "--out", "x.zarr"], "neither a known area"),
+    (["pretrain", "--data", "/nonexistent.zarr", "--out", "run"], "does not exist; create it with `fastds prepare`"),
+    (["sample", "--run", "/nonexistent", "--start", "2005-01-01", "--end", "2005-01-02", "--out", "p.nc"],
+     "run.json is missing"),
+    (["evaluate", "--pred", "/nonexistent.nc", "--truth", "/nonexistent.nc", "--out", "r"], "does not exist"),
+    (["train", "--data", "x", "--run", "y", "--set", "train.nope=1"], "unknown key train.nope"),
+    (["train", "--data", "x", "--run", "y", "--set", "train.lr=fast"], "train.lr must be float"),
+    (["train", "--data", "x", "--run", "y", "--set", "lr"], "--set expects section.key=value"),
+])
+def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fastds.cli", "pretrain", "--data", str(tmp_path / "no.zarr"),
+                          "--out", str(tmp_path / "r"), "--debug"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet")
+    assert code == 0, err
+    assert "| ddpm | twin | MAM |" in out and "| interp |" in out and "Semivariogram distance" in out
+    for f in ("table.md", "rollout.nc", "report/table.csv", "report/semivariogram.png", "report-rollout/metrics.json"):
+        assert (tmp_path / "demo" / f).exists(), f
+    assert list((tmp_path / "demo" / "report").glob("map_*.png"))

@@ -1,0 +1,111 @@
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy.stats import wasserstein_distance
+from statsmodels.tsa.stattools import acf, pacf
+
+from fastds.metrics import (acf_pacf, crps, day_scores, lag_curves, power_spectrum, rank_histogram,
+                            semivariogram, semivariogram_ref, spread_skill, summarize,
+                            wasserstein_by_day)
+
+
+def _da(v, times=None, lat=None, lon=None, member=False):
+    T = v.shape[0]
+    dims = ("time", "member", "lat", "lon") if member else ("time", "lat", "lon")
+    coords = {"time": times if times is not None else pd.date_range("2005-06-01", periods=T),
+              "lat": lat if lat is not None else 20 + 0.0625 * np.arange(v.shape[-2]),
+              "lon": lon if lon is not None else 40 + 0.0625 * np.arange(v.shape[-1])}
+    return xr.DataArray(v, dims=dims, coords=coords)
+
+
+def test_day_scores_against_direct_formulas(rng):
+    t = 10 ** rng.normal(-1, 0.3, (5, 7, 9))
+    p = t * 10 ** rng.normal(0, 0.1, t.shape)
+    s = day_scores(_da(p), _da(t))
+    lp, lt = np.log10(p[2]).ravel(), np.log10(t[2]).ravel()
+    from scipy.stats import pearsonr
+    assert s["r2"].iloc[2] == pytest.approx(pearsonr(lp, lt)[0] ** 2)
+    from sklearn_like import r2_score_ref
+    assert s["r2_nse"].iloc[2] == pytest.approx(r2_score_ref(lt, lp))
+    assert s["rmse"].iloc[2] == pytest.approx(np.sqrt(np.mean((lp - lt) ** 2)))
+    assert s["mae"].iloc[2] == pytest.approx(np.mean(np.abs(lp - lt)))
+    assert s["bias"].iloc[2] == pytest.approx(np.mean(lp - lt))
+    phys = day_scores(_da(p), _da(t), space="physical")
+    assert phys["rmse"].iloc[0] == pytest.approx(np.sqrt(np.mean((p[0] - t[0]) ** 2)))
+    table = summarize(s, area="a", model="m")
+    assert table["r2_mean"].iloc[0] == pytest.approx(s["r2"].mean())
+    assert table["r2_sd"].iloc[0] == pytest.approx(s["r2"].std(ddof=1))
+
+
+@pytest.mark.parametrize("max_km,bins", [(150, 10), (600, 24), (90, 7)])
+def test_semivariogram_exact_equals_all_pairs(rng, max_km, bins):
+    lat = 20 + 0.0625 * np.arange(21)
+    lon = 40 + 0.0625 * np.arange(26)
+    z = rng.random((21, 26))
+    z[3, 4] = np.nan
+    c, g, n = semivariogram(z, lat, lon, max_km=max_km, bins=bins)
+    c2, g2, n2 = semivariogram_ref(z, lat, lon, max_km=max_km, bins=bins)
+    np.testing.assert_allclose(g, g2, rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(n, n2)
+    cr, gr, nr = semivariogram(z, lat, lon, max_km=max_km, bins=bins, method="random", n_pairs=200_000)
+    ok = (nr > 2000)
+    np.testing.assert_allclose(gr[ok], g2[ok], rtol=0.1)
+
+
+def test_semivariogram_distances_are_great_circle():
+    from fastds.metrics.spatial import great_circle_km
+    assert great_circle_km(0, 0, 0, 1) == pytest.approx(111.195, rel=1e-4)
+    assert great_circle_km(60, 10, 60, 11) == pytest.approx(111.195 * 0.5, rel=2e-3)
+
+
+def test_acf_pacf_match_statsmodels(rng):
+    series = np.cumsum(rng.normal(size=80)) * 0.05
+    field = 10 ** (series[:, None, None] + 0.01 * rng.normal(size=(80, 4, 5)))
+    a, p = acf_pacf(_da(field), nlags=30)
+    s = np.log10(field).reshape(80, -1).mean(1)
+    np.testing.assert_allclose(a, acf(s, nlags=30, fft=True))
+    np.testing.assert_allclose(p, pacf(s, nlags=30, method="ywadjusted"))
+
+
+def test_lag_curves_against_loop(rng):
+    v = 10 ** rng.normal(-1, 0.3, (15, 6, 7))
+    lc = lag_curves(_da(v), kmax=4)
+    lv = np.log10(v)
+    k = 3
+    want = np.mean([np.sqrt(np.mean((lv[t] - lv[t - k]) ** 2)) for t in range(k, 15)])
+    assert lc["rmse"][k - 1] == pytest.approx(want)
+    want_r2 = np.mean([np.corrcoef(lv[t].ravel(), lv[t - k].ravel())[0, 1] ** 2 for t in range(k, 15)])
+    assert lc["r2"][k - 1] == pytest.approx(want_r2)
+
+
+def test_wasserstein_matches_scipy(rng):
+    x, y = rng.random((3, 4, 4)), rng.random((3, 16, 16)) ** 2
+    w = wasserstein_by_day(x, y, pd.date_range("2005-01-01", periods=3))
+    assert w.iloc[1] == pytest.approx(wasserstein_distance(x[1].ravel(), y[1].ravel()))
+
+
+def test_ensemble_scores(rng):
+    truth = 10 ** rng.normal(-1, 0.3, (4, 5, 6))
+    members = truth[:, None] * 10 ** rng.normal(0, 0.2, (4, 8, 5, 6))
+    p, t = _da(members, member=True), _da(truth)
+    c = crps(p, t)
+    lp, lt = np.log10(members), np.log10(truth)
+    # brute force CRPS: E|X-y| - 0.5 E|X-X'|
+    brute = (np.abs(lp - lt[:, None]).mean(1) - 0.5 * np.abs(lp[:, :, None] - lp[:, None]).mean((1, 2))).mean((1, 2))
+    np.testing.assert_allclose(c, brute, rtol=1e-10)
+    h = rank_histogram(p, t)
+    assert h.sum() == truth.size and len(h) == 9
+    calibrated = 10 ** rng.normal(-1, 0.3, (50, 9, 5, 6))
+    ss = spread_skill(_da(calibrated[:, 1:], member=True, times=pd.date_range("2005-01-01", periods=50)),
+                      _da(calibrated[:, 0], times=pd.date_range("2005-01-01", periods=50)))
+    assert 0.85 < ss < 1.15
+
+
+def test_power_spectrum_peak():
+    lat = 20 + 0.0625 * np.arange(64)
+    lon = 40 + 0.0625 * np.arange(64)
+    yy, xx = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    z = np.sin(2 * np.pi * 8 * xx / 64)
+    k, P = power_spectrum(z, lat, lon)
+    assert np.argmax(P) == 7  # radius 8 -> index 7 (radius 0 dropped)
