@@ -1,12 +1,41 @@
 """fastds: generative downscaling of gridded satellite and reanalysis data.
 
-Public API (everything else is internal and may change)::
+Public API (everything else is internal and may change):
 
-    plan_patches, stitch            patch planning and Halo-and-Hann stitching
+- ``plan_patches``, ``stitch``: patch planning and Halo-and-Hann stitching
+- ``open_coarse``, ``open_fine``: NASA files or merged cubes -> daily DataArray (time, lat, lon)
+- ``prepare``: raw files -> a cached store per region
+- ``pretrain``, ``train``: Stage A and Stage C (DDPM or a baseline)
+- ``sample``: a trained run and dates -> fine-grid Dataset (rollout, ensembles)
+- ``evaluate``: predictions vs truth -> table, metrics JSON, plots
+- ``load_config``: typed configuration from presets, TOML and overrides
+
+Heavy modules (xarray, torch models, triton, cupy) load on first use, not on import.
 """
 from ._backend import BackendUnavailable, capabilities
 from .stitch import plan_patches, stitch
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "__version__"]
+__all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "open_coarse",
+           "open_fine", "prepare", "pretrain", "train", "sample", "evaluate", "load_config",
+           "__version__"]
+
+_LAZY = {
+    "open_coarse": ("fastds.data.readers", "open_coarse"),
+    "open_fine": ("fastds.data.readers", "open_fine"),
+    "prepare": ("fastds.data.store", "prepare"),
+    "pretrain": ("fastds.training.stages", "pretrain"),
+    "train": ("fastds.training.stages", "train"),
+    "sample": ("fastds.sampling.pipeline", "sample"),
+    "evaluate": ("fastds.report", "evaluate"),
+    "load_config": ("fastds.config", "load_config"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'fastds' has no attribute {name!r}")

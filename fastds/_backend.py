@@ -24,22 +24,21 @@ def _import(name):
         return None, f"{type(err).__name__}: {err}"
 
 
-def cpu_ext():
-    mod, err = _import("fastds._C")
+def _extension(name, remedy):
+    mod, err = _import(name)
     if mod is None:
-        raise BackendUnavailable(
-            "the compiled CPU extension fastds._C is missing (" + err + "); reinstall with "
-            "`pip install -e .` from the repository so setup.py builds it")
+        raise BackendUnavailable(f"the extension {name} is not available ({err}); {remedy}")
     return mod
+
+
+def cpu_ext():
+    return _extension("fastds._C", "reinstall with `pip install -e .` from the repository so "
+                      "setup.py builds it")
 
 
 def cuda_ext():
-    mod, err = _import("fastds._C_cuda")
-    if mod is None:
-        raise BackendUnavailable(
-            "the CUDA extension fastds._C_cuda was not built (" + err + "); install the CUDA "
-            "toolkit (nvcc) and reinstall, or set FASTDS_FORCE_CUDA=1 to see why the build failed")
-    return mod
+    return _extension("fastds._C_cuda", "install the CUDA toolkit (nvcc) and reinstall, or set "
+                      "FASTDS_FORCE_CUDA=1 to see why the build failed")
 
 
 @functools.lru_cache(maxsize=None)

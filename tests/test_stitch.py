@@ -222,3 +222,8 @@ def test_cuda_per_pixel_function_on_cpu(H, W, tile, halo, stride, dtype, rng):
     tol = 2e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, stitch_ref(p, starts, (H, W), halo=halo), rtol=tol, atol=tol)
     np.testing.assert_array_equal(out, fastds.stitch(p, starts, (H, W), halo=halo, backend="cpu"))
+
+
+def test_public_api_resolves():
+    for name in fastds.__all__:
+        assert getattr(fastds, name) is not None, name
