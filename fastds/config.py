@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["DataConfig", "PretrainConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
-           "Config", "load_config", "to_toml", "PRESETS"]
+           "Config", "load_config", "config_from_toml", "to_toml", "PRESETS"]
 
 PRESETS = ("tiny", "paper")
 
@@ -136,6 +136,11 @@ def _merge(cfg: Config, tree: dict) -> Config:
         updates[section] = dataclasses.replace(
             sub, **{k: _coerce(type(sub), section, k, v) for k, v in values.items()})
     return dataclasses.replace(cfg, **updates)
+
+
+def config_from_toml(text: str) -> Config:
+    """A Config from TOML text (e.g. the resolved config a checkpoint stores)."""
+    return _merge(Config(), tomllib.loads(text))
 
 
 def _parse_override(text: str) -> dict:

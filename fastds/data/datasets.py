@@ -82,12 +82,19 @@ class _FineBase:
 
     def coarse_on_fine(self, d, win=(slice(None), slice(None))):
         """Day ``d``'s (fine index) coarse field on the fine grid (window ``win``), (1, h, w)."""
-        return upsample(self.x[self.cidx[d]][None], window_index(self.iy, win[0]),
-                        window_index(self.ix, win[1]))
+        return self.coarse_at(self.cidx[d], win)
+
+    def coarse_at(self, c, win=(slice(None), slice(None))):
+        """Coarse day ``c`` (coarse index, any day of the coarse record) on the fine grid, (1, h, w)."""
+        return upsample(self.x[c][None], window_index(self.iy, win[0]), window_index(self.ix, win[1]))
 
     def covariates(self, d, win=(slice(None), slice(None))):
-        """Covariate maps (6, h, w) of day ``d`` on window ``win`` (see covariate_maps)."""
-        t = self.times[d]
+        """Covariate maps (6, h, w) of fine day ``d`` on window ``win`` (see covariate_maps)."""
+        return self.covariates_at(self.times[d], win)
+
+    def covariates_at(self, t, win=(slice(None), slice(None))):
+        """Covariate maps (6, h, w) for any date ``t`` (also beyond the fine record)."""
+        t = pd.Timestamp(t)
         return covariate_maps(self.elev[win], self.lat[win[0]], self.lon[win[1]],
                               lat_range=(self.lat[0], self.lat[-1]),
                               lon_range=(self.lon[0], self.lon[-1]), elev_scale=self.elev_scale,

@@ -25,7 +25,7 @@ from ..config import SampleConfig
 from ..data.datasets import FineDays
 from ..data.regions import season_of
 from ..data.store import Store, open_store
-from ..data.transforms import align_index, covariate_maps, upsample
+from ..data.transforms import align_index, upsample
 from ..stitch import plan_patches, stitch
 from .. import _backend
 from .graphs import StaticSampler
@@ -257,12 +257,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                     f"is neither in the fine record ({store.times[0]:%Y-%m-%d}..{store.times[-1]:%Y-%m-%d}) "
                     f"nor predicted yet; start the rollout no later than "
                     f"{store.times[-1] + pd.Timedelta(days=1):%Y-%m-%d}")
-        ci = store.times_c.get_loc(day)
-        coarse = upsample(fd.x[ci][None], fd.iy, fd.ix)
-        t = day
-        cov = covariate_maps(fd.elev, fd.lat, fd.lon, lat_range=(fd.lat[0], fd.lat[-1]),
-                             lon_range=(fd.lon[0], fd.lon[-1]), elev_scale=fd.elev_scale, time=t,
-                             day_index=(t - fd.day0).days, day_scale=fd.day_scale)
+        coarse = fd.coarse_at(store.times_c.get_loc(day))
+        cov = fd.covariates_at(day)
         inputs = DayInputs(coarse, cov, lags[:1] if shared else lags)
         z = downscale_day(mdl, inputs, kind=model, cfg=cfg, T=conf.diffusion.T,
                           prediction=conf.diffusion.prediction, members=members, seed=cfg.seed,

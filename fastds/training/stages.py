@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..config import Config, to_toml
+from ..config import Config, config_from_toml, to_toml
 from ..data.datasets import FinePatches, LagSequences
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
@@ -167,13 +167,11 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
 
 def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     """(model in eval mode, Config) from a run's best checkpoint for ``season``."""
-    from ..config import _merge, Config as _Config
-    import tomllib
     path = season_dir(run, season) / f"{kind}.best.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `fastds train --model {kind}` for season {season}")
     ck = load_checkpoint(path, map_location=device)
-    config = _merge(_Config(), tomllib.loads(ck["config"]))
+    config = config_from_toml(ck["config"])
     model = _model_for(kind, config, run, season) if kind else None
     weights = ck["ema"] if (use_ema and ck.get("ema") is not None) else ck["model"]
     if weights is ck.get("ema"):
