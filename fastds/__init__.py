@@ -33,7 +33,13 @@ _LAZY = {
 }
 
 
+_SUBPACKAGES = ("data", "models", "diffusion", "sampling", "training", "metrics", "kernels")
+
+
 def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+        return importlib.import_module(f"fastds.{name}")
     if name in _LAZY:
         import importlib
         module, attr = _LAZY[name]
