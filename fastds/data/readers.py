@@ -223,16 +223,12 @@ def _gap_report(dates: pd.DatetimeIndex, what, source):
 
 
 def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, what):
-    import dask
-    import dask.array as dsa
     rx = re.compile(grid.pattern)
     by_day: dict[pd.Timestamp, list[Path]] = {}
     seen: dict[tuple, Path] = {}
-    unmatched = []
     for f in files:
         m = rx.search(f.name)
         if not m:
-            unmatched.append(f)
             continue
         try:
             day = pd.Timestamp(m.group("date"))

@@ -214,7 +214,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
 
     out = Path(out) if out is not None else None
     parts = _parts_dir(out) if out is not None else None
-    signature = {k: v for k, v in attrs.items()}
+    signature = dict(attrs)
     if parts is not None and (parts / "signature.json").exists():
         old = json.loads((parts / "signature.json").read_text())
         if old != signature:

@@ -172,10 +172,7 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
         raise FileNotFoundError(f"{path} is missing: run `fastds train --model {kind}` for season {season}")
     ck = load_checkpoint(path, map_location=device)
     config = config_from_toml(ck["config"])
-    model = _model_for(kind, config, run, season) if kind else None
-    weights = ck["ema"] if (use_ema and ck.get("ema") is not None) else ck["model"]
-    if weights is ck.get("ema"):
-        weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()
-                   if k != "n_averaged"}
-    model.load_state_dict(weights)
+    model = _model_for(kind, config, run, season)
+    # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
+    model.load_state_dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
     return model.to(device).eval(), config
