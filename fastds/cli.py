@@ -65,14 +65,17 @@ def _parser():
     p = sub.add_parser("train", help="Stage C: conditional DDPM (or a baseline)")
     _common(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--run", required=True, help="run folder (after pretrain)")
+    # --run-dir: torchrun rejects a bare "--run" anywhere on its command line (it abbreviates
+    # its own --run-path), so multi-process training spells it out
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (after pretrain); spell it --run-dir under torchrun")
     p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae"])
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
 
     p = sub.add_parser("sample", help="downscale a date range (rollout beyond the fine record)")
     _common(p)
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder")
     p.add_argument("--start", required=True)
     p.add_argument("--end", required=True)
     p.add_argument("--out", required=True, help="output NetCDF (resumes if interrupted)")
@@ -175,6 +178,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         code = _run(args)
+        loop = sys.modules.get("fastds.training.loop")  # loaded only by commands that train
+        if loop is not None:
+            loop.shutdown_distributed()
     except KeyboardInterrupt:
         print("fastds: interrupted (completed work is kept; re-run to resume)", file=sys.stderr)
         return 130

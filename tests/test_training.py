@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,8 +58,7 @@ class _Patches(torch.utils.data.Dataset):
 
 
 def _l1(m, b, gen):
-    inner = m.module if hasattr(m, "module") else m
-    cond = inner.cond(b["coarse"], b["covariates"], b["lags"])
+    cond = m.cond(b["coarse"], b["covariates"], b["lags"])
     return F.l1_loss(m(None, None, cond), b["target"])
 
 
@@ -120,38 +120,73 @@ def test_resume_after_kill_gives_same_weights(tmp_path):
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist, torch.nn.functional as F
+    import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[2])
     from test_training import _Patches, _l1
+    from fastds.config import load_config
     from fastds.models.conditional import build_model
-    from fastds.training.loop import FitSettings, fit
+    from fastds.training.loop import FitSettings, fit, shutdown_distributed
+    from fastds.training.stages import _loss_for
+
+    def check_in_step(model, name):
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(gathered[0], g) for g in gathered), name + ": ranks diverged"
+        return float(flat.abs().sum())
+
+    settings = FitSettings(lr=1e-2, batch=8, epochs=2, weight_decay=1e-2)
     torch.manual_seed(0)
-    model = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8))
-    fit(model, _l1, _Patches(64), _Patches(16, seed=1), ckpt_path=sys.argv[1], progress=False,
-        settings=FitSettings(lr=1e-2, batch=8, epochs=2, weight_decay=1e-2))
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
+    unet = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8))
+    fit(unet, _l1, _Patches(64), _Patches(16, seed=1), ckpt_path=sys.argv[1], progress=False,
+        settings=settings)
     assert dist.get_world_size() == 2
-    assert all(torch.equal(gathered[0], g) for g in gathered), "ranks diverged"
+    a = check_in_step(unet, "unet")
+    # the VAE loss calls model.net directly, outside the model's forward
+    torch.manual_seed(0)
+    vae = build_model("vae", widths=(8, 8, 8), t_lag=4, transfer_widths=None)
+    fit(vae, _loss_for("vae", load_config("tiny")), _Patches(64), None, progress=False,
+        ckpt_path=sys.argv[1].replace(".pt", "_vae.pt"), settings=settings)
+    b = check_in_step(vae, "vae")
     if dist.get_rank() == 0:
-        print("DDP_OK", float(flat.abs().sum()))
-    dist.destroy_process_group()
+        print("DDP_OK", a, b)
+    shutdown_distributed()
+    assert not dist.is_initialized()
 """)
+
+
+def _torchrun(args, timeout=300):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    print(res.stdout[-2000:], res.stderr[-3000:])
+    return res
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
+    """Both ranks end with the same weights (the VAE's loss included) and exit cleanly."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--standalone", str(script), str(tmp_path / "ddp.pt"), tests_dir],
-                         capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    print(res.stdout[-2000:], res.stderr[-3000:])
+    res = _torchrun([script, tmp_path / "ddp.pt", Path(__file__).parent])
     assert res.returncode == 0 and "DDP_OK" in res.stdout
+    assert "terminate called" not in res.stderr
     assert load_checkpoint(tmp_path / "ddp.pt")["loop"]["done"]
+    assert load_checkpoint(tmp_path / "ddp_vae.pt")["loop"]["done"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_train(tmp_path, store_path):
+    """The README's multi-process recipe: `torchrun ... -m fastds.cli train --run-dir ...`."""
+    res = _torchrun(["-m", "fastds.cli", "train", "--data", store_path, "--run-dir", tmp_path / "run",
+                     "--model", "unet", "--season", "3", "--quiet", "--set", "train.transfer=false",
+                     "--set", "train.widths=[8, 8, 8]", "--set", "train.epochs=1",
+                     "--set", "train.max_steps=6", "--set", "train.batch=8", "--set", "data.t_lag=6"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "terminate called" not in res.stderr
+    ck = load_checkpoint(tmp_path / "run" / "season3" / "unet.pt")
+    assert ck["loop"]["done"] and ck["loop"]["global_step"] == 6
+    assert (tmp_path / "run" / "season3" / "unet.best.pt").exists()
 
 
 def test_ddpm_loss_falls_on_twin(trained_run):

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -67,9 +68,43 @@ def _world():
     return 0, 1
 
 
+_OWN_GROUP = False  # True once fit() has started the process group itself (a torchrun launch)
+
+
 def _maybe_init_distributed():
+    global _OWN_GROUP
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _OWN_GROUP = True
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group that ``fit`` started under ``torchrun``; a no-op otherwise.
+
+    Ranks meet at a barrier first, so none leaves while another still talks to it, and the
+    group is destroyed while the interpreter is whole: gloo's worker threads destroyed during
+    interpreter finalisation abort the process ("terminate called without an active exception").
+    A group the caller created is the caller's to destroy.
+    """
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
+class _WithLoss(nn.Module):
+    """The loss computation as one module call, so that DistributedDataParallel sees every
+    parameter the loss touches inside its forward (a loss that calls a sub-module directly,
+    like the VAE's ``model.net``, would otherwise bypass DDP and leave gradients unsynchronised).
+    """
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch, gen):
+        return self.loss_fn(self.model, batch, gen)
 
 
 def _rng_state(gen):
@@ -132,7 +167,7 @@ def _val_loss(model, loss_fn, val_set, settings, collate, device):
             count += n
     model.train()
     if world > 1:
-        t = torch.tensor([total, count], dtype=torch.float64)
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)  # NCCL wants device tensors
         dist.all_reduce(t)
         total, count = t.tolist()
     return total / max(count, 1)
@@ -153,6 +188,10 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         extra_state=None, resume=False, progress=True, device="cpu", on_step=None,
         desc="train") -> dict:
     """Train ``model`` with ``loss_fn(model, batch, generator) -> scalar``.
+
+    ``loss_fn`` always gets the bare model; under ``torchrun`` the whole loss call runs inside
+    one DistributedDataParallel forward, so it may use any sub-module. Call
+    ``shutdown_distributed()`` once the process is done training.
 
     Writes ``ckpt_path`` (last state) and ``ckpt_path`` with suffix ``.best.pt`` (best
     validation loss: model and EMA weights). ``extra_state`` (config, normalisation, ...) is
@@ -190,9 +229,9 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         state = ck["loop"]
         if state.get("done"):
             return {"history": state["history"], "resumed": True, "best_val": state["best_val"]}
-    net = model
+    net = None
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        net = nn.parallel.DistributedDataParallel(_WithLoss(model, loss_fn), find_unused_parameters=False)
     extra_state = dict(extra_state or {})
     extra_state["settings"] = asdict(settings)
 
@@ -218,7 +257,8 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         running = None
         for batch in _batches(train_set, indices[skip:], settings.batch, default_collate):
             with autocast:
-                loss = loss_fn(net, _to(batch, device), gen)
+                batch = _to(batch, device)
+                loss = net(batch, gen) if net is not None else loss_fn(model, batch, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip:
@@ -277,4 +317,10 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         log = ckpt_path.with_suffix(".log.json")
         with atomic_path(log) as tmp:
             tmp.write_text(json.dumps(state["history"], indent=1))
+    if world > 1:
+        # DDP sits in a reference cycle: without a collection it outlives the process group
+        # and its reducer is torn down during interpreter exit, which can abort the process.
+        del net
+        gc.collect()
+        dist.barrier()  # no rank goes on to read what rank 0 is still writing
     return {"history": state["history"], "best_val": state["best_val"], "resumed": resume}

@@ -113,21 +113,17 @@ def _loss_for(kind, config: Config):
     diffusion = Diffusion(config.diffusion.T, config.diffusion.prediction, config.diffusion.schedule)
     beta = config.train.vae_beta
 
-    def unwrap(m):
-        return m.module if hasattr(m, "module") else m
-
     def ddpm(m, b, gen):
-        cond = unwrap(m).cond(b["coarse"], b["covariates"], b["lags"])
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
         return diffusion.loss(m, b["target"], cond, generator=gen)
 
     def unet(m, b, gen):
-        cond = unwrap(m).cond(b["coarse"], b["covariates"], b["lags"])
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
         return F.l1_loss(m(None, None, cond), b["target"])
 
     def vae(m, b, gen):
-        inner = unwrap(m)
-        cond = inner.cond(b["coarse"], b["covariates"], b["lags"])
-        recon, mu, logvar = inner.net(b["target"], cond)
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
+        recon, mu, logvar = m.net(b["target"], cond)
         kl = -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
         return F.mse_loss(recon, b["target"]) + beta * kl
 
