@@ -9,7 +9,8 @@ import functools
 import importlib
 from pathlib import Path
 
-__all__ = ["BackendUnavailable", "capabilities", "require", "csrc_dir", "cpu_ext", "cuda_ext"]
+__all__ = ["BackendUnavailable", "capabilities", "require", "needs_grad", "triton_inference",
+           "csrc_dir", "cpu_ext", "cuda_ext"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -108,6 +109,19 @@ def why_unavailable(backend: str) -> str | None:
     if backend not in _HOW:
         return None
     return _HOW[backend]()
+
+
+def needs_grad(*tensors) -> bool:
+    """True when autograd would record an op on ``tensors`` (forward-only kernels refuse)."""
+    import torch
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def triton_inference(*tensors) -> bool:
+    """True when "auto" should pick a forward-only Triton kernel for ``tensors``: they are on
+    a CUDA device, nothing needs their gradient, and triton can launch there."""
+    return (tensors[0].device.type == "cuda" and not needs_grad(*tensors)
+            and why_unavailable("triton") is None)
 
 
 def require(backend: str, *, op: str, choices) -> None:

@@ -87,6 +87,7 @@ class SampleConfig:
     eta: float = 0.0              # DDIM
     use_ema: bool = True
     cuda_graphs: bool = True      # used only on CUDA
+    kernels: str = "auto"         # attention + GroupNorm/SiLU: "auto" (Triton on CUDA), "torch", "triton", "ref"
     seed: int = 0
 
 

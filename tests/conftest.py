@@ -15,7 +15,25 @@ from fastds import _backend  # noqa: E402
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 requires_triton = pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not installed")
+# Where Triton kernels run: CPU tensors through the interpreter, or CUDA tensors compiled
+# (FASTDS_TEST_GPU=1). Tests that launch kernels put their tensors here.
+TRITON_DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+requires_triton_run = pytest.mark.skipif(
+    not _backend.HAS_TRITON or (TRITON_DEVICE == "cuda" and not torch.cuda.is_available()),
+    reason="triton cannot launch kernels here (not installed, or TRITON_INTERPRET=0 without a CUDA device)")
 requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def run_aot(script: str) -> str:
+    """Run an ahead-of-time Triton compile script in a fresh interpreter (compiled mode, not the
+    interpreter this test session set up) and return its stdout; fails on a non-zero exit."""
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
 requires_cupy_gpu = pytest.mark.skipif(
     not _backend.CUPY_CUDA, reason="cupy has no CUDA device (cupy.cuda.is_available() is False)")
 

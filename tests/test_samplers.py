@@ -7,7 +7,7 @@ from fastds.sampling.samplers import alpha_bar_for, make_plan, run_plan, sample_
 from fastds.sampling.steps import (ddim_step_ref, ddpm_step_ref, dpmpp_step_ref, fused_step,
                                    fused_step_ref, leading_timesteps)
 
-from conftest import requires_triton
+from conftest import TRITON_DEVICE, requires_triton_run
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -92,7 +92,7 @@ SHAPES = [(3, 1, 17, 19), (1, 1, 1000, 3), (2, 4, 33, 5)]
 
 
 STEP_CASES = [
-    pytest.param(shape, backend, dtype, extras, marks=[requires_triton] if backend == "triton" else [])
+    pytest.param(shape, backend, dtype, extras, marks=[requires_triton_run] if backend == "triton" else [])
     for shape in SHAPES for backend in ("torch", "cpu", "triton")
     for dtype in (torch.float32, torch.float64) for extras in ("none", "noise+clip", "prev+x0")
     # float64 through the Triton interpreter once per shape keeps the suite fast
@@ -103,7 +103,8 @@ STEP_CASES = [
 @pytest.mark.parametrize("shape,backend,dtype,extras", STEP_CASES)
 def test_fused_step_backends_match_ref(shape, backend, dtype, extras):
     g = torch.Generator().manual_seed(2)
-    m, x, z, xp = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(4))
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    m, x, z, xp = (torch.randn(shape, generator=g, dtype=dtype).to(dev) for _ in range(4))
     coef = make_plan("dpmpp" if extras == "prev+x0" else "ddpm", T=100, steps=10,
                      prediction="epsilon").coef[4]
     kw = {}
@@ -120,23 +121,24 @@ def test_fused_step_backends_match_ref(shape, backend, dtype, extras):
     torch.testing.assert_close(x0_out, x0, rtol=tol, atol=tol)
 
 
-@requires_triton
+@requires_triton_run
 def test_triton_device_tables_and_rng():
     """Graph-style call: coefficients from a table indexed by a device step counter, noise
     drawn in the kernel from a per-step seed (what CUDA graph replay uses)."""
     plan = make_plan("ddpm", T=100, steps=10, prediction="sample")
-    x = torch.randn(4, 1, 40, 40)
+    x = torch.randn(4, 1, 40, 40).to(TRITON_DEVICE)
     m = torch.randn_like(x)
-    table = torch.tensor(plan.coef, dtype=torch.float32)
-    seeds = torch.arange(10, dtype=torch.int64) + 100
+    table = torch.tensor(plan.coef, dtype=torch.float32, device=TRITON_DEVICE)
+    seeds = torch.arange(10, dtype=torch.int64, device=TRITON_DEVICE) + 100
+    step = lambda i: torch.tensor([i], device=TRITON_DEVICE)  # noqa: E731
     for s in (2, 5):
-        out = fused_step(m, x, table, step=torch.tensor([s]), seeds=seeds, backend="triton")
+        out = fused_step(m, x, table, step=step(s), seeds=seeds, backend="triton")
         mean, _ = fused_step_ref(m, x, plan.coef[s])
         z = (out - mean) / plan.coef[s][5]
         assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
-    a = fused_step(m, x, table, step=torch.tensor([2]), seeds=seeds, backend="triton")
-    b = fused_step(m, x, table, step=torch.tensor([2]), seeds=seeds, backend="triton")
-    c = fused_step(m, x, table, step=torch.tensor([3]), seeds=seeds + 1, backend="triton")
+    a = fused_step(m, x, table, step=step(2), seeds=seeds, backend="triton")
+    b = fused_step(m, x, table, step=step(2), seeds=seeds, backend="triton")
+    c = fused_step(m, x, table, step=step(3), seeds=seeds + 1, backend="triton")
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
 

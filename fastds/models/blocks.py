@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["timestep_embedding", "ResBlock", "Attention", "Down", "Up", "norm"]
+from .attention import attention
+from .norm import KERNEL_BACKENDS, group_norm_silu
+
+__all__ = ["timestep_embedding", "ResBlock", "Attention", "NormSiLUConv", "set_kernel_backend", "KERNEL_BACKENDS", "Down", "Up", "norm"]
 
 
 def norm(ch: int) -> nn.GroupNorm:
@@ -25,10 +28,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual; ``emb`` (B, emb_dim) is added as a bias."""
+    """GroupNorm-SiLU-conv twice with a residual; ``emb`` (B, emb_dim) is added as a bias.
 
-    def __init__(self, cin: int, cout: int, emb_dim: int = 0, dropout: float = 0.0):
+    ``backend`` picks the GroupNorm+SiLU implementation (see
+    :func:`fastds.models.norm.group_norm_silu`): "auto" fuses it in Triton for CUDA inference.
+    """
+
+    def __init__(self, cin: int, cout: int, emb_dim: int = 0, dropout: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout) if emb_dim else None
@@ -36,19 +45,24 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb=None):
-        h = self.c1(F.silu(self.n1(x)))
+        h = self.c1(group_norm_silu(x, self.n1, backend=self.backend))
         if self.emb is not None and emb is not None:
             h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.c2(self.drop(F.silu(self.n2(h))))
+        h = self.c2(self.drop(group_norm_silu(h, self.n2, backend=self.backend)))
         return h + self.skip(x)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all pixels of a (B, C, H, W) map (low resolution only)."""
+    """Multi-head self-attention over all pixels of a (B, C, H, W) map (low resolution only).
 
-    def __init__(self, ch: int, heads: int = 4):
+    ``backend`` picks the attention core (see :func:`fastds.models.attention.attention`):
+    "auto" runs the fused Triton kernel for CUDA inference and torch's attention otherwise.
+    """
+
+    def __init__(self, ch: int, heads: int = 4, backend: str = "auto"):
         super().__init__()
         self.heads = heads if ch % heads == 0 else 1
+        self.backend = backend
         self.n = norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.out = nn.Conv2d(ch, ch, 1)
@@ -56,8 +70,32 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.n(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), backend=self.backend)
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class NormSiLUConv(nn.Sequential):
+    """GroupNorm, SiLU, conv (a network's output head) with the first two fused like in
+    :class:`ResBlock`; a Sequential, so its parameters keep the names out.0 and out.2."""
+
+    def __init__(self, norm_layer: nn.GroupNorm, conv: nn.Module, backend: str = "auto"):
+        super().__init__(norm_layer, nn.SiLU(), conv)
+        self.backend = backend
+
+    def forward(self, x):
+        return self[2](group_norm_silu(x, self[0], backend=self.backend))
+
+
+def set_kernel_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Set ``backend`` ("auto", "ref", "torch", "triton") on every :class:`Attention` and
+    :class:`ResBlock` inside ``module``, i.e. for attention and GroupNorm+SiLU; returns it."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"set_kernel_backend: unknown backend {backend!r}; expected one of "
+                         f"{', '.join(KERNEL_BACKENDS)}")
+    for m in module.modules():
+        if isinstance(m, (Attention, ResBlock, NormSiLUConv)):
+            m.backend = backend
+    return module
 
 
 class Down(nn.Module):

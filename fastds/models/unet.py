@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Attention, Down, ResBlock, Up, timestep_embedding
+from .blocks import Attention, Down, NormSiLUConv, ResBlock, Up, timestep_embedding
 
 __all__ = ["UNetEncoder", "UNetDecoder", "TemporalUNet", "Denoiser"]
 
@@ -67,7 +67,7 @@ class UNetDecoder(nn.Module):
                 self.ups.append(Up(prev))
             self.blocks.append(ResBlock(prev + w, w, emb_dim))
             prev = w
-        self.out = nn.Sequential(nn.GroupNorm(1, prev), nn.SiLU(), nn.Conv2d(prev, cout, 3, padding=1))
+        self.out = NormSiLUConv(nn.GroupNorm(1, prev), nn.Conv2d(prev, cout, 3, padding=1))
 
     def forward(self, h, skips, emb=None):
         for i, block in enumerate(self.blocks):

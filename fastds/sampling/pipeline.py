@@ -26,6 +26,8 @@ from ..data.datasets import FineDays
 from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..data.transforms import align_index, upsample
+from ..models.norm import KERNEL_BACKENDS
+from ..models.blocks import set_kernel_backend
 from ..stitch import plan_patches, stitch
 from .. import _backend
 from .graphs import StaticSampler
@@ -170,7 +172,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         fine days from the store, or days already predicted in ``out``'s parts.
     out : NetCDF path, or None to only return the Dataset (no resume without it).
     cfg : sampler, steps, tile/halo/stride, batch, members, mode (``strict``/``lenient``),
-        clip, eta, seed.
+        clip, eta, kernels (attention and GroupNorm+SiLU backend), seed.
     model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run) or ``"interp"``.
     data : store path (default: the one recorded in the run).
 
@@ -187,6 +189,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         raise ValueError(f"sample: mode must be 'strict' or 'lenient', got {cfg.mode!r}")
     if cfg.members < 1:
         raise ValueError(f"sample: members must be >= 1, got {cfg.members}")
+    if cfg.kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"sample: sample.kernels must be one of {', '.join(KERNEL_BACKENDS)}, "
+                         f"got {cfg.kernels!r}")
     meta_path = run / "run.json"
     if data is None:
         if not meta_path.exists():
@@ -237,6 +242,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         s = int(season_of(day.month))
         if s not in models:
             models[s], configs[s] = load_trained(run, s, model, use_ema=cfg.use_ema, device=device)
+            set_kernel_backend(models[s], cfg.kernels)
             datasets[s] = FineDays(store, season=s, t_lag=configs[s].data.t_lag,
                                    align=configs[s].data.align)
         mdl, conf, fd = models[s], configs[s], datasets[s]

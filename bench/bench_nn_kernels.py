@@ -1,0 +1,84 @@
+"""Network kernels as sampling runs them (forward, no grad).
+
+1. Self-attention core at the U-Net's lowest level.
+
+Providers: ``ref`` (the written-out softmax, scores materialised), ``torch``
+(``scaled_dot_product_attention``, the peer) and ``triton`` (fastds' fused kernel; CUDA only,
+because under the interpreter its timing says nothing). Shapes are (batch*heads, tokens,
+head dim): a batch of 256 tile-64 patches of the paper's model (16x16 tokens at the lowest
+level, 4 heads of 64) and 16 tile-128 patches (32x32 tokens). Bytes that must move: q, k, v
+read and the output written once; items are the 4·N²·D flops per head.
+
+2. GroupNorm + SiLU before every residual-block convolution: ``ref`` (written out),
+``torch`` (F.group_norm then F.silu, the peer), ``triton`` (fused, CUDA only) and a memory
+copy of the same bytes (x read once, y written once).
+"""
+import pytest
+import torch
+
+from fastds.models.attention import attention, attention_ref
+from fastds.models.norm import group_norm_silu
+
+SHAPES = {"256 patches tile 64": (1024, 256, 64), "16 patches tile 128": (64, 1024, 64)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("provider", ["ref", "torch", "triton"])
+def test_attention(benchmark, record, shape_name, provider):
+    bh, n, d = SHAPES[shape_name]
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(bh, n, d, generator=g).to(DEVICE, dtype) for _ in range(3))
+    benchmark.group = f"attention {shape_name}: (BH, N, D) = {(bh, n, d)} {str(dtype)[6:]} on {DEVICE}"
+    if provider == "triton" and DEVICE != "cuda":
+        pytest.skip("the Triton kernel is timed on a CUDA device only (interpreted timings mean nothing)")
+    want = attention_ref(q, k, v)
+    got = attention(q, k, v, backend=provider)
+    tol = 1e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+    def fn():
+        out = attention(q, k, v, backend=provider)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.no_grad():
+        benchmark(fn)
+    record(benchmark, benchmark.group, provider, nbytes=4 * q.numel() * q.element_size(),
+           items=4 * bh * n * n * d, unit="flop")
+
+
+NORM_SHAPES = {"256 patches 64ch 16x16": (256, 64, 16, 16), "64 patches 128ch 32x32": (64, 128, 32, 32)}
+
+
+@pytest.mark.parametrize("shape_name", list(NORM_SHAPES))
+@pytest.mark.parametrize("provider", ["memcpy", "ref", "torch", "triton"])
+def test_group_norm_silu(benchmark, record, shape_name, provider):
+    shape = NORM_SHAPES[shape_name]
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    norm = torch.nn.GroupNorm(8, shape[1]).to(DEVICE)
+    benchmark.group = f"GroupNorm+SiLU {shape_name} {str(dtype)[6:]} on {DEVICE}"
+    if provider == "triton" and DEVICE != "cuda":
+        pytest.skip("the Triton kernel is timed on a CUDA device only (interpreted timings mean nothing)")
+    if provider == "memcpy":
+        y = torch.empty_like(x)
+        fn = lambda: y.copy_(x)  # noqa: E731
+    else:
+        with torch.no_grad():
+            want = torch.nn.functional.silu(norm(x.float())).to(dtype)
+            tol = 1e-2 if dtype == torch.float16 else 1e-4
+            torch.testing.assert_close(group_norm_silu(x, norm, backend=provider), want, rtol=tol, atol=tol)
+        fn = lambda: group_norm_silu(x, norm, backend=provider)  # noqa: E731
+
+    def timed():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.no_grad():
+        benchmark(timed)
+    record(benchmark, benchmark.group, provider, nbytes=2 * x.numel() * x.element_size())
