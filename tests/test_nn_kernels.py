@@ -236,3 +236,13 @@ AOT_NORM = textwrap.dedent("""
 @requires_triton
 def test_group_norm_kernel_compiles_ahead_of_time_for_sm90():
     assert run_aot(AOT_NORM).count("compiled") == 4
+
+
+@pytest.mark.parametrize("hw,size", [((8, 8), (16, 16)), ((7, 11), (14, 22)), ((7, 11), (13, 22)),
+                                     ((1, 3), (2, 6))])
+def test_up_broadcast_copy_equals_nearest_interpolation(hw, size):
+    from fastds.models.blocks import Up
+    up = Up(4)
+    x = torch.randn(2, 4, *hw)
+    expected = up.conv(torch.nn.functional.interpolate(x, size=size, mode="nearest"))
+    torch.testing.assert_close(up(x, torch.Size(size)), expected, rtol=0, atol=0)
