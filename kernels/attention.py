@@ -25,8 +25,9 @@ __all__ = ["attention_fwd_kernel", "attention_triton", "block_sizes"]
 def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n, d, scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
+    # heads on grid axis 0: axis 1 stops at 65,535 programs, and batch x heads can pass that
+    head = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     base = head * n * d  # contiguous (BH, N, D)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -86,7 +87,7 @@ def attention_triton(q, k, v, *, scale=None, out=None):
     bh, n, d = q.shape
     out = torch.empty_like(q) if out is None else out
     bm, bn, bd = block_sizes(d, q.dtype)
-    grid = (triton.cdiv(n, bm), bh)
+    grid = (bh, triton.cdiv(n, bm))
     attention_fwd_kernel[grid](q, k, v, out, n, d, float(d ** -0.5 if scale is None else scale),
                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32)
     return out
