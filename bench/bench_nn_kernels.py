@@ -21,31 +21,42 @@ from fastds.models.norm import group_norm_silu
 
 SHAPES = {"256 patches tile 64": (1024, 256, 64), "16 patches tile 128": (64, 1024, 64)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+
+
+def _skip_interpreted(provider):
+    if provider == "triton" and DEVICE != "cuda":
+        pytest.skip("the Triton kernel is timed on a CUDA device only (interpreted timings mean nothing)")
+
+
+def _timed(benchmark, fn):
+    """Time ``fn`` without autograd, waiting for the GPU to finish each call."""
+
+    def synced():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.no_grad():
+        benchmark(synced)
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["ref", "torch", "triton"])
 def test_attention(benchmark, record, shape_name, provider):
     bh, n, d = SHAPES[shape_name]
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(bh, n, d, generator=g).to(DEVICE, dtype) for _ in range(3))
-    benchmark.group = f"attention {shape_name}: (BH, N, D) = {(bh, n, d)} {str(dtype)[6:]} on {DEVICE}"
-    if provider == "triton" and DEVICE != "cuda":
-        pytest.skip("the Triton kernel is timed on a CUDA device only (interpreted timings mean nothing)")
-    want = attention_ref(q, k, v)
-    got = attention(q, k, v, backend=provider)
-    tol = 1e-2 if dtype == torch.float16 else 1e-4
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    q, k, v = (torch.randn(bh, n, d, generator=g).to(DEVICE, DTYPE) for _ in range(3))
+    benchmark.group = f"attention {shape_name}: (BH, N, D) = {(bh, n, d)} {str(DTYPE)[6:]} on {DEVICE}"
+    _skip_interpreted(provider)
 
     def fn():
-        out = attention(q, k, v, backend=provider)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
+        return attention(q, k, v, backend=provider)
 
-    with torch.no_grad():
-        benchmark(fn)
+    tol = 1e-2 if DTYPE == torch.float16 else 1e-4
+    torch.testing.assert_close(fn(), attention_ref(q, k, v), rtol=tol, atol=tol)
+    _timed(benchmark, fn)
     record(benchmark, benchmark.group, provider, nbytes=4 * q.numel() * q.element_size(),
            items=4 * bh * n * n * d, unit="flop")
 
@@ -57,28 +68,18 @@ NORM_SHAPES = {"256 patches 64ch 16x16": (256, 64, 16, 16), "64 patches 128ch 32
 @pytest.mark.parametrize("provider", ["memcpy", "ref", "torch", "triton"])
 def test_group_norm_silu(benchmark, record, shape_name, provider):
     shape = NORM_SHAPES[shape_name]
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
     norm = torch.nn.GroupNorm(8, shape[1]).to(DEVICE)
-    benchmark.group = f"GroupNorm+SiLU {shape_name} {str(dtype)[6:]} on {DEVICE}"
-    if provider == "triton" and DEVICE != "cuda":
-        pytest.skip("the Triton kernel is timed on a CUDA device only (interpreted timings mean nothing)")
+    benchmark.group = f"GroupNorm+SiLU {shape_name} {str(DTYPE)[6:]} on {DEVICE}"
+    _skip_interpreted(provider)
     if provider == "memcpy":
         y = torch.empty_like(x)
         fn = lambda: y.copy_(x)  # noqa: E731
     else:
-        with torch.no_grad():
-            want = torch.nn.functional.silu(norm(x.float())).to(dtype)
-            tol = 1e-2 if dtype == torch.float16 else 1e-4
-            torch.testing.assert_close(group_norm_silu(x, norm, backend=provider), want, rtol=tol, atol=tol)
         fn = lambda: group_norm_silu(x, norm, backend=provider)  # noqa: E731
-
-    def timed():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    with torch.no_grad():
-        benchmark(timed)
+        with torch.no_grad():
+            want = torch.nn.functional.silu(norm(x.float())).to(DTYPE)
+            tol = 1e-2 if DTYPE == torch.float16 else 1e-4
+            torch.testing.assert_close(fn(), want, rtol=tol, atol=tol)
+    _timed(benchmark, fn)
     record(benchmark, benchmark.group, provider, nbytes=2 * x.numel() * x.element_size())

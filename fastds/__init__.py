@@ -12,6 +12,8 @@ Public API (everything else is internal and may change):
 
 Heavy modules (xarray, torch models, triton, cupy) load on first use, not on import.
 """
+import importlib
+
 from ._backend import BackendUnavailable, capabilities
 from .stitch import plan_patches, stitch
 
@@ -38,10 +40,8 @@ _SUBPACKAGES = ("data", "models", "diffusion", "sampling", "training", "metrics"
 
 def __getattr__(name):
     if name in _SUBPACKAGES:
-        import importlib
         return importlib.import_module(f"fastds.{name}")
     if name in _LAZY:
-        import importlib
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'fastds' has no attribute {name!r}")

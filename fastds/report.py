@@ -68,6 +68,19 @@ def _mean_spectrum(field, days):
     return ps[0][0], np.mean([p for _, p in ps], axis=0)
 
 
+def _curves(field, days, *, variogram_days, max_km, bins) -> dict:
+    """Semivariogram and spectrum (means over up to ``variogram_days`` days spread over
+    ``days``), plus ACF/PACF and lag curves once there are 6 days or more."""
+    vdays = days[np.linspace(0, len(days) - 1, min(variogram_days, len(days))).astype(int)]
+    out = {"variogram": dict(zip(("km", "gamma"), map(np.ndarray.tolist, _mean_variogram(field, vdays, max_km, bins)))),
+           "spectrum": dict(zip(("k", "power"), map(np.ndarray.tolist, _mean_spectrum(field, vdays))))}
+    if len(days) >= 6:
+        a, pa = acf_pacf(field)
+        out.update(acf=a.tolist(), pacf=pa.tolist(),
+                   lag_curves={k: v.tolist() for k, v in lag_curves(field).items()})
+    return out
+
+
 def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_km=600.0,
              bins=24, variogram_days=8, plots=True, variable="DUEXTTAU") -> dict:
     """Evaluate one or more predictions against the truth and write a report to ``out``.
@@ -114,16 +127,9 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
                          area=area, model=name)
         tables.append(tab.merge(ptab, on=["model", "area", "season", "days"]))
         pm = p.mean("member") if "member" in p.dims else p
-        vdays = common[np.linspace(0, len(common) - 1, min(variogram_days, len(common))).astype(int)]
         entry = {"days": [d.strftime("%Y-%m-%d") for d in common],
                  "scores": scores.reset_index().astype({"time": str}).to_dict(orient="list"),
-                 "variogram": dict(zip(("km", "gamma"), map(np.ndarray.tolist, _mean_variogram(pm, vdays, max_km, bins)))),
-                 "spectrum": dict(zip(("k", "power"), map(np.ndarray.tolist, _mean_spectrum(pm, vdays))))}
-        if len(common) >= 6:
-            a, pa = acf_pacf(pm)
-            entry["acf"], entry["pacf"] = a.tolist(), pa.tolist()
-            lc = lag_curves(pm)
-            entry["lag_curves"] = {k: v.tolist() for k, v in lc.items()}
+                 **_curves(pm, common, variogram_days=variogram_days, max_km=max_km, bins=bins)}
         if "member" in p.dims and p.sizes["member"] > 1:
             entry["ensemble"] = {"crps": crps(p, t).tolist(), "spread_skill": float(spread_skill(p, t)),
                                  "rank_histogram": rank_histogram(p, t).tolist()}
@@ -132,14 +138,8 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
     # the truth's own curves, on the days of the first model
     first = next(iter(metrics["models"].values()))
     days = pd.DatetimeIndex(first["days"])
-    t = truth.sel(time=days)
-    vdays = days[np.linspace(0, len(days) - 1, min(variogram_days, len(days))).astype(int)]
-    metrics["truth"] = {"variogram": dict(zip(("km", "gamma"), map(np.ndarray.tolist, _mean_variogram(t, vdays, max_km, bins)))),
-                        "spectrum": dict(zip(("k", "power"), map(np.ndarray.tolist, _mean_spectrum(t, vdays))))}
-    if len(days) >= 6:
-        a, pa = acf_pacf(t)
-        metrics["truth"].update(acf=a.tolist(), pacf=pa.tolist(),
-                                lag_curves={k: v.tolist() for k, v in lag_curves(t).items()})
+    metrics["truth"] = _curves(truth.sel(time=days), days, variogram_days=variogram_days,
+                               max_km=max_km, bins=bins)
     if coarse is not None:
         cd = pd.DatetimeIndex(np.intersect1d(coarse.time.values, truth.time.values))
         if len(cd):

@@ -78,39 +78,44 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     use_graphs = (kind == "ddpm" and cfg.cuda_graphs and torch.device(device).type == "cuda"
                   and _backend.why_unavailable("triton") is None)
     graphs = _GRAPHS.setdefault(id(model), {}) if use_graphs else None
-    for k in range(members):
-        lag_p = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts, tile)).to(device)
-        gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
-        x_T = torch.randn((len(starts), 1, tile, tile), generator=gen, device=device)
-        pieces = []
-        for i in range(0, len(starts), cfg.batch):
-            sl = slice(i, i + cfg.batch)
-            coarse, cov, lags = base_p[sl, :1], base_p[sl, 1:], lag_p[sl]
+    # one generator per member; each sees its draws in the same order whatever the loop order
+    gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
+            for k in range(members)]
+    x_T = [torch.randn((len(starts), 1, tile, tile), generator=g, device=device) for g in gens]
+    pieces = [[] for _ in range(members)]
+    for i in range(0, len(starts), cfg.batch):
+        sl = slice(i, i + cfg.batch)
+        coarse, cov = base_p[sl, :1], base_p[sl, 1:]
+        lags = cond = None
+        for k, gen in enumerate(gens):
+            if lags is None or not shared_lags:
+                lags = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts[sl], tile)).to(device)
+                # the conditioning, transfer features included, once per patch: every sampler
+                # step and every member that shares the lag window reuse it
+                cond = model.cond(coarse, cov, lags) if kind != "ddpm" or cache_conditioning else None
             if kind == "vae":
-                cond = model.cond(coarse, cov, lags)
                 z = torch.randn(model.net.latent_shape(cond), generator=gen, device=device)
-                pieces.append(model.net.generate(cond, z))
+                pieces[k].append(model.net.generate(cond, z))
             elif kind == "unet":
-                pieces.append(model(None, None, model.cond(coarse, cov, lags)))
+                pieces[k].append(model(None, None, cond))
             elif cache_conditioning and graphs:
-                cond = model.cond(coarse, cov, lags)
-                key = (tuple(x_T[sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
+                key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
                 if key not in graphs:
-                    graphs[key] = StaticSampler(model, plan, x_T[sl], cond, clip=cfg.clip or None)
+                    graphs[key] = StaticSampler(model, plan, x_T[k][sl], cond, clip=cfg.clip or None)
                 seeds = torch.randint(0, 2 ** 31 - 1, (len(plan),), generator=gen, device=device)
-                pieces.append(graphs[key](x_T[sl], cond, seeds))
+                pieces[k].append(graphs[key](x_T[k][sl], cond, seeds))
             elif cache_conditioning:
-                cond = model.cond(coarse, cov, lags)  # once per patch, reused by every step
-                pieces.append(run_plan(model, x_T[sl], plan, cond=cond, generator=gen,
-                                       clip=cfg.clip or None, backend=backend))
+                pieces[k].append(run_plan(model, x_T[k][sl], plan, cond=cond, generator=gen,
+                                          clip=cfg.clip or None, backend=backend))
             else:
                 def recompute(x, t, _c, coarse=coarse, cov=cov, lags=lags):
                     return model(x, t, model.cond(coarse, cov, lags))
-                pieces.append(run_plan(recompute, x_T[sl], plan, cond=None, generator=gen,
-                                       clip=cfg.clip or None, backend=backend))
-            if progress is not None:
-                progress.update(min(cfg.batch, len(starts) - i))
-        patches = torch.cat(pieces)[:, 0].float().cpu().numpy()
+                pieces[k].append(run_plan(recompute, x_T[k][sl], plan, cond=None, generator=gen,
+                                          clip=cfg.clip or None, backend=backend))
+        if progress is not None:
+            progress.update(members * min(cfg.batch, len(starts) - i))
+    for k in range(members):
+        patches = torch.cat(pieces[k])[:, 0].float().cpu().numpy()
         out[k] = stitch(patches, starts, (H, W), halo=halo)
     return out
 
@@ -232,7 +237,6 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     models, datasets, configs = {}, {}, {}
     fine_days = set(store.times)
     results = []
-    total_patches = None
     bar = tqdm(total=len(days), desc=f"sample {model} {cfg.sampler}", disable=not progress, unit="day")
     for day in days:
         if day in history:

@@ -229,9 +229,9 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         state = ck["loop"]
         if state.get("done"):
             return {"history": state["history"], "resumed": True, "best_val": state["best_val"]}
-    net = None
+    net = _WithLoss(model, loss_fn)
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(_WithLoss(model, loss_fn), find_unused_parameters=False)
+        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
     extra_state = dict(extra_state or {})
     extra_state["settings"] = asdict(settings)
 
@@ -242,6 +242,12 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(gen),
             "loop": state, **extra_state})
+
+    def save_best(val_loss, epoch):
+        if rank == 0:
+            save_checkpoint(best_path, {"model": model.state_dict(),
+                                        "ema": ema.module.state_dict() if ema is not None else None,
+                                        "val_loss": val_loss, "epoch": epoch, **extra_state})
 
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=settings.bf16)
@@ -257,8 +263,7 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         running = None
         for batch in _batches(train_set, indices[skip:], settings.batch, default_collate):
             with autocast:
-                batch = _to(batch, device)
-                loss = net(batch, gen) if net is not None else loss_fn(model, batch, gen)
+                loss = net(_to(batch, device), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip:
@@ -295,10 +300,7 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
             sched.step(val)
         if not math.isnan(val) and val < state["best_val"]:
             state["best_val"], state["bad_epochs"] = val, 0
-            if rank == 0:
-                save_checkpoint(best_path, {"model": model.state_dict(),
-                                            "ema": ema.module.state_dict() if ema is not None else None,
-                                            "val_loss": val, "epoch": epoch + 1, **extra_state})
+            save_best(val, epoch + 1)
         elif not math.isnan(val):
             state["bad_epochs"] += 1
             if state["bad_epochs"] >= settings.early_stop:
@@ -309,10 +311,8 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         if stop or state["epoch"] >= settings.epochs:
             state["done"] = True
         checkpoint()
-    if rank == 0 and not best_path.exists():  # no validation data: the last weights are "best"
-        save_checkpoint(best_path, {"model": model.state_dict(),
-                                    "ema": ema.module.state_dict() if ema is not None else None,
-                                    "val_loss": float("nan"), "epoch": state["epoch"], **extra_state})
+    if not best_path.exists():  # no validation data: the last weights are "best"
+        save_best(float("nan"), state["epoch"])
     if rank == 0:
         log = ckpt_path.with_suffix(".log.json")
         with atomic_path(log) as tmp:

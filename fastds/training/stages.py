@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .._io import atomic_path
 from ..config import Config, config_from_toml, to_toml
 from ..data.datasets import FinePatches, LagSequences
+from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.conditional import build_model
@@ -53,7 +54,7 @@ def _write_run_meta(run, store, config):
 def _seasons(store, config, season):
     if season is not None:
         return [int(season)]
-    present = set(store.times.month.map(lambda m: (m % 12) // 3 + 1))
+    present = set(season_of(store.times.month).tolist())
     return [s for s in config.data.seasons if s in present]
 
 
