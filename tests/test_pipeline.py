@@ -164,6 +164,21 @@ def test_encoder_recompute_matches_cached(trained_run, store_path, test_days):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@requires_cuda
+@requires_triton
+def test_downscale_day_uses_cuda_graphs(trained_run, store_path, test_days):
+    """On a GPU the day's batches replay captured graphs (DDIM with eta 0 draws no noise, so the
+    graphed and eager days agree)."""
+    from fastds.sampling import pipeline as pipe
+    model, conf = load_trained(trained_run, 3, device="cuda")
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    eager = downscale_day(model, inp, cfg=dataclasses.replace(FAST, cuda_graphs=False), T=conf.diffusion.T,
+                          device="cuda")
+    graphed = downscale_day(model, inp, cfg=FAST, T=conf.diffusion.T, device="cuda")
+    assert pipe._GRAPHS.get(id(model)), "no graph was captured"
+    np.testing.assert_allclose(graphed, eager, rtol=1e-4, atol=1e-4)
+
+
 @requires_triton_run
 def test_static_sampler_eager_twin_matches_loop(trained_run, store_path, test_days):
     """The graph path's eager twin (device tables, device step counter, in-kernel RNG)."""

@@ -98,7 +98,7 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
                 pieces[k].append(model.net.generate(cond, z))
             elif kind == "unet":
                 pieces[k].append(model(None, None, cond))
-            elif cache_conditioning and graphs:
+            elif cache_conditioning and graphs is not None:
                 key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
                 if key not in graphs:
                     graphs[key] = StaticSampler(model, plan, x_T[k][sl], cond, clip=cfg.clip or None)
