@@ -58,7 +58,7 @@ class StaticSampler:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton JIT and allocator, off the capture
-            for _ in range(2):
+            for _ in range(min(2, len(self.plan))):  # a 1-step plan has no step 1 to index
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
