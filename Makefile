@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastds-installed
 SOURCES := setup.py pyproject.toml requirements.txt $(wildcard csrc/*)
 
-.PHONY: install test demo bench bench-check clean
+.PHONY: install test demo bench bench-check wheel-check clean
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 # Benchmarks' own correctness checks, each provider run once and untimed (CI runs this).
 bench-check: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -c bench/pytest.ini bench --benchmark-disable -m "not slow"
+
+# The installed package, not the source tree: a wheel into a fresh venv, used from outside
+# the checkout (quick demo and a smoke subset of the tests). CI runs this too.
+wheel-check:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/wheel_check.sh
 
 clean:
 	rm -rf build *.egg-info fastds/*.so .pytest_cache .benchmarks

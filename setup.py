@@ -158,9 +158,15 @@ if plan is not None:
     cuda_ext.cuda_plan = plan
     ext_modules.append(cuda_ext)
 
+def _version():
+    import re
+    text = (ROOT / "fastds" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
 setup(
     name="fastds",
-    version="0.1.0",
+    version=_version(),
     description="Generative downscaling of gridded satellite and reanalysis data, with compiled hot paths",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
@@ -173,14 +179,16 @@ setup(
     package_data={"fastds": ["configs/*.toml", "_csrc/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
+    # every module fastds imports at run time; torch is pinned by the user (CPU or CUDA build)
     install_requires=[
         "torch>=2.3", "numpy>=1.24", "scipy", "xarray", "pandas", "netCDF4", "h5netcdf",
-        "dask", "statsmodels", "matplotlib", "tqdm", "numba",
+        "zarr", "dask", "statsmodels", "matplotlib", "tqdm", "numba",
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
         "gpu": ["triton", "cupy-cuda13x"],
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "triton", "zarr"],
+        "test": ["pytest", "pytest-benchmark", "triton", "zarr", "properscoring"],
         "peers": ["diffusers", "monai"],
     },
     entry_points={"console_scripts": ["fastds=fastds.cli:main"]},

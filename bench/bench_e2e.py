@@ -75,6 +75,7 @@ def trained(tmp_path_factory):
                     elevation=out / "twin/elevation.nc", region="24,28,44,49", out=out / "s.zarr")
     cfg = load_config("tiny", overrides=["data.seasons=[3]"])
     pretrain(data=store, run=out / "run", config=cfg, progress=False)
+    train(data=store, run=out / "run", config=cfg, model="unet", progress=False)
     train(data=store, run=out / "run", config=cfg, progress=False)
     return out, store
 

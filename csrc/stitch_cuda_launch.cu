@@ -15,9 +15,38 @@ static void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("fastds CUDA ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Launch on the device that owns the output buffer, whatever device is current (on a
+// multi-GPU machine the caller's current device need not be the tensors'), and put the
+// caller's device back afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(uintptr_t ptr) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    cudaPointerAttributes attr{};
+    check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
+          "cudaPointerGetAttributes");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      throw std::runtime_error("fastds CUDA: the output pointer is not device memory");
+    if (attr.device != previous_) {
+      check(cudaSetDevice(attr.device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 void stitch_cuda_launch(int dtype_bits, uintptr_t patches, int C, int tile, int H, int W,
                         uintptr_t boxes, uintptr_t cell_ptr, uintptr_t cell_idx, int cell,
                         int ncx, uintptr_t hann, double eps, uintptr_t out, uintptr_t stream) {
+  DeviceGuard guard(out);
   const long total = (long)C * H * W;
   const int threads = 256;
   const unsigned blocks = (unsigned)((total + threads - 1) / threads);
@@ -48,6 +77,7 @@ __global__ void fused_step_kernel(const T* m, const T* x, const T* noise, const 
 void fused_step_cuda_launch(int dtype_bits, uintptr_t m, uintptr_t x, uintptr_t noise,
                             uintptr_t x0_prev, uintptr_t x0_out, uintptr_t out, long n,
                             uintptr_t coef, int clip_on, double clip, uintptr_t stream) {
+  DeviceGuard guard(out);
   const int threads = 256;
   const unsigned blocks = (unsigned)((n + threads - 1) / threads);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

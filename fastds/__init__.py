@@ -2,7 +2,8 @@
 
 Public API (everything else is internal and may change):
 
-- ``plan_patches``, ``stitch``: patch planning and Halo-and-Hann stitching
+- ``plan_patches``, ``stitch``, ``StitchPlan``: patch planning and Halo-and-Hann stitching
+  (``StitchPlan``: a geometry built once, with ``stitch``, ``cut`` and ``blend_cut``)
 - ``open_coarse``, ``open_fine``: NASA files or merged cubes -> daily DataArray (time, lat, lon)
 - ``prepare``: raw files -> a cached store per region
 - ``pretrain``, ``train``: Stage A and Stage C (DDPM or a baseline)
@@ -15,11 +16,11 @@ Heavy modules (xarray, torch models, triton, cupy) load on first use, not on imp
 import importlib
 
 from ._backend import BackendUnavailable, capabilities
-from .stitch import plan_patches, stitch
+from .stitch import StitchPlan, plan_patches, stitch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "open_coarse",
+__all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "StitchPlan", "open_coarse",
            "open_fine", "prepare", "pretrain", "train", "sample", "evaluate", "load_config",
            "__version__"]
 

@@ -9,8 +9,8 @@ import functools
 import importlib
 from pathlib import Path
 
-__all__ = ["BackendUnavailable", "capabilities", "require", "needs_grad", "triton_inference",
-           "csrc_dir", "cpu_ext", "cuda_ext"]
+__all__ = ["BackendUnavailable", "capabilities", "report", "require", "needs_grad",
+           "triton_inference", "csrc_dir", "cpu_ext", "cuda_ext"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -97,6 +97,38 @@ _HOW = {
         None if _cuda_available() or _interpreting() else
         "no CUDA device for triton (set TRITON_INTERPRET=1 before importing to run on CPU)"),
 }
+
+
+def report() -> list[tuple[str, bool, str]]:
+    """What was built and what can run here, as (name, ok, detail) rows for ``fastds doctor``:
+    each missing piece comes with the reason and what to do."""
+    import os
+    rows = []
+    for name, module in (("C++ extension (fastds._C)", "fastds._C"),
+                         ("CUDA extension (fastds._C_cuda)", "fastds._C_cuda")):
+        mod, err = _import(module)
+        rows.append((name, mod is not None, getattr(mod, "__file__", "") if mod else err))
+    torch, err = _import("torch")
+    if torch is None:
+        rows.append(("torch", False, err))
+    else:
+        cuda = _cuda_available()
+        devs = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
+        rows.append(("torch", True, f"{torch.__version__}, {torch.get_num_threads()} threads, "
+                                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"))
+        rows.append(("CUDA devices", cuda, devs or "torch.cuda.is_available() is False (no CUDA "
+                                                   "device or driver, or a CPU build of torch)"))
+    for label, key in (("triton", "triton"), ("cupy", "cupy")):
+        mod, _ = _import(key)
+        why = why_unavailable(key)
+        detail = (f"{getattr(mod, '__version__', '?')}" + (f"; cannot run: {why}" if why else "")
+                  if mod is not None else why)
+        rows.append((label, mod is not None and why is None, detail))
+    for cap, runs in (("stitch backends", [b for b in ("cpu", "cuda", "cupy") if why_unavailable(b) is None]),
+                      ("sampler-step backends", ["torch"] + [b for b in ("cpu", "cuda", "triton")
+                                                               if why_unavailable(b) is None])):
+        rows.append((cap, True, ", ".join(["ref"] + runs) if cap.startswith("stitch") else ", ".join(runs)))
+    return rows
 
 
 def _interpreting():

@@ -31,8 +31,12 @@ def _common(p):
 def _parser():
     ap = argparse.ArgumentParser(prog="fastds", description="Generative downscaling of gridded "
                                  "satellite and reanalysis data (MERRA-2 -> G5NR-like).")
-    ap.add_argument("--version", action="store_true", help="print version and capabilities")
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd")
+
+    p = sub.add_parser("doctor", help="what was built and what can run here, with the reason "
+                       "for each missing piece")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("synth", help="write a synthetic twin region in the native NASA formats")
     _common(p)
@@ -81,7 +85,9 @@ def _parser():
     p.add_argument("--out", required=True, help="output NetCDF (resumes if interrupted)")
     p.add_argument("--members", type=int, default=None)
     p.add_argument("--mode", choices=["strict", "lenient"], default=None)
-    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae", "interp"])
+    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae", "interp", "clim"],
+                   help="a trained model, or a baseline that needs no training: interp "
+                        "(interpolated coarse) or clim (interp + mean fine-scale residual)")
     p.add_argument("--data", help="store (default: the run's)")
 
     p = sub.add_parser("evaluate", help="skill, variograms, ACF/PACF, lag curves, spectra, report")
@@ -125,9 +131,10 @@ def _run(args) -> int:
               "coarse_daily.nc fine_daily.nc fine_truth.nc elevation.nc")
     elif args.cmd == "prepare":
         from .data.store import prepare
+        align = {} if cfg.data.align == "store" else {"align": cfg.data.align}
         out = prepare(coarse=args.coarse, fine=args.fine, out=args.out, region=args.region,
-                      elevation=args.elevation, variable=args.variable, align=cfg.data.align,
-                      allow_gaps=args.allow_gaps, progress=progress)
+                      elevation=args.elevation, variable=args.variable, block=cfg.data.split_block,
+                      allow_gaps=args.allow_gaps, progress=progress, **align)
         print(f"store ready: {out}")
     elif args.cmd == "pretrain":
         from .training.stages import pretrain
@@ -169,8 +176,14 @@ def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     if args.version:
-        from . import __version__, capabilities
-        print(f"fastds {__version__}", capabilities())
+        from . import __version__
+        print(f"fastds {__version__}")
+        return 0
+    if args.cmd == "doctor":
+        from . import __version__, _backend
+        print(f"fastds {__version__} ({Path(__file__).resolve().parent})")
+        for name, ok, detail in _backend.report():
+            print(f"  {'ok ' if ok else 'no '} {name:32s} {detail}")
         return 0
     if not args.cmd:
         ap.print_help()

@@ -8,7 +8,10 @@ reads this module's objects globally: stages take the dataclass they need as an 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -23,7 +26,11 @@ class DataConfig:
     t_lag: int = 40               # lag days in (Stage A and the transfer encoder)
     tile: int = 16                # training patch size
     train_stride: int = 8
-    align: str = "nearest"        # coarse -> fine: "nearest" (reference code) or "bilinear"
+    align: str = "store"          # coarse -> fine: "store" (what prepare chose), "nearest"
+                                  # (reference code), "bilinear" or "conservative"
+    covariates: str = "bounded"   # "bounded" (sin/cos day of year, clamped year) or "paper"
+    random_offsets: bool = True   # jitter training patch starts (every cell phase is seen)
+    split_block: int = 14         # prepare: contiguous split blocks in days (1: reference)
     seasons: tuple = (1, 2, 3, 4)
     max_train_patches: int = 0    # 0: all; else a seeded subset per epoch (CPU demos)
 
@@ -47,7 +54,7 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     T: int = 1000                 # paper 1000; reference code 2000
-    prediction: str = "sample"    # "sample" (x0, reference code), "epsilon", "v"
+    prediction: str = "v"         # "v", "epsilon", or "sample" (x0: the reference code)
     schedule: str = "squaredcos_cap_v2"
 
 
@@ -56,6 +63,14 @@ class TrainConfig:
     widths: tuple = (64, 128, 256)
     attention: bool = True
     transfer: bool = True         # False: the transfer-free ablation
+    target: str = "residual"      # "residual" (standardised residual around the clim anchor,
+                                  # linear output) or "absolute" (min-max, sigmoid: the paper)
+    anchor: str = "shrunk"        # the residual map of μ: "shrunk" (pixel means pulled to the
+                                  # region's by their reliability) or "clim" (plain pixel means)
+    lag_channels: int = 0         # last k fine days as direct channels (0: transfer features only)
+    lag_noise: float = 0.0        # sd (min-max units) of noise added to training lag windows
+    mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
+                                  # so train --model unet first) or "clim" (the anchor alone)
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64
@@ -88,6 +103,10 @@ class SampleConfig:
     use_ema: bool = True
     cuda_graphs: bool = True      # used only on CUDA
     kernels: str = "auto"         # attention + GroupNorm/SiLU: "auto" (Triton on CUDA), "torch", "triton", "ref"
+    consistency: bool = True      # project each learned model's day so coarse-cell means match
+                                  # the coarse field (the interp/clim baselines stay plain)
+    fusion: str = "step"          # "step" (blend patch outputs every step: one field) or "final"
+                                  # (stitch finished patch samples: the paper)
     seed: int = 0
 
 

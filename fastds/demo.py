@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -23,9 +24,50 @@ from .training.stages import pretrain, train
 __all__ = ["run_demo"]
 
 
+def _contiguous(days):
+    """Split sorted days into runs of consecutive days: [(first, last), ...]."""
+    days = pd.DatetimeIndex(days)
+    if len(days) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(days.values).astype("timedelta64[D]").astype(int) != 1)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [len(days) - 1]])
+    return [(days[a], days[b]) for a, b in zip(starts, ends)]
+
+
+def _sample_days(run, days, cfg, kind, device, progress):
+    """One model on the given days (lenient), sampled run by run of consecutive days."""
+    parts = [sample(run=run, start=a, end=b, cfg=cfg, model=kind, device=device,
+                    progress=progress)["DUEXTTAU"] for a, b in _contiguous(days)]
+    return xr.concat(parts, "time").sel(time=pd.DatetimeIndex(days))
+
+
+def variogram_distance(metrics) -> dict:
+    """Mean |Δγ| between each model's semivariogram (one member) and the truth's."""
+    tv = np.array(metrics["truth"]["variogram"]["gamma"])
+    return {k: float(np.nanmean(np.abs(np.array(v["variogram"]["gamma"]) - tv)))
+            for k, v in metrics["models"].items()}
+
+
+def _ensemble_lines(metrics) -> str:
+    rows = ["| model | members | CRPS (log10) | spread/skill | one member's sd / truth's |",
+            "|---|---|---|---|---|"]
+    for name, e in metrics["models"].items():
+        if "ensemble" in e:
+            en = e["ensemble"]
+            rows.append(f"| {name} | {en['members']} | {en['crps_mean']:.3f} | "
+                        f"{en['spread_skill']:.2f} | {en['sd_ratio_member']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
 def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), device="cpu",
-             progress=True, echo=print, test_days=12, rollout_days=14) -> dict:
-    """Run the demo into ``out``; returns the metrics dict (also written to ``out``)."""
+             progress=True, echo=print, test_days=12, rollout_days=30, members=8) -> dict:
+    """Run the demo into ``out``; returns the metrics dict (also written to ``out``).
+
+    Every model (DDPM ensemble of ``members``, U-Net, VAE, ``interp``, ``clim``) is scored
+    on the same days: ``test_days`` held-out days with true lags (lenient), then a strict
+    rollout of ``rollout_days`` beyond the fine record, with per-lead tables.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -36,9 +78,11 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
             data=dataclasses.replace(config.data, max_train_patches=1024, t_lag=6),
             pretrain=dataclasses.replace(config.pretrain, epochs=2, widths=(8, 16, 16)),
             train=dataclasses.replace(config.train, epochs=2, widths=(16, 32, 32)))
-        test_days, rollout_days = 4, 4
+        test_days, rollout_days, members = 4, 4, 2
     else:
-        spec = TwinSpec()
+        # the fine record ends in April so that the 30-day rollout stays in spring, the
+        # season the demo trains (a rollout into June would need a summer model)
+        spec = TwinSpec(fine_end="2007-04-30")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, seasons=tuple(seasons)))
     echo(f"[1/6] synthesising a twin region {spec.region.as_tuple()} "
          f"(coarse {spec.coarse_start}..{spec.coarse_end}, fine {spec.fine_start}..{spec.fine_end})")
@@ -48,14 +92,18 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
     echo("[2/6] preparing the store (readers check the native files, then the cubes are used)")
     from .data.readers import open_coarse, open_fine
     open_coarse(twin_dir / "coarse").load(), open_fine(twin_dir / "fine").load()
+    align = {} if config.data.align == "store" else {"align": config.data.align}
     store_path = prepare(coarse=twin_dir / "coarse_daily.nc", fine=twin_dir / "fine_daily.nc",
-                         elevation=twin_dir / "elevation.nc",
-                         region=",".join(map(str, spec.region.as_tuple())), out=out / "store.zarr")
+                         elevation=twin_dir / "elevation.nc", block=config.data.split_block,
+                         region=",".join(map(str, spec.region.as_tuple())), out=out / "store.zarr",
+                         **align)
     run = out / "run"
     echo(f"[3/6] Stage A: pretraining the temporal U-Net on the coarse record, seasons {seasons}")
     pretrain(data=store_path, run=run, config=config, resume=True, progress=progress, device=device)
-    for kind in ("ddpm", "unet", "vae"):
-        echo(f"[4/6] Stage C: training {kind} with the frozen transfer encoder")
+    # the U-Net first: with train.mean="unet" the DDPM diffuses the U-Net's residual
+    for kind in ("unet", "ddpm", "vae"):
+        echo(f"[4/6] Stage C: training {kind} with the frozen transfer encoder "
+             f"({config.train.target} target)")
         train(data=store_path, run=run, config=config, model=kind, resume=True, progress=progress,
               device=device)
 
@@ -63,39 +111,42 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
     in_season = season_of(st.times.month)
     ok = (st.ds["split"].values == 2) & pd.Index(in_season).isin(seasons) & (st.times >= st.times[config.data.t_lag])
     held_out = st.times[ok][:test_days]
-    echo(f"[5/6] sampling {len(held_out)} held-out days (lenient) and a {rollout_days}-day strict "
-         "rollout beyond the fine record")
-    cfg = config.sample
-    preds = {}
-    for kind in ("ddpm", "unet", "vae"):
-        parts = [sample(run=run, start=d, end=d, cfg=dataclasses.replace(cfg, mode="lenient"), model=kind,
-                        device=device, progress=False)["DUEXTTAU"] for d in held_out]
-        preds[kind] = xr.concat(parts, "time")
-    preds["interp"] = sample(run=run, start=held_out[0], end=held_out[-1], model="interp",
-                             progress=False)["DUEXTTAU"].sel(time=held_out)
-    start = st.times[-1] + pd.Timedelta(days=1)
+    record_end = st.times[-1]
+    start = record_end + pd.Timedelta(days=1)
     end = start + pd.Timedelta(days=rollout_days - 1)
-    roll = sample(run=run, start=start, end=end, out=out / "rollout.nc", cfg=dataclasses.replace(cfg, mode="strict"),
-                  device=device, progress=progress)
-    echo("[6/6] evaluating against the twin's truth")
+    echo(f"[5/6] sampling {len(held_out)} held-out days (lenient) and a {rollout_days}-day strict "
+         f"rollout beyond the fine record, for ddpm ({members} members), unet, vae, interp, clim")
+    cfg = config.sample
+    preds, rolls = {}, {}
+    for kind in ("ddpm", "unet", "vae", "interp", "clim"):
+        m = members if kind == "ddpm" else 1
+        preds[kind] = _sample_days(run, held_out, dataclasses.replace(cfg, mode="lenient", members=m),
+                                   kind, device, False)
+        rolls[kind] = sample(run=run, start=start, end=end, out=out / f"rollout_{kind}.nc",
+                             cfg=dataclasses.replace(cfg, mode="strict", members=m), model=kind,
+                             device=device, progress=progress)["DUEXTTAU"]
+    echo("[6/6] evaluating against the twin's truth, every model on the same days")
     truth = xr.open_dataset(twin_dir / "fine_truth.nc")["DUEXTTAU"].load()
     coarse = xr.open_dataset(twin_dir / "coarse_daily.nc")["DUEXTTAU"].load()
     metrics = evaluate(preds, truth, out=out / "report", coarse=coarse, area="twin",
                        map_days=[held_out[0]])
-    roll_metrics = evaluate({"ddpm-rollout": roll["DUEXTTAU"]}, truth, out=out / "report-rollout",
-                            coarse=coarse, area="twin", map_days=[end])
-    table = pd.concat([pd.DataFrame(metrics["table"]), pd.DataFrame(roll_metrics["table"])], ignore_index=True)
-    md = format_table(table)
+    roll_metrics = evaluate(rolls, truth, out=out / "report-rollout", coarse=coarse, area="twin",
+                            map_days=[end], record_end=record_end)
+    held_md, roll_md = format_table(pd.DataFrame(metrics["table"])), format_table(pd.DataFrame(roll_metrics["table"]))
+    lead_md = (out / "report-rollout" / "leads.md").read_text()
+    dist = {"held_out": variogram_distance(metrics), "rollout": variogram_distance(roll_metrics)}
+    text = ["Held-out days with true lags (lenient): per-day skill, mean (sd), log10 AOD unless noted",
+            "", held_md, _ensemble_lines(metrics),
+            f"Strict rollout of {rollout_days} days beyond the fine record (ends {record_end:%Y-%m-%d})",
+            "", roll_md, _ensemble_lines(roll_metrics), "R² by lead (days after the record):", "", lead_md,
+            "Semivariogram distance to the truth, one member (mean |Δγ|, lower is better):", "",
+            "| days | " + " | ".join(dist["rollout"]) + " |", "|---" * (1 + len(dist["rollout"])) + "|"]
+    for key in ("held_out", "rollout"):
+        text.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in dist[key].values()) + " |")
+    md = "\n".join(text) + "\n"
     (out / "table.md").write_text(md)
-    echo("\nTable: per-day skill on held-out days (mean (sd)); log10 AOD unless noted\n")
+    echo("")
     echo(md)
-    vg = {k: v["variogram"]["gamma"] for k, v in metrics["models"].items()}
-    tv = metrics["truth"]["variogram"]["gamma"]
-    import numpy as np
-    dist = {k: float(np.nanmean(np.abs(np.array(g) - np.array(tv)))) for k, g in vg.items()}
-    echo("Semivariogram distance to the truth (mean |Δγ|, lower is better): "
-         + ", ".join(f"{k} {v:.4f}" for k, v in dist.items()))
-    echo(f"Report: {out / 'report'} (maps, semivariograms, ACF/PACF, lag curves, spectra, Wasserstein); "
-         f"rollout: {out / 'rollout.nc'} and {out / 'report-rollout'}")
-    metrics["variogram_distance"] = dist
+    echo(f"Report: {out / 'report'} (maps, semivariograms, ACF/PACF, lag curves, spectra, Wasserstein, "
+         f"rank histograms); rollout: {out / 'report-rollout'} (per-lead R²/RMSE/sd in leads.png)")
     return {"held_out": metrics, "rollout": roll_metrics, "variogram_distance": dist}

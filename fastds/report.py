@@ -81,8 +81,63 @@ def _curves(field, days, *, variogram_days, max_km, bins) -> dict:
     return out
 
 
+def lead_table(leads: dict) -> pd.DataFrame:
+    """{name: lead_scores frame} -> one frame indexed by lead, columns ``r2:NAME`` and
+    ``rmse:NAME`` (ensemble mean) and, for ensembles, ``r2:NAME-member``."""
+    cols = {}
+    for name, f in leads.items():
+        cols[f"r2:{name}"], cols[f"rmse:{name}"] = f["r2"], f["rmse"]
+        if not np.allclose(f["r2"].values, f["r2_member"].values, equal_nan=True):
+            cols[f"r2:{name}-member"] = f["r2_member"]
+        cols[f"sd_ratio:{name}"] = f["sd_ratio"]
+    return pd.DataFrame(cols)
+
+
+def format_leads(lt: pd.DataFrame, metric="r2") -> str:
+    """Markdown table of one metric per lead (rows) and model (columns), plus the mean and
+    the slope of a linear fit over leads (drift per day)."""
+    cols = [c for c in lt.columns if c.startswith(metric + ":")]
+    names = [c.split(":", 1)[1] for c in cols]
+    lines = ["| lead | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for lead, row in lt[cols].iterrows():
+        lines.append(f"| {lead} | " + " | ".join(f"{v:.3f}" for v in row.values) + " |")
+    lines.append("| mean | " + " | ".join(f"{lt[c].mean():.3f}" for c in cols) + " |")
+    x = lt.index.values.astype(float)
+    slopes = [np.polyfit(x, lt[c].values, 1)[0] if len(x) > 1 else np.nan for c in cols]
+    lines.append("| slope/day | " + " | ".join(f"{v:+.4f}" for v in slopes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ensemble_entry(p, t):
+    """Ensemble statistics of (time, member, lat, lon) against (time, lat, lon)."""
+    lp, lt = _log(p.transpose("time", "member", ...).values), _log(t.transpose("time", ...).values)
+    sd_ratio = [np.nanstd(lp[i, 0]) / np.nanstd(lt[i]) for i in range(lt.shape[0])]
+    c = crps(p, t)
+    return {"members": int(p.sizes["member"]), "crps": c.tolist(), "crps_mean": float(np.mean(c)),
+            "spread_skill": float(spread_skill(p, t)),
+            "rank_histogram": rank_histogram(p, t).tolist(),
+            "sd_ratio_member": float(np.mean(sd_ratio))}
+
+
+def lead_scores(pred: xr.DataArray, truth: xr.DataArray, record_end) -> pd.DataFrame:
+    """Per-lead skill of a rollout: rows indexed by lead (days after ``record_end``), columns
+    r2, rmse (ensemble mean if ``member``), plus ``r2_member``, ``rmse_member`` (member 0) and
+    ``sd_ratio`` (member 0's spatial sd of log10 over the truth's) for every prediction."""
+    scores = day_scores(pred, truth)
+    lead = (scores.index - pd.Timestamp(record_end)).days
+    out = pd.DataFrame({"lead": lead, "r2": scores["r2"].values, "rmse": scores["rmse"].values})
+    single = pred.isel(member=0) if "member" in pred.dims else pred
+    one = day_scores(single, truth)
+    out["r2_member"], out["rmse_member"] = one["r2"].values, one["rmse"].values
+    sp = single.sel(time=scores.index)
+    out["sd_ratio"] = [float(np.nanstd(_log(sp.sel(time=d).values)) /
+                             np.nanstd(_log(truth.sel(time=d).values))) for d in scores.index]
+    return out.set_index("lead")
+
+
 def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_km=600.0,
-             bins=24, variogram_days=8, plots=True, variable="DUEXTTAU") -> dict:
+             bins=24, variogram_days=8, plots=True, variable="DUEXTTAU", record_end=None,
+             same_days=True) -> dict:
     """Evaluate one or more predictions against the truth and write a report to ``out``.
 
     Parameters
@@ -91,7 +146,16 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
         (time[, member], lat, lon) in physical units on the truth's grid.
     truth : DataArray/Dataset/path (time, lat, lon), or a store path (its ``fine`` record).
     coarse : optional (time, lat_c, lon_c) coarse field for maps and the Wasserstein analysis.
-    Writes ``table.csv``, ``table.md``, ``metrics.json`` and PNG plots; returns the metrics dict.
+    record_end : the last day of the fine record, for a rollout: adds per-lead R²/RMSE and
+        spatial-sd tables (``leads.csv``, ``leads.md``) and plots (``leads.png``).
+    same_days : score every model on the days all of them share with the truth (default), so
+        rows are comparable; False scores each on all of its own days.
+
+    A prediction with a ``member`` dim (M > 1) gets two rows: ``NAME`` scores the ensemble
+    mean, ``NAME-member`` one member; its ``ensemble`` entry holds CRPS per day (log10),
+    spread/skill with the √((M+1)/M) adjustment, the rank histogram and member 0's spatial
+    sd over the truth's. Writes ``table.csv``, ``table.md``, ``metrics.json`` and PNG plots;
+    returns the metrics dict.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,12 +173,21 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
         coarse = load_field(coarse, variable)
 
     tables, metrics = [], {"models": {}}
+    shared = truth.time.values
     for name, pred in preds.items():
-        common = pd.DatetimeIndex(np.intersect1d(pred.time.values, truth.time.values))
-        if len(common) == 0:
+        mine = np.intersect1d(pred.time.values, truth.time.values)
+        if len(mine) == 0:
             raise ValueError(f"evaluate: {name} shares no day with the truth "
                              f"({pd.Timestamp(pred.time.values[0]):%Y-%m-%d}.. vs "
                              f"{pd.Timestamp(truth.time.values[0]):%Y-%m-%d}..)")
+        shared = np.intersect1d(shared, mine)
+    if same_days and len(shared) == 0:
+        raise ValueError("evaluate: the predictions share no day with each other and the truth; "
+                         "pass same_days=False to score each on its own days")
+    leads = {}
+    for name, pred in preds.items():
+        common = pd.DatetimeIndex(shared if same_days else
+                                  np.intersect1d(pred.time.values, truth.time.values))
         p, t = pred.sel(time=common), truth.sel(time=common)
         if p.sizes["lat"] != t.sizes["lat"] or p.sizes["lon"] != t.sizes["lon"]:
             raise ValueError(f"evaluate: {name} grid {p.sizes['lat']}x{p.sizes['lon']} differs from the "
@@ -126,13 +199,23 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
         ptab = summarize(phys[["rmse", "mae"]].rename(columns={"rmse": "phys_rmse", "mae": "phys_mae"}),
                          area=area, model=name)
         tables.append(tab.merge(ptab, on=["model", "area", "season", "days"]))
-        pm = p.mean("member") if "member" in p.dims else p
+        ensemble = "member" in p.dims and p.sizes["member"] > 1
+        if ensemble:
+            one = p.isel(member=0)
+            tab1 = summarize(day_scores(one, t), area=area, model=f"{name}-member")
+            ptab1 = summarize(day_scores(one, t, space="physical")[["rmse", "mae"]].rename(
+                columns={"rmse": "phys_rmse", "mae": "phys_mae"}), area=area, model=f"{name}-member")
+            tables.append(tab1.merge(ptab1, on=["model", "area", "season", "days"]))
+        # curves (variogram, spectra, ACF) describe one realisation: member 0, not the mean
+        pm = p.isel(member=0) if "member" in p.dims else p
         entry = {"days": [d.strftime("%Y-%m-%d") for d in common],
                  "scores": scores.reset_index().astype({"time": str}).to_dict(orient="list"),
                  **_curves(pm, common, variogram_days=variogram_days, max_km=max_km, bins=bins)}
-        if "member" in p.dims and p.sizes["member"] > 1:
-            entry["ensemble"] = {"crps": crps(p, t).tolist(), "spread_skill": float(spread_skill(p, t)),
-                                 "rank_histogram": rank_histogram(p, t).tolist()}
+        if ensemble:
+            entry["ensemble"] = _ensemble_entry(p, t)
+        if record_end is not None:
+            leads[name] = lead_scores(p, t, record_end)
+            entry["leads"] = leads[name].reset_index().to_dict(orient="list")
         metrics["models"][name] = entry
 
     # the truth's own curves, on the days of the first model
@@ -154,6 +237,13 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
                                       "summary": summarize_wasserstein(w, area).to_dict(orient="records")}
     table = pd.concat(tables, ignore_index=True)
     metrics["table"] = table.to_dict(orient="records")
+    if leads:
+        lt = lead_table(leads)
+        metrics["lead_table"] = lt.reset_index().to_dict(orient="list")
+        with atomic_path(out / "leads.csv") as tmp:
+            lt.to_csv(tmp)
+        with atomic_path(out / "leads.md") as tmp:
+            tmp.write_text(format_leads(lt))
     with atomic_path(out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "table.md") as tmp:
@@ -260,6 +350,22 @@ def _plots(preds, truth, coarse, metrics, out, map_days):
         ax.boxplot([g for g in groups if len(g)], tick_labels=[season_name(s) for s, g in zip((1, 2, 3, 4), groups) if len(g)])
         ax.set(ylabel="Wasserstein distance (normalised)", title="Coarse vs fine distributions per day")
         save(fig, "wasserstein.png")
+    if any("leads" in e for e in m.values()):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+        for i, (name, e) in enumerate(m.items()):
+            if "leads" not in e:
+                continue
+            L, color = e["leads"], f"C{i}"  # one colour per model in every panel
+            axes[0].plot(L["lead"], L["r2"], "o-", ms=3, color=color, label=name)
+            axes[1].plot(L["lead"], L["rmse"], "o-", ms=3, color=color, label=name)
+            axes[2].plot(L["lead"], L["sd_ratio"], "o-", ms=3, color=color, label=name)
+            if not np.allclose(L["r2"], L["r2_member"], equal_nan=True):
+                axes[0].plot(L["lead"], L["r2_member"], ":", color=color, label=f"{name} (one member)")
+        axes[2].axhline(1.0, color="k", lw=1)
+        for ax, lab in zip(axes, ("R² (squared Pearson)", "RMSE (log10 AOD)", "spatial sd / truth's")):
+            ax.set(xlabel="lead (days after the fine record)", ylabel=lab, title=f"Strict rollout: {lab}")
+        axes[0].legend(fontsize=7)
+        save(fig, "leads.png")
     for name, e in m.items():
         if "ensemble" in e:
             fig, ax = plt.subplots(figsize=(5, 3.5))

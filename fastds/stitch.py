@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["plan_patches", "stitch", "stitch_ref", "kept_box", "hann_table"]
+__all__ = ["plan_patches", "stitch", "stitch_ref", "kept_box", "hann_table", "cut", "cut_ref",
+           "StitchPlan"]
 
 BACKENDS = ("auto", "ref", "cpu", "cuda", "cupy")
 
@@ -204,13 +205,23 @@ def _stitch_cpu(p, starts, H, W, tile, halo, eps):
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _device_plan(key, starts_bytes, n, H, W, tile, halo, device, dtype):
+    """The CSR plan and Hann table on ``device``, uploaded once per geometry (pinned host
+    memory, so the copy is a true DMA), not on every call."""
+    import torch
+    boxes, ptr, idx, cell, ncx = _plan_cached(key, starts_bytes, n, H, W, tile, halo)
+    up = lambda a: torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)  # noqa: E731
+    hann = torch.from_numpy(hann_table(tile)).to(dtype).pin_memory().to(device, non_blocking=True)
+    return up(boxes), up(ptr), up(idx), cell, ncx, hann
+
+
 def _stitch_cuda(p, starts, H, W, tile, halo, eps):
     import torch
-    boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
     dev = p.device
     p = p.contiguous()
-    plan = [torch.from_numpy(a).to(dev) for a in (boxes, ptr, idx)]
-    hann = torch.from_numpy(hann_table(tile)).to(device=dev, dtype=p.dtype)
+    b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
+    *plan, cell, ncx, hann = _device_plan(hash(b), b, len(starts), H, W, tile, halo, dev, p.dtype)
     out = torch.empty((p.shape[1], H, W), dtype=p.dtype, device=dev)
     _backend.cuda_ext().stitch(
         32 if p.dtype == torch.float32 else 64, p.data_ptr(), p.shape[1], tile, H, W,
@@ -294,3 +305,118 @@ def stitch(patches, starts, shape, *, halo=0, eps=1e-6, backend="auto"):
     p = patches[:, None] if squeeze else patches
     out = _IMPL[backend](p, starts, H, W, tile, halo, eps)
     return out[0] if squeeze else out
+
+
+def cut_ref(image, starts, tile):
+    """Reference cut: a readable loop. image ([C,] H, W) -> patches (N, [C,] tile, tile)."""
+    starts = np.asarray(starts.cpu() if _is_torch(starts) else starts, dtype=np.int64)
+    parts = [image[..., y:y + tile, x:x + tile] for y, x in starts.tolist()]
+    if _is_torch(image):
+        import torch
+        return torch.stack(parts)
+    xp = np
+    if _is_cupy(image):
+        import cupy as xp
+    return xp.stack(parts)
+
+
+def _cut_index(starts, tile, W):
+    """Flat pixel indices (N, tile, tile) of every patch in a row-major (H, W) image."""
+    r = np.arange(tile)
+    return ((starts[:, 0, None, None] + r[None, :, None]) * W
+            + starts[:, 1, None, None] + r[None, None, :])
+
+
+def cut(image, starts, tile):
+    """Patches of ``image`` at ``starts``: ([C,] H, W) -> (N, [C,] tile, tile), one gather.
+
+    Numpy, torch (any device) or CuPy in, the same kind out; ``starts`` (N, 2) as for
+    :func:`stitch`, each within ``0..H-tile`` x ``0..W-tile``.
+    """
+    if image.ndim not in (2, 3):
+        raise ValueError(f"cut: image must be (H, W) or (C, H, W), got shape {tuple(image.shape)}")
+    H, W = int(image.shape[-2]), int(image.shape[-1])
+    tile = _positive_int("tile", tile)
+    st = np.asarray(starts.cpu() if _is_torch(starts) else (starts.get() if _is_cupy(starts) else starts))
+    if st.ndim != 2 or st.shape[1] != 2 or not np.issubdtype(st.dtype, np.integer):
+        raise ValueError(f"cut: starts must be (N, 2) integers, got {st.dtype} {st.shape}")
+    if tile > H or tile > W or (st < 0).any() or (st[:, 0] > H - tile).any() or (st[:, 1] > W - tile).any():
+        raise ValueError(f"cut: {tile}-pixel patches at these starts do not fit in a {H}x{W} image")
+    return _cut(image, _cut_index(st.astype(np.int64), tile, W))
+
+
+def _cut(image, index):
+    flat = image.reshape(image.shape[:-2] + (-1,))
+    if _is_torch(image):
+        import torch
+        idx = index if isinstance(index, torch.Tensor) else torch.as_tensor(index, device=image.device)
+        out = flat[..., idx]                       # ([C,] N, t, t)
+        return out.movedim(-3, 0) if image.ndim == 3 else out
+    out = flat[..., index]
+    return out.transpose((1, 0, 2, 3)) if image.ndim == 3 else out
+
+
+class StitchPlan:
+    """Everything about a patch geometry that does not depend on the values, built once.
+
+    ``plan = StitchPlan(starts, shape, tile=16, halo=4)`` validates the starts and builds the
+    CPU gather plan (CSR lists of patches per cell) once; then, for numpy, torch or CuPy
+    arrays:
+
+    - ``plan.stitch(patches)`` -> ``([C,] H, W)``: the same image as
+      ``fastds.stitch(patches, starts, shape, halo=halo)``;
+    - ``plan.cut(image)`` -> ``(N, [C,] tile, tile)``: the patches of an image at the starts;
+    - ``plan.blend_cut(patches)`` -> ``(image, patches_of_image)``: stitch, then cut the
+      blended image again (step fusion: overlapping patches agree on one field).
+
+    ``blend_cut`` runs the stitch kernel and then one gather; it is not fused into one pass.
+    """
+
+    def __init__(self, starts, shape, *, tile, halo=0, eps=1e-6, backend="auto"):
+        tile = _positive_int("tile", tile)
+        if len(shape) != 2:
+            raise ValueError(f"StitchPlan: shape must be (H, W), got {shape!r}")
+        self.H, self.W = int(shape[0]), int(shape[1])
+        dummy = np.empty((len(np.asarray(starts)), tile, tile), np.float32)
+        self.starts, self.tile, _, _, self.halo = _check_inputs(dummy, np.asarray(starts),
+                                                                (self.H, self.W), halo, eps)
+        self.eps = float(eps)
+        self.backend = backend
+        self._index = _cut_index(self.starts, self.tile, self.W)
+        self._indices = {}
+        if _backend.why_unavailable("cpu") is None:
+            _plan(self.starts, self.H, self.W, self.tile, self.halo)  # build (and cache) now
+
+    def __len__(self):
+        return len(self.starts)
+
+    @property
+    def shape(self):
+        return (self.H, self.W)
+
+    def stitch(self, patches):
+        """(N, [C,] tile, tile) -> ([C,] H, W); see :func:`fastds.stitch`."""
+        return stitch(patches, self.starts, (self.H, self.W), halo=self.halo, eps=self.eps,
+                      backend=self.backend)
+
+    def cut(self, image):
+        """([C,] H, W) -> (N, [C,] tile, tile)."""
+        if tuple(image.shape[-2:]) != (self.H, self.W):
+            raise ValueError(f"StitchPlan.cut: image is {tuple(image.shape[-2:])}, the plan is "
+                             f"{(self.H, self.W)}")
+        return _cut(image, self._device_index(image))
+
+    def _device_index(self, image):
+        """The gather index where ``image`` lives, uploaded once per device."""
+        if not _is_torch(image) or image.device.type == "cpu":
+            return self._index
+        key = str(image.device)
+        if key not in self._indices:
+            import torch
+            self._indices[key] = torch.as_tensor(self._index, device=image.device)
+        return self._indices[key]
+
+    def blend_cut(self, patches):
+        """(N, [C,] tile, tile) -> (([C,] H, W) image, (N, [C,] tile, tile) patches of it)."""
+        image = self.stitch(patches)
+        return image, self.cut(image)

@@ -87,5 +87,7 @@ def trained_run(tmp_path_factory, store_path, tiny_config):
     from fastds.training.stages import pretrain, train
     run = tmp_path_factory.mktemp("run")
     pretrain(data=store_path, run=run, config=tiny_config, progress=False)
+    # the U-Net first: the default DDPM diffuses its residual (train.mean = "unet")
+    train(data=store_path, run=run, config=tiny_config, model="unet", progress=False)
     train(data=store_path, run=run, config=tiny_config, model="ddpm", progress=False)
     return run

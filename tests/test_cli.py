@@ -96,6 +96,11 @@ def test_demo_quick(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet")
     assert code == 0, err
     assert "| ddpm | twin | MAM |" in out and "| interp |" in out and "Semivariogram distance" in out
-    for f in ("table.md", "rollout.nc", "report/table.csv", "report/semivariogram.png", "report-rollout/metrics.json"):
+    for name in ("clim", "unet", "vae", "ddpm-member"):
+        assert f"| {name} | twin |" in out, name
+    assert "R² by lead" in out and "slope/day" in out and "spread/skill" in out
+    for f in ("table.md", "rollout_ddpm.nc", "rollout_clim.nc", "report/table.csv",
+              "report/semivariogram.png", "report-rollout/metrics.json", "report-rollout/leads.png",
+              "report-rollout/leads.md"):
         assert (tmp_path / "demo" / f).exists(), f
     assert list((tmp_path / "demo" / "report").glob("map_*.png"))

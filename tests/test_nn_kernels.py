@@ -246,3 +246,13 @@ def test_up_broadcast_copy_equals_nearest_interpolation(hw, size):
     x = torch.randn(2, 4, *hw)
     expected = up.conv(torch.nn.functional.interpolate(x, size=size, mode="nearest"))
     torch.testing.assert_close(up(x, torch.Size(size)), expected, rtol=0, atol=0)
+
+
+def test_auto_norm_backend_avoids_narrow_grids():
+    from fastds.models.norm import auto_norm_backend
+    # sampling: 1024 patches x 8 groups of 16x16x(C/8) values -> a wide grid: Triton
+    assert auto_norm_backend(1024, 8, 6 * 256, triton_ok=True) == "triton"
+    # full-image Stage-A validation: a few images, 32 groups of ~10^5 values -> torch
+    assert auto_norm_backend(4, 32, 2 * 361 * 576, triton_ok=True) == "torch"
+    assert auto_norm_backend(2, 8, 64, triton_ok=True) == "torch"       # too few programs
+    assert auto_norm_backend(1024, 8, 64, triton_ok=False) == "torch"   # no CUDA inference

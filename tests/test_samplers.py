@@ -124,23 +124,38 @@ def test_fused_step_backends_match_ref(shape, backend, dtype, extras):
 @requires_triton_run
 def test_triton_device_tables_and_rng():
     """Graph-style call: coefficients from a table indexed by a device step counter, noise
-    drawn in the kernel from a per-step seed (what CUDA graph replay uses)."""
+    drawn in the kernel from one 64-bit trajectory seed and a step·n + i counter (what CUDA
+    graph replay uses)."""
     plan = make_plan("ddpm", T=100, steps=10, prediction="sample")
     x = torch.randn(4, 1, 40, 40).to(TRITON_DEVICE)
     m = torch.randn_like(x)
     table = torch.tensor(plan.coef, dtype=torch.float32, device=TRITON_DEVICE)
-    seeds = torch.arange(10, dtype=torch.int64, device=TRITON_DEVICE) + 100
+    seed = torch.tensor([2 ** 62 + 12345], dtype=torch.int64, device=TRITON_DEVICE)
     step = lambda i: torch.tensor([i], device=TRITON_DEVICE)  # noqa: E731
     for s in (2, 5):
-        out = fused_step(m, x, table, step=step(s), seeds=seeds, backend="triton")
+        out = fused_step(m, x, table, step=step(s), seed=seed, backend="triton")
         mean, _ = fused_step_ref(m, x, plan.coef[s])
         z = (out - mean) / plan.coef[s][5]
         assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
-    a = fused_step(m, x, table, step=step(2), seeds=seeds, backend="triton")
-    b = fused_step(m, x, table, step=step(2), seeds=seeds, backend="triton")
-    c = fused_step(m, x, table, step=step(3), seeds=seeds + 1, backend="triton")
+    a = fused_step(m, x, table, step=step(2), seed=seed, backend="triton")
+    b = fused_step(m, x, table, step=step(2), seed=seed, backend="triton")
+    c = fused_step(m, x, table, step=step(3), seed=seed, backend="triton")
+    d = fused_step(m, x, table, step=step(2), seed=seed + 1, backend="triton")
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, c) and not torch.allclose(a, d)
+    # noise of different steps of one trajectory is uncorrelated (its own counter range)
+    za = (a - fused_step_ref(m, x, plan.coef[2])[0]) / plan.coef[2][5]
+    zc = (c - fused_step_ref(m, x, plan.coef[3])[0]) / plan.coef[3][5]
+    assert abs(torch.corrcoef(torch.stack([za.ravel(), zc.ravel()]))[0, 1].item()) < 0.05
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "ref"])
+def test_seed_needs_the_triton_backend(backend):
+    """Only the Triton step draws noise from a seed; others must not drop the noise silently."""
+    plan = make_plan("ddpm", T=100, steps=10, prediction="sample")
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="seed= draws noise inside the Triton kernel"):
+        fused_step(torch.randn_like(x), x, plan.coef[2], seed=torch.tensor([1]), backend=backend)
 
 
 def test_samplers_run_and_are_deterministic():

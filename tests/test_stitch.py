@@ -227,3 +227,41 @@ def test_cuda_per_pixel_function_on_cpu(H, W, tile, halo, stride, dtype, rng):
 def test_public_api_resolves():
     for name in fastds.__all__:
         assert getattr(fastds, name) is not None, name
+
+
+@pytest.mark.parametrize("H,W,tile,halo,stride", CASES)
+@pytest.mark.parametrize("C", [None, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stitch_plan_matches_stitch_and_cut_ref(H, W, tile, halo, stride, C, dtype, rng):
+    from fastds.stitch import StitchPlan, cut, cut_ref
+    starts = fastds.plan_patches((H, W), tile, halo, stride)
+    extra = rng.integers(0, [H - tile + 1, W - tile + 1], (7, 2))  # arbitrary, off-grid starts
+    starts = np.concatenate([starts, extra])
+    shape = (len(starts),) + ((C,) if C else ()) + (tile, tile)
+    p = rng.standard_normal(shape).astype(dtype)
+    plan = StitchPlan(starts, (H, W), tile=tile, halo=halo)
+    img = plan.stitch(p)
+    np.testing.assert_array_equal(img, fastds.stitch(p, starts, (H, W), halo=halo))  # bit-identical
+    image, again = plan.blend_cut(p)
+    np.testing.assert_array_equal(image, img)
+    np.testing.assert_array_equal(again, cut_ref(img, starts, tile))
+    np.testing.assert_array_equal(plan.cut(img), cut(img, starts, tile))
+    assert again.shape == p.shape and again.dtype == p.dtype
+    t_img, t_again = plan.blend_cut(torch.from_numpy(p))
+    assert isinstance(t_again, torch.Tensor)
+    np.testing.assert_array_equal(t_again.numpy(), again)
+    # blending the patches of a blended image changes nothing: one field, every patch agrees
+    np.testing.assert_allclose(plan.stitch(again), img, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-12)
+
+
+def test_stitch_plan_and_cut_errors():
+    from fastds.stitch import StitchPlan, cut
+    starts = fastds.plan_patches((40, 50), 16, 4, 8)
+    with pytest.raises(ValueError, match="outside"):
+        StitchPlan(starts + 30, (40, 50), tile=16, halo=4)
+    plan = StitchPlan(starts, (40, 50), tile=16, halo=4)
+    with pytest.raises(ValueError, match="the plan is"):
+        plan.cut(np.zeros((41, 50), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        cut(np.zeros((40, 50)), starts + 30, 16)

@@ -15,9 +15,12 @@ import torch
 from ..stitch import plan_patches
 from .regions import season_of
 from .store import Store
-from .transforms import SPLITS, align_index, covariate_maps, upsample, window_index
+from .transforms import (COVARIATE_SETS, FLOOR, SPLITS, Anchor, align_index, covariate_maps,
+                         fit_anchor, from_log, to_log, upsample, window_index)
 
-__all__ = ["LagSequences", "FinePatches", "FineDays"]
+__all__ = ["LagSequences", "FinePatches", "FineDays", "SPACES"]
+
+SPACES = ("absolute", "residual")
 
 
 def _split_code(split):
@@ -57,19 +60,45 @@ class LagSequences(torch.utils.data.Dataset):
                 torch.from_numpy(self.x[d:d + 1]))
 
 
-class _FineBase:
-    """Fine-grid arrays shared by patch and whole-day datasets."""
+def _store_block(store: Store) -> int:
+    """The split's block length recorded by ``prepare`` (1: the reference's day-level split)."""
+    import json
+    try:
+        return int(json.loads(store.ds.attrs.get("manifest", "{}")).get("split", {}).get("block", 1))
+    except (TypeError, ValueError):
+        return 1
 
-    def __init__(self, store: Store, *, season: int, t_lag=40, align=None):
+
+class _FineBase:
+    """Fine-grid arrays shared by patch and whole-day datasets.
+
+    ``space`` is what the model sees as its target: ``"absolute"`` (the paper: min-max of
+    log10) or ``"residual"`` (the standardised residual around the anchor μ, see
+    :class:`~fastds.data.transforms.Anchor`; fitted here on the season's training days unless
+    ``anchor`` is given, e.g. the one saved with a model). ``covariates`` picks the covariate
+    encoding (``"paper"`` or ``"bounded"``). ``align`` None uses the store's alignment.
+    """
+
+    def __init__(self, store: Store, *, season: int, t_lag=40, align=None, space="absolute",
+                 covariates="paper", anchor: Anchor | None = None, shrink=False):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+        if covariates not in COVARIATE_SETS:
+            raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {covariates!r}")
         self.store = store
         self.season = int(season)
         self.t_lag = int(t_lag)
+        self.space = space
+        self.covariate_encoding = covariates
         self.times = store.times
-        self.y = np.nan_to_num(store.norm_y.forward(store.fine.values, season), nan=0.0)
+        fine = store.fine.values
+        self.y = np.nan_to_num(store.norm_y.forward(fine, season), nan=0.0)
         tc = store.times_c
         self.cidx = tc.get_indexer(self.times)
-        self.x = np.nan_to_num(store.norm_x.forward(store.coarse.values, season), nan=0.0)
-        method = align or store.align
+        coarse = store.coarse.values
+        self.x = np.nan_to_num(store.norm_x.forward(coarse, season), nan=0.0)
+        method = align if align not in (None, "", "store") else store.align
+        self.align = method
         self.iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method=method)
         self.ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method=method)
         self.lat = store.ds["lat"].values
@@ -78,7 +107,19 @@ class _FineBase:
         self.elev_scale = float(max(np.abs(self.elev).max(), 1.0))
         self.day0 = tc[0]
         self.day_scale = float(max(len(tc), 1))
+        self.year_range = (int(self.times[0].year), int(self.times[-1].year))
         self.shape = self.y.shape[1:]
+        self.logx = to_log(coarse).astype(np.float32)
+        self.anchor = anchor
+        if space == "residual" and anchor is None:
+            logy = to_log(fine).astype(np.float32)
+            up = self.coarse_log_at(self.cidx)
+            self.anchor = fit_anchor(logy, up, self.times, store.ds["split"].values == SPLITS["train"],
+                                     align=method, shrink=shrink)
+        if space == "residual":
+            if self.season not in self.anchor.clim:
+                raise ValueError(f"the anchor has no statistics for season {self.season}")
+            self.logy = to_log(fine).astype(np.float32)
 
     def coarse_on_fine(self, d, win=(slice(None), slice(None))):
         """Day ``d``'s (fine index) coarse field on the fine grid (window ``win``), (1, h, w)."""
@@ -88,23 +129,62 @@ class _FineBase:
         """Coarse day ``c`` (coarse index, any day of the coarse record) on the fine grid, (1, h, w)."""
         return upsample(self.x[c][None], window_index(self.iy, win[0]), window_index(self.ix, win[1]))
 
+    def coarse_log_at(self, c, win=(slice(None), slice(None))):
+        """log10 coarse of coarse day(s) ``c`` (int or (n,) array) on the fine grid: (h, w) or (n, h, w)."""
+        return upsample(np.nan_to_num(self.logx[c], nan=np.log10(FLOOR)),
+                        window_index(self.iy, win[0]), window_index(self.ix, win[1]))
+
+    def mu_at(self, c, win=(slice(None), slice(None))):
+        """log10 μ (h, w) of coarse day ``c`` (residual space only)."""
+        return self.anchor.mu(self.coarse_log_at(c, win), self.season, win)
+
+    def target_at(self, d, win=(slice(None), slice(None))):
+        """The model-space target of fine day ``d`` on ``win``: float32 (h, w)."""
+        if self.space == "absolute":
+            return self.y[d][win]
+        r = self.anchor.forward(self.logy[d][win], self.mu_at(self.cidx[d], win), self.season)
+        return np.nan_to_num(r, nan=0.0)
+
+    def to_physical(self, z, c):
+        """Model-space fields (..., H, W) of coarse day ``c`` -> physical units, float32."""
+        if self.space == "absolute":
+            # the reference code replaces negative (normalised) outputs
+            return self.store.norm_y.inverse(np.maximum(z, 0.0), self.season).astype(np.float32)
+        return from_log(self.anchor.inverse(z, self.mu_at(c), self.season)).astype(np.float32)
+
     def covariates(self, d, win=(slice(None), slice(None))):
-        """Covariate maps (6, h, w) of fine day ``d`` on window ``win`` (see covariate_maps)."""
+        """Covariate maps (C, h, w) of fine day ``d`` on window ``win`` (see covariate_maps)."""
         return self.covariates_at(self.times[d], win)
 
     def covariates_at(self, t, win=(slice(None), slice(None))):
-        """Covariate maps (6, h, w) for any date ``t`` (also beyond the fine record)."""
+        """Covariate maps (C, h, w) for any date ``t`` (also beyond the fine record)."""
         t = pd.Timestamp(t)
         return covariate_maps(self.elev[win], self.lat[win[0]], self.lon[win[1]],
                               lat_range=(self.lat[0], self.lat[-1]),
                               lon_range=(self.lon[0], self.lon[-1]), elev_scale=self.elev_scale,
-                              time=t, day_index=(t - self.day0).days, day_scale=self.day_scale)
+                              time=t, day_index=(t - self.day0).days, day_scale=self.day_scale,
+                              encoding=self.covariate_encoding, year_range=self.year_range)
 
-    def target_days(self, split):
+    def target_days(self, split, *, purge=None):
+        """Fine-day indices of this season in ``split`` with a full lag window.
+
+        ``purge`` (default: on when the store's split is in blocks of more than one day)
+        drops train/val targets whose lag window holds a test day, so no test-day truth ever
+        reaches a model that is scored on it.
+        """
         code = _split_code(split)
-        ok = (season_of(self.times.month) == self.season) & (np.arange(len(self.times)) >= self.t_lag)
+        n = len(self.times)
+        ok = (season_of(self.times.month) == self.season) & (np.arange(n) >= self.t_lag)
+        sp = self.store.ds["split"].values
         if code is not None:
-            ok &= self.store.ds["split"].values == code
+            ok &= sp == code
+        if purge is None:
+            purge = _store_block(self.store) > 1
+        if purge and code != SPLITS["test"]:
+            test = np.concatenate([[0], np.cumsum(sp == SPLITS["test"])])
+            idx = np.arange(n)
+            in_window = test[idx] - test[np.maximum(idx - self.t_lag, 0)]
+            ok &= in_window == 0
         return np.flatnonzero(ok)
 
 
@@ -112,43 +192,69 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
     """Stage C samples: fine patches of target days.
 
     Item -> dict of float32 tensors:
-      ``target`` (1, t, t)    y[d], normalised fine field
-      ``coarse`` (1, t, t)    x[d] aligned to the fine grid (nearest or bilinear)
-      ``covariates`` (6, t, t) elevation, lat, lon, season, day, year (see COVARIATES)
+      ``target`` (1, t, t)    y[d] in model space (min-max, or the standardised residual)
+      ``coarse`` (1, t, t)    x[d] aligned to the fine grid (nearest, bilinear or conservative)
+      ``covariates`` (C, t, t) see COVARIATE_SETS (6 for "paper", 7 for "bounded")
       ``lags`` (T_lag, t, t)  y[d - T_lag .. d - 1], the fine history the transfer encoder sees
     plus ``day`` and ``start`` (y0, x0) as int64 tensors. ``t = tile``; patch starts come from
-    :func:`fastds.plan_patches` with ``stride``.
+    :func:`fastds.plan_patches` with ``stride``; ``random_offsets`` shifts each item's start by
+    a seeded random offset in ``[0, stride)`` per axis (clipped to the image), drawn anew each
+    epoch (:meth:`set_epoch`), so every phase of the patch against the coarse cells is seen.
+    ``lag_noise`` > 0 adds seeded Gaussian noise of that sd (min-max units) to the lags, so a
+    model does not learn to trust a lag window more than its own predictions deserve in a
+    rollout (exposure robustness); the targets are untouched.
     """
 
     def __init__(self, store: Store, *, season: int, split="train", tile=16, stride=8,
-                 t_lag=40, align=None, days=None):
-        super().__init__(store, season=season, t_lag=t_lag, align=align)
+                 t_lag=40, align=None, days=None, space="absolute", covariates="paper",
+                 anchor=None, random_offsets=False, seed=0, purge=None, lag_noise=0.0,
+                 shrink=False):
+        super().__init__(store, season=season, t_lag=t_lag, align=align, space=space,
+                         covariates=covariates, anchor=anchor, shrink=shrink)
         self.tile = int(tile)
+        self.stride = int(stride)
         self.starts = plan_patches(self.shape, self.tile, 0, stride)
-        self.days = np.asarray(days) if days is not None else self.target_days(split)
+        self.days = np.asarray(days) if days is not None else self.target_days(split, purge=purge)
+        self.random_offsets = bool(random_offsets)
+        self.lag_noise = float(lag_noise)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.days) * len(self.starts)
 
+    def _start(self, i):
+        y0, x0 = (int(v) for v in self.starts[i % len(self.starts)])
+        if self.random_offsets:
+            g = np.random.default_rng((self.seed, self.epoch, i))
+            dy, dx = g.integers(0, self.stride, 2)
+            y0 = min(y0 + int(dy), self.shape[0] - self.tile)
+            x0 = min(x0 + int(dx), self.shape[1] - self.tile)
+        return y0, x0
+
     def __getitem__(self, i):
         d = int(self.days[i // len(self.starts)])
-        y0, x0 = (int(v) for v in self.starts[i % len(self.starts)])
+        y0, x0 = self._start(i)
         t = self.tile
         win = (slice(y0, y0 + t), slice(x0, x0 + t))
+        lags = np.ascontiguousarray(self.y[d - self.t_lag:d][(slice(None),) + win])
+        if self.lag_noise > 0:
+            g = np.random.default_rng((self.seed, self.epoch, i, 1))
+            lags = (lags + self.lag_noise * g.standard_normal(lags.shape)).astype(np.float32)
         return {
-            "target": torch.from_numpy(self.y[d][win][None].copy()),
+            "target": torch.from_numpy(np.ascontiguousarray(self.target_at(d, win))[None].copy()),
             "coarse": torch.from_numpy(np.ascontiguousarray(self.coarse_on_fine(d, win))),
             "covariates": torch.from_numpy(self.covariates(d, win)),
-            "lags": torch.from_numpy(np.ascontiguousarray(self.y[d - self.t_lag:d][(slice(None),) + win])),
+            "lags": torch.from_numpy(lags),
             "day": torch.tensor(d), "start": torch.tensor([y0, x0]),
         }
 
 
 class FineDays(_FineBase):
     """Whole-day access for inference and evaluation (no patching); see FinePatches."""
-
-    def __init__(self, store: Store, *, season: int, t_lag=40, align=None):
-        super().__init__(store, season=season, t_lag=t_lag, align=align)
 
     def index_of(self, day) -> int:
         i = self.times.get_indexer([pd.Timestamp(day)])[0]

@@ -28,7 +28,7 @@ import xarray as xr
 from .._io import atomic_path
 from .readers import GRIDS, DataError, DataWarning, _resolve, open_coarse, open_elevation, open_fine
 from .regions import Region, parse_region
-from .transforms import MinMax, fit_minmax, split_days
+from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
 
 __all__ = ["prepare", "open_store", "Store"]
 
@@ -71,7 +71,7 @@ def _check_cover(coarse: xr.DataArray, fine: xr.DataArray):
 
 
 def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
-            align="nearest", val=0.2, test=0.1, seed=0, block=1, allow_gaps=False,
+            align="bilinear", val=0.2, test=0.1, seed=0, block=14, allow_gaps=False,
             progress=False) -> Path:
     """Build the store for one region from raw files (see the module doc for its layout).
 
@@ -81,9 +81,13 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     out : the store folder (``*.zarr`` by convention).
     region : ``"area0"``, ``"area1"``, a box string, or a :class:`Region`.
     elevation : NetCDF with elevation (see :func:`open_elevation`), or None for zeros.
-    align : coarse -> fine alignment used by the datasets, ``"nearest"`` or ``"bilinear"``.
+    align : coarse -> fine alignment the datasets use unless a config names another:
+        ``"bilinear"`` (default), ``"nearest"`` (the reference code) or ``"conservative"``
+        (see :func:`~fastds.data.transforms.align_index`).
     val, test, seed, block : the split (see :func:`split_days`), fixed here so every stage
-        uses the same one.
+        uses the same one. ``block`` days are assigned together (default 14: contiguous
+        held-out blocks, and training targets whose lag window holds a test day are purged
+        by the datasets); ``block=1`` is the reference code's day-level split.
 
     Returns the store path. Warnings about days with few valid hours are re-issued and
     kept in the store's ``warnings`` attribute.
@@ -105,8 +109,10 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
             old = None
         if old == manifest:
             return out
-    if align not in ("nearest", "bilinear"):
-        raise ValueError(f"prepare: align must be 'nearest' or 'bilinear', got {align!r}")
+    if align not in ALIGN_METHODS:
+        raise ValueError(f"prepare: align must be one of {', '.join(ALIGN_METHODS)}, got {align!r}")
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"prepare: block must be a positive number of days, got {block!r}")
 
     xc = open_coarse(coarse, variable, region=region, allow_gaps=allow_gaps)
     yf = open_fine(fine, variable, region=region, allow_gaps=allow_gaps)

@@ -8,12 +8,14 @@ import pandas as pd
 
 from .regions import season_of
 
-__all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index",
-           "covariate_maps", "COVARIATES", "year_scale", "split_days", "SPLITS"]
+__all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
+           "ALIGN_METHODS",
+           "covariate_maps", "COVARIATES", "COVARIATE_SETS", "year_scale", "split_days", "SPLITS",
+           "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
 YEAR0, YEAR1 = 2000, 2024
-COVARIATES = ("elevation", "lat", "lon", "season", "day", "year")
+COVARIATES = ("elevation", "lat", "lon", "season", "day", "year")  # the paper's set
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -62,47 +64,94 @@ class MinMax:
                    {int(k): float(v) for k, v in d["hi"].items()})
 
 
+def season_fit_days(times, train_mask) -> dict:
+    """Indices of the days each season's statistics are fitted on: season -> int64 (n,).
+
+    The season's training days; a season without one falls back to all its days (it still
+    needs a scale), and a season without any day is left out.
+    """
+    seasons = season_of(pd.DatetimeIndex(times).month)
+    out = {}
+    for s in (1, 2, 3, 4):
+        sel = (seasons == s) & np.asarray(train_mask)
+        if not sel.any():
+            sel = seasons == s
+        if sel.any():
+            out[s] = np.flatnonzero(sel)
+    return out
+
+
 def fit_minmax(values, times, train_mask) -> MinMax:
     """Fit per-season min/max of ``log10`` over training days.
 
     values : (time, ...) physical units; times : DatetimeIndex (time,);
     train_mask : bool (time,).
     """
-    seasons = season_of(pd.DatetimeIndex(times).month)
     lo, hi = {}, {}
-    for s in (1, 2, 3, 4):
-        sel = (seasons == s) & np.asarray(train_mask)
-        if not sel.any():
-            sel = seasons == s  # a season with no training day still needs a scale
-        if not sel.any():
-            continue
-        logs = to_log(np.asarray(values[np.flatnonzero(sel)]))
+    for s, idx in season_fit_days(times, train_mask).items():
+        logs = to_log(np.asarray(values[idx]))
         lo[s], hi[s] = float(np.nanmin(logs)), float(np.nanmax(logs))
     return MinMax(lo, hi)
+
+
+ALIGN_METHODS = ("nearest", "bilinear", "conservative")
+
+
+def _cell_edges(src):
+    """Edges (n+1,) of the cells around ascending centres ``src``: midpoints inside, and half
+    a spacing beyond the first and last centre."""
+    if src.size == 1:
+        return np.array([-np.inf, np.inf])
+    mid = 0.5 * (src[1:] + src[:-1])
+    return np.concatenate([[src[0] - (mid[0] - src[0])], mid, [src[-1] + (src[-1] - mid[-1])]])
+
+
+def cell_of(src, dst) -> np.ndarray:
+    """The coarse cell holding each fine coordinate, int64 (m,).
+
+    A MERRA-2 cell is the half-open box ``[c - d/2, c + d/2)`` around its centre ``c``, so a
+    fine pixel whose centre sits exactly on an edge belongs to the cell *above* it (G5NR's
+    0.0625° pixels fall on MERRA-2's edges in latitude every 8 rows). Coordinates within
+    1e-6 of a spacing of an edge count as on it (grids built by ``arange`` accumulate error).
+    Pixels outside the coarse axis are clipped to the first or last cell.
+    """
+    src, dst = np.asarray(src, float), np.asarray(dst, float)
+    edges = _cell_edges(src)
+    tol = 1e-6 * (float(np.min(np.diff(src))) if src.size > 1 else 1.0)
+    idx = np.searchsorted(edges[1:-1], dst + tol, side="right")
+    return np.clip(idx, 0, src.size - 1).astype(np.int64)
 
 
 def align_index(src, dst, *, method="nearest"):
     """Map a coarse axis onto a fine one.
 
     src : (n,) coarse coordinate, ascending; dst : (m,) fine coordinate, ascending.
-    ``nearest`` returns int64 (m,) indices into src (the reference code's choice);
-    ``bilinear`` returns (i0 (m,), weight (m,)) so ``v = (1-w)*a[i0] + w*a[i0+1]``.
+    ``nearest`` returns int64 (m,) indices into src: the cell each fine pixel lies in (see
+    :func:`cell_of`; the reference code's nearest neighbour, with edge pixels sent to the
+    cell whose half-open box holds them). ``bilinear`` and ``conservative`` return
+    (i0 (m,), weight (m,)) so ``v = (1-w)*a[i0] + w*a[i0+1]``; ``conservative`` weights each
+    cell by its share of the fine pixel's box (a pixel centred on an edge gets half of each:
+    the area-weighted remap of a box-averaged field).
     """
     src, dst = np.asarray(src, float), np.asarray(dst, float)
     if method == "nearest":
-        idx = np.clip(np.searchsorted(src, dst), 1, max(src.size - 1, 1))
-        left = src[idx - 1] if src.size > 1 else src[[0] * dst.size]
-        right = src[np.minimum(idx, src.size - 1)]
-        choose_left = np.abs(dst - left) <= np.abs(right - dst)
-        out = np.where(choose_left, idx - 1, idx)
-        return np.clip(out, 0, src.size - 1).astype(np.int64)
+        return cell_of(src, dst)
+    if method not in ("bilinear", "conservative"):
+        raise ValueError(f"align method must be one of {', '.join(ALIGN_METHODS)}, got {method!r}")
+    if src.size == 1:
+        return np.zeros(dst.size, np.int64), np.zeros(dst.size)
     if method == "bilinear":
-        if src.size == 1:
-            return np.zeros(dst.size, np.int64), np.zeros(dst.size)
         i0 = np.clip(np.searchsorted(src, dst) - 1, 0, src.size - 2)
         w = np.clip((dst - src[i0]) / (src[i0 + 1] - src[i0]), 0.0, 1.0)
         return i0.astype(np.int64), w
-    raise ValueError(f"align method must be 'nearest' or 'bilinear', got {method!r}")
+    half = 0.5 * (float(np.median(np.diff(dst))) if dst.size > 1 else float(np.min(np.diff(src))))
+    edges = _cell_edges(src)
+    lo_cell = cell_of(src, dst - half)
+    i0 = np.clip(lo_cell, 0, src.size - 2)
+    # share of [dst - half, dst + half] above the upper edge of cell i0
+    upper = edges[i0 + 1]
+    w = np.clip((dst + half - upper) / (2 * half), 0.0, 1.0)
+    return i0.astype(np.int64), w
 
 
 def window_index(index, sl: slice):
@@ -126,27 +175,48 @@ def year_scale(times):
     return ((pd.DatetimeIndex(times).year.values - YEAR0) / (YEAR1 - YEAR0)).astype(np.float32)
 
 
+COVARIATE_SETS = {
+    # the paper's: day index and year grow without bound beyond the fine record
+    "paper": ("elevation", "lat", "lon", "season", "day", "year"),
+    # bounded: the day as a point on the annual circle, the year clamped to the years the
+    # fine record covers, so a rollout years out sees inputs from the training range
+    "bounded": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year"),
+}
+
+
 def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, time, day_index,
-                   day_scale):
+                   day_scale, encoding="paper", year_range=None):
     """Covariate channels on (a window of) the fine grid for one day.
 
     elevation : (h, w) metres; lat (h,), lon (w,) degrees; lat_range/lon_range: the region's
     (min, max), so a patch gets the same values as the whole image; elev_scale: metres mapped
     to 1; time : a Timestamp; day_index : days since dataset start; day_scale : its normaliser.
-    Returns float32 (6, h, w) in the order of ``COVARIATES``: elevation/elev_scale, lat and
-    lon scaled to [0, 1] over the region, season/4, day_index/day_scale, normalised year.
+    encoding : ``"paper"`` -> float32 (6, h, w): elevation/elev_scale, lat and lon scaled to
+    [0, 1] over the region, season/4, day_index/day_scale, ``(year - 2000)/24``.
+    ``"bounded"`` -> float32 (7, h, w): elevation, lat, lon, season as above, then
+    sin and cos of 2π·day-of-year/365.25, and the normalised year clamped to ``year_range``
+    (first, last year of the fine record). The channel names are ``COVARIATE_SETS[encoding]``.
     """
+    if encoding not in COVARIATE_SETS:
+        raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {encoding!r}")
     h, w = elevation.shape
     lat_s = (np.asarray(lat) - lat_range[0]) / max(lat_range[1] - lat_range[0], 1e-9)
     lon_s = (np.asarray(lon) - lon_range[0]) / max(lon_range[1] - lon_range[0], 1e-9)
     t = pd.Timestamp(time)
-    out = np.empty((6, h, w), np.float32)
+    out = np.empty((len(COVARIATE_SETS[encoding]), h, w), np.float32)
     out[0] = elevation / elev_scale
     out[1] = lat_s[:, None]
     out[2] = lon_s[None, :]
     out[3] = season_of(t.month) / 4.0
-    out[4] = day_index / day_scale
-    out[5] = (t.year - YEAR0) / (YEAR1 - YEAR0)
+    if encoding == "paper":
+        out[4] = day_index / day_scale
+        out[5] = (t.year - YEAR0) / (YEAR1 - YEAR0)
+    else:
+        phase = 2 * np.pi * (t.day_of_year - 1) / 365.25
+        out[4] = np.sin(phase)
+        out[5] = np.cos(phase)
+        year = t.year if year_range is None else min(max(t.year, year_range[0]), year_range[1])
+        out[6] = (year - YEAR0) / (YEAR1 - YEAR0)
     return out
 
 
@@ -178,3 +248,96 @@ def split_days(times, *, val=0.2, test=0.1, seed=0, block=1) -> np.ndarray:
         sel = np.flatnonzero(seasons == s)
         out[sel] = [lookup[b] for b in blocks[sel]]
     return out
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The deterministic mean μ on the fine grid and the residual scale, per season.
+
+    In log10 space, for season ``s``::
+
+        μ      = interpolated log10 coarse + clim[s]          (the "clim" baseline)
+        r      = (log10 fine - μ - mean[s]) / sd[s]           (what the generative model learns)
+        log10 fine = μ + mean[s] + sd[s] · r                  (exact inverse)
+
+    ``clim`` : dict season -> float32 (H, W), the mean over the fine record's training days
+    of ``log10 fine - interpolated log10 coarse`` (the mean fine-scale residual, a BCSD-style
+    spatial disaggregation); ``mean``/``sd`` : dict season -> float, the residual's own
+    training statistics; ``align`` : the interpolation that made them.
+    """
+    clim: dict = field(default_factory=dict)
+    mean: dict = field(default_factory=dict)
+    sd: dict = field(default_factory=dict)
+    align: str = "bilinear"
+
+    def mu(self, coarse_log_fine, season, win=(slice(None), slice(None))):
+        """log10 μ from the coarse field already on the fine grid (log10, (..., h, w)),
+        for the window ``win`` of the full grid."""
+        return (np.asarray(coarse_log_fine, np.float32) + self.clim[int(season)][win]).astype(np.float32)
+
+    def forward(self, log_fine, mu, season):
+        """Standardised residual r of a log10 fine field around ``mu`` (same shapes)."""
+        s = int(season)
+        return ((np.asarray(log_fine, np.float32) - mu - self.mean[s]) / self.sd[s]).astype(np.float32)
+
+    def inverse(self, r, mu, season):
+        """log10 field from a standardised residual (float64, the shape of ``r``)."""
+        s = int(season)
+        return np.asarray(mu, np.float64) + self.mean[s] + self.sd[s] * np.asarray(r, np.float64)
+
+    def to_dict(self):
+        return {"clim": {str(k): np.asarray(v, np.float32) for k, v in self.clim.items()},
+                "mean": {str(k): float(v) for k, v in self.mean.items()},
+                "sd": {str(k): float(v) for k, v in self.sd.items()}, "align": self.align}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls({int(k): np.asarray(v, np.float32) for k, v in d["clim"].items()},
+                   {int(k): float(v) for k, v in d["mean"].items()},
+                   {int(k): float(v) for k, v in d["sd"].items()}, d.get("align", "bilinear"))
+
+
+def _shrink(res, c):
+    """The reliability-weighted pixel means of :func:`fit_anchor` (see there)."""
+    a = np.nan_to_num(res - c, nan=0.0)
+    var = a.var(0)
+    # ρ from consecutive rows: the training days of a season are mostly consecutive
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.clip(np.where(var > 0, (a[1:] * a[:-1]).mean(0) / var, 0.0), 0.0, 0.99)
+    n_eff = len(a) * (1 - rho) / (1 + rho)
+    noise = var / np.maximum(n_eff, 1.0)
+    bias = float(c.mean())
+    signal = max(float(((c - bias) ** 2).mean() - noise.mean()), 0.0)
+    w = signal / (signal + noise) if signal > 0 else np.zeros_like(noise)
+    return bias + w * (c - bias)
+
+
+def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear",
+               shrink=False) -> Anchor:
+    """Fit :class:`Anchor` per season over training days.
+
+    log_fine : (time, H, W) log10 fine field (NaN ignored); coarse_log_fine : (time, H, W)
+    the same days' log10 coarse field interpolated to the fine grid; times : (time,);
+    train_mask : bool (time,). A season without training days falls back to all its days;
+    one without any day is left out.
+
+    ``shrink=False`` keeps each pixel's plain mean residual (the classical ``clim``
+    baseline). ``shrink=True`` pulls each pixel's mean towards the region's by its
+    reliability: a two-year record holds few independent days (the residual persists for
+    days), so part of a pixel's mean is noise from a few weather events. With ``n`` days and
+    lag-1 autocorrelation ρ a pixel's mean has noise variance ``var/n_eff``,
+    ``n_eff = n(1-ρ)/(1+ρ)``; the weight is ``signal/(signal + noise)`` with the signal
+    variance the spread of the pixel means less the mean noise variance (James-Stein style).
+    Where the fine-scale structure is fixed (terrain, sources) the weight is near 1.
+    """
+    clim, mean, sd = {}, {}, {}
+    for s, idx in season_fit_days(times, train_mask).items():
+        res = np.asarray(log_fine[idx], np.float64) - np.asarray(coarse_log_fine[idx], np.float64)
+        c = np.nan_to_num(np.nanmean(res, axis=0), nan=0.0)
+        if shrink and len(idx) > 2:
+            c = _shrink(res, c)
+        clim[s] = c.astype(np.float32)
+        r = res - clim[s]
+        mean[s] = float(np.nanmean(r))
+        sd[s] = float(max(np.nanstd(r), 1e-6))
+    return Anchor(clim, mean, sd, align)

@@ -15,9 +15,9 @@ __all__ = ["DeterministicUNet", "VAE"]
 class DeterministicUNet(Denoiser):
     """``model(None, t, cond)`` -> (B, 1, h, w); no noisy input, no time embedding."""
 
-    def __init__(self, cond_channels, widths=(64, 128, 256), attention=True):
+    def __init__(self, cond_channels, widths=(64, 128, 256), attention=True, output="sigmoid"):
         super().__init__(cond_channels, widths, attention, timesteps=False, noisy_input=False,
-                         output="sigmoid")
+                         output=output)
 
 
 class VAE(nn.Module):
@@ -25,7 +25,8 @@ class VAE(nn.Module):
     is a (latent, h/4, w/4) map encoded from target and cond. Sampling: ``generate(cond, z)``
     with z ~ N(0, I) of shape ``latent_shape(cond)``."""
 
-    def __init__(self, cond_channels, widths=(64, 128, 256), latent=4, attention=True):
+    def __init__(self, cond_channels, widths=(64, 128, 256), latent=4, attention=True,
+                 output="sigmoid"):
         super().__init__()
         w = widths[0]
         self.latent = latent
@@ -35,7 +36,7 @@ class VAE(nn.Module):
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), ResBlock(2 * w, 2 * w),
             nn.Conv2d(2 * w, 2 * latent, 1))
         self.dec = Denoiser(cond_channels + latent, widths, attention, timesteps=False,
-                            noisy_input=False, output="sigmoid")
+                            noisy_input=False, output=output)
 
     def latent_shape(self, cond):
         B, _, H, W = cond.shape

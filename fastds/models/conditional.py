@@ -12,48 +12,90 @@ from .unet import Denoiser, TemporalUNet
 __all__ = ["ConditionalModel", "build_model", "MODEL_KINDS", "N_COVARIATES"]
 
 MODEL_KINDS = ("ddpm", "unet", "vae")
-N_COVARIATES = 6
+N_COVARIATES = 6  # the paper's covariate set; the bounded set has 7
 
 
 class ConditionalModel(nn.Module):
     """``net`` (trainable) + ``transfer`` (frozen TransferEncoder or None).
 
-    ``cond(coarse (B,1,h,w), covariates (B,6,h,w), lags (B,t_lag,h,w))`` -> (B, C, h, w):
-    the channels are [coarse, covariates, transfer features]. ``forward(x_t, t, cond)`` is the
-    network call the samplers make.
+    ``cond(coarse (B,1,h,w), covariates (B,n_cov,h,w), lags (B,t_lag,h,w))`` -> (B, C, h, w):
+    the channels are [coarse, covariates, transfer features, the last ``lag_channels`` lag days].
+    ``forward(x_t, t, cond)`` is the network call the samplers make.
     """
 
-    def __init__(self, kind: str, net: nn.Module, transfer: TransferEncoder | None):
+    def __init__(self, kind: str, net: nn.Module, transfer: TransferEncoder | None,
+                 lag_channels: int = 0):
         super().__init__()
+        self.lag_channels = int(lag_channels)
         self.kind = kind
         self.net = net
         self.transfer = transfer
+        self.anchor = None  # the residual anchor a trained model carries (load_trained sets it)
+        self.regression = None  # CorrDiff-style mean: a frozen regression model (set_regression)
 
     def cond(self, coarse, covariates, lags=None):
         parts = [coarse, covariates]
         if self.transfer is not None:
             parts.append(self.transfer(lags))
+        if self.lag_channels:
+            # the last k fine days at full resolution: the transfer encoder's 4x4-downsampled
+            # mid block cannot carry yesterday's sub-cell structure
+            parts.append(lags[:, -self.lag_channels:])
         return torch.cat(parts, 1)
+
+    def set_regression(self, regression: "ConditionalModel", scale: float = 1.0):
+        """Make this (diffusion) model generate the residual of a deterministic regression
+        model (CorrDiff): the field is ``regression_mean + scale · sample``. The regression is
+        frozen (no gradient, no optimizer slot, eval mode) and saved with this model."""
+        for p in regression.parameters():
+            p.requires_grad_(False)
+        self.regression = regression.eval()
+        self.register_buffer("regression_scale", torch.tensor(float(scale)))
+
+    @torch.no_grad()
+    def regression_mean(self, coarse, covariates, lags):
+        """The regression model's prediction (B, 1, h, w), or None without one."""
+        if self.regression is None:
+            return None
+        self.regression.eval()
+        return self.regression(None, None, self.regression.cond(coarse, covariates, lags))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.regression is not None:
+            self.regression.eval()
+        return self
 
     def forward(self, x_t, t, cond):
         return self.net(x_t, t, cond)
 
 
 def build_model(kind: str, *, widths, attention=True, t_lag=40, transfer_widths=None,
-                transfer_attention=True, prediction="sample", vae_latent=4) -> ConditionalModel:
+                transfer_attention=True, prediction="sample", vae_latent=4,
+                n_covariates=N_COVARIATES, target="absolute", lag_channels=0) -> ConditionalModel:
     """A fresh model. ``transfer_widths`` None: the transfer-free ablation; else a
-    TemporalUNet encoder of those widths is built (load Stage A weights into it)."""
+    TemporalUNet encoder of those widths is built (load Stage A weights into it).
+    ``target="absolute"`` (the paper: values in [0, 1]) bounds x0 outputs with a sigmoid;
+    ``"residual"`` (a standardised residual, unbounded) keeps every output linear.
+    ``lag_channels`` k > 0 also feeds the last k fine lag days as direct channels."""
+    if not 0 <= int(lag_channels) <= int(t_lag):
+        raise ValueError(f"lag_channels must be in 0..t_lag={t_lag}, got {lag_channels}")
+    if target not in ("absolute", "residual"):
+        raise ValueError(f"target must be 'absolute' or 'residual', got {target!r}")
     if kind not in MODEL_KINDS:
         raise ValueError(f"model must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     transfer = None
     if transfer_widths:
         transfer = TransferEncoder.from_unet(TemporalUNet(t_lag, tuple(transfer_widths), transfer_attention))
-    cond_ch = 1 + N_COVARIATES + (transfer.out_channels if transfer else 0)
+    cond_ch = 1 + int(n_covariates) + (transfer.out_channels if transfer else 0) + int(lag_channels)
+    bounded = target == "absolute"
     if kind == "ddpm":
         net = Denoiser(cond_ch, tuple(widths), attention,
-                       output="sigmoid" if prediction == "sample" else "linear")
+                       output="sigmoid" if bounded and prediction == "sample" else "linear")
     elif kind == "unet":
-        net = DeterministicUNet(cond_ch, tuple(widths), attention)
+        net = DeterministicUNet(cond_ch, tuple(widths), attention,
+                                output="sigmoid" if bounded else "linear")
     else:
-        net = VAE(cond_ch, tuple(widths), vae_latent, attention)
-    return ConditionalModel(kind, net, transfer)
+        net = VAE(cond_ch, tuple(widths), vae_latent, attention,
+                  output="sigmoid" if bounded else "linear")
+    return ConditionalModel(kind, net, transfer, lag_channels)

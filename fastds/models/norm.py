@@ -7,7 +7,8 @@ Backends
 - ``triton``: the fused kernel of ``fastds.kernels.groupnorm`` (CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``); forward only.
 
-``backend="auto"`` takes ``triton`` for CUDA inference when triton is installed, else ``torch``.
+``backend="auto"`` takes ``triton`` for CUDA inference when triton is installed and the
+launch has enough programs to fill the GPU (:func:`auto_norm_backend`), else ``torch``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .. import _backend
 from .attention import ATTENTION_BACKENDS
 
-__all__ = ["group_norm_silu", "group_norm_silu_ref", "KERNEL_BACKENDS"]
+__all__ = ["group_norm_silu", "group_norm_silu_ref", "auto_norm_backend", "KERNEL_BACKENDS"]
 
 # the attention core takes the same names: one switch (blocks.set_kernel_backend) sets both
 KERNEL_BACKENDS = ATTENTION_BACKENDS
@@ -36,6 +37,24 @@ def group_norm_silu_ref(x, groups, weight, bias, eps=1e-5):
     return (y * torch.sigmoid(y)).to(x.dtype)
 
 
+# The Triton kernel runs one program per (sample, group). A launch of fewer programs than a
+# few per SM (an H100 has 132) leaves most of the GPU idle while each program walks a large
+# group serially: full-image Stage-A validation is batch 1-8 with 32 groups of ~10^5 values.
+MIN_PROGRAMS = 256
+MAX_GROUP = 1 << 16
+
+
+def auto_norm_backend(batch: int, groups: int, group_size: int, *, triton_ok: bool) -> str:
+    """What ``backend="auto"`` picks: ``"triton"`` when it may run (``triton_ok``: CUDA
+    inference with triton) and the grid of batch x groups programs is wide enough with
+    groups small enough to stream, else ``"torch"``."""
+    if not triton_ok:
+        return "torch"
+    if batch * groups < MIN_PROGRAMS or group_size > MAX_GROUP:
+        return "torch"
+    return "triton"
+
+
 def group_norm_silu(x, norm: torch.nn.GroupNorm, *, backend="auto"):
     """``silu(norm(x))`` for x (B, C, *spatial) and an affine ``nn.GroupNorm`` over C channels.
 
@@ -48,8 +67,9 @@ def group_norm_silu(x, norm: torch.nn.GroupNorm, *, backend="auto"):
     if not norm.affine:
         raise ValueError("group_norm_silu: the GroupNorm must be affine (weight and bias)")
     if backend == "auto":
-        backend = ("triton" if x.dtype in (torch.float32, torch.float16)
-                   and _backend.triton_inference(x, norm.weight) else "torch")
+        ok = x.dtype in (torch.float32, torch.float16) and _backend.triton_inference(x, norm.weight)
+        backend = auto_norm_backend(x.shape[0], norm.num_groups,
+                                    x[0].numel() // norm.num_groups, triton_ok=ok)
     if backend == "ref":
         return group_norm_silu_ref(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     if backend == "torch":

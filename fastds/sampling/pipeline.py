@@ -11,6 +11,7 @@ assembled atomically at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,26 +23,27 @@ import xarray as xr
 
 from .._io import atomic_path
 from ..config import SampleConfig
-from ..data.datasets import FineDays
 from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..data.transforms import align_index, upsample
 from ..models.norm import KERNEL_BACKENDS
 from ..models.blocks import set_kernel_backend
-from ..stitch import plan_patches, stitch
+from ..stitch import StitchPlan, plan_patches, stitch
+from .fusion import FUSIONS, PatchFusedModel
 from .. import _backend
-from .graphs import StaticSampler
+from .graphs import GraphCache, StaticSampler
 from .samplers import make_plan, run_plan
 
-__all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse"]
+__all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS"]
 
 MODES = ("strict", "lenient")
-_GRAPHS: dict = {}  # captured StaticSamplers per model and batch shape (CUDA only)
+# captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
+_GRAPHS = GraphCache(max_entries=4)
 
 
 @dataclass
 class DayInputs:
-    """Normalised inputs of one day on the fine grid: coarse (1, H, W), covariates (6, H, W),
+    """Normalised inputs of one day on the fine grid: coarse (1, H, W), covariates (C, H, W),
     lags (members or 1, t_lag, H, W)."""
     coarse: np.ndarray
     covariates: np.ndarray
@@ -57,13 +59,25 @@ def _patchify(a, starts, tile):
 def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = SampleConfig(),
                   T=1000, prediction="sample", members=1, seed=0, day_key=0,
                   cache_conditioning=True, device="cpu", backend="auto", progress=None):
-    """One day, all members: normalised field (members, H, W).
+    """One day, all members: the model-space field (members, H, W) (min-max or standardised
+    residual, as the model was trained).
 
-    Latents are drawn per member from ``torch.Generator`` seeded by (seed, member, day_key),
-    so a day's result does not depend on which other days were sampled before it.
-    ``cache_conditioning=False`` recomputes the transfer features at every sampler step (the
-    reference code's recipe, kept for benchmarks).
+    ``cfg.fusion`` "step" samples one image-space trajectory per member, blending the patch
+    outputs at every step (CUDA graphs are not used there); "final" samples patches on their
+    own and stitches the finished samples. A DDPM with a regression mean (CorrDiff) returns
+    ``mean + scale · sample``. Latents are drawn per member from ``torch.Generator`` seeded by
+    (seed, member, day_key), so a day's result does not depend on which other days were
+    sampled before it. ``cache_conditioning=False`` recomputes the transfer features at every
+    sampler step (the reference code's recipe, kept for benchmarks).
     """
+    return _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
+                      members=members, seed=seed, day_key=day_key,
+                      cache_conditioning=cache_conditioning, device=device, backend=backend,
+                      progress=progress)
+
+
+def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, seed, day_key,
+               cache_conditioning, device, backend, progress):
     H, W = inputs.coarse.shape[-2:]
     tile = min(cfg.tile, H, W)
     halo = min(cfg.halo, (tile - 1) // 2)
@@ -77,10 +91,28 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     # CUDA graphs (one per batch shape) when on a GPU with Triton; the eager loop otherwise.
     use_graphs = (kind == "ddpm" and cfg.cuda_graphs and torch.device(device).type == "cuda"
                   and _backend.why_unavailable("triton") is None)
-    graphs = _GRAPHS.setdefault(id(model), {}) if use_graphs else None
+    graphs = _GRAPHS if use_graphs else None
     # one generator per member; each sees its draws in the same order whatever the loop order
     gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
             for k in range(members)]
+    if kind == "ddpm" and getattr(model, "regression", None) is not None:
+        # CorrDiff: the sample is the scaled residual of a regression mean; stitching is
+        # linear, so mean and residual can be stitched apart and added
+        res = _downscale(_ResidualOnly(model), inputs, kind=kind, cfg=cfg, T=T,
+                            prediction=prediction, members=members, seed=seed, day_key=day_key,
+                            cache_conditioning=cache_conditioning, device=device, backend=backend,
+                            progress=progress)
+        scale = float(model.regression_scale)
+        for k in range(members):
+            if k == 0 or not shared_lags:
+                mean = _stitched_mean(model, inputs, base_p, starts, tile, halo, (H, W), cfg.batch,
+                                      0 if shared_lags else k, device)
+            res[k] = mean + scale * res[k]
+        return res
+    if kind == "ddpm" and cfg.fusion == "step":
+        return _downscale_fused(model, inputs, base_p, starts, (H, W), tile, halo, plan, gens,
+                                cfg=cfg, cache_conditioning=cache_conditioning, device=device,
+                                backend=backend, progress=progress)
     x_T = [torch.randn((len(starts), 1, tile, tile), generator=g, device=device) for g in gens]
     pieces = [[] for _ in range(members)]
     for i in range(0, len(starts), cfg.batch):
@@ -100,10 +132,12 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
                 pieces[k].append(model(None, None, cond))
             elif cache_conditioning and graphs is not None:
                 key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
-                if key not in graphs:
-                    graphs[key] = StaticSampler(model, plan, x_T[k][sl], cond, clip=cfg.clip or None)
-                seeds = torch.randint(0, 2 ** 31 - 1, (len(plan),), generator=gen, device=device)
-                pieces[k].append(graphs[key](x_T[k][sl], cond, seeds))
+                static = graphs.get(model, key, lambda: StaticSampler(model, plan, x_T[k][sl], cond,
+                                                                      clip=cfg.clip or None))
+                # one 64-bit seed per trajectory; the kernel counts steps and elements itself
+                seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
+                                     device=device)
+                pieces[k].append(static(x_T[k][sl], cond, seed))
             elif cache_conditioning:
                 pieces[k].append(run_plan(model, x_T[k][sl], plan, cond=cond, generator=gen,
                                           clip=cfg.clip or None, backend=backend))
@@ -115,8 +149,65 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
         if progress is not None:
             progress.update(members * min(cfg.batch, len(starts) - i))
     for k in range(members):
-        patches = torch.cat(pieces[k])[:, 0].float().cpu().numpy()
-        out[k] = stitch(patches, starts, (H, W), halo=halo)
+        # stitched where the patches are (the CUDA kernel on a GPU): only the image comes back
+        patches = torch.cat(pieces[k])[:, 0].float()
+        out[k] = stitch(patches, starts, (H, W), halo=halo).cpu().numpy()
+    return out
+
+
+class _ResidualOnly(torch.nn.Module):
+    """A CorrDiff model seen as its diffusion part alone (the same network and conditioning,
+    no regression), so the one sampling path serves both."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.regression = None
+
+    def cond(self, coarse, covariates, lags=None):
+        return self.inner.cond(coarse, covariates, lags)
+
+    def forward(self, x_t, t, cond):
+        return self.inner(x_t, t, cond)
+
+
+def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, batch, member, device):
+    """The regression mean of one lag set, stitched like the samples: (H, W) numpy."""
+    lags = inputs.lags[member]
+    parts = []
+    for i in range(0, len(starts), batch):
+        sl = slice(i, i + batch)
+        lag_p = torch.from_numpy(_patchify(lags, starts[sl], tile)).to(device)
+        parts.append(model.regression_mean(base_p[sl, :1], base_p[sl, 1:], lag_p))
+    return stitch(torch.cat(parts)[:, 0].float(), starts, shape, halo=halo).cpu().numpy()
+
+
+def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plan, gens, *, cfg,
+                     cache_conditioning, device, backend, progress):
+    """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
+    x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
+    unfused sampler's result."""
+    H, W = shape
+    splan = StitchPlan(starts, shape, tile=tile, halo=halo)
+    shared_lags = inputs.lags.shape[0] == 1
+    out = np.empty((len(gens), H, W), np.float32)
+    cond = None
+    for k, gen in enumerate(gens):
+        if cond is None or not shared_lags:
+            lags = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts, tile)).to(device)
+
+            def cond_of(sl, lags=lags):
+                return model.cond(base_p[sl, :1], base_p[sl, 1:], lags[sl])
+            # the conditioning once per patch (every step and member that shares the lags
+            # reuse it), or, for the reference recipe, recomputed at every step
+            cond = (torch.cat([cond_of(slice(i, i + cfg.batch)) for i in range(0, len(starts), cfg.batch)])
+                    if cache_conditioning else cond_of)
+        x_T = torch.randn((1, 1, H, W), generator=gen, device=device)
+        fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
+        x0 = run_plan(fused, x_T, plan, generator=gen, clip=cfg.clip or None, backend=backend)
+        out[k] = x0[0, 0].float().cpu().numpy()
+        if progress is not None:
+            progress.update(len(starts))
     return out
 
 
@@ -166,6 +257,26 @@ def _dataset(values, days, store, members, attrs):
     return ds
 
 
+def _run_config(run: Path):
+    """The resolved config a run was trained with (defaults if it has none yet)."""
+    from ..config import Config, config_from_toml
+    path = run / "config.toml"
+    return config_from_toml(path.read_text()) if path.exists() else Config()
+
+
+def _projection(store: Store):
+    """The coarse-consistency projection fitted on the store's training days."""
+    from .consistency import fit_projection
+    coarse = store.coarse.values[store.times_c.get_indexer(store.times)]  # the fine days' coarse
+    return fit_projection(store.fine.values, coarse, store.times,
+                          store.ds["split"].values == 0, lat=store.ds["lat"].values,
+                          lon=store.ds["lon"].values, lat_c=store.ds["lat_c"].values,
+                          lon_c=store.ds["lon_c"].values)
+
+
+MODELS = ("ddpm", "unet", "vae", "interp", "clim")
+
+
 def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), model="ddpm",
            data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True) -> xr.Dataset:
     """Downscale every day from ``start`` to ``end`` (inclusive) with a trained run.
@@ -177,19 +288,26 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         fine days from the store, or days already predicted in ``out``'s parts.
     out : NetCDF path, or None to only return the Dataset (no resume without it).
     cfg : sampler, steps, tile/halo/stride, batch, members, mode (``strict``/``lenient``),
-        clip, eta, kernels (attention and GroupNorm+SiLU backend), seed.
-    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run) or ``"interp"``.
+        clip, eta, kernels (attention and GroupNorm+SiLU backend), fusion, consistency (the
+        coarse-cell projection of learned models' days; the baselines are never projected), seed.
+    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run), or a baseline that needs
+        no training: ``"interp"`` (bilinear interpolation of log10 coarse) or ``"clim"``
+        (interpolation plus the fine record's mean fine-scale residual per season, fitted on
+        the store's training days with the run's alignment).
     data : store path (default: the one recorded in the run).
 
     Returns
     -------
     xarray.Dataset with ``VAR(time[, member], lat, lon)`` in physical units, CF attributes.
+    The ``member`` dim is kept when ``cfg.members > 1``.
     """
     from tqdm.auto import tqdm
 
-    from ..training.stages import load_trained
+    from ..training.stages import fine_days, load_trained
 
     run = Path(run)
+    if model not in MODELS:
+        raise ValueError(f"sample: model must be one of {', '.join(MODELS)}, got {model!r}")
     if cfg.mode not in MODES:
         raise ValueError(f"sample: mode must be 'strict' or 'lenient', got {cfg.mode!r}")
     if cfg.members < 1:
@@ -197,6 +315,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     if cfg.kernels not in KERNEL_BACKENDS:
         raise ValueError(f"sample: sample.kernels must be one of {', '.join(KERNEL_BACKENDS)}, "
                          f"got {cfg.kernels!r}")
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"sample: sample.fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
     meta_path = run / "run.json"
     if data is None:
         if not meta_path.exists():
@@ -213,10 +333,35 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     members = cfg.members
     attrs = {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
              "mode": cfg.mode, "members": members, "tile": cfg.tile, "halo": cfg.halo,
-             "stride": cfg.stride, "seed": cfg.seed}
-    if model == "interp":
-        da = interpolate_coarse(store, days)
-        ds = _dataset([np.repeat(v[None], members, 0) for v in da.values], days, store, members, attrs)
+             "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
+             "fusion": cfg.fusion}
+    # the baselines stay what a user would compute by hand: never projected
+    project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
+
+    def finish(values, day, s):
+        if project is not None:
+            values = project(values, store.coarse.values[store.times_c.get_loc(day)], s)
+        return values
+
+    if model in ("interp", "clim"):
+        if model == "interp":
+            vals = interpolate_coarse(store, days).values
+        else:
+            rc = _run_config(run)
+            # the classical baseline: plain per-season pixel means, whatever the run's anchor
+            conf = dataclasses.replace(rc, train=dataclasses.replace(rc.train, target="residual",
+                                                                     anchor="clim"))
+            vals, fds = [], {}
+            for day in days:
+                s = int(season_of(day.month))
+                if s not in fds:
+                    fds[s] = fine_days(store, conf, s)
+                c = store.times_c.get_loc(day)
+                vals.append(fds[s].to_physical(np.zeros(fds[s].shape, np.float32), c))
+            vals = np.stack(vals)
+        out_vals = [finish(np.repeat(v[None], members, 0), d, int(season_of(d.month)))
+                    for v, d in zip(vals, days)]
+        ds = _dataset(out_vals, days, store, members, attrs)
         if out is not None:
             with atomic_path(out) as tmp:
                 ds.to_netcdf(tmp)
@@ -235,7 +380,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         for f in sorted(parts.glob("*.npy")):
             history[pd.Timestamp(f.stem)] = np.load(f)
     models, datasets, configs = {}, {}, {}
-    fine_days = set(store.times)
+    fine_set = set(store.times)
     results = []
     bar = tqdm(total=len(days), desc=f"sample {model} {cfg.sampler}", disable=not progress, unit="day")
     for day in days:
@@ -247,19 +392,18 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         if s not in models:
             models[s], configs[s] = load_trained(run, s, model, use_ema=cfg.use_ema, device=device)
             set_kernel_backend(models[s], cfg.kernels)
-            datasets[s] = FineDays(store, season=s, t_lag=configs[s].data.t_lag,
-                                   align=configs[s].data.align)
+            datasets[s] = fine_days(store, configs[s], s, anchor=models[s].anchor)
         mdl, conf, fd = models[s], configs[s], datasets[s]
         t_lag = conf.data.t_lag
         lag_days = pd.date_range(day - pd.Timedelta(days=t_lag), periods=t_lag, freq="D")
         lags = np.empty((members, t_lag) + fd.shape, np.float32)
         shared = True
         for j, ld in enumerate(lag_days):
-            use_pred = ld in history and (cfg.mode == "strict" or ld not in fine_days)
+            use_pred = ld in history and (cfg.mode == "strict" or ld not in fine_set)
             if use_pred:
                 lags[:, j] = store.norm_y.forward(history[ld], s)
                 shared = shared and members == 1
-            elif ld in fine_days:
+            elif ld in fine_set:
                 lags[:, j] = fd.y[fd.index_of(ld)]
             else:
                 raise ValueError(
@@ -267,15 +411,13 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                     f"is neither in the fine record ({store.times[0]:%Y-%m-%d}..{store.times[-1]:%Y-%m-%d}) "
                     f"nor predicted yet; start the rollout no later than "
                     f"{store.times[-1] + pd.Timedelta(days=1):%Y-%m-%d}")
-        coarse = fd.coarse_at(store.times_c.get_loc(day))
-        cov = fd.covariates_at(day)
-        inputs = DayInputs(coarse, cov, lags[:1] if shared else lags)
+        c = store.times_c.get_loc(day)
+        inputs = DayInputs(fd.coarse_at(c), fd.covariates_at(day), lags[:1] if shared else lags)
         z = downscale_day(mdl, inputs, kind=model, cfg=cfg, T=conf.diffusion.T,
                           prediction=conf.diffusion.prediction, members=members, seed=cfg.seed,
                           day_key=(day - pd.Timestamp("2000-01-01")).days,
                           cache_conditioning=cache_conditioning, device=device, backend=backend)
-        # The reference code replaces negative (normalised) outputs; so do we.
-        values = store.norm_y.inverse(np.maximum(z, 0.0), s).astype(np.float32)
+        values = finish(fd.to_physical(z, c), day, s)
         history[day] = values
         results.append(values)
         if parts is not None:

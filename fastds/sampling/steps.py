@@ -213,14 +213,15 @@ def _torch_fused(m, x, coef, noise, x0_prev, clip, x0_out):
 
 
 def fused_step(m, x, coef, *, noise=None, x0_prev=None, clip=None, out=None, x0_out=None,
-               backend="auto", step=None, seeds=None):
+               backend="auto", step=None, seed=None):
     """One sampler update in one pass over memory.
 
     m, x, noise, x0_prev : same shape (any), float32/float64; ``coef``: 6 numbers, or a device
-    tensor (n, 6) indexed by the device tensor ``step`` (CUDA graphs: see kernels). ``seeds``
-    (n,) int64 on the device draws the noise inside the Triton kernel instead of reading
-    ``noise``. Writes x_next to ``out`` (allocated if None) and x̂0 to ``x0_out`` if given.
-    Returns ``out``.
+    tensor (n, 6) indexed by the device tensor ``step`` (CUDA graphs: see kernels). ``seed``
+    (1,) int64 on the device draws the noise inside the Triton kernel (Philox, counter
+    ``step·numel + i``) instead of reading ``noise``: only the ``triton`` backend can, and any
+    other raises rather than silently dropping the noise. Writes x_next to ``out`` (allocated
+    if None) and x̂0 to ``x0_out`` if given. Returns ``out``.
     """
     _backend.require(backend, op="fused_step", choices=STEP_BACKENDS)
     if backend == "auto":
@@ -233,8 +234,15 @@ def fused_step(m, x, coef, *, noise=None, x0_prev=None, clip=None, out=None, x0_
     if backend == "triton":
         from ..kernels.sampler_step import fused_step_triton
         return fused_step_triton(m, x, coef, noise=noise, x0_prev=x0_prev, clip=clip, out=out,
-                                 x0_out=x0_out, step=step, seeds=seeds)
+                                 x0_out=x0_out, step=step, seed=seed)
+    if seed is not None:
+        raise ValueError(f"fused_step: seed= draws noise inside the Triton kernel; backend "
+                         f"{backend!r} cannot, so pass the noise tensor as noise= instead")
     if isinstance(coef, torch.Tensor) and coef.ndim == 2:
+        if step is not None and isinstance(step, torch.Tensor) and step.device.type != "cpu":
+            # reading a device counter on the host syncs the stream and breaks graph capture
+            raise ValueError(f"fused_step: a device-side step counter needs backend 'triton' "
+                             f"(backend {backend!r} would read it on the host)")
         coef = coef[int(step)] if step is not None else coef[0]
     if backend == "ref":
         res, x0 = fused_step_ref(m, x, coef, noise=noise, x0_prev=x0_prev, clip=clip)

@@ -255,6 +255,8 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
     stop = False
     while state["epoch"] < settings.epochs and not stop:
         epoch = state["epoch"]
+        if hasattr(train_set, "set_epoch"):  # per-epoch randomness of the items themselves
+            train_set.set_epoch(epoch)
         indices = _epoch_indices(len(train_set), epoch, settings, rank, world)
         skip = state["step_in_epoch"] * settings.batch
         n_batches = math.ceil(len(indices) / settings.batch)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .._io import atomic_path
 from ..config import Config, config_from_toml, to_toml
-from ..data.datasets import FinePatches, LagSequences
+from ..data.datasets import FineDays, FinePatches, LagSequences
+from ..data.transforms import COVARIATE_SETS, Anchor
 from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
@@ -26,7 +27,7 @@ from ..models.conditional import build_model
 from ..models.unet import TemporalUNet
 from .loop import FitSettings, fit, load_checkpoint
 
-__all__ = ["pretrain", "train", "season_dir", "load_trained"]
+__all__ = ["pretrain", "train", "season_dir", "load_trained", "fine_days"]
 
 
 def season_dir(run, season) -> Path:
@@ -92,13 +93,37 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
     return out
 
 
+def _fine_kwargs(config: Config) -> dict:
+    """How a config sees the fine record: the one mapping from settings to dataset options,
+    shared by training and sampling so both see the same inputs."""
+    d = config.data
+    if config.train.anchor not in ("shrunk", "clim"):
+        raise ValueError(f"train.anchor must be 'shrunk' or 'clim', got {config.train.anchor!r}")
+    return {"t_lag": d.t_lag, "align": d.align, "space": config.train.target,
+            "covariates": d.covariates, "shrink": config.train.anchor == "shrunk"}
+
+
+def fine_days(store, config: Config, season, *, anchor: Anchor | None = None) -> FineDays:
+    """Whole-day inputs of ``season`` as ``config`` trains on them (``anchor``: the one saved
+    with a model; None fits it on the store's training days)."""
+    return FineDays(store, season=season, anchor=anchor, **_fine_kwargs(config))
+
+
 def _model_for(kind, config: Config, run, season):
     tcfg = config.train
     transfer_widths = config.pretrain.widths if tcfg.transfer else None
     torch.manual_seed(tcfg.seed)
     model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
                         transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
-                        prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent)
+                        prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,
+                        n_covariates=len(COVARIATE_SETS[config.data.covariates]),
+                        target=tcfg.target, lag_channels=tcfg.lag_channels)
+    if kind == "ddpm" and tcfg.mean == "unet":
+        if tcfg.target != "residual":
+            raise ValueError("train.mean='unet' needs train.target='residual'")
+        model.set_regression(_model_for("unet", config, run, season))
+    elif tcfg.mean not in ("clim", "unet"):
+        raise ValueError(f"train.mean must be 'clim' or 'unet', got {tcfg.mean!r}")
     if model.transfer is not None:
         best = season_dir(run, season) / "pretrain.best.pt"
         if not best.exists():
@@ -110,13 +135,34 @@ def _model_for(kind, config: Config, run, season):
     return model
 
 
+def _attach_regression(model, run, season, train_set, config: Config, device):
+    """CorrDiff: load the season's trained U-Net into the DDPM as its frozen mean and set the
+    residual's scale from training patches (so the diffused residual has unit sd)."""
+    best = season_dir(run, season) / "unet.best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"train: {best} is missing; train.mean='unet' diffuses the residual "
+                                f"of the U-Net, so run `fastds train --model unet` first")
+    ck = load_checkpoint(best)
+    model.regression.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+    g = torch.Generator().manual_seed(config.train.seed + 3)
+    idx = torch.randperm(len(train_set), generator=g)[:1024].tolist()
+    from torch.utils.data import default_collate
+    b = default_collate([train_set[i] for i in idx])
+    res = b["target"] - model.regression_mean(b["coarse"], b["covariates"], b["lags"])
+    model.set_regression(model.regression, float(res.std().clamp_min(1e-3)))
+
+
 def _loss_for(kind, config: Config):
     diffusion = Diffusion(config.diffusion.T, config.diffusion.prediction, config.diffusion.schedule)
     beta = config.train.vae_beta
 
     def ddpm(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"])
-        return diffusion.loss(m, b["target"], cond, generator=gen)
+        target = b["target"]
+        mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"])
+        if mean is not None:  # CorrDiff: diffuse the scaled residual of the regression
+            target = (target - mean) / m.regression_scale
+        return diffusion.loss(m, target, cond, generator=gen)
 
     def unet(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"])
@@ -142,20 +188,24 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     for s in _seasons(store, config, season):
         d = config.data
         train_set = FinePatches(store, season=s, split="train", tile=d.tile, stride=d.train_stride,
-                                t_lag=d.t_lag, align=d.align)
+                                random_offsets=d.random_offsets, seed=config.train.seed,
+                                lag_noise=config.train.lag_noise, **_fine_kwargs(config))
         val_set = FinePatches(store, season=s, split="val", tile=d.tile, stride=d.train_stride,
-                              t_lag=d.t_lag, align=d.align)
+                              anchor=train_set.anchor, **_fine_kwargs(config))
         if len(train_set) == 0:
             raise ValueError(f"train: season {s} has no fine training day with a full "
                              f"{d.t_lag}-day lag window in {data}")
         net = _model_for(model, config, run, s)
+        if net.regression is not None:
+            _attach_regression(net, run, s, train_set, config, device)
         ckpt = season_dir(run, s) / f"{model}.pt"
         fit(net, _loss_for(model, config), train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches,
                                ema=config.train.ema if model == "ddpm" else 0.0),
             ckpt_path=ckpt,
             extra_state={"kind": model, "season": s, "config": to_toml(config),
-                         "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict()},
+                         "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
+                         "anchor": train_set.anchor.to_dict() if train_set.anchor else None},
             resume=resume, progress=progress, device=device, on_step=on_step,
             desc=f"train {model} season {s}")
         out.append(ckpt.with_suffix(".best.pt"))
@@ -163,7 +213,10 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
 
 
 def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
-    """(model in eval mode, Config) from a run's best checkpoint for ``season``."""
+    """(model in eval mode, Config) from a run's best checkpoint for ``season``.
+
+    ``model.anchor`` is the :class:`~fastds.data.transforms.Anchor` the model was trained
+    around (residual target), or None (absolute target)."""
     path = season_dir(run, season) / f"{kind}.best.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `fastds train --model {kind}` for season {season}")
@@ -172,4 +225,5 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     model = _model_for(kind, config, run, season)
     # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
     model.load_state_dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
+    model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
     return model.to(device).eval(), config

@@ -1,0 +1,87 @@
+"""Coarse consistency: project a generated day so that every coarse cell's area-weighted mean
+of the fine field (physical units) equals the coarse value times that cell's fine/coarse ratio.
+
+MERRA-2 and G5NR are different models, so a G5NR cell mean is not the MERRA-2 value: the
+ratio is learned per season and per cell over the fine record's training days (a ratio of
+sums, robust to days near zero). The projection is multiplicative per cell, so it keeps the
+field positive and its within-cell pattern, and leaves a field that already satisfies the
+constraint unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data.transforms import cell_of, season_fit_days
+
+__all__ = ["CoarseProjection", "fit_projection", "cell_means"]
+
+
+def _cells(lat, lon, lat_c, lon_c):
+    """Flat coarse-cell id (H, W) of each fine pixel and its area weight cos(lat) (H, W)."""
+    iy, ix = cell_of(lat_c, lat), cell_of(lon_c, lon)
+    ids = iy[:, None] * len(lon_c) + ix[None, :]
+    w = np.broadcast_to(np.cos(np.radians(np.asarray(lat, float)))[:, None], ids.shape)
+    return ids.astype(np.int64), np.ascontiguousarray(w)
+
+
+def cell_means(values, ids, weights, n_cells):
+    """Area-weighted means of (..., H, W) over each cell: (..., n_cells), NaN where empty."""
+    v = np.asarray(values, np.float64)
+    lead = v.shape[:-2]
+    flat = v.reshape(-1, ids.size)
+    wsum = np.bincount(ids.ravel(), weights.ravel(), n_cells)
+    out = np.stack([np.bincount(ids.ravel(), weights.ravel() * row, n_cells) for row in flat])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = out / wsum
+    return out.reshape(lead + (n_cells,))
+
+
+@dataclass(frozen=True)
+class CoarseProjection:
+    """Cell membership of the fine grid and the learned fine/coarse ratio per season.
+
+    ids (H, W) int64 flat coarse-cell index (MERRA-2's half-open cells), weights (H, W)
+    cos(lat), ratio : dict season -> (h_c, w_c) float64.
+    """
+    ids: np.ndarray
+    weights: np.ndarray
+    shape_c: tuple
+    ratio: dict = field(default_factory=dict)
+
+    def target(self, coarse, season):
+        """Cell-mean targets (h_c, w_c) for one day's coarse field (physical units)."""
+        return np.asarray(coarse, np.float64) * self.ratio[int(season)]
+
+    def __call__(self, fine, coarse, season):
+        """Project ``fine`` (..., H, W), physical units, onto the constraint of the day's
+        ``coarse`` (h_c, w_c). Returns the same shape and dtype."""
+        n = int(np.prod(self.shape_c))
+        target = self.target(coarse, season).ravel()
+        current = cell_means(fine, self.ids, self.weights, n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where((current > 0) & np.isfinite(target), target / current, 1.0)
+        return (np.asarray(fine, np.float64) * scale[..., self.ids]).astype(np.asarray(fine).dtype)
+
+
+def fit_projection(fine, coarse, times, train_mask, *, lat, lon, lat_c, lon_c) -> CoarseProjection:
+    """Learn the per-cell fine/coarse ratio per season over training days.
+
+    fine (time, H, W) and coarse (time, h_c, w_c) in physical units for the same ``times``;
+    train_mask bool (time,); lat (H,), lon (W,), lat_c (h_c,), lon_c (w_c,) degrees.
+    """
+    if len(fine) != len(coarse) or len(fine) != len(times):
+        raise ValueError(f"fit_projection: fine ({len(fine)}), coarse ({len(coarse)}) and times "
+                         f"({len(times)}) must hold the same days")
+    ids, w = _cells(lat, lon, lat_c, lon_c)
+    shape_c = (len(lat_c), len(lon_c))
+    n = shape_c[0] * shape_c[1]
+    ratio = {}
+    for s, idx in season_fit_days(times, train_mask).items():
+        fm = cell_means(np.nan_to_num(fine[idx], nan=0.0), ids, w, n)
+        cm = np.nan_to_num(np.asarray(coarse[idx], np.float64).reshape(len(idx), n), nan=0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(cm.sum(0) > 0, fm.sum(0) / cm.sum(0), 1.0)
+        ratio[s] = np.where(np.isfinite(r), r, 1.0).reshape(shape_c)
+    return CoarseProjection(ids, w, shape_c, ratio)
