@@ -73,11 +73,11 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     return _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
                       members=members, seed=seed, day_key=day_key,
                       cache_conditioning=cache_conditioning, device=device, backend=backend,
-                      progress=progress)
+                      progress=progress, with_mean=True)
 
 
 def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, seed, day_key,
-               cache_conditioning, device, backend, progress):
+               cache_conditioning, device, backend, progress, with_mean):
     H, W = inputs.coarse.shape[-2:]
     tile = min(cfg.tile, H, W)
     halo = min(cfg.halo, (tile - 1) // 2)
@@ -95,13 +95,14 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
     # one generator per member; each sees its draws in the same order whatever the loop order
     gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
             for k in range(members)]
-    if kind == "ddpm" and getattr(model, "regression", None) is not None:
+    if with_mean and kind == "ddpm" and getattr(model, "regression", None) is not None:
         # CorrDiff: the sample is the scaled residual of a regression mean; stitching is
-        # linear, so mean and residual can be stitched apart and added
-        res = _downscale(_ResidualOnly(model), inputs, kind=kind, cfg=cfg, T=T,
-                            prediction=prediction, members=members, seed=seed, day_key=day_key,
-                            cache_conditioning=cache_conditioning, device=device, backend=backend,
-                            progress=progress)
+        # linear, so mean and residual are stitched apart and added. The residual pass runs
+        # the same model (so captured graphs stay keyed to it), without the mean.
+        res = _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
+                         members=members, seed=seed, day_key=day_key,
+                         cache_conditioning=cache_conditioning, device=device, backend=backend,
+                         progress=progress, with_mean=False)
         scale = float(model.regression_scale)
         for k in range(members):
             if k == 0 or not shared_lags:
@@ -153,22 +154,6 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
         patches = torch.cat(pieces[k])[:, 0].float()
         out[k] = stitch(patches, starts, (H, W), halo=halo).cpu().numpy()
     return out
-
-
-class _ResidualOnly(torch.nn.Module):
-    """A CorrDiff model seen as its diffusion part alone (the same network and conditioning,
-    no regression), so the one sampling path serves both."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.regression = None
-
-    def cond(self, coarse, covariates, lags=None):
-        return self.inner.cond(coarse, covariates, lags)
-
-    def forward(self, x_t, t, cond):
-        return self.inner(x_t, t, cond)
 
 
 def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, batch, member, device):
