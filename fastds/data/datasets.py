@@ -111,15 +111,15 @@ class _FineBase:
         self.shape = self.y.shape[1:]
         self.logx = to_log(coarse).astype(np.float32)
         self.anchor = anchor
-        if space == "residual" and anchor is None:
-            logy = to_log(fine).astype(np.float32)
-            up = self.coarse_log_at(self.cidx)
-            self.anchor = fit_anchor(logy, up, self.times, store.ds["split"].values == SPLITS["train"],
-                                     align=method, shrink=shrink)
         if space == "residual":
+            self.logy = to_log(fine).astype(np.float32)
+            if anchor is None:
+                up = self.coarse_log_at(self.cidx)
+                self.anchor = fit_anchor(self.logy, up, self.times,
+                                         store.ds["split"].values == SPLITS["train"],
+                                         align=method, shrink=shrink)
             if self.season not in self.anchor.clim:
                 raise ValueError(f"the anchor has no statistics for season {self.season}")
-            self.logy = to_log(fine).astype(np.float32)
 
     def coarse_on_fine(self, d, win=(slice(None), slice(None))):
         """Day ``d``'s (fine index) coarse field on the fine grid (window ``win``), (1, h, w)."""

@@ -135,7 +135,7 @@ def _model_for(kind, config: Config, run, season):
     return model
 
 
-def _attach_regression(model, run, season, train_set, config: Config, device):
+def _attach_regression(model, run, season, train_set, config: Config):
     """CorrDiff: load the season's trained U-Net into the DDPM as its frozen mean and set the
     residual's scale from training patches (so the diffused residual has unit sd)."""
     best = season_dir(run, season) / "unet.best.pt"
@@ -197,7 +197,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                              f"{d.t_lag}-day lag window in {data}")
         net = _model_for(model, config, run, s)
         if net.regression is not None:
-            _attach_regression(net, run, s, train_set, config, device)
+            _attach_regression(net, run, s, train_set, config)
         ckpt = season_dir(run, s) / f"{model}.pt"
         fit(net, _loss_for(model, config), train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches,
