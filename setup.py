@@ -135,7 +135,7 @@ class BuildPy(build_py):
 
 cpu_ext = Pybind11Extension(
     "fastds._C",
-    sources=[str(CSRC / f) for f in ("bindings.cpp", "stitch_cpu.cpp", "step_cpu.cpp")],
+    sources=[str(CSRC / f) for f in ("bindings.cpp", "stitch_cpu.cpp", "stitch_band.cpp", "step_cpu.cpp")],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],
@@ -182,7 +182,7 @@ setup(
     # every module fastds imports at run time; torch is pinned by the user (CPU or CUDA build)
     install_requires=[
         "torch>=2.3", "numpy>=1.24", "scipy", "xarray", "pandas", "netCDF4", "h5netcdf",
-        "zarr", "dask", "statsmodels", "matplotlib", "tqdm", "numba",
+        "zarr", "dask", "distributed", "statsmodels", "matplotlib", "tqdm", "numba",
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={

@@ -1,7 +1,11 @@
 """Halo-and-Hann stitching: fastds backends vs a naive numpy loop vs MONAI-style torch blending.
 
-Bytes that must move: every patch read once plus the output written once; the `memcpy`
-provider copies that many bytes in the same run, so ratios to it are machine-independent.
+Bytes that must move: every patch read once plus the output written once (``blend_cut``
+also writes every patch again); the `memcpy` provider copies patches + image with one thread
+in the same run, so bandwidth ratios to it are machine-independent. Providers: ``plan``
+(``StitchPlan.stitch``: band scatter, plan built once), ``stitch`` (the one-call form, same
+kernel plus input checks), ``gather`` (the per-pixel OpenMP gather it replaced),
+``blend_cut`` (fused stitch + cut), ``ref``, ``numpy_loop``, ``monai``.
 """
 import sys
 
@@ -52,7 +56,8 @@ def monai_style(patches, starts, tile):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("provider", ["memcpy", "ref", "cpu", "numpy_loop", "monai"])
+@pytest.mark.parametrize("provider", ["memcpy", "ref", "plan", "stitch", "gather", "blend_cut",
+                                      "numpy_loop", "monai"])
 def test_stitch(benchmark, record, name, provider):
     cfg = CONFIGS[name]
     starts, patches, nbytes = _setup(cfg)
@@ -68,11 +73,18 @@ def test_stitch(benchmark, record, name, provider):
             np.copyto(out, src)
     elif provider == "ref":
         fn = lambda: stitch_ref(patches, starts, (H, W), halo=halo)  # noqa: E731
-    elif provider == "cpu":
+    elif provider in ("plan", "stitch", "gather", "blend_cut"):
         expect = stitch_ref(patches, starts, (H, W), halo=halo)
-        np.testing.assert_allclose(fastds.stitch(patches, starts, (H, W), halo=halo, backend="cpu"),
-                                   expect, rtol=2e-5, atol=1e-6)
-        fn = lambda: fastds.stitch(patches, starts, (H, W), halo=halo, backend="cpu")  # noqa: E731
+        plan = fastds.StitchPlan(starts, (H, W), tile=tile, halo=halo)
+        gather = fastds.stitch(patches, starts, (H, W), halo=halo, backend="cpu-gather")
+        np.testing.assert_allclose(gather, expect, rtol=2e-5, atol=1e-6)
+        np.testing.assert_array_equal(plan.stitch(patches), gather)
+        fn = {"plan": lambda: plan.stitch(patches),
+              "stitch": lambda: fastds.stitch(patches, starts, (H, W), halo=halo, backend="cpu"),
+              "gather": lambda: fastds.stitch(patches, starts, (H, W), halo=halo, backend="cpu-gather"),
+              "blend_cut": lambda: plan.blend_cut(patches)}[provider]
+        if provider == "blend_cut":
+            nbytes += patches.nbytes
     elif provider == "numpy_loop":
         fn = lambda: numpy_loop(patches, starts, tile)  # noqa: E731
     else:

@@ -31,21 +31,69 @@ static py::tuple plan_py(carr<int64_t> starts, int H, int W, int tile, int halo,
   return py::make_tuple(boxes, ptr, idx, p.ncx);
 }
 
+// The shape checks every stitch entry point makes: (N, C, tile, tile) patches, one plan box
+// per patch, a (C, H, W) output.
+template <typename P, typename B, typename O>
+static void check_stitch(const P& patches, const B& boxes, const O& out, int& C, int& tile,
+                         int& H, int& W) {
+  if (patches.ndim() != 4) throw std::invalid_argument("patches must be (N, C, tile, tile)");
+  if (out.ndim() != 3) throw std::invalid_argument("out must be (C, H, W)");
+  C = (int)patches.shape(1);
+  tile = (int)patches.shape(2);
+  H = (int)out.shape(1);
+  W = (int)out.shape(2);
+  if (out.shape(0) != C) throw std::invalid_argument("out channels differ from patches'");
+  if (boxes.shape(0) != patches.shape(0)) throw std::invalid_argument("plan/patch count differ");
+}
+
 template <typename T, bool Pixelwise>
 static void stitch_py(carr<T> patches, carr<int32_t> boxes, carr<int32_t> ptr,
                       carr<int32_t> idx, int cell, int ncx, carr<T> hann, double eps,
                       py::array_t<T, py::array::c_style> out) {
-  if (patches.ndim() != 4) throw std::invalid_argument("patches must be (N, C, tile, tile)");
-  if (out.ndim() != 3) throw std::invalid_argument("out must be (C, H, W)");
-  const int C = (int)patches.shape(1), tile = (int)patches.shape(2);
-  const int H = (int)out.shape(1), W = (int)out.shape(2);
-  if (out.shape(0) != C) throw std::invalid_argument("out channels differ from patches'");
-  if (boxes.shape(0) != patches.shape(0)) throw std::invalid_argument("plan/patch count differ");
+  int C, tile, H, W;
+  check_stitch(patches, boxes, out, C, tile, H, W);
   const T* pp = patches.data();
   T* op = out.mutable_data();
   py::gil_scoped_release nogil;
   auto fn = Pixelwise ? &stitch_pixelwise_cpu<T> : &stitch_cpu<T>;
   fn(pp, C, tile, H, W, boxes.data(), ptr.data(), idx.data(), cell, ncx, hann.data(), (T)eps, op);
+}
+
+static py::tuple band_plan_py(carr<int32_t> boxes, int H, int tile, int band) {
+  if (boxes.ndim() != 2 || boxes.shape(1) != 6) throw std::invalid_argument("boxes must be (N, 6)");
+  BandPlan p = build_band_plan(boxes.data(), boxes.shape(0), H, tile, band);
+  auto arr = [](const std::vector<int32_t>& v) {
+    auto a = carr<int32_t>((py::ssize_t)v.size());
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+  };
+  return py::make_tuple(p.nb, arr(p.kept_ptr), arr(p.kept_idx), arr(p.full_ptr), arr(p.full_idx));
+}
+
+// No forcecast on the hot arrays: a wrong dtype or layout is an error, not a silent copy.
+template <typename T>
+using exact = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+static void stitch_band_py(exact<T> patches, exact<int32_t> boxes, int band, int nb,
+                           exact<int32_t> kp, exact<int32_t> ki, exact<int32_t> fp,
+                           exact<int32_t> fi, exact<T> hann, double eps, exact<T> out,
+                           py::object cut) {
+  int C, tile, H, W;
+  check_stitch(patches, boxes, out, C, tile, H, W);
+  if (kp.size() != nb + 1 || fp.size() != nb + 1) throw std::invalid_argument("band plan size");
+  T* cp = nullptr;
+  exact<T> c;
+  if (!cut.is_none()) {
+    c = cut.cast<exact<T>>();
+    if (c.size() != patches.size()) throw std::invalid_argument("cut must be shaped like patches");
+    cp = c.mutable_data();
+  }
+  const T* pp = patches.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release nogil;
+  stitch_band_cpu<T>(pp, C, tile, H, W, boxes.data(), band, nb, kp.data(), ki.data(), fp.data(),
+                     fi.data(), hann.data(), (T)eps, op, cp);
 }
 
 template <typename T>
@@ -75,6 +123,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fastds CPU kernels (OpenMP)";
   mod.def("build_stitch_plan", &plan_py, py::arg("starts"), py::arg("H"), py::arg("W"),
           py::arg("tile"), py::arg("halo"), py::arg("cell"));
+  mod.def("build_band_plan", &band_plan_py, py::arg("boxes"), py::arg("H"), py::arg("tile"),
+          py::arg("band"));
+  mod.def("stitch_band_f32", &stitch_band_py<float>);
+  mod.def("stitch_band_f64", &stitch_band_py<double>);
   mod.def("stitch_f32", &stitch_py<float, false>);
   mod.def("stitch_f64", &stitch_py<double, false>);
   mod.def("stitch_pixelwise_f32", &stitch_py<float, true>);

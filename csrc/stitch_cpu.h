@@ -11,6 +11,22 @@ struct StitchPlan {
   std::vector<int32_t> cell_idx;
 };
 
+// Band-scatter plan: per band of `band` rows, the patches whose kept region meets it
+// (kept_*) and those whose whole tile meets it (full_*, for the fused cut), ascending.
+struct BandPlan {
+  int band = 1, nb = 0;
+  std::vector<int32_t> kept_ptr, kept_idx, full_ptr, full_idx;
+};
+
+BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int band);
+
+// out (C, H, W) = the stitched image; cut (N, C, tile, tile) or nullptr = its patches again.
+template <typename T>
+void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
+                     int band, int nb, const int* kept_ptr, const int* kept_idx,
+                     const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
+                     T* cut);
+
 StitchPlan build_stitch_plan(const int64_t* starts, int64_t n, int H, int W, int tile,
                              int halo, int cell);
 

@@ -83,6 +83,7 @@ def capabilities() -> dict:
 _HOW = {
     "cpu": lambda: None if _PROBES["HAS_CPU_EXT"]() else (
         "fastds._C is not built (" + str(_import("fastds._C")[1]) + "); run `pip install -e .`"),
+    "cpu-gather": lambda: _HOW["cpu"](),
     "cuda": lambda: (
         "fastds._C_cuda is not built (install the CUDA toolkit and reinstall)"
         if not _PROBES["HAS_CUDA_EXT"]() else

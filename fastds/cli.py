@@ -89,6 +89,11 @@ def _parser():
                    help="a trained model, or a baseline that needs no training: interp "
                         "(interpolated coarse) or clim (interp + mean fine-scale residual)")
     p.add_argument("--data", help="store (default: the run's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run on a local dask.distributed cluster of N single-threaded workers "
+                        "(units: time segments x members; resumable)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of an existing dask.distributed scheduler (e.g. tcp://host:8786)")
 
     p = sub.add_parser("evaluate", help="skill, variograms, ACF/PACF, lag curves, spectra, report")
     _common(p)
@@ -151,7 +156,8 @@ def _run(args) -> int:
         sc = cfg.sample
         sc = dataclasses.replace(sc, members=args.members or sc.members, mode=args.mode or sc.mode)
         ds = sample(run=args.run, start=args.start, end=args.end, out=args.out, cfg=sc, model=args.model,
-                    data=args.data, device=args.device, progress=progress)
+                    data=args.data, device=args.device, progress=progress, workers=args.workers,
+                    scheduler=args.scheduler)
         print(f"wrote {args.out}: {dict(ds.sizes)}")
     elif args.cmd == "evaluate":
         from .report import evaluate, format_table

@@ -69,6 +69,15 @@ class TrainConfig:
                                   # region's by their reliability) or "clim" (plain pixel means)
     lag_channels: int = 0         # last k fine days as direct channels (0: transfer features only)
     lag_noise: float = 0.0        # sd (min-max units) of noise added to training lag windows
+    pushforward: float = 0.75     # share of training items whose last L lag days (L uniform in
+                                  # 1..t_lag) are predictions, as at lead L of a strict rollout
+    pushforward_source: str = "anchor"  # those predictions: "anchor" (μ, no model) or "unet"
+                                  # (the run's U-Net, one step; for ddpm/vae)
+    cond_dropout: float = 0.0     # share of items trained without lag information (coarse-only
+                                  # fallback; sample.lag_conditioning=false uses it)
+    select: str = "rollout"       # best checkpoint by "loss" (validation loss) or "rollout"
+                                  # (R² of a strict rollout over each validation block; U-Net/VAE,
+                                  # the DDPM keeps the loss)
     mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
                                   # so train --model unet first) or "clim" (the anchor alone)
     lr: float = 1e-4
@@ -107,6 +116,16 @@ class SampleConfig:
                                   # the coarse field (the interp/clim baselines stay plain)
     fusion: str = "step"          # "step" (blend patch outputs every step: one field) or "final"
                                   # (stitch finished patch samples: the paper)
+    lag_history: str = "member"   # strict rollouts with members: each member's lags are its own
+                                  # days ("member") or all share the ensemble mean's ("mean")
+    lag_conditioning: bool = True  # false: the coarse-only fallback (needs train.cond_dropout > 0)
+    precision: str = "fp32"       # network calls in "fp32" or "bf16" (autocast; the sampler's
+                                  # state, updates and stitching stay fp32)
+    calibrate: bool = True        # CorrDiff DDPM: widen the residual by its validation rollout
+                                  # error over its training sd (saved with the model; >= 1)
+    segments: int = 1             # parallel-in-time: split the period into this many segments,
+                                  # each after the first started cold (μ lags) and burnt in
+    burn_in: int = 14             # days each cold segment runs before its first kept day
     seed: int = 0
 
 

@@ -15,7 +15,7 @@ from .metrics import (acf_pacf, crps, day_scores, lag_curves, power_spectrum, ra
                       semivariogram, spread_skill, summarize, summarize_wasserstein,
                       wasserstein_by_day)
 
-__all__ = ["evaluate", "format_table", "load_field"]
+__all__ = ["rollout_drift", "evaluate", "format_table", "load_field"]
 
 TABLE_SCORES = ("r2", "r2_nse", "rmse", "mae", "bias")
 
@@ -90,6 +90,8 @@ def lead_table(leads: dict) -> pd.DataFrame:
         if not np.allclose(f["r2"].values, f["r2_member"].values, equal_nan=True):
             cols[f"r2:{name}-member"] = f["r2_member"]
         cols[f"sd_ratio:{name}"] = f["sd_ratio"]
+        if "sd" in f:
+            cols[f"sd:{name}"] = f["sd"]
     return pd.DataFrame(cols)
 
 
@@ -132,6 +134,38 @@ def lead_scores(pred: xr.DataArray, truth: xr.DataArray, record_end) -> pd.DataF
     sp = single.sel(time=scores.index)
     out["sd_ratio"] = [float(np.nanstd(_log(sp.sel(time=d).values)) /
                              np.nanstd(_log(truth.sel(time=d).values))) for d in scores.index]
+    drift = rollout_drift(single.sel(time=scores.index), record_end)
+    out["sd"], out["region_mean"] = drift["sd"].values, drift["region_mean"].values
+    return out.set_index("lead")
+
+
+def rollout_drift(pred: xr.DataArray, record_end, reference: xr.DataArray | None = None) -> pd.DataFrame:
+    """Truth-free drift diagnostics of a rollout (time[, member], lat, lon), physical units:
+    per lead (days after ``record_end``), member 0's spatial sd and region mean of log10.
+    With ``reference`` (the fine record, (time, lat, lon)), adds ``sd_z`` and ``mean_z``:
+    each day's values as z-scores against the reference's days of the same calendar month,
+    so a drifting rollout shows a trend away from 0 without any truth on its days."""
+    one = pred.isel(member=0) if "member" in pred.dims else pred
+    v = _log(one.transpose("time", ...).values)
+    flat = v.reshape(v.shape[0], -1)
+    days = pd.DatetimeIndex(one.time.values)
+    out = pd.DataFrame({"lead": (days - pd.Timestamp(record_end)).days,
+                        "sd": np.nanstd(flat, axis=1), "region_mean": np.nanmean(flat, axis=1)})
+    if reference is not None:
+        r = _log(reference.transpose("time", ...).values)
+        rf = r.reshape(r.shape[0], -1)
+        rsd, rmean = np.nanstd(rf, axis=1), np.nanmean(rf, axis=1)
+        months = pd.DatetimeIndex(reference.time.values).month
+        sd_z, mean_z = [], []
+        for d, a, b in zip(days, out["sd"], out["region_mean"]):
+            m = months == d.month
+            if m.sum() < 2:
+                sd_z.append(np.nan)
+                mean_z.append(np.nan)
+                continue
+            sd_z.append((a - rsd[m].mean()) / rsd[m].std())
+            mean_z.append((b - rmean[m].mean()) / rmean[m].std())
+        out["sd_z"], out["mean_z"] = sd_z, mean_z
     return out.set_index("lead")
 
 
@@ -239,11 +273,15 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
     metrics["table"] = table.to_dict(orient="records")
     if leads:
         lt = lead_table(leads)
+        common = pd.DatetimeIndex(shared) if same_days else pd.DatetimeIndex(first["days"])
+        ref = rollout_drift(truth.sel(time=common), record_end)["sd"]
+        lt["sd:truth"] = ref.reindex(lt.index).values
         metrics["lead_table"] = lt.reset_index().to_dict(orient="list")
         with atomic_path(out / "leads.csv") as tmp:
             lt.to_csv(tmp)
         with atomic_path(out / "leads.md") as tmp:
-            tmp.write_text(format_leads(lt))
+            tmp.write_text(format_leads(lt) + "\nSpatial sd of log10 by lead (member 0; no truth needed):\n\n"
+                           + format_leads(lt, "sd"))
     with atomic_path(out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(out / "table.md") as tmp:

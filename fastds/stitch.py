@@ -1,8 +1,9 @@
 """Patch planning and Halo-and-Hann stitching (METHOD.md §5).
 
 ``stitch`` is the dispatcher; ``stitch_ref`` is the readable reference every backend is
-tested against. Backends: ``ref`` (numpy/torch loop), ``cpu`` (C++/OpenMP gather,
-``csrc/stitch_cpu.cpp``), ``cuda`` (``csrc/stitch_cuda.cu`` through ``fastds._C_cuda``, torch
+tested against. Backends: ``ref`` (numpy/torch loop), ``cpu`` (C++/OpenMP band scatter,
+``csrc/stitch_band.cpp``), ``cpu-gather`` (the per-pixel OpenMP gather it replaced,
+``csrc/stitch_cpu.cpp``, bit-identical, kept for comparison), ``cuda`` (``csrc/stitch_cuda.cu`` through ``fastds._C_cuda``, torch
 CUDA tensors), ``cupy`` (the same ``.cu`` source through ``cupy.RawModule``).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from . import _backend
 __all__ = ["plan_patches", "stitch", "stitch_ref", "kept_box", "hann_table", "cut", "cut_ref",
            "StitchPlan"]
 
-BACKENDS = ("auto", "ref", "cpu", "cuda", "cupy")
+BACKENDS = ("auto", "ref", "cpu", "cpu-gather", "cuda", "cupy")
+BAND = 16  # rows per band of the CPU scatter: S and Z of a band stay in L1/L2
 
 
 def _positive_int(name, value, *, allow_zero=False):
@@ -192,7 +194,45 @@ def _plan(starts, H, W, tile, halo):
     return _plan_cached(hash(b), b, len(starts), H, W, tile, halo)
 
 
+@functools.lru_cache(maxsize=16)
+def _band_plan_cached(key, starts_bytes, n, H, W, tile, halo):
+    boxes = _plan_cached(key, starts_bytes, n, H, W, tile, halo)[0]
+    nb, *lists = _backend.cpu_ext().build_band_plan(boxes, H, tile, BAND)
+    return (boxes, int(nb), *lists)
+
+
+def _band_plan(starts, H, W, tile, halo):
+    b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
+    return _band_plan_cached(hash(b), b, len(starts), H, W, tile, halo)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(tile, dtype):
+    return hann_table(tile).astype(dtype)
+
+
+def _band_call(arr, band_plan, H, W, eps, cut=None):
+    """The band kernel on a C-contiguous (N, C, tile, tile) numpy array: (C, H, W) image,
+    and, with ``cut`` (an array shaped like ``arr``), the image's patches written into it."""
+    boxes, nb, kp, ki, fp, fi = band_plan
+    out = np.empty((arr.shape[1], H, W), dtype=arr.dtype)
+    ext = _backend.cpu_ext()
+    fn = ext.stitch_band_f32 if arr.dtype == np.float32 else ext.stitch_band_f64
+    fn(arr, boxes, BAND, nb, kp, ki, fp, fi, _hann(arr.shape[-1], arr.dtype), float(eps), out, cut)
+    return out
+
+
 def _stitch_cpu(p, starts, H, W, tile, halo, eps):
+    torch_in = _is_torch(p)
+    arr = p.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(p)
+    out = _band_call(arr, _band_plan(starts, H, W, tile, halo), H, W, eps)
+    if torch_in:
+        import torch
+        return torch.from_numpy(out)
+    return out
+
+
+def _stitch_cpu_gather(p, starts, H, W, tile, halo, eps):
     torch_in = _is_torch(p)
     arr = p.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(p)
     boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
@@ -254,7 +294,8 @@ def _stitch_cupy(p, starts, H, W, tile, halo, eps):
     return out
 
 
-_IMPL = {"cpu": _stitch_cpu, "cuda": _stitch_cuda, "cupy": _stitch_cupy}
+_IMPL = {"cpu": _stitch_cpu, "cpu-gather": _stitch_cpu_gather, "cuda": _stitch_cuda,
+         "cupy": _stitch_cupy}
 
 
 def _auto_backend(patches):
@@ -279,7 +320,7 @@ def stitch(patches, starts, shape, *, halo=0, eps=1e-6, backend="auto"):
         (a side touches it when ``y0 == 0``, ``y0 + tile == H``, and the same for x).
     eps : floor for the weights and for the normaliser.
     backend : ``"auto"`` (the fastest available for the input's device), ``"ref"``, ``"cpu"``,
-        ``"cuda"`` or ``"cupy"``; an unavailable one raises ``BackendUnavailable`` saying why.
+        ``"cpu-gather"``, ``"cuda"`` or ``"cupy"``; an unavailable one raises ``BackendUnavailable`` saying why.
 
     Returns
     -------
@@ -298,8 +339,8 @@ def stitch(patches, starts, shape, *, halo=0, eps=1e-6, backend="auto"):
         raise ValueError("stitch: backend 'cuda' takes torch CUDA tensors; move patches with .cuda()")
     if backend == "cupy" and not _is_cupy(patches):
         raise ValueError("stitch: backend 'cupy' takes CuPy arrays; convert with cupy.asarray")
-    if backend == "cpu" and (_is_cupy(patches) or (_is_torch(patches) and patches.device.type != "cpu")):
-        raise ValueError("stitch: backend 'cpu' takes numpy arrays or CPU torch tensors")
+    if backend in ("cpu", "cpu-gather") and (_is_cupy(patches) or (_is_torch(patches) and patches.device.type != "cpu")):
+        raise ValueError(f"stitch: backend {backend!r} takes numpy arrays or CPU torch tensors")
     starts, tile, H, W, halo = _check_inputs(patches, starts, shape, halo, eps)
     squeeze = patches.ndim == 3
     p = patches[:, None] if squeeze else patches
@@ -369,7 +410,10 @@ class StitchPlan:
     - ``plan.blend_cut(patches)`` -> ``(image, patches_of_image)``: stitch, then cut the
       blended image again (step fusion: overlapping patches agree on one field).
 
-    ``blend_cut`` runs the stitch kernel and then one gather; it is not fused into one pass.
+    On the CPU backend the plan holds the band-scatter lists, so a call only checks the
+    patch array's shape and dtype (no range checks, no hashing of the starts), and
+    ``blend_cut`` is one fused pass: each band of the image, once normalised, is copied into
+    the patches that cover it. Elsewhere ``blend_cut`` is the stitch kernel then one gather.
     """
 
     def __init__(self, starts, shape, *, tile, halo=0, eps=1e-6, backend="auto"):
@@ -384,8 +428,37 @@ class StitchPlan:
         self.backend = backend
         self._index = _cut_index(self.starts, self.tile, self.W)
         self._indices = {}
+        self._band = None
         if _backend.why_unavailable("cpu") is None:
-            _plan(self.starts, self.H, self.W, self.tile, self.halo)  # build (and cache) now
+            self._band = _band_plan(self.starts, self.H, self.W, self.tile, self.halo)
+
+    def _cpu_array(self, patches):
+        """The C-contiguous numpy view the band kernel takes, or None when this call is not
+        the CPU backend's (another device or backend, or no extension)."""
+        if self._band is None or self.backend not in ("auto", "cpu") or _is_cupy(patches):
+            return None
+        if _is_torch(patches):
+            if patches.device.type != "cpu":
+                return None
+            patches = patches.detach().contiguous().numpy()
+        elif not isinstance(patches, np.ndarray):
+            return None
+        want = (len(self.starts), self.tile, self.tile)
+        if patches.ndim not in (3, 4) or patches.shape[0] != want[0] or patches.shape[-2:] != want[1:]:
+            raise ValueError(f"StitchPlan: patches must be (N={want[0]}, [C,] {self.tile}, {self.tile}), "
+                             f"got {tuple(patches.shape)}")
+        if patches.dtype not in (np.float32, np.float64):
+            raise TypeError(f"StitchPlan: patches must be float32 or float64, got {patches.dtype}")
+        arr = np.ascontiguousarray(patches)
+        return arr[:, None] if arr.ndim == 3 else arr
+
+    @staticmethod
+    def _like(out, patches, squeeze):
+        out = out[0] if squeeze else out
+        if _is_torch(patches):
+            import torch
+            return torch.from_numpy(out)
+        return out
 
     def __len__(self):
         return len(self.starts)
@@ -396,6 +469,10 @@ class StitchPlan:
 
     def stitch(self, patches):
         """(N, [C,] tile, tile) -> ([C,] H, W); see :func:`fastds.stitch`."""
+        arr = self._cpu_array(patches)
+        if arr is not None:
+            return self._like(_band_call(arr, self._band, self.H, self.W, self.eps), patches,
+                              patches.ndim == 3)
         return stitch(patches, self.starts, (self.H, self.W), halo=self.halo, eps=self.eps,
                       backend=self.backend)
 
@@ -418,5 +495,12 @@ class StitchPlan:
 
     def blend_cut(self, patches):
         """(N, [C,] tile, tile) -> (([C,] H, W) image, (N, [C,] tile, tile) patches of it)."""
+        arr = self._cpu_array(patches)
+        if arr is not None:
+            cut = np.empty_like(arr)
+            image = _band_call(arr, self._band, self.H, self.W, self.eps, cut)
+            squeeze = patches.ndim == 3
+            return (self._like(image, patches, squeeze),
+                    self._like(cut[:, 0] if squeeze else cut, patches, False))
         image = self.stitch(patches)
         return image, self.cut(image)

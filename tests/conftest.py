@@ -47,7 +47,7 @@ def rng():
 # ----------------------------------------------------------------------------- shared pipeline
 # One small twin, one store and one tiny trained run for every test that needs trained
 # models (about a minute on 2 cores, built once per session).
-TEST_OVERRIDES = ("data.seasons=[3]", "data.t_lag=6", "data.max_train_patches=2048",
+TEST_OVERRIDES = ("data.seasons=[3]", "data.t_lag=6", "data.max_train_patches=512",
                   "pretrain.widths=[8, 16, 16]", "pretrain.epochs=3",
                   "train.widths=[16, 32, 32]", "train.epochs=4", "train.batch=32")
 

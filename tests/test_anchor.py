@@ -113,6 +113,33 @@ def test_projection_hits_every_cell_target_and_fixes_satisfied_fields(rng):
     np.testing.assert_allclose(p2.ratio[3], 1.5, rtol=1e-10)
 
 
+def test_smooth_projection_leaves_no_steps_at_cell_edges(rng):
+    """A smooth field projected onto cell targets far from its own means: per-cell factors
+    put steps at the cell edges, the smooth factor does not; both hit every target."""
+    lat, lon, lat_c, lon_c = _grid()
+    times = pd.date_range("2005-06-01", periods=4)
+    yy, xx = np.meshgrid(np.arange(lat.size), np.arange(lon.size), indexing="ij")
+    field = 10 ** (-1 + 0.05 * np.sin(yy / 4.0) + 0.05 * np.cos(xx / 5.0))
+    coarse = 10 ** rng.normal(-1, 0.15, (4, lat_c.size, lon_c.size))
+    kw = dict(lat=lat, lon=lon, lat_c=lat_c, lon_c=lon_c)
+    fine = np.repeat(field[None], 4, 0)
+    smooth = fit_projection(fine, coarse, times, np.ones(4, bool), **kw)
+    blocky = fit_projection(fine, coarse, times, np.ones(4, bool), smooth=False, **kw)
+    n = lat_c.size * lon_c.size
+
+    def edge_jump(v):  # mean |Δ log10| across lat lines where the cell changes, over elsewhere
+        d = np.abs(np.diff(np.log10(v), axis=0)).mean(1)
+        edge = np.diff(smooth.ids[:, 0]) != 0
+        return d[edge].mean() / d[~edge].mean()
+    outs = {}
+    for name, proj in (("smooth", smooth), ("blocky", blocky)):
+        outs[name] = proj(field, coarse[1], 3)
+        np.testing.assert_allclose(cell_means(outs[name], proj.ids, proj.weights, n)[..., :],
+                                   proj.target(coarse[1], 3).ravel(), rtol=2e-6)
+    assert edge_jump(outs["blocky"]) > 3 * edge_jump(outs["smooth"])
+    assert edge_jump(outs["smooth"]) < 2.0
+
+
 # ------------------------------------------------------------------ split blocks and purge
 def test_blocked_split_keeps_test_days_out_of_training_lag_windows(twin_files, tmp_path):
     box = "24.0,28.0,44.0,49.0"

@@ -109,3 +109,45 @@ def test_power_spectrum_peak():
     z = np.sin(2 * np.pi * 8 * xx / 64)
     k, P = power_spectrum(z, lat, lon)
     assert np.argmax(P) == 7  # radius 8 -> index 7 (radius 0 dropped)
+
+
+def test_seam_statistic_finds_seams_and_ignores_smooth_fields():
+    from fastds.metrics import seam_statistic
+    from fastds.stitch import plan_patches
+    H, W, tile, halo = 37, 45, 16, 3
+    starts = plan_patches((H, W), tile, halo, 6)
+    yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    smooth = 10 ** (0.1 * np.sin(yy / 5.0) + 0.1 * np.cos(xx / 7.0) - 1)
+    assert seam_statistic(smooth, starts, tile=tile, halo=halo)[2] == pytest.approx(1.0, abs=0.1)
+    # steps exactly on the kept-region borders: seams
+    log = np.log10(smooth)
+    for y0, x0 in starts:
+        log[y0 + halo:, :] += 0.01
+        log[:, x0 + tile - halo:] -= 0.01
+    seam, inner, ratio = seam_statistic(10 ** log, starts, tile=tile, halo=halo)
+    assert ratio > 2 and seam > inner
+    # time stacks are averaged; a plan without inner borders is an error
+    assert seam_statistic(np.stack([smooth, smooth]), starts, tile=tile, halo=halo)[2] == pytest.approx(
+        seam_statistic(smooth, starts, tile=tile, halo=halo)[2])
+    with pytest.raises(ValueError, match="no kept-region border"):
+        seam_statistic(smooth[:16, :16], np.array([[0, 0]]), tile=16, halo=0)
+
+
+def test_rollout_drift_sees_a_trend_without_truth():
+    from fastds.report import rollout_drift
+    rng = np.random.default_rng(0)
+    ref_days = pd.date_range("2007-03-01", "2007-04-30")
+    ref = xr.DataArray(10 ** (-1 + 0.3 * rng.standard_normal((len(ref_days), 12, 14))),
+                       dims=("time", "lat", "lon"), coords={"time": ref_days})
+    days = pd.date_range("2007-05-01", periods=20)
+    grow = 0.3 * (1 + 0.05 * np.arange(20))[:, None, None]
+    pred = xr.DataArray(10 ** (-1 + grow * rng.standard_normal((20, 12, 14))), dims=("time", "lat", "lon"),
+                        coords={"time": days})
+    d = rollout_drift(pred, "2007-04-30")
+    assert list(d.index) == list(range(1, 21))
+    assert np.polyfit(d.index, d["sd"], 1)[0] > 0.01
+    # same month in the reference: May has none here, so z-scores need a May reference
+    ref_may = ref.assign_coords(time=pd.date_range("2006-05-01", periods=len(ref_days)))
+    z = rollout_drift(pred, "2007-04-30", reference=ref_may)
+    assert z["sd_z"].iloc[-1] > 3 > abs(z["sd_z"].iloc[0])
+    assert np.isnan(rollout_drift(pred, "2007-04-30", reference=ref)["sd_z"]).all()

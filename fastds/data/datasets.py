@@ -121,6 +121,10 @@ class _FineBase:
             if self.season not in self.anchor.clim:
                 raise ValueError(f"the anchor has no statistics for season {self.season}")
 
+    def logy_at(self, d):
+        """log10 of fine day ``d``'s truth (H, W); NaN where the record has none."""
+        return self.logy[d] if self.space == "residual" else to_log(self.store.fine.values[d]).astype(np.float32)
+
     def coarse_on_fine(self, d, win=(slice(None), slice(None))):
         """Day ``d``'s (fine index) coarse field on the fine grid (window ``win``), (1, h, w)."""
         return self.coarse_at(self.cidx[d], win)
@@ -203,12 +207,22 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
     ``lag_noise`` > 0 adds seeded Gaussian noise of that sd (min-max units) to the lags, so a
     model does not learn to trust a lag window more than its own predictions deserve in a
     rollout (exposure robustness); the targets are untouched.
+
+    ``pushforward`` p > 0: with probability p an item's last L lag days (L uniform in
+    1..t_lag, as at lead L of a strict rollout) are replaced by predictions instead of the
+    truth: ``alt`` (n_days, H, W) in lag units with ``alt_ok`` (n_days,) marking the days it
+    holds (e.g. the U-Net's one-step predictions, see :meth:`set_alternative`); other days,
+    or all with ``alt`` None, take the anchor surrogate μ (interpolated coarse + residual
+    map; interpolated coarse for the absolute target), which needs no model. ``cond_dropout``
+    q > 0: with probability q an item's ``drop`` flag is set and the model sees no lag
+    information (a coarse-only fallback, see ConditionalModel.cond). Items carry ``drop``
+    (bool) always. Both draws are seeded per (seed, epoch, item).
     """
 
     def __init__(self, store: Store, *, season: int, split="train", tile=16, stride=8,
                  t_lag=40, align=None, days=None, space="absolute", covariates="paper",
                  anchor=None, random_offsets=False, seed=0, purge=None, lag_noise=0.0,
-                 shrink=False):
+                 shrink=False, pushforward=0.0, cond_dropout=0.0):
         super().__init__(store, season=season, t_lag=t_lag, align=align, space=space,
                          covariates=covariates, anchor=anchor, shrink=shrink)
         self.tile = int(tile)
@@ -217,8 +231,73 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
         self.days = np.asarray(days) if days is not None else self.target_days(split, purge=purge)
         self.random_offsets = bool(random_offsets)
         self.lag_noise = float(lag_noise)
+        for name, v in (("pushforward", pushforward), ("cond_dropout", cond_dropout)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {v}")
+        self.pushforward = float(pushforward)
+        self.cond_dropout = float(cond_dropout)
+        self.alt = None
+        self.alt_ok = np.zeros(len(self.times), bool)
+        self._surrogate = None
         self.seed = int(seed)
         self.epoch = 0
+
+    def set_alternative(self, alt, ok):
+        """Predictions to build pushforward lag windows from: ``alt`` (n_days, H, W) float32
+        in lag units (the store's min-max of log10), ``ok`` (n_days,) bool, the days it holds.
+        Days that are not ok fall back to the anchor surrogate."""
+        alt = np.asarray(alt, np.float32)
+        ok = np.asarray(ok, bool)
+        if alt.shape != (len(self.times),) + tuple(self.shape) or ok.shape != (len(self.times),):
+            raise ValueError(f"set_alternative: expected alt {(len(self.times),) + tuple(self.shape)} "
+                             f"and ok ({len(self.times)},), got {alt.shape} and {ok.shape}")
+        bad = ok & ~self.alt_allowed()
+        if bad.any():
+            raise ValueError(f"set_alternative: the prediction of {self.times[np.flatnonzero(bad)[0]]:%Y-%m-%d} "
+                             "may not be used: its lag window holds a test day (or is incomplete)")
+        self.alt, self.alt_ok = alt, ok
+
+    def alt_allowed(self):
+        """(n_days,) bool: days whose one-step prediction may stand in a training lag window:
+        a full lag window in the record and no test day in it (so no test truth reaches
+        training through a prediction)."""
+        sp = self.store.ds["split"].values
+        test = np.concatenate([[0], np.cumsum(sp == SPLITS["test"])])
+        idx = np.arange(len(self.times))
+        return (idx >= self.t_lag) & (test[idx] - test[np.maximum(idx - self.t_lag, 0)] == 0)
+
+    def surrogate_at(self, e, win):
+        """The model-free stand-in for fine day ``e``'s lag field on ``win``, in lag units:
+        μ (residual target) or the interpolated coarse (absolute target). Computed for every
+        fine day on first use (one more array the size of the fine record), so items stay
+        views."""
+        if self._surrogate is None:
+            z = np.empty((len(self.times),) + tuple(self.shape), np.float32)
+            for a in range(0, len(self.times), 64):  # bounded temporaries
+                c = self.cidx[a:a + 64]
+                z[a:a + 64] = (self.anchor.mu(self.coarse_log_at(c), self.season)
+                               if self.anchor is not None else self.coarse_log_at(c))
+            self._surrogate = self.store.norm_y.forward_log(z, self.season)
+        return self._surrogate[e][win]
+
+    def lag_sources(self, i):
+        """(L, drop) of item ``i``: how many trailing lag days are pushforward predictions
+        (0: all true) and whether its lag conditioning is dropped."""
+        if self.pushforward <= 0 and self.cond_dropout <= 0:
+            return 0, False
+        g = np.random.default_rng((self.seed, self.epoch, i, 2))
+        u, v, L = g.random(), g.random(), int(g.integers(1, self.t_lag + 1))
+        return (L if u < self.pushforward else 0), bool(v < self.cond_dropout)
+
+    def source_days(self, i):
+        """The fine days whose truth item ``i`` reads (target and true lags), and the days
+        whose alternative predictions it reads: (truth_days, alt_days) int arrays."""
+        d = int(self.days[i // len(self.starts)])
+        L, _ = self.lag_sources(i)
+        lag = np.arange(d - self.t_lag, d)
+        pushed = lag[len(lag) - L:] if L else lag[:0]
+        true = np.concatenate([[d], lag[:len(lag) - L]])
+        return true, pushed[self.alt_ok[pushed]] if self.alt is not None else pushed[:0]
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -240,7 +319,11 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
         y0, x0 = self._start(i)
         t = self.tile
         win = (slice(y0, y0 + t), slice(x0, x0 + t))
-        lags = np.ascontiguousarray(self.y[d - self.t_lag:d][(slice(None),) + win])
+        lags = np.array(self.y[d - self.t_lag:d][(slice(None),) + win])
+        L, drop = self.lag_sources(i)
+        for e in range(d - L, d):
+            j = e - (d - self.t_lag)
+            lags[j] = self.alt[e][win] if self.alt is not None and self.alt_ok[e] else self.surrogate_at(e, win)
         if self.lag_noise > 0:
             g = np.random.default_rng((self.seed, self.epoch, i, 1))
             lags = (lags + self.lag_noise * g.standard_normal(lags.shape)).astype(np.float32)
@@ -249,7 +332,7 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
             "coarse": torch.from_numpy(np.ascontiguousarray(self.coarse_on_fine(d, win))),
             "covariates": torch.from_numpy(self.covariates(d, win)),
             "lags": torch.from_numpy(lags),
-            "day": torch.tensor(d), "start": torch.tensor([y0, x0]),
+            "day": torch.tensor(d), "start": torch.tensor([y0, x0]), "drop": torch.tensor(drop),
         }
 
 

@@ -45,6 +45,11 @@ class MinMax:
         lo, span = self._span(season)
         return ((to_log(v) - lo) / span).astype(np.float32)
 
+    def forward_log(self, z, season):
+        """From log10 values (a μ or a prediction in log space) to the normalised scale."""
+        lo, span = self._span(season)
+        return ((np.asarray(z) - lo) / span).astype(np.float32)
+
     def inverse_log(self, z, season):
         """Back to log10 space (where skill is scored)."""
         lo, span = self._span(season)

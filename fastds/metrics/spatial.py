@@ -1,9 +1,10 @@
-"""Spatial statistics: great-circle semivariogram and radially averaged power spectrum."""
+"""Spatial statistics: great-circle semivariogram, radially averaged power spectrum, and the
+seam statistic of a stitched field."""
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["semivariogram", "semivariogram_ref", "power_spectrum", "great_circle_km"]
+__all__ = ["semivariogram", "semivariogram_ref", "power_spectrum", "great_circle_km", "seam_statistic"]
 
 EARTH_KM = 6371.0088
 
@@ -111,3 +112,43 @@ def power_spectrum(field, lat, lon):
     nb = min(H, W) // 2
     power = np.bincount(r.ravel(), P.ravel(), r.max() + 1)[1:nb] / np.maximum(np.bincount(r.ravel())[1:nb], 1)
     return np.arange(1, nb) * dk, power
+
+
+def _seam_lines(starts_1d, size, tile, halo):
+    """Grid lines (index i: between pixels i-1 and i) where a kept region begins or ends."""
+    lines = set()
+    for s in np.unique(starts_1d):
+        for b in (s + halo, s + tile - halo):
+            if 0 < b < size:
+                lines.add(int(b))
+    return np.array(sorted(lines), dtype=np.int64)
+
+
+def seam_statistic(field, starts, *, tile, halo, space="log10"):
+    """Gradient energy across the borders of the patches' kept regions over that across
+    every other grid line: 1 means no seams, > 1 visible seams, < 1 over-smoothed borders.
+
+    field : (H, W) or (time, H, W), physical units (``space="log10"`` scores log10, like the
+    skill tables); starts : (N, 2) patch starts (y0, x0) of the stitching plan; tile, halo :
+    its geometry. Returns (seam, interior, ratio) as floats, energies being mean squared
+    first differences.
+    """
+    v = np.asarray(field, np.float64)
+    if v.ndim == 2:
+        v = v[None]
+    if space == "log10":
+        v = np.log10(np.maximum(v, 1e-6))
+    starts = np.asarray(starts)
+    H, W = v.shape[-2:]
+    gy = np.nanmean((v[:, 1:, :] - v[:, :-1, :]) ** 2, axis=(0, 2))  # line i+1 between rows i, i+1
+    gx = np.nanmean((v[:, :, 1:] - v[:, :, :-1]) ** 2, axis=(0, 1))
+    ly, lx = _seam_lines(starts[:, 0], H, tile, halo), _seam_lines(starts[:, 1], W, tile, halo)
+    my, mx = np.zeros(H - 1, bool), np.zeros(W - 1, bool)
+    my[ly - 1], mx[lx - 1] = True, True
+    seam = np.concatenate([gy[my], gx[mx]])
+    inner = np.concatenate([gy[~my], gx[~mx]])
+    if seam.size == 0 or inner.size == 0:
+        raise ValueError("seam_statistic: the plan has no kept-region border inside the image "
+                         "(or no line outside one); nothing to compare")
+    s, i = float(seam.mean()), float(inner.mean())
+    return s, i, s / i

@@ -33,32 +33,42 @@ class ConditionalModel(nn.Module):
         self.anchor = None  # the residual anchor a trained model carries (load_trained sets it)
         self.regression = None  # CorrDiff-style mean: a frozen regression model (set_regression)
 
-    def cond(self, coarse, covariates, lags=None):
+    def cond(self, coarse, covariates, lags=None, drop=None):
+        """``drop`` (B,) bool or None: items whose lag information (transfer features and lag
+        channels) is zeroed, the coarse-only fallback that conditioning dropout trains."""
         parts = [coarse, covariates]
+        lag_parts = []
         if self.transfer is not None:
-            parts.append(self.transfer(lags))
+            lag_parts.append(self.transfer(lags))
         if self.lag_channels:
             # the last k fine days at full resolution: the transfer encoder's 4x4-downsampled
             # mid block cannot carry yesterday's sub-cell structure
-            parts.append(lags[:, -self.lag_channels:])
-        return torch.cat(parts, 1)
+            lag_parts.append(lags[:, -self.lag_channels:])
+        if drop is not None and lag_parts:
+            keep = (~drop.to(torch.bool)).to(coarse.dtype).view(-1, 1, 1, 1)
+            lag_parts = [p * keep for p in lag_parts]
+        return torch.cat(parts + lag_parts, 1)
 
-    def set_regression(self, regression: "ConditionalModel", scale: float = 1.0):
+    def set_regression(self, regression: "ConditionalModel", scale: float = 1.0,
+                       inflation: float = 1.0):
         """Make this (diffusion) model generate the residual of a deterministic regression
-        model (CorrDiff): the field is ``regression_mean + scale · sample``. The regression is
-        frozen (no gradient, no optimizer slot, eval mode) and saved with this model."""
+        model (CorrDiff): the field is ``regression_mean + scale · sample`` (times
+        ``inflation`` when sampling with ``sample.calibrate``: the ratio of the regression's
+        strict-rollout error on validation days to ``scale``). The regression is frozen (no
+        gradient, no optimizer slot, eval mode) and saved with this model."""
         for p in regression.parameters():
             p.requires_grad_(False)
         self.regression = regression.eval()
         self.register_buffer("regression_scale", torch.tensor(float(scale)))
+        self.register_buffer("regression_inflation", torch.tensor(float(inflation)))
 
     @torch.no_grad()
-    def regression_mean(self, coarse, covariates, lags):
+    def regression_mean(self, coarse, covariates, lags, drop=None):
         """The regression model's prediction (B, 1, h, w), or None without one."""
         if self.regression is None:
             return None
         self.regression.eval()
-        return self.regression(None, None, self.regression.cond(coarse, covariates, lags))
+        return self.regression(None, None, self.regression.cond(coarse, covariates, lags, drop))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -3,9 +3,14 @@ of the fine field (physical units) equals the coarse value times that cell's fin
 
 MERRA-2 and G5NR are different models, so a G5NR cell mean is not the MERRA-2 value: the
 ratio is learned per season and per cell over the fine record's training days (a ratio of
-sums, robust to days near zero). The projection is multiplicative per cell, so it keeps the
-field positive and its within-cell pattern, and leaves a field that already satisfies the
-constraint unchanged.
+sums, robust to days near zero). The projection is multiplicative, so it keeps the field
+positive, and it leaves a field that already satisfies the constraint unchanged.
+
+A factor that is constant over each cell would put a step at every cell edge (visible as
+seams on the coarse grid: the seam statistic of a projected U-Net rose from 1.20 to 1.56).
+The default factor is smooth instead: the exponential of the bilinear interpolation, between
+cell centres, of per-cell log factors, refined a few times until the cell means match, then
+a last per-cell correction (by then of order 1e-3 or less) makes them match to rounding.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.transforms import cell_of, season_fit_days
+from ..data.transforms import align_index, cell_of, season_fit_days, upsample
 
 __all__ = ["CoarseProjection", "fit_projection", "cell_means"]
 
@@ -49,6 +54,8 @@ class CoarseProjection:
     weights: np.ndarray
     shape_c: tuple
     ratio: dict = field(default_factory=dict)
+    interp: tuple | None = None   # bilinear (iy, ix) from cell centres to pixels; None: per-cell steps
+    iterations: int = 8
 
     def target(self, coarse, season):
         """Cell-mean targets (h_c, w_c) for one day's coarse field (physical units)."""
@@ -59,17 +66,32 @@ class CoarseProjection:
         ``coarse`` (h_c, w_c). Returns the same shape and dtype."""
         n = int(np.prod(self.shape_c))
         target = self.target(coarse, season).ravel()
-        current = cell_means(fine, self.ids, self.weights, n)
+        out = np.asarray(fine, np.float64)
+        if self.interp is not None:
+            iy, ix = self.interp
+            log_a = np.zeros(out.shape[:-2] + (n,))
+            cur = out
+            for _ in range(self.iterations):
+                log_a += np.log(self._scale(cur, target, n))
+                grid = log_a.reshape(log_a.shape[:-1] + tuple(self.shape_c))
+                cur = out * np.exp(upsample(grid, iy, ix).astype(np.float64))
+            out = cur
+        return (out * self._scale(out, target, n)[..., self.ids]).astype(np.asarray(fine).dtype)
+
+    def _scale(self, values, target, n):
+        """Per-cell factors target / current cell mean (1 where undefined)."""
+        current = cell_means(values, self.ids, self.weights, n)
         with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.where((current > 0) & np.isfinite(target), target / current, 1.0)
-        return (np.asarray(fine, np.float64) * scale[..., self.ids]).astype(np.asarray(fine).dtype)
+            return np.where((current > 0) & np.isfinite(target), target / current, 1.0)
 
 
-def fit_projection(fine, coarse, times, train_mask, *, lat, lon, lat_c, lon_c) -> CoarseProjection:
+def fit_projection(fine, coarse, times, train_mask, *, lat, lon, lat_c, lon_c,
+                   smooth=True) -> CoarseProjection:
     """Learn the per-cell fine/coarse ratio per season over training days.
 
     fine (time, H, W) and coarse (time, h_c, w_c) in physical units for the same ``times``;
     train_mask bool (time,); lat (H,), lon (W,), lat_c (h_c,), lon_c (w_c,) degrees.
+    ``smooth`` False projects with one constant factor per cell (steps at cell edges).
     """
     if len(fine) != len(coarse) or len(fine) != len(times):
         raise ValueError(f"fit_projection: fine ({len(fine)}), coarse ({len(coarse)}) and times "
@@ -84,4 +106,7 @@ def fit_projection(fine, coarse, times, train_mask, *, lat, lon, lat_c, lon_c) -
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(cm.sum(0) > 0, fm.sum(0) / cm.sum(0), 1.0)
         ratio[s] = np.where(np.isfinite(r), r, 1.0).reshape(shape_c)
-    return CoarseProjection(ids, w, shape_c, ratio)
+    interp = None
+    if smooth:
+        interp = (align_index(lat_c, lat, method="bilinear"), align_index(lon_c, lon, method="bilinear"))
+    return CoarseProjection(ids, w, shape_c, ratio, interp)

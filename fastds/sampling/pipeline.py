@@ -37,6 +37,8 @@ from .samplers import make_plan, run_plan
 __all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS"]
 
 MODES = ("strict", "lenient")
+LAG_HISTORIES = ("member", "mean")
+PRECISIONS = ("fp32", "bf16")
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
 
@@ -50,6 +52,11 @@ class DayInputs:
     lags: np.ndarray
 
 
+def _drop(cfg, n, device):
+    """The conditioning-dropout flag of n patches: all set for the coarse-only fallback."""
+    return None if cfg.lag_conditioning else torch.ones(n, dtype=torch.bool, device=device)
+
+
 def _patchify(a, starts, tile):
     """(C, H, W) -> (N, C, tile, tile) views gathered for the starts (N, 2)."""
     return np.stack([a[:, y:y + tile, x:x + tile] for y, x in starts])
@@ -58,7 +65,7 @@ def _patchify(a, starts, tile):
 @torch.no_grad()
 def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = SampleConfig(),
                   T=1000, prediction="sample", members=1, seed=0, day_key=0,
-                  cache_conditioning=True, device="cpu", backend="auto", progress=None):
+                  cache_conditioning=True, device="cpu", backend="auto", progress=None, member0=0):
     """One day, all members: the model-space field (members, H, W) (min-max or standardised
     residual, as the model was trained).
 
@@ -67,17 +74,24 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     own and stitches the finished samples. A DDPM with a regression mean (CorrDiff) returns
     ``mean + scale · sample``. Latents are drawn per member from ``torch.Generator`` seeded by
     (seed, member, day_key), so a day's result does not depend on which other days were
-    sampled before it. ``cache_conditioning=False`` recomputes the transfer features at every
+    sampled before it; ``member0`` numbers the members from there (a worker sampling members
+    k.. of an ensemble draws what the whole ensemble would). ``cache_conditioning=False`` recomputes the transfer features at every
     sampler step (the reference code's recipe, kept for benchmarks).
     """
-    return _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
-                      members=members, seed=seed, day_key=day_key,
-                      cache_conditioning=cache_conditioning, device=device, backend=backend,
-                      progress=progress, with_mean=True)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
+    # back to the fp32 state, so updates, noise and stitching are unchanged
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=cfg.precision == "bf16"):
+        return _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
+                          members=members, seed=seed, day_key=day_key,
+                          cache_conditioning=cache_conditioning, device=device, backend=backend,
+                          progress=progress, with_mean=True, member0=member0)
 
 
 def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, seed, day_key,
-               cache_conditioning, device, backend, progress, with_mean):
+               cache_conditioning, device, backend, progress, with_mean, member0=0):
     H, W = inputs.coarse.shape[-2:]
     tile = min(cfg.tile, H, W)
     halo = min(cfg.halo, (tile - 1) // 2)
@@ -93,8 +107,8 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                   and _backend.why_unavailable("triton") is None)
     graphs = _GRAPHS if use_graphs else None
     # one generator per member; each sees its draws in the same order whatever the loop order
-    gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + k * 10_007 + int(day_key))
-            for k in range(members)]
+    gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + (member0 + k) * 10_007
+                                                       + int(day_key)) for k in range(members)]
     if with_mean and kind == "ddpm" and getattr(model, "regression", None) is not None:
         # CorrDiff: the sample is the scaled residual of a regression mean; stitching is
         # linear, so mean and residual are stitched apart and added. The residual pass runs
@@ -102,11 +116,13 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
         res = _downscale(model, inputs, kind=kind, cfg=cfg, T=T, prediction=prediction,
                          members=members, seed=seed, day_key=day_key,
                          cache_conditioning=cache_conditioning, device=device, backend=backend,
-                         progress=progress, with_mean=False)
+                         progress=progress, with_mean=False, member0=member0)
         scale = float(model.regression_scale)
+        if cfg.calibrate and hasattr(model, "regression_inflation"):
+            scale *= float(model.regression_inflation)
         for k in range(members):
             if k == 0 or not shared_lags:
-                mean = _stitched_mean(model, inputs, base_p, starts, tile, halo, (H, W), cfg.batch,
+                mean = _stitched_mean(model, inputs, base_p, starts, tile, halo, (H, W), cfg,
                                       0 if shared_lags else k, device)
             res[k] = mean + scale * res[k]
         return res
@@ -125,14 +141,16 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                 lags = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts[sl], tile)).to(device)
                 # the conditioning, transfer features included, once per patch: every sampler
                 # step and every member that shares the lag window reuse it
-                cond = model.cond(coarse, cov, lags) if kind != "ddpm" or cache_conditioning else None
+                cond = (model.cond(coarse, cov, lags, _drop(cfg, len(lags), device))
+                        if kind != "ddpm" or cache_conditioning else None)
             if kind == "vae":
                 z = torch.randn(model.net.latent_shape(cond), generator=gen, device=device)
                 pieces[k].append(model.net.generate(cond, z))
             elif kind == "unet":
                 pieces[k].append(model(None, None, cond))
             elif cache_conditioning and graphs is not None:
-                key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip)
+                key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip,
+                       cfg.precision)
                 static = graphs.get(model, key, lambda: StaticSampler(model, plan, x_T[k][sl], cond,
                                                                       clip=cfg.clip or None))
                 # one 64-bit seed per trajectory; the kernel counts steps and elements itself
@@ -144,7 +162,7 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                                           clip=cfg.clip or None, backend=backend))
             else:
                 def recompute(x, t, _c, coarse=coarse, cov=cov, lags=lags):
-                    return model(x, t, model.cond(coarse, cov, lags))
+                    return model(x, t, model.cond(coarse, cov, lags, _drop(cfg, len(lags), device)))
                 pieces[k].append(run_plan(recompute, x_T[k][sl], plan, cond=None, generator=gen,
                                           clip=cfg.clip or None, backend=backend))
         if progress is not None:
@@ -156,14 +174,15 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
     return out
 
 
-def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, batch, member, device):
+def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, cfg, member, device):
     """The regression mean of one lag set, stitched like the samples: (H, W) numpy."""
     lags = inputs.lags[member]
     parts = []
-    for i in range(0, len(starts), batch):
-        sl = slice(i, i + batch)
+    for i in range(0, len(starts), cfg.batch):
+        sl = slice(i, i + cfg.batch)
         lag_p = torch.from_numpy(_patchify(lags, starts[sl], tile)).to(device)
-        parts.append(model.regression_mean(base_p[sl, :1], base_p[sl, 1:], lag_p))
+        parts.append(model.regression_mean(base_p[sl, :1], base_p[sl, 1:], lag_p,
+                                           _drop(cfg, len(lag_p), device)))
     return stitch(torch.cat(parts)[:, 0].float(), starts, shape, halo=halo).cpu().numpy()
 
 
@@ -182,7 +201,8 @@ def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plan, gen
             lags = torch.from_numpy(_patchify(inputs.lags[0 if shared_lags else k], starts, tile)).to(device)
 
             def cond_of(sl, lags=lags):
-                return model.cond(base_p[sl, :1], base_p[sl, 1:], lags[sl])
+                return model.cond(base_p[sl, :1], base_p[sl, 1:], lags[sl],
+                                  _drop(cfg, len(lags[sl]), device))
             # the conditioning once per patch (every step and member that shares the lags
             # reuse it), or, for the reference recipe, recomputed at every step
             cond = (torch.cat([cond_of(slice(i, i + cfg.batch)) for i in range(0, len(starts), cfg.batch)])
@@ -226,11 +246,11 @@ def _write_part(parts: Path, day, values, signature):
             tmp.write_text(json.dumps(signature))
 
 
-def _dataset(values, days, store, members, attrs):
+def _dataset(values, days, store, members, attrs, member0=0):
     da = xr.DataArray(np.stack(values), dims=("time", "member", "lat", "lon"),
-                      coords={"time": pd.DatetimeIndex(days), "member": np.arange(members),
+                      coords={"time": pd.DatetimeIndex(days), "member": member0 + np.arange(members),
                               "lat": store.ds["lat"].values, "lon": store.ds["lon"].values})
-    if members == 1:
+    if members == 1 and member0 == 0:
         da = da.isel(member=0, drop=True)
     da.attrs = {"units": "1", "long_name": f"{store.variable} downscaled by fastds",
                 "standard_name": "atmosphere_optical_thickness_due_to_dust_ambient_aerosol_particles"
@@ -262,8 +282,17 @@ def _projection(store: Store):
 MODELS = ("ddpm", "unet", "vae", "interp", "clim")
 
 
+def _cold_lag(fd, c):
+    """A model-free stand-in (physical, (H, W)) for a lag day nobody predicted: the anchor μ
+    (residual models) or the interpolated coarse field (absolute ones)."""
+    from ..data.transforms import from_log
+    z = fd.mu_at(c) if fd.space == "residual" else fd.coarse_log_at(c)
+    return from_log(z).astype(np.float32)
+
+
 def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), model="ddpm",
-           data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True) -> xr.Dataset:
+           data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True,
+           workers=None, scheduler=None, member0=0, cold_start=False) -> xr.Dataset:
     """Downscale every day from ``start`` to ``end`` (inclusive) with a trained run.
 
     Parameters
@@ -280,6 +309,15 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         (interpolation plus the fine record's mean fine-scale residual per season, fitted on
         the store's training days with the run's alignment).
     data : store path (default: the one recorded in the run).
+    workers, scheduler : run the work on ``dask.distributed`` (see
+        :func:`fastds.sampling.distributed.sample_distributed`): ``workers=N`` starts a local
+        cluster of N single-threaded workers, ``scheduler`` names an existing one. With neither,
+        and ``cfg.segments == 1``, everything runs in this process, day after day.
+    member0 : number of the first member (a unit of a distributed run samples members
+        ``member0..`` of the whole ensemble, with their own seeds).
+    cold_start : lag days that are neither in the fine record nor predicted take a model-free
+        stand-in (the anchor μ) instead of raising: how a time segment of a parallel-in-time
+        rollout starts (its first ``cfg.burn_in`` days are then discarded by the caller).
 
     Returns
     -------
@@ -291,6 +329,11 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     from ..training.stages import fine_days, load_trained
 
     run = Path(run)
+    if workers is not None or scheduler is not None or cfg.segments > 1:
+        from .distributed import sample_distributed
+        return sample_distributed(run=run, start=start, end=end, out=out, cfg=cfg, model=model,
+                                  data=data, device=device, workers=workers, scheduler=scheduler,
+                                  progress=progress)
     if model not in MODELS:
         raise ValueError(f"sample: model must be one of {', '.join(MODELS)}, got {model!r}")
     if cfg.mode not in MODES:
@@ -300,6 +343,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     if cfg.kernels not in KERNEL_BACKENDS:
         raise ValueError(f"sample: sample.kernels must be one of {', '.join(KERNEL_BACKENDS)}, "
                          f"got {cfg.kernels!r}")
+    if cfg.lag_history not in LAG_HISTORIES:
+        raise ValueError(f"sample: sample.lag_history must be one of {', '.join(LAG_HISTORIES)}, "
+                         f"got {cfg.lag_history!r}")
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"sample: sample.fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
     meta_path = run / "run.json"
@@ -317,9 +363,10 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                          f"(coarse record {store.times_c[0]:%Y-%m-%d}..{store.times_c[-1]:%Y-%m-%d})")
     members = cfg.members
     attrs = {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
-             "mode": cfg.mode, "members": members, "tile": cfg.tile, "halo": cfg.halo,
+             "mode": cfg.mode, "members": members, "member0": int(member0), "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
              "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
-             "fusion": cfg.fusion}
+             "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision, "calibrate": int(cfg.calibrate),
+             "lag_conditioning": int(cfg.lag_conditioning)}
     # the baselines stay what a user would compute by hand: never projected
     project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
 
@@ -346,7 +393,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             vals = np.stack(vals)
         out_vals = [finish(np.repeat(v[None], members, 0), d, int(season_of(d.month)))
                     for v, d in zip(vals, days)]
-        ds = _dataset(out_vals, days, store, members, attrs)
+        ds = _dataset(out_vals, days, store, members, attrs, member0)
         if out is not None:
             with atomic_path(out) as tmp:
                 ds.to_netcdf(tmp)
@@ -379,17 +426,26 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             set_kernel_backend(models[s], cfg.kernels)
             datasets[s] = fine_days(store, configs[s], s, anchor=models[s].anchor)
         mdl, conf, fd = models[s], configs[s], datasets[s]
+        if not cfg.lag_conditioning and conf.train.cond_dropout <= 0:
+            raise ValueError(f"sample: sample.lag_conditioning=false asks for the coarse-only fallback, "
+                             f"but the season-{s} {model} was trained with train.cond_dropout=0; "
+                             "retrain with train.cond_dropout > 0")
         t_lag = conf.data.t_lag
         lag_days = pd.date_range(day - pd.Timedelta(days=t_lag), periods=t_lag, freq="D")
         lags = np.empty((members, t_lag) + fd.shape, np.float32)
         shared = True
         for j, ld in enumerate(lag_days):
             use_pred = ld in history and (cfg.mode == "strict" or ld not in fine_set)
-            if use_pred:
+            if use_pred and cfg.lag_history == "mean" and members > 1:
+                # one shared history: the ensemble mean (log space) of the day
+                lags[:, j] = store.norm_y.forward_log(np.log10(np.maximum(history[ld], 1e-6)).mean(0), s)
+            elif use_pred:
                 lags[:, j] = store.norm_y.forward(history[ld], s)
                 shared = shared and members == 1
             elif ld in fine_set:
                 lags[:, j] = fd.y[fd.index_of(ld)]
+            elif cold_start and ld < day and store.times_c.get_indexer([ld])[0] >= 0:
+                lags[:, j] = store.norm_y.forward(_cold_lag(fd, store.times_c.get_loc(ld)), s)
             else:
                 raise ValueError(
                     f"sample: {day:%Y-%m-%d} needs {ld:%Y-%m-%d} in its {t_lag}-day lag window, which "
@@ -401,7 +457,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         z = downscale_day(mdl, inputs, kind=model, cfg=cfg, T=conf.diffusion.T,
                           prediction=conf.diffusion.prediction, members=members, seed=cfg.seed,
                           day_key=(day - pd.Timestamp("2000-01-01")).days,
-                          cache_conditioning=cache_conditioning, device=device, backend=backend)
+                          cache_conditioning=cache_conditioning, device=device, backend=backend,
+                          member0=member0)
         values = finish(fd.to_physical(z, c), day, s)
         history[day] = values
         results.append(values)
@@ -409,7 +466,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             _write_part(parts, day, values, signature)
         bar.update(1)
     bar.close()
-    ds = _dataset(results, days, store, members, attrs)
+    ds = _dataset(results, days, store, members, attrs, member0)
     if out is not None:
         with atomic_path(out) as tmp:
             ds.to_netcdf(tmp)

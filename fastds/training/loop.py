@@ -186,7 +186,7 @@ def _batch_size(batch):
 
 def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings, ckpt_path,
         extra_state=None, resume=False, progress=True, device="cpu", on_step=None,
-        desc="train") -> dict:
+        desc="train", select=None) -> dict:
     """Train ``model`` with ``loss_fn(model, batch, generator) -> scalar``.
 
     ``loss_fn`` always gets the bare model; under ``torchrun`` the whole loss call runs inside
@@ -194,7 +194,9 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
     ``shutdown_distributed()`` once the process is done training.
 
     Writes ``ckpt_path`` (last state) and ``ckpt_path`` with suffix ``.best.pt`` (best
-    validation loss: model and EMA weights). ``extra_state`` (config, normalisation, ...) is
+    validation loss, or lowest ``select(model)`` score when given, e.g. minus a strict-rollout
+    R²: model and EMA weights; the plateau schedule and early stopping stay on the validation
+    loss). ``extra_state`` (config, normalisation, ...) is
     stored in both. ``on_step(global_step)`` runs after each optimizer step and any
     checkpoint of that step (tests use it to interrupt a run). Returns the history dict.
     """
@@ -293,16 +295,27 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
         eval_model = ema.module if ema is not None else model
         val = _val_loss(eval_model, loss_fn, val_set, settings, default_collate, device)
         train_loss = state["loss_sum"] / max(state["step_in_epoch"], 1)
+        score = float("nan")
+        if select is not None:
+            was = eval_model.training
+            eval_model.eval()
+            with torch.no_grad():
+                score = float(select(eval_model))
+            eval_model.train(was)
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
                                  "lr": opt.param_groups[0]["lr"], "steps": state["global_step"],
-                                 "first_loss": state["first_loss"]})
+                                 "first_loss": state["first_loss"], "select": score})
         if progress and rank == 0:
-            tqdm.write(f"{desc}: epoch {epoch + 1} train {train_loss:.4g} val {val:.4g}")
+            tqdm.write(f"{desc}: epoch {epoch + 1} train {train_loss:.4g} val {val:.4g}"
+                       + (f" select {score:.4g}" if select is not None else ""))
         if not math.isnan(val):
             sched.step(val)
+        key = score if select is not None else val
+        if not math.isnan(key) and key < state.get("best_key", state["best_val"]):
+            state["best_key"] = key
+            save_best(val, epoch + 1)
         if not math.isnan(val) and val < state["best_val"]:
             state["best_val"], state["bad_epochs"] = val, 0
-            save_best(val, epoch + 1)
         elif not math.isnan(val):
             state["bad_epochs"] += 1
             if state["bad_epochs"] >= settings.early_stop:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -135,21 +136,127 @@ def _model_for(kind, config: Config, run, season):
     return model
 
 
-def _attach_regression(model, run, season, train_set, config: Config):
+def _attach_regression(model, run, season, train_set, config: Config, val_set=None):
     """CorrDiff: load the season's trained U-Net into the DDPM as its frozen mean and set the
-    residual's scale from training patches (so the diffused residual has unit sd)."""
+    residual's scale (so the diffused residual has unit sd) from validation patches when
+    there are any: the U-Net's errors on days it was not fitted to are what a sample must
+    spread over (on its own training days they are smaller, which under-disperses)."""
     best = season_dir(run, season) / "unet.best.pt"
     if not best.exists():
         raise FileNotFoundError(f"train: {best} is missing; train.mean='unet' diffuses the residual "
                                 f"of the U-Net, so run `fastds train --model unet` first")
     ck = load_checkpoint(best)
     model.regression.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+    source = val_set if val_set is not None and len(val_set) > 0 else train_set
     g = torch.Generator().manual_seed(config.train.seed + 3)
-    idx = torch.randperm(len(train_set), generator=g)[:1024].tolist()
+    idx = torch.randperm(len(source), generator=g)[:1024].tolist()
     from torch.utils.data import default_collate
-    b = default_collate([train_set[i] for i in idx])
-    res = b["target"] - model.regression_mean(b["coarse"], b["covariates"], b["lags"])
-    model.set_regression(model.regression, float(res.std().clamp_min(1e-3)))
+    b = default_collate([source[i] for i in idx])
+    res = b["target"] - model.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+    scale = float(res.std().clamp_min(1e-3))
+    # spread calibration: a strict rollout's U-Net errors (validation runs) over the residual
+    # the DDPM learns to generate; sampling multiplies the sample by it (sample.calibrate)
+    inflation = 1.0
+    if val_set is not None and len(val_set) > 0 and config.train.target == "residual":
+        fd = fine_days(open_store(train_set.store.path), config, season, anchor=train_set.anchor)
+        sd = rollout_residual_sd(model.regression, fd, val_set.days, config)
+        if np.isfinite(sd):
+            inflation = max(sd / scale, 1.0)
+    model.set_regression(model.regression, scale, inflation)
+
+
+def _sample_cfg(config: Config):
+    """The patch geometry whole-day predictions use inside training (one member, eager)."""
+    return dataclasses.replace(config.sample, members=1, fusion="final", lag_conditioning=True,
+                               cuda_graphs=False)
+
+
+def _day_prediction(model, fd, e, lags, config: Config, device):
+    """A deterministic model's (U-Net) prediction of fine day ``e`` from ``lags``
+    (t_lag, H, W) in lag units: log10 (H, W)."""
+    from ..sampling.pipeline import DayInputs, downscale_day
+    inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), lags[None])
+    z = downscale_day(model, inputs, kind=model.kind, cfg=_sample_cfg(config), device=device)[0]
+    if fd.space == "absolute":
+        return fd.store.norm_y.inverse_log(np.maximum(z, 0.0), fd.season)
+    return fd.anchor.inverse(z, fd.mu_at(fd.cidx[e]), fd.season)
+
+
+def _pushforward_alternative(run, season, sets, config: Config, device):
+    """The run's U-Net one-step predictions of every lag day that the items of ``sets``
+    (training and validation FinePatches) read, in lag units, for
+    ``train.pushforward_source = "unet"``; only days whose own lag window holds no test day
+    (FinePatches.alt_allowed)."""
+    train_set = sets[0]
+    best = season_dir(run, season) / "unet.best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"train: {best} is missing; train.pushforward_source='unet' builds "
+                                "lag windows from the U-Net's predictions, so train the U-Net first")
+    unet, _ = load_trained(run, season, "unet", device=device)
+    fd = fine_days(open_store(train_set.store.path), config, season, anchor=unet.anchor)
+    t_lag = train_set.t_lag
+    need = sorted({e for fp in sets for d in fp.days for e in range(d - t_lag, d)})
+    allowed = train_set.alt_allowed()
+    alt = np.zeros((len(train_set.times),) + tuple(train_set.shape), np.float32)
+    ok = np.zeros(len(train_set.times), bool)
+    for e in need:
+        if allowed[e]:
+            log = _day_prediction(unet, fd, e, fd.y[e - t_lag:e], config, device)
+            alt[e] = train_set.store.norm_y.forward_log(log, season)
+            ok[e] = True
+    for fp in sets:
+        fp.set_alternative(alt, ok)
+
+
+def validation_blocks(fd, days):
+    """Runs of consecutive validation target days: [(first, last), ...] fine indices."""
+    days = np.asarray(sorted(days))
+    if len(days) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(days) != 1)
+    return list(zip(days[np.r_[0, cut + 1]], days[np.r_[cut, len(days) - 1]]))
+
+
+def _rollouts(model, fd, days, config: Config, device):
+    """Strict rollouts of a deterministic model through each run of consecutive ``days``
+    (fine indices), each started from the true lag window before its run; yields (e, log10
+    prediction (H, W)). Runs whose starting window holds a test day are skipped."""
+    t_lag = fd.t_lag
+    test = fd.store.ds["split"].values == 2
+    for a, b in validation_blocks(fd, days):
+        if a < t_lag or test[a - t_lag:a].any():
+            continue
+        lags = fd.y[a - t_lag:a].copy()
+        for e in range(a, b + 1):
+            log = _day_prediction(model, fd, e, lags, config, device)
+            yield e, log
+            lags = np.concatenate([lags[1:], fd.store.norm_y.forward_log(log, fd.season)[None]])
+
+
+def rollout_score(model, fd, days, config: Config, device="cpu") -> float:
+    """Mean R² (squared correlation, log10) of a deterministic model's strict rollouts
+    through the runs of consecutive ``days`` (see _rollouts): what ``train.select =
+    "rollout"`` maximises."""
+    scores = []
+    for e, log in _rollouts(model, fd, days, config, device):
+        truth = fd.logy_at(e)
+        ok = np.isfinite(truth)
+        scores.append(np.corrcoef(log[ok], truth[ok])[0, 1] ** 2)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
+    """The sd, in model units (the standardised residual), of truth minus a deterministic
+    model's strict rollout over validation runs: the error a generated residual must cover
+    in a rollout. NaN without usable runs (or for the absolute target)."""
+    if fd.space != "residual":
+        return float("nan")
+    res = []
+    for e, log in _rollouts(model, fd, days, config, device):
+        mu = fd.mu_at(fd.cidx[e])
+        d = fd.anchor.forward(fd.logy_at(e), mu, fd.season) - fd.anchor.forward(log, mu, fd.season)
+        res.append(d[np.isfinite(d)])
+    return float(np.concatenate(res).std()) if res else float("nan")
 
 
 def _loss_for(kind, config: Config):
@@ -157,19 +264,19 @@ def _loss_for(kind, config: Config):
     beta = config.train.vae_beta
 
     def ddpm(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         target = b["target"]
-        mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"])
+        mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         if mean is not None:  # CorrDiff: diffuse the scaled residual of the regression
             target = (target - mean) / m.regression_scale
         return diffusion.loss(m, target, cond, generator=gen)
 
     def unet(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         return F.l1_loss(m(None, None, cond), b["target"])
 
     def vae(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"])
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         recon, mu, logvar = m.net(b["target"], cond)
         kl = -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
         return F.mse_loss(recon, b["target"]) + beta * kl
@@ -187,17 +294,41 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     out = []
     for s in _seasons(store, config, season):
         d = config.data
+        tc = config.train
         train_set = FinePatches(store, season=s, split="train", tile=d.tile, stride=d.train_stride,
-                                random_offsets=d.random_offsets, seed=config.train.seed,
-                                lag_noise=config.train.lag_noise, **_fine_kwargs(config))
+                                random_offsets=d.random_offsets, seed=tc.seed,
+                                lag_noise=tc.lag_noise, pushforward=tc.pushforward,
+                                cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+        # validation items see the same lag treatment (pushforward share, dropout) as
+        # training ones, with their own seed, so the loss and the residual scale measure it
         val_set = FinePatches(store, season=s, split="val", tile=d.tile, stride=d.train_stride,
-                              anchor=train_set.anchor, **_fine_kwargs(config))
+                              anchor=train_set.anchor, seed=tc.seed + 1, pushforward=tc.pushforward,
+                              cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
         if len(train_set) == 0:
             raise ValueError(f"train: season {s} has no fine training day with a full "
                              f"{d.t_lag}-day lag window in {data}")
+        if tc.pushforward > 0 and tc.pushforward_source == "unet":
+            if model == "unet":
+                raise ValueError("train: train.pushforward_source='unet' uses the run's trained U-Net, "
+                                 "so it applies to ddpm/vae; train the U-Net with 'anchor'")
+            _pushforward_alternative(run, s, (train_set, val_set), config, device)
+        elif tc.pushforward_source not in ("anchor", "unet"):
+            raise ValueError(f"train.pushforward_source must be 'anchor' or 'unet', "
+                             f"got {tc.pushforward_source!r}")
         net = _model_for(model, config, run, s)
         if net.regression is not None:
-            _attach_regression(net, run, s, train_set, config)
+            _attach_regression(net, run, s, train_set, config, val_set)
+        select = None
+        if tc.select not in ("loss", "rollout"):
+            raise ValueError(f"train.select must be 'loss' or 'rollout', got {tc.select!r}")
+        # the rollout score is a deterministic model's; the DDPM's rollout skill is its mean's,
+        # the U-Net selected this way, so the DDPM keeps the loss
+        if tc.select == "rollout" and model != "ddpm":
+            fd = fine_days(store, config, s, anchor=train_set.anchor)
+            val_days = val_set.days
+
+            def select(m, fd=fd, val_days=val_days):  # lower is better, like a loss
+                return -rollout_score(m, fd, val_days, config, device)
         ckpt = season_dir(run, s) / f"{model}.pt"
         fit(net, _loss_for(model, config), train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches,
@@ -207,7 +338,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                          "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
                          "anchor": train_set.anchor.to_dict() if train_set.anchor else None},
             resume=resume, progress=progress, device=device, on_step=on_step,
-            desc=f"train {model} season {s}")
+            desc=f"train {model} season {s}", select=select)
         out.append(ckpt.with_suffix(".best.pt"))
     return out
 
@@ -224,6 +355,9 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     config = config_from_toml(ck["config"])
     model = _model_for(kind, config, run, season)
     # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
-    model.load_state_dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
+    state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
+    if model.regression is not None and "regression_inflation" not in state:
+        state["regression_inflation"] = torch.tensor(1.0)  # saved before spread calibration
+    model.load_state_dict(state)
     model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
     return model.to(device).eval(), config

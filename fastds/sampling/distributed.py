@@ -1,0 +1,169 @@
+"""Long reconstructions spread over workers: ``dask.distributed``, or this process.
+
+The work of ``sample(start..end)`` is cut into units: time segments x members.
+
+- **Members** are independent when each keeps its own lag history
+  (``sample.lag_history = "member"``): unit k samples member k with member k's seeds, so the
+  ensemble does not depend on where its members ran. With ``"mean"`` the members share one
+  history, so a unit holds all of them.
+- **Segments** (``sample.segments`` K > 1: parallel in time). Segment 0 starts like any
+  rollout; segment j > 0 starts ``sample.burn_in`` days before its first kept day from a cold
+  lag window (the anchor μ: no model, no predicted day) and discards the burn-in days, so
+  segments need nothing from each other and run at the same time. With K = 1 the result is
+  the sequential rollout's, bit for bit, whatever the number of workers.
+
+Each unit is one :func:`~fastds.sampling.pipeline.sample` call writing its own
+``OUT.units/seg{j}_m{k}.nc`` (its days written as they finish into ``.parts``), so a killed
+worker's unit is re-run by dask (``retries``) or by a re-run of the command, and resumes
+where it stopped. The pieces are assembled into ``OUT`` atomically at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .._io import atomic_path
+from ..config import SampleConfig
+
+__all__ = ["Unit", "plan_units", "sample_distributed"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: days ``first..last`` kept, sampled from ``run_start`` (earlier by
+    the burn-in for a cold segment), members ``member0 .. member0 + members - 1``."""
+    segment: int
+    first: pd.Timestamp
+    last: pd.Timestamp
+    run_start: pd.Timestamp
+    member0: int
+    members: int
+    cold: bool
+
+    @property
+    def name(self) -> str:
+        return f"seg{self.segment:03d}_m{self.member0:03d}"
+
+
+def plan_units(start, end, *, segments=1, burn_in=14, members=1, split_members=True) -> list[Unit]:
+    """Segments of (nearly) equal length x members, in the order they should start."""
+    days = pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="D")
+    if len(days) == 0:
+        raise ValueError(f"sample: end {end} is before start {start}")
+    if segments < 1 or segments > len(days):
+        raise ValueError(f"sample.segments must be in 1..{len(days)} (the days asked for), got {segments}")
+    if burn_in < 0:
+        raise ValueError(f"sample.burn_in must be >= 0, got {burn_in}")
+    bounds = np.linspace(0, len(days), segments + 1).round().astype(int)
+    groups = [(k, 1) for k in range(members)] if split_members else [(0, members)]
+    units = []
+    for j in range(segments):
+        first, last = days[bounds[j]], days[bounds[j + 1] - 1]
+        run_start = first - pd.Timedelta(days=burn_in) if j > 0 else first
+        units += [Unit(j, first, last, run_start, m0, n, j > 0) for m0, n in groups]
+    return units
+
+
+def _run_unit(unit: Unit, *, run, folder, cfg, model, data, device, threads):
+    """Sample one unit into ``folder/NAME.nc`` (resuming its parts); returns the path."""
+    import torch
+
+    from .pipeline import sample
+    path = Path(folder) / f"{unit.name}.nc"
+    if path.exists():
+        return str(path)
+    import dask
+    if threads:
+        torch.set_num_threads(int(threads))
+    # the store's lazy arrays are read here, in this task: without this, inside a dask worker
+    # they would be computed as tasks on the whole cluster (nested, and lost with a worker)
+    with dask.config.set(scheduler="synchronous"):
+        sample(run=run, start=unit.run_start, end=unit.last, out=path,
+               cfg=dataclasses.replace(cfg, members=unit.members, segments=1), model=model,
+               data=data, device=device, member0=unit.member0, cold_start=unit.cold,
+               progress=False)
+    return str(path)
+
+
+def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(),
+                       model="ddpm", data=None, device="cpu", workers=None, scheduler=None,
+                       threads=1, progress=True, retries=3) -> xr.Dataset:
+    """:func:`~fastds.sampling.pipeline.sample` cut into units (see the module docstring)
+    and run on ``dask.distributed`` (``workers``: a LocalCluster of that many single-process,
+    single-thread workers; ``scheduler``: the address of an existing cluster), or one unit
+    after another in this process when neither is given. ``out`` is required: units write
+    their days next to it (``OUT.units/``), which is what makes a killed run resumable.
+
+    Returns the Dataset ``VAR(time[, member], lat, lon)`` also written to ``out``.
+    """
+    if out is None:
+        raise ValueError("sample: segments or workers need --out (units write their days next to it)")
+    if workers is not None and scheduler is not None:
+        raise ValueError("sample: give workers (a local cluster) or scheduler (an existing one), not both")
+    if workers is not None and int(workers) < 1:
+        raise ValueError(f"sample: workers must be >= 1, got {workers}")
+    out = Path(out)
+    folder = out.with_name(out.name + ".units")
+    folder.mkdir(parents=True, exist_ok=True)
+    split = cfg.lag_history == "member" or cfg.members == 1
+    units = plan_units(start, end, segments=cfg.segments, burn_in=cfg.burn_in, members=cfg.members,
+                       split_members=split)
+    local = workers is None and scheduler is None
+    # a worker's torch threads are set per unit; this process's own are left alone
+    kw = dict(run=str(run), folder=str(folder), cfg=cfg, model=model,
+              data=None if data is None else str(data), device=device,
+              threads=None if local else threads)
+    if local:
+        from tqdm.auto import tqdm
+        paths = [_run_unit(u, **kw) for u in tqdm(units, desc="units", disable=not progress)]
+    else:
+        from dask.distributed import Client, LocalCluster, as_completed
+        cluster = (LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                                dashboard_address=None) if workers is not None else None)
+        client = Client(cluster if cluster is not None else scheduler)
+        try:
+            futures = client.map(_run_unit, units, pure=False, retries=retries, **kw)
+            done = {}
+            for fut in as_completed(futures):
+                done[fut.key] = fut.result()
+            paths = [done[f.key] for f in futures]
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    ds = _assemble(units, paths, cfg)
+    with atomic_path(out) as tmp:
+        ds.to_netcdf(tmp)
+    shutil.rmtree(folder)
+    return ds
+
+
+def _assemble(units, paths, cfg) -> xr.Dataset:
+    """Per segment: members side by side (kept days only); then segments end to end."""
+    segs = []
+    for j in sorted({u.segment for u in units}):
+        parts = []
+        for u, p in zip(units, paths):
+            if u.segment != j:
+                continue
+            with xr.open_dataset(p) as f:
+                ds = f.load()
+            if "member" not in ds.dims:
+                ds = ds.expand_dims(member=[u.member0])
+            parts.append(ds.sel(time=slice(u.first, u.last)))
+        segs.append(xr.concat(parts, "member") if len(parts) > 1 else parts[0])
+    ds = xr.concat(segs, "time") if len(segs) > 1 else segs[0]
+    if cfg.members == 1:
+        ds = ds.isel(member=0, drop=True)
+    ds = ds.transpose("time", ...)
+    var = next(iter(ds.data_vars))
+    ds[var] = ds[var].astype(np.float32)
+    ds.attrs.update({"members": cfg.members, "member0": 0, "segments": cfg.segments,
+                     "burn_in": cfg.burn_in if cfg.segments > 1 else 0, "cold_start": 0})
+    return ds
