@@ -71,14 +71,20 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     got = downscale_day(model, sub, cfg=cfg, T=conf.diffusion.T, prediction=conf.diffusion.prediction,
                         seed=4)
     # the same computation written out for one whole-image patch: the U-Net mean plus the
-    # scaled residual sample (CorrDiff)
+    # scaled residual sample (CorrDiff), widened by the calibration saved with the model
     x_T = torch.randn((1, 1, 24, 24), generator=torch.Generator().manual_seed(4 * 1_000_003))
     args = (torch.from_numpy(sub.coarse[None]), torch.from_numpy(sub.covariates[None]),
             torch.from_numpy(sub.lags))
     plan = make_plan("ddim", T=conf.diffusion.T, steps=10, prediction=conf.diffusion.prediction)
     x0 = run_plan(model, x_T, plan, cond=model.cond(*args))
-    want = (model.regression_mean(*args) + model.regression_scale * x0)[0, 0].numpy()
+    width = model.regression_scale * model.regression_inflation
+    want = (model.regression_mean(*args) + width * x0)[0, 0].numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+    assert float(model.regression_inflation) >= 1.0
+    uncal = downscale_day(model, sub, cfg=dataclasses.replace(cfg, calibrate=False), T=conf.diffusion.T,
+                          prediction=conf.diffusion.prediction, seed=4)
+    want0 = (model.regression_mean(*args) + model.regression_scale * x0)[0, 0].numpy()
+    np.testing.assert_allclose(uncal[0], want0, rtol=1e-5, atol=1e-6)
 
 
 def test_few_step_samplers_match_ddpm_statistics(trained_run, store_path, test_days):
