@@ -131,11 +131,9 @@ def lead_scores(pred: xr.DataArray, truth: xr.DataArray, record_end) -> pd.DataF
     single = pred.isel(member=0) if "member" in pred.dims else pred
     one = day_scores(single, truth)
     out["r2_member"], out["rmse_member"] = one["r2"].values, one["rmse"].values
-    sp = single.sel(time=scores.index)
-    out["sd_ratio"] = [float(np.nanstd(_log(sp.sel(time=d).values)) /
-                             np.nanstd(_log(truth.sel(time=d).values))) for d in scores.index]
     drift = rollout_drift(single.sel(time=scores.index), record_end)
     out["sd"], out["region_mean"] = drift["sd"].values, drift["region_mean"].values
+    out["sd_ratio"] = out["sd"].values / [np.nanstd(_log(truth.sel(time=d).values)) for d in scores.index]
     return out.set_index("lead")
 
 

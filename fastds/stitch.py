@@ -187,11 +187,16 @@ def _plan_cached(key, starts_bytes, n, H, W, tile, halo):
     return boxes, ptr, idx, cell, int(ncx)
 
 
-def _plan(starts, H, W, tile, halo):
-    # Inference stitches every day (and every member) with the same starts: build the CSR
-    # plan once. The bytes are part of the key, so a hash collision cannot return a wrong plan.
+def _starts_key(starts):
+    """(hash, bytes, n) of the starts, the key of every plan cache. Inference stitches every
+    day (and every member) with the same starts, so plans are built once; the bytes are part
+    of the key, so a hash collision cannot return a wrong plan."""
     b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
-    return _plan_cached(hash(b), b, len(starts), H, W, tile, halo)
+    return hash(b), b, len(starts)
+
+
+def _plan(starts, H, W, tile, halo):
+    return _plan_cached(*_starts_key(starts), H, W, tile, halo)
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,8 +207,7 @@ def _band_plan_cached(key, starts_bytes, n, H, W, tile, halo):
 
 
 def _band_plan(starts, H, W, tile, halo):
-    b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
-    return _band_plan_cached(hash(b), b, len(starts), H, W, tile, halo)
+    return _band_plan_cached(*_starts_key(starts), H, W, tile, halo)
 
 
 @functools.lru_cache(maxsize=8)
@@ -222,27 +226,30 @@ def _band_call(arr, band_plan, H, W, eps, cut=None):
     return out
 
 
-def _stitch_cpu(p, starts, H, W, tile, halo, eps):
-    torch_in = _is_torch(p)
-    arr = p.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(p)
-    out = _band_call(arr, _band_plan(starts, H, W, tile, halo), H, W, eps)
-    if torch_in:
+def _host_array(p):
+    """A CPU patch array (numpy or torch) as the C-contiguous numpy array the kernels take."""
+    return p.detach().contiguous().numpy() if _is_torch(p) else np.ascontiguousarray(p)
+
+
+def _like(out, p):
+    """A numpy result back in the kind of the input ``p`` (torch in, torch out; no copy)."""
+    if _is_torch(p):
         import torch
         return torch.from_numpy(out)
     return out
+
+
+def _stitch_cpu(p, starts, H, W, tile, halo, eps):
+    return _like(_band_call(_host_array(p), _band_plan(starts, H, W, tile, halo), H, W, eps), p)
 
 
 def _stitch_cpu_gather(p, starts, H, W, tile, halo, eps):
-    torch_in = _is_torch(p)
-    arr = p.detach().contiguous().numpy() if torch_in else np.ascontiguousarray(p)
+    arr = _host_array(p)
     boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
     out = np.empty((arr.shape[1], H, W), dtype=arr.dtype)
     fn = _backend.cpu_ext().stitch_f32 if arr.dtype == np.float32 else _backend.cpu_ext().stitch_f64
-    fn(arr, boxes, ptr, idx, cell, ncx, hann_table(tile).astype(arr.dtype), float(eps), out)
-    if torch_in:
-        import torch
-        return torch.from_numpy(out)
-    return out
+    fn(arr, boxes, ptr, idx, cell, ncx, _hann(tile, arr.dtype), float(eps), out)
+    return _like(out, p)
 
 
 @functools.lru_cache(maxsize=16)
@@ -260,8 +267,7 @@ def _stitch_cuda(p, starts, H, W, tile, halo, eps):
     import torch
     dev = p.device
     p = p.contiguous()
-    b = np.ascontiguousarray(starts, dtype=np.int64).tobytes()
-    *plan, cell, ncx, hann = _device_plan(hash(b), b, len(starts), H, W, tile, halo, dev, p.dtype)
+    *plan, cell, ncx, hann = _device_plan(*_starts_key(starts), H, W, tile, halo, dev, p.dtype)
     out = torch.empty((p.shape[1], H, W), dtype=p.dtype, device=dev)
     _backend.cuda_ext().stitch(
         32 if p.dtype == torch.float32 else 64, p.data_ptr(), p.shape[1], tile, H, W,
@@ -437,12 +443,11 @@ class StitchPlan:
         the CPU backend's (another device or backend, or no extension)."""
         if self._band is None or self.backend not in ("auto", "cpu") or _is_cupy(patches):
             return None
-        if _is_torch(patches):
-            if patches.device.type != "cpu":
-                return None
-            patches = patches.detach().contiguous().numpy()
-        elif not isinstance(patches, np.ndarray):
+        if _is_torch(patches) and patches.device.type != "cpu":
             return None
+        if not (_is_torch(patches) or isinstance(patches, np.ndarray)):
+            return None
+        patches = _host_array(patches)
         want = (len(self.starts), self.tile, self.tile)
         if patches.ndim not in (3, 4) or patches.shape[0] != want[0] or patches.shape[-2:] != want[1:]:
             raise ValueError(f"StitchPlan: patches must be (N={want[0]}, [C,] {self.tile}, {self.tile}), "
@@ -452,13 +457,6 @@ class StitchPlan:
         arr = np.ascontiguousarray(patches)
         return arr[:, None] if arr.ndim == 3 else arr
 
-    @staticmethod
-    def _like(out, patches, squeeze):
-        out = out[0] if squeeze else out
-        if _is_torch(patches):
-            import torch
-            return torch.from_numpy(out)
-        return out
 
     def __len__(self):
         return len(self.starts)
@@ -471,8 +469,8 @@ class StitchPlan:
         """(N, [C,] tile, tile) -> ([C,] H, W); see :func:`fastds.stitch`."""
         arr = self._cpu_array(patches)
         if arr is not None:
-            return self._like(_band_call(arr, self._band, self.H, self.W, self.eps), patches,
-                              patches.ndim == 3)
+            image = _band_call(arr, self._band, self.H, self.W, self.eps)
+            return _like(image[0] if patches.ndim == 3 else image, patches)
         return stitch(patches, self.starts, (self.H, self.W), halo=self.halo, eps=self.eps,
                       backend=self.backend)
 
@@ -499,8 +497,8 @@ class StitchPlan:
         if arr is not None:
             cut = np.empty_like(arr)
             image = _band_call(arr, self._band, self.H, self.W, self.eps, cut)
-            squeeze = patches.ndim == 3
-            return (self._like(image, patches, squeeze),
-                    self._like(cut[:, 0] if squeeze else cut, patches, False))
+            if patches.ndim == 3:
+                image, cut = image[0], cut[:, 0]
+            return _like(image, patches), _like(cut, patches)
         image = self.stitch(patches)
         return image, self.cut(image)

@@ -142,6 +142,14 @@ class _FineBase:
         """log10 μ (h, w) of coarse day ``c`` (residual space only)."""
         return self.anchor.mu(self.coarse_log_at(c, win), self.season, win)
 
+    def stand_in_log(self, c, win=(slice(None), slice(None))):
+        """log10 of the model-free stand-in for a fine day nobody predicted, from coarse
+        day(s) ``c``: μ (residual space) or the interpolated coarse field (absolute space);
+        (h, w) or (n, h, w). Pushforward training and cold-started rollout segments use it."""
+        if self.space == "residual":
+            return self.anchor.mu(self.coarse_log_at(c, win), self.season, win)
+        return self.coarse_log_at(c, win)
+
     def target_at(self, d, win=(slice(None), slice(None))):
         """The model-space target of fine day ``d`` on ``win``: float32 (h, w)."""
         if self.space == "absolute":
@@ -185,11 +193,14 @@ class _FineBase:
         if purge is None:
             purge = _store_block(self.store) > 1
         if purge and code != SPLITS["test"]:
-            test = np.concatenate([[0], np.cumsum(sp == SPLITS["test"])])
-            idx = np.arange(n)
-            in_window = test[idx] - test[np.maximum(idx - self.t_lag, 0)]
-            ok &= in_window == 0
+            ok &= self.test_free_window()
         return np.flatnonzero(ok)
+
+    def test_free_window(self):
+        """(n_days,) bool: no test day among each day's ``t_lag`` lag days."""
+        test = np.concatenate([[0], np.cumsum(self.store.ds["split"].values == SPLITS["test"])])
+        idx = np.arange(len(self.times))
+        return test[idx] - test[np.maximum(idx - self.t_lag, 0)] == 0
 
 
 class FinePatches(_FineBase, torch.utils.data.Dataset):
@@ -261,10 +272,7 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
         """(n_days,) bool: days whose one-step prediction may stand in a training lag window:
         a full lag window in the record and no test day in it (so no test truth reaches
         training through a prediction)."""
-        sp = self.store.ds["split"].values
-        test = np.concatenate([[0], np.cumsum(sp == SPLITS["test"])])
-        idx = np.arange(len(self.times))
-        return (idx >= self.t_lag) & (test[idx] - test[np.maximum(idx - self.t_lag, 0)] == 0)
+        return (np.arange(len(self.times)) >= self.t_lag) & self.test_free_window()
 
     def surrogate_at(self, e, win):
         """The model-free stand-in for fine day ``e``'s lag field on ``win``, in lag units:
@@ -274,9 +282,7 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
         if self._surrogate is None:
             z = np.empty((len(self.times),) + tuple(self.shape), np.float32)
             for a in range(0, len(self.times), 64):  # bounded temporaries
-                c = self.cidx[a:a + 64]
-                z[a:a + 64] = (self.anchor.mu(self.coarse_log_at(c), self.season)
-                               if self.anchor is not None else self.coarse_log_at(c))
+                z[a:a + 64] = self.stand_in_log(self.cidx[a:a + 64])
             self._surrogate = self.store.norm_y.forward_log(z, self.season)
         return self._surrogate[e][win]
 

@@ -282,14 +282,6 @@ def _projection(store: Store):
 MODELS = ("ddpm", "unet", "vae", "interp", "clim")
 
 
-def _cold_lag(fd, c):
-    """A model-free stand-in (physical, (H, W)) for a lag day nobody predicted: the anchor μ
-    (residual models) or the interpolated coarse field (absolute ones)."""
-    from ..data.transforms import from_log
-    z = fd.mu_at(c) if fd.space == "residual" else fd.coarse_log_at(c)
-    return from_log(z).astype(np.float32)
-
-
 def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), model="ddpm",
            data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True,
            workers=None, scheduler=None, member0=0, cold_start=False) -> xr.Dataset:
@@ -363,10 +355,11 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                          f"(coarse record {store.times_c[0]:%Y-%m-%d}..{store.times_c[-1]:%Y-%m-%d})")
     members = cfg.members
     attrs = {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
-             "mode": cfg.mode, "members": members, "member0": int(member0), "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
+             "mode": cfg.mode, "members": members, "member0": int(member0),
+             "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
              "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
-             "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision, "calibrate": int(cfg.calibrate),
-             "lag_conditioning": int(cfg.lag_conditioning)}
+             "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
+             "calibrate": int(cfg.calibrate), "lag_conditioning": int(cfg.lag_conditioning)}
     # the baselines stay what a user would compute by hand: never projected
     project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
 
@@ -445,7 +438,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             elif ld in fine_set:
                 lags[:, j] = fd.y[fd.index_of(ld)]
             elif cold_start and ld < day and store.times_c.get_indexer([ld])[0] >= 0:
-                lags[:, j] = store.norm_y.forward(_cold_lag(fd, store.times_c.get_loc(ld)), s)
+                lags[:, j] = store.norm_y.forward_log(fd.stand_in_log(store.times_c.get_loc(ld)), s)
             else:
                 raise ValueError(
                     f"sample: {day:%Y-%m-%d} needs {ld:%Y-%m-%d} in its {t_lag}-day lag window, which "

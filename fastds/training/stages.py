@@ -158,8 +158,8 @@ def _attach_regression(model, run, season, train_set, config: Config, val_set=No
     # the DDPM learns to generate; sampling multiplies the sample by it (sample.calibrate)
     inflation = 1.0
     if val_set is not None and len(val_set) > 0 and config.train.target == "residual":
-        fd = fine_days(open_store(train_set.store.path), config, season, anchor=train_set.anchor)
-        sd = rollout_residual_sd(model.regression, fd, val_set.days, config)
+        # the training set already holds every whole-day input a rollout reads
+        sd = rollout_residual_sd(model.regression, train_set, val_set.days, config)
         if np.isfinite(sd):
             inflation = max(sd / scale, 1.0)
     model.set_regression(model.regression, scale, inflation)
@@ -193,7 +193,7 @@ def _pushforward_alternative(run, season, sets, config: Config, device):
         raise FileNotFoundError(f"train: {best} is missing; train.pushforward_source='unet' builds "
                                 "lag windows from the U-Net's predictions, so train the U-Net first")
     unet, _ = load_trained(run, season, "unet", device=device)
-    fd = fine_days(open_store(train_set.store.path), config, season, anchor=unet.anchor)
+    fd = fine_days(train_set.store, config, season, anchor=unet.anchor)
     t_lag = train_set.t_lag
     need = sorted({e for fp in sets for d in fp.days for e in range(d - t_lag, d)})
     allowed = train_set.alt_allowed()
@@ -208,7 +208,7 @@ def _pushforward_alternative(run, season, sets, config: Config, device):
         fp.set_alternative(alt, ok)
 
 
-def validation_blocks(fd, days):
+def validation_blocks(days):
     """Runs of consecutive validation target days: [(first, last), ...] fine indices."""
     days = np.asarray(sorted(days))
     if len(days) == 0:
@@ -222,9 +222,9 @@ def _rollouts(model, fd, days, config: Config, device):
     (fine indices), each started from the true lag window before its run; yields (e, log10
     prediction (H, W)). Runs whose starting window holds a test day are skipped."""
     t_lag = fd.t_lag
-    test = fd.store.ds["split"].values == 2
-    for a, b in validation_blocks(fd, days):
-        if a < t_lag or test[a - t_lag:a].any():
+    clean = fd.test_free_window()
+    for a, b in validation_blocks(days):
+        if a < t_lag or not clean[a]:
             continue
         lags = fd.y[a - t_lag:a].copy()
         for e in range(a, b + 1):
@@ -324,11 +324,9 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
         # the rollout score is a deterministic model's; the DDPM's rollout skill is its mean's,
         # the U-Net selected this way, so the DDPM keeps the loss
         if tc.select == "rollout" and model != "ddpm":
-            fd = fine_days(store, config, s, anchor=train_set.anchor)
-            val_days = val_set.days
-
-            def select(m, fd=fd, val_days=val_days):  # lower is better, like a loss
+            def rollout_select(m, fd=train_set, val_days=val_set.days):  # lower is better
                 return -rollout_score(m, fd, val_days, config, device)
+            select = rollout_select
         ckpt = season_dir(run, s) / f"{model}.pt"
         fit(net, _loss_for(model, config), train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches,
