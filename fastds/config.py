@@ -69,6 +69,9 @@ class TrainConfig:
                                   # region's by their reliability) or "clim" (plain pixel means)
     lag_channels: int = 0         # last k fine days as direct channels (0: transfer features only)
     lag_noise: float = 0.0        # sd (min-max units) of noise added to training lag windows
+    lag_noise_scale: float = 0.0  # > 0: the noise sd is this times the sd of the one-day
+                                  # prediction errors (the pushforward source's; μ for "anchor")
+                                  # over the training days; overrides lag_noise
     pushforward: float = 0.75     # share of training items whose last L lag days (L uniform in
                                   # 1..t_lag) are predictions, as at lead L of a strict rollout
     pushforward_source: str = "anchor"  # those predictions: "anchor" (μ, no model) or "unet"
@@ -80,6 +83,8 @@ class TrainConfig:
                                   # the DDPM keeps the loss)
     mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
                                   # so train --model unet first) or "clim" (the anchor alone)
+    calibrate_spread: bool = True  # CorrDiff DDPM: after training, size the spread inflation
+                                  # from validation (U-Net rollout error / generated spread)
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64
@@ -126,6 +131,8 @@ class SampleConfig:
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day
+    antithetic: bool = True       # members in ± pairs (the odd member negates every latent and
+                                  # noise draw of the even one): a lower-variance ensemble mean
     seed: int = 0
 
 

@@ -25,7 +25,7 @@ def load_field(path_or_obj, variable="DUEXTTAU") -> xr.DataArray:
     if isinstance(path_or_obj, xr.DataArray):
         return path_or_obj
     if isinstance(path_or_obj, xr.Dataset):
-        return path_or_obj[variable]
+        return _with_pairs(path_or_obj, path_or_obj[variable])
     path = Path(path_or_obj)
     if not path.exists():
         raise FileNotFoundError(f"evaluate: {path} does not exist")
@@ -35,7 +35,15 @@ def load_field(path_or_obj, variable="DUEXTTAU") -> xr.DataArray:
         raise ValueError(f"evaluate: cannot open {path} as NetCDF ({type(err).__name__})") from None
     if variable not in ds:
         raise ValueError(f"evaluate: {path} has no variable {variable!r} (has: {', '.join(map(str, ds.data_vars))})")
-    return ds[variable].load()
+    return _with_pairs(ds, ds[variable].load())
+
+
+def _with_pairs(ds, da):
+    """Carry a sample file's ``antithetic`` flag onto its variable (ensemble scores use it)."""
+    if ds.attrs.get("antithetic") and "member" in da.dims and "antithetic" not in da.attrs:
+        da = da.copy()
+        da.attrs["antithetic"] = 1
+    return da
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -111,12 +119,14 @@ def format_leads(lt: pd.DataFrame, metric="r2") -> str:
 
 
 def _ensemble_entry(p, t):
-    """Ensemble statistics of (time, member, lat, lon) against (time, lat, lon)."""
+    """Ensemble statistics of (time, member, lat, lon) against (time, lat, lon); members in
+    antithetic pairs (the sample's ``antithetic`` attribute) get the pair-aware spread/skill."""
+    pairs = bool(p.attrs.get("antithetic", 0)) and p.sizes["member"] >= 4 and p.sizes["member"] % 2 == 0
     lp, lt = _log(p.transpose("time", "member", ...).values), _log(t.transpose("time", ...).values)
     sd_ratio = [np.nanstd(lp[i, 0]) / np.nanstd(lt[i]) for i in range(lt.shape[0])]
     c = crps(p, t)
     return {"members": int(p.sizes["member"]), "crps": c.tolist(), "crps_mean": float(np.mean(c)),
-            "spread_skill": float(spread_skill(p, t)),
+            "spread_skill": float(spread_skill(p, t, pairs=pairs)), "antithetic": pairs,
             "rank_histogram": rank_histogram(p, t).tolist(),
             "sd_ratio_member": float(np.mean(sd_ratio))}
 

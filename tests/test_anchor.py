@@ -288,6 +288,32 @@ def test_spread_skill_and_rank_histogram_brute_force(rng):
     pe = xr.DataArray(10 ** draws[:, 1:], dims=("time", "member", "lat", "lon"), coords={"time": times})
     te = xr.DataArray(10 ** draws[:, 0], dims=("time", "lat", "lon"), coords={"time": times})
     assert 0.9 < spread_skill(pe, te) < 1.1
+    # independent members read as pairs: the same calibration in expectation
+    assert 0.9 < spread_skill(pe.isel(member=slice(0, 8)), te, pairs=True) < 1.1
+
+
+def test_spread_skill_of_antithetic_pairs():
+    """Exact ± pairs around the truth's conditional mean (a calibrated antithetic ensemble):
+    the pair-aware ratio is ~1 where the independent-member formula reads ~sqrt((M+1)/(M-1));
+    and the pair-aware form against brute force."""
+    r = np.random.default_rng(6)
+    M = 8
+    base = r.normal(-1, 0.3, (60, 1, 8, 8))
+    d = r.normal(0, 0.2, (60, M // 2, 8, 8))
+    members = base + np.stack([d, -d], 2).reshape(60, M, 8, 8)
+    truth = base[:, 0] + r.normal(0, 0.2, (60, 8, 8))
+    times = pd.date_range("2007-01-01", periods=60)
+    pe = xr.DataArray(10 ** members, dims=("time", "member", "lat", "lon"), coords={"time": times})
+    te = xr.DataArray(10 ** truth, dims=("time", "lat", "lon"), coords={"time": times})
+    assert 0.95 < spread_skill(pe, te, pairs=True) < 1.05
+    assert spread_skill(pe, te) == pytest.approx(np.sqrt((M + 1) / (M - 1)), rel=0.03)
+    p, t = members.reshape(60, M, -1), truth.reshape(60, -1)
+    var = 0.5 * (p[:, 0::2].var(1, ddof=1) + p[:, 1::2].var(1, ddof=1)).mean()
+    pm = 0.5 * (p[:, 0::2] + p[:, 1::2])
+    want = np.sqrt(var + pm.var(1, ddof=1).mean() / (M // 2)) / np.sqrt(((p.mean(1) - t) ** 2).mean())
+    assert spread_skill(pe, te, pairs=True) == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError, match="even number of members"):
+        spread_skill(pe.isel(member=slice(0, 3)), te, pairs=True)
 
 
 # ------------------------------------------------------------------ same days for every model

@@ -154,6 +154,43 @@ def test_rollout_beyond_record_and_resume(trained_run, store_path, tmp_path):
     np.testing.assert_allclose(on_disk["DUEXTTAU"].values, full["DUEXTTAU"].values)
 
 
+def test_rollout_history_keeps_only_the_lag_window(tmp_path):
+    """Memory of a long rollout: days older than the window leave memory but stay readable
+    from their part files (a resumed run's days start there)."""
+    from fastds.sampling.pipeline import _History
+    parts = tmp_path / "p.parts"
+    parts.mkdir()
+    days = pd.date_range("2030-01-01", periods=6)
+    np.save(parts / f"{days[0]:%Y%m%d}.npy", np.full((1, 2, 2), 0.0, np.float32))
+    h = _History(parts)
+    assert days[0] in h and days[1] not in h and not h.mem
+    for i, d in enumerate(days[1:], 1):
+        v = np.full((1, 2, 2), float(i), np.float32)
+        np.save(parts / f"{d:%Y%m%d}.npy", v)
+        h.keep(d, v, since=d - pd.Timedelta(days=2))
+    assert sorted(h.mem) == list(days[3:])
+    assert all(d in h for d in days)
+    assert float(h[days[0]][0, 0, 0]) == 0.0 and float(h[days[2]][0, 0, 0]) == 2.0
+    mem = _History(None)
+    for i, d in enumerate(days):
+        mem.keep(d, np.zeros(1))
+    assert sorted(mem.mem) == list(days)
+
+
+def test_long_rollout_to_a_file_equals_the_in_memory_one(trained_run, store_path, tmp_path):
+    """Longer than the lag window: the file (written from the parts, lag days read back from
+    them once out of memory) holds what the in-memory rollout returns."""
+    st = open_store(store_path)
+    start = st.times[st.times.month == 7][0]  # strict inside the record: July, the trained season
+    end = start + pd.Timedelta(days=11)
+    cfg = dataclasses.replace(FAST, mode="strict", seed=3)
+    mem = sample(run=trained_run, start=start, end=end, cfg=cfg, progress=False)
+    got = sample(run=trained_run, start=start, end=end, out=tmp_path / "r.nc", cfg=cfg, progress=False)
+    assert got["DUEXTTAU"].dims == mem["DUEXTTAU"].dims and len(got.time) == 12
+    np.testing.assert_array_equal(got["DUEXTTAU"].values, mem["DUEXTTAU"].values)
+    assert got.attrs["mode"] == "strict" and not (tmp_path / "r.nc.parts").exists()
+
+
 def test_strict_and_lenient_differ_inside_record(trained_run, test_days):
     day0 = test_days[2]
     kw = dict(run=trained_run, start=day0 - pd.Timedelta(days=3), end=day0, progress=False)
@@ -318,12 +355,13 @@ def test_consistency_projection_in_sample(trained_run, store_path, test_days):
         np.testing.assert_allclose(means, target, rtol=1e-5)
 
 
-def test_step_fusion_with_one_patch_equals_unfused(trained_run, store_path, test_days):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_step_fusion_with_one_patch_equals_unfused(trained_run, store_path, test_days, antithetic):
     model, conf = load_trained(trained_run, 3)
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     sub = DayInputs(inp.coarse[:, :24, :24], inp.covariates[:, :24, :24], inp.lags[..., :24, :24])
     for sampler in ("ddpm", "ddim"):
-        cfg = dataclasses.replace(FAST, tile=24, stride=8, sampler=sampler, steps=8)
+        cfg = dataclasses.replace(FAST, tile=24, stride=8, sampler=sampler, steps=8, antithetic=antithetic)
         fused = downscale_day(model, sub, cfg=dataclasses.replace(cfg, fusion="step"), T=conf.diffusion.T,
                               prediction=conf.diffusion.prediction, seed=4, members=2)
         final = downscale_day(model, sub, cfg=dataclasses.replace(cfg, fusion="final"), T=conf.diffusion.T,
@@ -405,3 +443,39 @@ def test_ddpm_needs_its_unet_first(store_path, tiny_config, tmp_path):
     pretrain(data=store_path, run=tmp_path, config=tiny_config, progress=False)
     with pytest.raises(FileNotFoundError, match="run `fastds train --model unet` first"):
         train(data=store_path, run=tmp_path, config=tiny_config, progress=False)
+
+
+@pytest.mark.parametrize("fusion", ["step", "final"])
+def test_antithetic_members(trained_run, store_path, test_days, fusion):
+    """Antithetic members: member 0 and member 2k are the plain ensemble's members 0 and k;
+    with a residual network odd in x_t each pair averages exactly to the U-Net mean; with
+    the trained network the pair's residuals are negatively correlated."""
+    model, conf = load_trained(trained_run, 3)
+    unet, _ = load_trained(trained_run, 3, kind="unet")
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    cfg = dataclasses.replace(FAST, sampler="ddpm", steps=10, halo=2, stride=8, fusion=fusion)
+    kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, members=4, seed=2)
+    plain = downscale_day(model, inp, cfg=dataclasses.replace(cfg, members=2), **{**kw, "members": 2})
+    anti = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=True), **kw)
+    np.testing.assert_array_equal(anti[0], plain[0])
+    np.testing.assert_array_equal(anti[2], plain[1])
+    mean = downscale_day(unet, inp, kind="unet", cfg=cfg)[0]
+    r = (anti - mean).reshape(4, -1)
+    assert np.corrcoef(r[0], r[1])[0, 1] < -0.3 and np.corrcoef(r[2], r[3])[0, 1] < -0.3
+    assert abs(np.corrcoef(r[0], r[2])[0, 1]) < 0.3
+
+    class Odd(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.regression, self.regression_scale = inner, inner.regression, inner.regression_scale
+            self.regression_mean = inner.regression_mean
+
+        def cond(self, *a):
+            return self.inner.cond(*a)
+
+        def forward(self, x, t, cond):
+            return 0.5 * x
+    odd = downscale_day(Odd(model), inp, cfg=dataclasses.replace(cfg, antithetic=True, calibrate=False), **kw)
+    np.testing.assert_allclose((odd[0] + odd[1]) / 2, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose((odd[2] + odd[3]) / 2, mean, rtol=1e-5, atol=1e-5)
+    assert np.abs(odd[0] - mean).mean() > 1e-3

@@ -92,6 +92,23 @@ def season_days(store):
     return np.flatnonzero(season_of(store.times.month) == 3)
 
 
+def test_prediction_error_sd_matches_brute_force(blocked_store):
+    """The lag-noise size: the sd of (prediction - truth) over the set's target days, from the
+    anchor surrogate μ, or from ``alt`` on the days it holds."""
+    fp = FinePatches(blocked_store, pushforward=1.0, **KW)
+    full = (slice(None), slice(None))
+    days = np.unique(fp.days)
+    d = np.concatenate([(fp.surrogate_at(e, full) - fp.y[e]).ravel() for e in days])
+    np.testing.assert_allclose(fp.prediction_error_sd(), d[np.isfinite(d)].std(), rtol=1e-6)
+    ok = fp.alt_allowed() & (np.arange(len(fp.times)) % 2 == 0)
+    g = np.random.default_rng(0)
+    alt = np.where(ok[:, None, None], fp.y + 0.05 * g.standard_normal(fp.y.shape), 0).astype(np.float32)
+    fp.set_alternative(alt, ok)
+    d = np.concatenate([((alt[e] if ok[e] else fp.surrogate_at(e, full)) - fp.y[e]).ravel() for e in days])
+    np.testing.assert_allclose(fp.prediction_error_sd(), d[np.isfinite(d)].std(), rtol=1e-6)
+    assert ok[days].any() and (~ok[days]).any()
+
+
 def test_cond_dropout_zeroes_the_lag_information_only():
     torch.manual_seed(0)
     m = build_model("unet", widths=(8, 16, 16), t_lag=6, transfer_widths=(8, 16, 16),
@@ -172,10 +189,23 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
         sample(run=trained_run, start=days[0], end=days[0], model="unet", progress=False,
                cfg=dataclasses.replace(c, lag_conditioning=False))
     # the DDPM over the new U-Net, its lag windows partly from that U-Net's predictions
+    # and lag noise sized from that U-Net's one-day errors
     dcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select="loss",
-                                                              pushforward_source="unet"))
+                                                              pushforward_source="unet",
+                                                              lag_noise_scale=0.5))
     train(data=store_path, run=run, config=dcfg, model="ddpm", progress=False)
     assert (run / "season3" / "ddpm.best.pt").exists()
+    best = load_checkpoint(run / "season3" / "ddpm.best.pt")
+    assert 0.0 < best["lag_noise"] < 0.5 and load_checkpoint(run / "season3" / "unet.best.pt")["lag_noise"] == 0.0
+    # the spread calibration written after training: the validation-CRPS minimiser
+    cal = best["calibration"]
+    assert cal["inflation"] == cal["inflations"][int(np.argmin(cal["crps"]))]
+    assert len(cal["crps"]) == len(cal["inflations"]) and np.isfinite(cal["crps"]).all()
+    assert len(cal["days"]) > 0 and len(set(cal["crps"])) > 1
+    for key in ("model", "ema"):
+        assert float(best[key]["regression_inflation"]) == pytest.approx(cal["inflation"])
+    from fastds.training.stages import load_trained
+    assert float(load_trained(run, 3)[0].regression_inflation) == pytest.approx(cal["inflation"])
     with pytest.raises(ValueError, match="applies to ddpm/vae"):
         train(data=store_path, run=tmp_path / "other", config=dcfg, model="unet", progress=False)
     # the score itself: a perfect model (the truth as its prediction) would score 1; ours is a

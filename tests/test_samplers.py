@@ -171,6 +171,46 @@ def test_samplers_run_and_are_deterministic():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["ref", "torch", "cpu"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_mirrored_plan_is_the_antithetic_trajectory(sampler, backend):
+    """With a network odd in x_t, the mirrored plan from −x_T and the same generator retraces
+    the trajectory exactly negated (every noise draw negated); with a network that is not
+    odd the twin differs from −x_0 but stays a sample of the same plan."""
+    plan = make_plan(sampler, T=200, steps=20, prediction="sample", eta=1.0)
+    twin = plan.mirrored()
+    assert twin.noisy.tolist() == plan.noisy.tolist() and plan.coef[plan.noisy, 5].min() > 0
+    np.testing.assert_array_equal(twin.coef[:, 5], -plan.coef[:, 5])
+    np.testing.assert_array_equal(twin.coef[:, :5], plan.coef[:, :5])
+    x = torch.randn(3, 1, 7, 9, generator=torch.Generator().manual_seed(0))
+    odd = lambda x, t, c: 0.7 * x
+    a = run_plan(odd, x, plan, generator=torch.Generator().manual_seed(5), backend=backend)
+    b = run_plan(odd, -x, twin, generator=torch.Generator().manual_seed(5), backend=backend)
+    torch.testing.assert_close(b, -a, rtol=0, atol=0)
+    shifted = lambda x, t, c: 0.7 * x + 0.3
+    a = run_plan(shifted, x, plan, generator=torch.Generator().manual_seed(5), backend=backend)
+    b = run_plan(shifted, -x, twin, generator=torch.Generator().manual_seed(5), backend=backend)
+    assert not torch.allclose(a, -b) and torch.corrcoef(torch.stack([a.ravel(), b.ravel()]))[0, 1] < -0.5
+
+
+def test_member_draws_pairs_and_independence_of_placement():
+    from fastds.sampling.pipeline import member_draws
+    gens, signs = member_draws(3, 11, 0, 5, antithetic=True)
+    assert signs == [1.0, -1.0, 1.0, -1.0, 1.0]
+    draws = [torch.randn(4, generator=g) for g in gens]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
+    assert not torch.equal(draws[0], draws[2])
+    plain, psigns = member_draws(3, 11, 0, 3)
+    assert psigns == [1.0] * 3
+    pdraws = [torch.randn(4, generator=g) for g in plain]
+    # member 0 draws the same either way; pair k shares plain member k's draws
+    assert torch.equal(draws[0], pdraws[0]) and torch.equal(draws[2], pdraws[1])
+    assert torch.equal(draws[4], pdraws[2])
+    # a worker sampling member 3 alone draws what the whole ensemble's member 3 does
+    (g3,), (s3,) = member_draws(3, 11, 3, 1, antithetic=True)
+    assert s3 == -1.0 and torch.equal(torch.randn(4, generator=g3), draws[3])
+
+
 def test_ddim_eta1_full_steps_equals_ddpm_in_distribution():
     """η=1 DDIM with all steps has DDPM's posterior variance: same noise, same result."""
     model = ToyModel()

@@ -268,6 +268,24 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
                              "may not be used: its lag window holds a test day (or is incomplete)")
         self.alt, self.alt_ok = alt, ok
 
+    def prediction_error_sd(self):
+        """The sd, in lag units, of one-day prediction errors over this set's target days:
+        the pushforward source's (``alt`` on the days it holds, else the anchor surrogate μ)
+        minus the truth. What ``train.lag_noise_scale`` multiplies to size the lag noise, so
+        the noise matches what a rollout's own predictions will put in the window."""
+        days = np.unique(np.asarray(self.days, int))
+        if len(days) == 0:
+            raise ValueError("prediction_error_sd: the set has no target days")
+        sq, n = 0.0, 0
+        s1 = 0.0
+        for e in days:
+            full = (slice(None), slice(None))
+            pred = self.alt[e] if self.alt is not None and self.alt_ok[e] else self.surrogate_at(e, full)
+            d = (pred - self.y[e]).astype(np.float64)
+            d = d[np.isfinite(d)]
+            s1, sq, n = s1 + d.sum(), sq + (d * d).sum(), n + d.size
+        return float(np.sqrt(max(sq / n - (s1 / n) ** 2, 0.0)))
+
     def alt_allowed(self):
         """(n_days,) bool: days whose one-step prediction may stand in a training lag window:
         a full lag window in the record and no test day in it (so no test truth reaches

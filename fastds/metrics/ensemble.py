@@ -28,14 +28,27 @@ def crps(pred, truth, *, space="log10"):
     return np.nanmean(term1 - term2, axis=1)
 
 
-def spread_skill(pred, truth, *, space="log10"):
-    """Spread/skill ratio: sqrt((M+1)/M · mean ensemble variance) / RMSE of the ensemble mean
-    (1 for a calibrated ensemble)."""
+def spread_skill(pred, truth, *, space="log10", pairs=False):
+    """Spread/skill ratio: the RMSE a calibrated ensemble's mean would have, over the RMSE of
+    the ensemble mean (1 for a calibrated ensemble).
+
+    Independent members (``pairs=False``): sqrt((M+1)/M · mean ensemble variance).
+    Antithetic pairs (``pairs=True``; members (0, 1), (2, 3), ... negatively correlated, see
+    ``sample.antithetic``): the members' variance σ² comes from within the even and within the
+    odd members (each set independent), and the mean's own sampling error from the K = M/2
+    pair means (independent): sqrt(σ² + var(pair means)/K). With independent members the two
+    agree in expectation; with pairs, the (M+1)/M form would credit the pairs' negative
+    correlation to calibration (it overstates the spread by about sqrt(1 + 1/(M-1)))."""
     p, t = _arrays(pred, truth, space)
     M = p.shape[1]
-    spread = np.sqrt((M + 1) / M * np.nanmean(p.var(1, ddof=1)))
     skill = np.sqrt(np.nanmean((p.mean(1) - t) ** 2))
-    return spread / skill
+    if not pairs:
+        return np.sqrt((M + 1) / M * np.nanmean(p.var(1, ddof=1))) / skill
+    if M < 4 or M % 2:
+        raise ValueError(f"spread_skill: pairs=True needs an even number of members >= 4, got {M}")
+    var = 0.5 * (p[:, 0::2].var(1, ddof=1) + p[:, 1::2].var(1, ddof=1))
+    pm = 0.5 * (p[:, 0::2] + p[:, 1::2])
+    return np.sqrt(np.nanmean(var) + np.nanmean(pm.var(1, ddof=1)) / (M // 2)) / skill
 
 
 def rank_histogram(pred, truth, *, space="log10"):

@@ -87,7 +87,7 @@ def _run_unit(unit: Unit, *, run, folder, cfg, model, data, device, threads):
         sample(run=run, start=unit.run_start, end=unit.last, out=path,
                cfg=dataclasses.replace(cfg, members=unit.members, segments=1), model=model,
                data=data, device=device, member0=unit.member0, cold_start=unit.cold,
-               progress=False)
+               progress=False).close()
     return str(path)
 
 
@@ -137,23 +137,31 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
             client.close()
             if cluster is not None:
                 cluster.close()
-    ds = _assemble(units, paths, cfg)
-    with atomic_path(out) as tmp:
-        ds.to_netcdf(tmp)
+    opened = []
+    try:
+        ds = _assemble(units, paths, cfg, opened)
+        # streamed from the units' files a day at a time (dask): never the whole period in memory
+        import dask
+        with atomic_path(out) as tmp, dask.config.set(scheduler="synchronous"):
+            ds.to_netcdf(tmp)
+    finally:
+        for f in opened:
+            f.close()
     shutil.rmtree(folder)
-    return ds
+    return xr.open_dataset(out)
 
 
-def _assemble(units, paths, cfg) -> xr.Dataset:
-    """Per segment: members side by side (kept days only); then segments end to end."""
+def _assemble(units, paths, cfg, opened) -> xr.Dataset:
+    """Per segment: members side by side (kept days only); then segments end to end. The
+    units' files are opened lazily (one-day chunks) and appended to ``opened``."""
     segs = []
     for j in sorted({u.segment for u in units}):
         parts = []
         for u, p in zip(units, paths):
             if u.segment != j:
                 continue
-            with xr.open_dataset(p) as f:
-                ds = f.load()
+            ds = xr.open_dataset(p, chunks={"time": 1})
+            opened.append(ds)
             if "member" not in ds.dims:
                 ds = ds.expand_dims(member=[u.member0])
             parts.append(ds.sel(time=slice(u.first, u.last)))
@@ -164,6 +172,8 @@ def _assemble(units, paths, cfg) -> xr.Dataset:
     ds = ds.transpose("time", ...)
     var = next(iter(ds.data_vars))
     ds[var] = ds[var].astype(np.float32)
+    if cfg.antithetic and cfg.members > 1:
+        ds[var].attrs["antithetic"] = 1
     ds.attrs.update({"members": cfg.members, "member0": 0, "segments": cfg.segments,
                      "burn_in": cfg.burn_in if cfg.segments > 1 else 0, "cold_start": 0})
     return ds

@@ -106,9 +106,9 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
     use_graphs = (kind == "ddpm" and cfg.cuda_graphs and torch.device(device).type == "cuda"
                   and _backend.why_unavailable("triton") is None)
     graphs = _GRAPHS if use_graphs else None
-    # one generator per member; each sees its draws in the same order whatever the loop order
-    gens = [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + (member0 + k) * 10_007
-                                                       + int(day_key)) for k in range(members)]
+    gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
+                               device=device)
+    plans = [plan if s > 0 or plan is None else plan.mirrored() for s in signs]
     if with_mean and kind == "ddpm" and getattr(model, "regression", None) is not None:
         # CorrDiff: the sample is the scaled residual of a regression mean; stitching is
         # linear, so mean and residual are stitched apart and added. The residual pass runs
@@ -127,10 +127,11 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
             res[k] = mean + scale * res[k]
         return res
     if kind == "ddpm" and cfg.fusion == "step":
-        return _downscale_fused(model, inputs, base_p, starts, (H, W), tile, halo, plan, gens,
-                                cfg=cfg, cache_conditioning=cache_conditioning, device=device,
+        return _downscale_fused(model, inputs, base_p, starts, (H, W), tile, halo, plans, gens,
+                                signs, cfg=cfg, cache_conditioning=cache_conditioning, device=device,
                                 backend=backend, progress=progress)
-    x_T = [torch.randn((len(starts), 1, tile, tile), generator=g, device=device) for g in gens]
+    x_T = [s * torch.randn((len(starts), 1, tile, tile), generator=g, device=device)
+           for g, s in zip(gens, signs)]
     pieces = [[] for _ in range(members)]
     for i in range(0, len(starts), cfg.batch):
         sl = slice(i, i + cfg.batch)
@@ -144,26 +145,26 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                 cond = (model.cond(coarse, cov, lags, _drop(cfg, len(lags), device))
                         if kind != "ddpm" or cache_conditioning else None)
             if kind == "vae":
-                z = torch.randn(model.net.latent_shape(cond), generator=gen, device=device)
+                z = signs[k] * torch.randn(model.net.latent_shape(cond), generator=gen, device=device)
                 pieces[k].append(model.net.generate(cond, z))
             elif kind == "unet":
                 pieces[k].append(model(None, None, cond))
             elif cache_conditioning and graphs is not None:
                 key = (tuple(x_T[k][sl].shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip,
-                       cfg.precision)
-                static = graphs.get(model, key, lambda: StaticSampler(model, plan, x_T[k][sl], cond,
+                       cfg.precision, signs[k])
+                static = graphs.get(model, key, lambda: StaticSampler(model, plans[k], x_T[k][sl], cond,
                                                                       clip=cfg.clip or None))
                 # one 64-bit seed per trajectory; the kernel counts steps and elements itself
                 seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
                                      device=device)
                 pieces[k].append(static(x_T[k][sl], cond, seed))
             elif cache_conditioning:
-                pieces[k].append(run_plan(model, x_T[k][sl], plan, cond=cond, generator=gen,
+                pieces[k].append(run_plan(model, x_T[k][sl], plans[k], cond=cond, generator=gen,
                                           clip=cfg.clip or None, backend=backend))
             else:
                 def recompute(x, t, _c, coarse=coarse, cov=cov, lags=lags):
                     return model(x, t, model.cond(coarse, cov, lags, _drop(cfg, len(lags), device)))
-                pieces[k].append(run_plan(recompute, x_T[k][sl], plan, cond=None, generator=gen,
+                pieces[k].append(run_plan(recompute, x_T[k][sl], plans[k], cond=None, generator=gen,
                                           clip=cfg.clip or None, backend=backend))
         if progress is not None:
             progress.update(members * min(cfg.batch, len(starts) - i))
@@ -172,6 +173,25 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
         patches = torch.cat(pieces[k])[:, 0].float()
         out[k] = stitch(patches, starts, (H, W), halo=halo).cpu().numpy()
     return out
+
+
+def member_draws(seed, day_key, member0, members, *, antithetic=False, device="cpu"):
+    """Each member's latent generator and sign: ([torch.Generator], [±1.0]).
+
+    A member's draws depend only on (seed, its member number, day_key), never on which
+    members or days are sampled beside it. With ``antithetic`` the members come in pairs
+    (0, 1), (2, 3), ...: both share the pair's generator and the odd one negates every draw
+    (x_T and, through :meth:`StepPlan.mirrored`, each step's noise). Member 0 draws the
+    same either way.
+    """
+    gens, signs = [], []
+    for k in range(members):
+        m = int(member0) + k
+        draw, sign = (m // 2, -1.0 if m % 2 else 1.0) if antithetic else (m, 1.0)
+        gens.append(torch.Generator(device=device).manual_seed(
+            int(seed) * 1_000_003 + draw * 10_007 + int(day_key)))
+        signs.append(sign)
+    return gens, signs
 
 
 def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, cfg, member, device):
@@ -186,7 +206,7 @@ def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, cfg, member
     return stitch(torch.cat(parts)[:, 0].float(), starts, shape, halo=halo).cpu().numpy()
 
 
-def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plan, gens, *, cfg,
+def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plans, gens, signs, *, cfg,
                      cache_conditioning, device, backend, progress):
     """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
@@ -207,9 +227,9 @@ def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plan, gen
             # reuse it), or, for the reference recipe, recomputed at every step
             cond = (torch.cat([cond_of(slice(i, i + cfg.batch)) for i in range(0, len(starts), cfg.batch)])
                     if cache_conditioning else cond_of)
-        x_T = torch.randn((1, 1, H, W), generator=gen, device=device)
+        x_T = signs[k] * torch.randn((1, 1, H, W), generator=gen, device=device)
         fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
-        x0 = run_plan(fused, x_T, plan, generator=gen, clip=cfg.clip or None, backend=backend)
+        x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
         out[k] = x0[0, 0].float().cpu().numpy()
         if progress is not None:
             progress.update(len(starts))
@@ -247,7 +267,8 @@ def _write_part(parts: Path, day, values, signature):
 
 
 def _dataset(values, days, store, members, attrs, member0=0):
-    da = xr.DataArray(np.stack(values), dims=("time", "member", "lat", "lon"),
+    """values (time, member, lat, lon), numpy or dask -> the CF Dataset."""
+    da = xr.DataArray(values, dims=("time", "member", "lat", "lon"),
                       coords={"time": pd.DatetimeIndex(days), "member": member0 + np.arange(members),
                               "lat": store.ds["lat"].values, "lon": store.ds["lon"].values})
     if members == 1 and member0 == 0:
@@ -255,6 +276,8 @@ def _dataset(values, days, store, members, attrs, member0=0):
     da.attrs = {"units": "1", "long_name": f"{store.variable} downscaled by fastds",
                 "standard_name": "atmosphere_optical_thickness_due_to_dust_ambient_aerosol_particles"
                 if store.variable == "DUEXTTAU" else store.variable}
+    if attrs.get("antithetic") and "member" in da.dims:
+        da.attrs["antithetic"] = 1  # members in ± pairs: evaluate scores them as such
     ds = da.to_dataset(name=store.variable)
     ds["lat"].attrs = {"units": "degrees_north", "standard_name": "latitude"}
     ds["lon"].attrs = {"units": "degrees_east", "standard_name": "longitude"}
@@ -359,7 +382,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
              "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
              "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
              "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
-             "calibrate": int(cfg.calibrate), "lag_conditioning": int(cfg.lag_conditioning)}
+             "calibrate": int(cfg.calibrate), "lag_conditioning": int(cfg.lag_conditioning),
+             "antithetic": int(cfg.antithetic)}
     # the baselines stay what a user would compute by hand: never projected
     project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
 
@@ -386,7 +410,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             vals = np.stack(vals)
         out_vals = [finish(np.repeat(v[None], members, 0), d, int(season_of(d.month)))
                     for v, d in zip(vals, days)]
-        ds = _dataset(out_vals, days, store, members, attrs, member0)
+        ds = _dataset(np.stack(out_vals), days, store, members, attrs, member0)
         if out is not None:
             with atomic_path(out) as tmp:
                 ds.to_netcdf(tmp)
@@ -400,17 +424,17 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         if old != signature:
             raise ValueError(f"sample: {parts} holds days from a different request ({old}); "
                              "remove it or use another --out")
-    history: dict[pd.Timestamp, np.ndarray] = {}  # physical values (members, H, W), predicted
-    if parts is not None and parts.exists():
-        for f in sorted(parts.glob("*.npy")):
-            history[pd.Timestamp(f.stem)] = np.load(f)
+    # Predicted days (physical, (members, H, W)). With ``out`` every day goes to its part file
+    # as it finishes and only the lag window's worth stays in memory, so a long rollout's RSS
+    # does not grow with its length; without ``out`` the whole result is held anyway.
+    history = _History(parts)
     models, datasets, configs = {}, {}, {}
     fine_set = set(store.times)
     results = []
     bar = tqdm(total=len(days), desc=f"sample {model} {cfg.sampler}", disable=not progress, unit="day")
     for day in days:
         if day in history:
-            results.append(history[day])
+            results.append(None if parts is not None else history[day])
             bar.update(1)
             continue
         s = int(season_of(day.month))
@@ -453,17 +477,58 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                           cache_conditioning=cache_conditioning, device=device, backend=backend,
                           member0=member0)
         values = finish(fd.to_physical(z, c), day, s)
-        history[day] = values
-        results.append(values)
         if parts is not None:
             _write_part(parts, day, values, signature)
+            history.keep(day, values, since=day - pd.Timedelta(days=max(k.data.t_lag for k in configs.values())))
+            results.append(None)
+        else:
+            history.keep(day, values)
+            results.append(values)
         bar.update(1)
     bar.close()
-    ds = _dataset(results, days, store, members, attrs, member0)
-    if out is not None:
-        with atomic_path(out) as tmp:
-            ds.to_netcdf(tmp)
-        for f in parts.glob("*"):
-            f.unlink()
-        parts.rmdir()
-    return ds
+    if out is None:
+        return _dataset(np.stack(results), days, store, members, attrs, member0)
+    # the file is written day by day from the parts (dask, one day per chunk): the whole
+    # period is never in memory; the returned Dataset reads it lazily
+    import dask
+    import dask.array as dsa
+    shape = (members,) + _fine_shape(store)
+    stack = dsa.stack([dsa.from_delayed(dask.delayed(np.load)(parts / f"{d:%Y%m%d}.npy"), shape, np.float32)
+                       for d in days])
+    with atomic_path(out) as tmp, dask.config.set(scheduler="synchronous"):
+        _dataset(stack, days, store, members, attrs, member0).to_netcdf(tmp)
+    for f in parts.glob("*"):
+        f.unlink()
+    parts.rmdir()
+    return xr.open_dataset(out)
+
+
+def _fine_shape(store: Store):
+    return store.ds["lat"].size, store.ds["lon"].size
+
+
+class _History:
+    """Predicted days of a rollout, by day: those kept in memory, and those on disk as part
+    files (a resumed run's, or ones dropped from memory), loaded back when a lag window asks."""
+
+    def __init__(self, parts: Path | None):
+        self.parts = parts
+        self.mem: dict[pd.Timestamp, np.ndarray] = {}
+        self.on_disk = ({pd.Timestamp(f.stem) for f in parts.glob("*.npy")}
+                        if parts is not None and parts.exists() else set())
+
+    def __contains__(self, day):
+        return day in self.mem or day in self.on_disk
+
+    def __getitem__(self, day):
+        if day not in self.mem:
+            self.mem[day] = np.load(self.parts / f"{day:%Y%m%d}.npy")
+        return self.mem[day]
+
+    def keep(self, day, values, since=None):
+        """Hold ``values`` for ``day``; with ``since``, forget (from memory only) days before it."""
+        self.mem[day] = values
+        if since is not None:
+            self.on_disk.add(day)
+            for d in [d for d in self.mem if d < since]:
+                del self.mem[d]

@@ -34,6 +34,15 @@ class StepPlan:
     def __len__(self):
         return len(self.timesteps)
 
+    def mirrored(self) -> "StepPlan":
+        """The same plan with every noise draw negated (σ -> −σ): run from −x_T with the
+        same generator it gives the antithetic twin of a trajectory. Each twin is an exact
+        sample (−z ~ N(0, I)); the pair is negatively correlated, so a pair's mean is a
+        lower-variance estimate of the conditional mean (antithetic variates)."""
+        coef = self.coef.copy()
+        coef[:, 5] = -coef[:, 5]
+        return StepPlan(self.timesteps, coef, self.noisy, self.name + "~")
+
 
 def leading_timesteps(T: int, steps: int | None):
     """"Leading" spacing: t = k·(T//n) for k = n-1..0; previous t is t - T//n (−1 -> ᾱ = 1)."""

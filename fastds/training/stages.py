@@ -259,6 +259,67 @@ def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
     return float(np.concatenate(res).std()) if res else float("nan")
 
 
+INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
+CALIBRATED = (0.8, 1.2)  # the skill issue's band for a calibrated ensemble
+
+
+def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", days=8, members=4):
+    """Set a trained CorrDiff DDPM's spread inflation α (members = mean + α·scale·r) to the
+    value that minimises the ensemble CRPS (log10, the proper score the evaluation reports)
+    among those whose spread/skill is in CALIBRATED (the CRPS-best overall if none), on
+    validation days with true lag windows free of test days. One sampling pass: the
+    members are drawn once with α = 1 and rescaled around their mean for every α in
+    INFLATIONS. Written into ``best`` (model and EMA weights, atomically) with the CRPS curve
+    under ``"calibration"``; a no-op (None) without usable validation days."""
+    import xarray as xr
+
+    from ..metrics import crps, spread_skill
+    from ..sampling.pipeline import DayInputs, downscale_day
+    from .loop import save_checkpoint
+    if val_set is None or len(val_set) == 0 or config.train.target != "residual":
+        return None
+    fd = train_set
+    pick = np.unique(val_set.days)
+    pick = pick[(pick >= fd.t_lag) & fd.test_free_window()[pick]]
+    if len(pick) == 0:
+        return None
+    pick = pick[np.linspace(0, len(pick) - 1, min(days, len(pick))).round().astype(int)]
+    ck = load_checkpoint(best)
+    model, _ = load_trained(best.parent.parent, int(ck["season"]), "ddpm", device=device)
+    cfg = dataclasses.replace(_sample_cfg(config), calibrate=False)
+    mean_z, res_z, truth = [], [], []
+    for e in pick:
+        inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
+        z = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
+                          prediction=config.diffusion.prediction, members=members,
+                          seed=config.train.seed, day_key=int(e), device=device)
+        m = downscale_day(model.regression, inputs, kind="unet", cfg=cfg, device=device)[0]
+        mean_z.append(m)
+        res_z.append(z - m)
+        truth.append(fd.logy_at(e))
+    t = xr.DataArray(10.0 ** np.stack(truth), dims=("time", "lat", "lon"))
+    scores, ratios = [], []
+    pairs = cfg.antithetic and members >= 4 and members % 2 == 0
+    for a in INFLATIONS:
+        logs = [fd.anchor.inverse(m + a * r, fd.mu_at(fd.cidx[e]), fd.season)
+                for e, m, r in zip(pick, mean_z, res_z)]
+        p = xr.DataArray(10.0 ** np.stack(logs), dims=("time", "member", "lat", "lon"))
+        scores.append(float(np.mean(crps(p, t))))
+        ratios.append(float(spread_skill(p, t, pairs=pairs)))
+    # the CRPS-best α among those whose spread/skill is within CALIBRATED (both the proper
+    # score and a spread that means what it says); the CRPS-best overall if none is
+    ok = [i for i, r in enumerate(ratios) if CALIBRATED[0] <= r <= CALIBRATED[1]]
+    best_a = float(INFLATIONS[min(ok or range(len(scores)), key=lambda i: scores[i])])
+    for key in ("model", "ema"):
+        if ck.get(key) is not None:
+            ck[key]["regression_inflation"] = torch.tensor(best_a)
+    ck["calibration"] = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps": scores,
+                         "spread_skill": ratios,
+                         "days": [int(d) for d in pick], "members": members}
+    save_checkpoint(best, ck)
+    return ck["calibration"]
+
+
 def _loss_for(kind, config: Config):
     diffusion = Diffusion(config.diffusion.T, config.diffusion.prediction, config.diffusion.schedule)
     beta = config.train.vae_beta
@@ -284,6 +345,21 @@ def _loss_for(kind, config: Config):
     return {"ddpm": ddpm, "unet": unet, "vae": vae}[kind]
 
 
+def training_sets(store, season, config: Config):
+    """(training, validation) FinePatches of one season, as Stage C builds them."""
+    d, tc = config.data, config.train
+    train_set = FinePatches(store, season=season, split="train", tile=d.tile, stride=d.train_stride,
+                            random_offsets=d.random_offsets, seed=tc.seed,
+                            lag_noise=tc.lag_noise, pushforward=tc.pushforward,
+                            cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+    # validation items see the same lag treatment (pushforward share, dropout) as
+    # training ones, with their own seed, so the loss and the residual scale measure it
+    val_set = FinePatches(store, season=season, split="val", tile=d.tile, stride=d.train_stride,
+                          anchor=train_set.anchor, seed=tc.seed + 1, pushforward=tc.pushforward,
+                          cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+    return train_set, val_set
+
+
 def train(*, data, run, config: Config, model="ddpm", season=None, resume=False, progress=True,
           device="cpu", on_step=None) -> list[Path]:
     """Stage C: train the conditional DDPM (or a baseline: ``model="unet"`` / ``"vae"``) on
@@ -295,15 +371,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     for s in _seasons(store, config, season):
         d = config.data
         tc = config.train
-        train_set = FinePatches(store, season=s, split="train", tile=d.tile, stride=d.train_stride,
-                                random_offsets=d.random_offsets, seed=tc.seed,
-                                lag_noise=tc.lag_noise, pushforward=tc.pushforward,
-                                cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
-        # validation items see the same lag treatment (pushforward share, dropout) as
-        # training ones, with their own seed, so the loss and the residual scale measure it
-        val_set = FinePatches(store, season=s, split="val", tile=d.tile, stride=d.train_stride,
-                              anchor=train_set.anchor, seed=tc.seed + 1, pushforward=tc.pushforward,
-                              cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+        train_set, val_set = training_sets(store, s, config)
         if len(train_set) == 0:
             raise ValueError(f"train: season {s} has no fine training day with a full "
                              f"{d.t_lag}-day lag window in {data}")
@@ -315,6 +383,13 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
         elif tc.pushforward_source not in ("anchor", "unet"):
             raise ValueError(f"train.pushforward_source must be 'anchor' or 'unet', "
                              f"got {tc.pushforward_source!r}")
+        lag_noise = train_set.lag_noise
+        if tc.lag_noise_scale < 0:
+            raise ValueError(f"train.lag_noise_scale must be >= 0, got {tc.lag_noise_scale}")
+        if tc.lag_noise_scale > 0:
+            # sized from the errors a rollout will feed back (after set_alternative, so the
+            # U-Net's when it is the pushforward source)
+            lag_noise = train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
         net = _model_for(model, config, run, s)
         if net.regression is not None:
             _attach_regression(net, run, s, train_set, config, val_set)
@@ -334,9 +409,12 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             ckpt_path=ckpt,
             extra_state={"kind": model, "season": s, "config": to_toml(config),
                          "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
-                         "anchor": train_set.anchor.to_dict() if train_set.anchor else None},
+                         "anchor": train_set.anchor.to_dict() if train_set.anchor else None,
+                         "lag_noise": float(lag_noise)},
             resume=resume, progress=progress, device=device, on_step=on_step,
             desc=f"train {model} season {s}", select=select)
+        if net.regression is not None and config.train.calibrate_spread:
+            calibrate_spread(ckpt.with_suffix(".best.pt"), train_set, val_set, config, device)
         out.append(ckpt.with_suffix(".best.pt"))
     return out
 
