@@ -5,7 +5,6 @@ cubes, and the peer recipe `xarray.open_mfdataset(...).resample(time="1D").mean(
 obvious xarray way to reduce native files to daily means).
 """
 import json
-import resource
 import subprocess
 import sys
 import textwrap

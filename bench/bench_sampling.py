@@ -9,7 +9,6 @@
 2. The transfer-feature cache: conditioning computed once per patch vs recomputed at every
    diffusion step (the reference code's recipe), same model and patches.
 """
-import numpy as np
 import pytest
 import torch
 

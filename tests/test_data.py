@@ -1,5 +1,4 @@
 import shutil
-import warnings
 
 import netCDF4
 import numpy as np
