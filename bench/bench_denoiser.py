@@ -4,8 +4,10 @@ GEMM rate measured in the same run (``sgemm``: fp32, ``bf16_gemm``), and patches
 
 Providers per model size: ``ref`` = fp32 forward, ``bf16`` = the same forward under
 ``torch.autocast(dtype=bfloat16)`` (what ``sample.precision = "bf16"`` does), ``sgemm`` /
-``bf16_gemm`` = a square matmul of about the same work. The summary's "speedup vs ref" of
-``bf16`` is the patches/s ratio; ``GFLOP/s`` lines compare the denoiser with the GEMM peak.
+``bf16_gemm`` = a square matmul of about the same work; ``compiled`` / ``compiled_bf16`` =
+the fp32 / bf16 forward through ``torch.compile`` (inductor; slow: minutes of compilation).
+The summary's "speedup vs ref" of ``bf16`` is the patches/s ratio; ``GFLOP/s`` lines compare
+the denoiser with the GEMM peak.
 """
 import pytest
 import torch
@@ -35,7 +37,9 @@ def _setup(widths, batch):
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["ref", "bf16", "sgemm", "bf16_gemm"])
+@pytest.mark.parametrize("provider", ["ref", "bf16", "sgemm", "bf16_gemm",
+                                      pytest.param("compiled", marks=pytest.mark.slow),
+                                      pytest.param("compiled_bf16", marks=pytest.mark.slow)])
 def test_denoiser_forward(benchmark, record, size, provider):
     widths, batch = SIZES[size]
     model, x, t, cond, flops = _setup(widths, batch)
@@ -47,18 +51,22 @@ def test_denoiser_forward(benchmark, record, size, provider):
         benchmark(lambda: a @ b)
         record(benchmark, benchmark.group, provider, items=2 * n ** 3 / 1e9, unit="GFLOP")
         return
-    bf16 = provider == "bf16"
+    bf16 = provider in ("bf16", "compiled_bf16")
+    net = model
+    if provider.startswith("compiled"):
+        # inductor's C++/OpenMP code for this CPU; compiled once here, outside the timing
+        net = torch.compile(model, dynamic=False)
     with torch.no_grad():
         want = model(x, t, cond)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            got = model(x, t, cond).float()
+            got = net(x, t, cond).float()
     # bf16 keeps 8 mantissa bits: outputs agree to a few percent of their spread, not bitwise
     err = (got - want).abs().mean() / want.std()
     assert err < (0.05 if bf16 else 1e-6), float(err)
 
     def fn():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return model(x, t, cond)
+            return net(x, t, cond)
     benchmark(fn)
     record(benchmark, benchmark.group, provider, items=flops / 1e9, unit="GFLOP")
     benchmark.extra_info["patches_per_s"] = batch / benchmark.stats.stats.median if benchmark.stats else None

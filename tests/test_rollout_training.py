@@ -197,9 +197,13 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     assert (run / "season3" / "ddpm.best.pt").exists()
     best = load_checkpoint(run / "season3" / "ddpm.best.pt")
     assert 0.0 < best["lag_noise"] < 0.5 and load_checkpoint(run / "season3" / "unet.best.pt")["lag_noise"] == 0.0
-    # the spread calibration written after training: the validation-CRPS minimiser
+    # the spread calibration written after training: the validation-CRPS minimiser among the
+    # inflations whose validation spread/skill is in the calibrated band (all, if none is)
+    from fastds.training.stages import CALIBRATED
     cal = best["calibration"]
-    assert cal["inflation"] == cal["inflations"][int(np.argmin(cal["crps"]))]
+    ok = [i for i, r in enumerate(cal["spread_skill"]) if CALIBRATED[0] <= r <= CALIBRATED[1]]
+    assert cal["inflation"] == cal["inflations"][min(ok or range(len(cal["crps"])), key=lambda i: cal["crps"][i])]
+    assert len(cal["spread_skill"]) == len(cal["inflations"]) and np.all(np.diff(cal["spread_skill"]) > 0)
     assert len(cal["crps"]) == len(cal["inflations"]) and np.isfinite(cal["crps"]).all()
     assert len(cal["days"]) > 0 and len(set(cal["crps"])) > 1
     for key in ("model", "ema"):
