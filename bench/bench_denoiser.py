@@ -60,9 +60,10 @@ def test_denoiser_forward(benchmark, record, size, provider):
         want = model(x, t, cond)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             got = net(x, t, cond).float()
-    # bf16 keeps 8 mantissa bits: outputs agree to a few percent of their spread, not bitwise
+    # bf16 keeps 8 mantissa bits: outputs agree to a few percent of their spread, not
+    # bitwise; inductor's fused fp32 kernels reorder sums (agreement to ~1e-6 of the spread)
     err = (got - want).abs().mean() / want.std()
-    assert err < (0.05 if bf16 else 1e-6), float(err)
+    assert err < (0.05 if bf16 else 1e-5 if provider == "compiled" else 1e-6), float(err)
 
     def fn():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

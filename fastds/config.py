@@ -126,6 +126,8 @@ class SampleConfig:
     lag_conditioning: bool = True  # false: the coarse-only fallback (needs train.cond_dropout > 0)
     precision: str = "fp32"       # network calls in "fp32" or "bf16" (autocast; the sampler's
                                   # state, updates and stitching stay fp32)
+    compile: bool = False         # torch.compile the network for sampling (inductor; tiny
+                                  # denoiser 1.5x fp32, 2.6x with bf16; 20-60 s per shape first)
     calibrate: bool = True        # CorrDiff DDPM: widen the residual by its validation rollout
                                   # error over its training sd (saved with the model; >= 1)
     segments: int = 1             # parallel-in-time: split the period into this many segments,

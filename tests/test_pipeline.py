@@ -191,6 +191,16 @@ def test_long_rollout_to_a_file_equals_the_in_memory_one(trained_run, store_path
     assert got.attrs["mode"] == "strict" and not (tmp_path / "r.nc.parts").exists()
 
 
+def test_compiled_network_samples_what_the_eager_one_does(trained_run, test_days):
+    """sample.compile: the U-Net through torch.compile (inductor) gives the eager days to
+    float rounding (fused kernels reorder sums)."""
+    cfg = dataclasses.replace(FAST, mode="lenient")
+    kw = dict(run=trained_run, start=test_days[0], end=test_days[1], model="unet", progress=False)
+    eager = sample(cfg=cfg, **kw)["DUEXTTAU"].values
+    compiled = sample(cfg=dataclasses.replace(cfg, compile=True), **kw)["DUEXTTAU"].values
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
 def test_strict_and_lenient_differ_inside_record(trained_run, test_days):
     day0 = test_days[2]
     kw = dict(run=trained_run, start=day0 - pd.Timedelta(days=3), end=day0, progress=False)
@@ -407,6 +417,22 @@ def test_graph_cache_is_bounded_reuses_and_forgets_dead_models():
     assert len(cache) == 1 and cache.has(a)                   # b's entry went with b
 
 
+class _WithNetwork(torch.nn.Module):
+    """A trained CorrDiff DDPM (its conditioning, regression mean and scale) whose residual
+    network is replaced by ``fn(x_t)``."""
+
+    def __init__(self, inner, fn):
+        super().__init__()
+        self.inner, self.regression, self.regression_scale = inner, inner.regression, inner.regression_scale
+        self.regression_mean, self.fn = inner.regression_mean, fn
+
+    def cond(self, *a):
+        return self.inner.cond(*a)
+
+    def forward(self, x, t, cond):
+        return self.fn(x)
+
+
 def test_corrdiff_mean_is_the_frozen_unet(trained_run, store_path, test_days):
     """The default DDPM diffuses the scaled residual of the run's U-Net: the U-Net is frozen
     inside it (same weights as its own checkpoint, no gradient), and with the residual
@@ -421,19 +447,8 @@ def test_corrdiff_mean_is_the_frozen_unet(trained_run, store_path, test_days):
     assert 0.05 < scale < 1.5
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     # a DDIM sampler whose network always answers "x0 = 0" returns 0: the field is the mean
-    class Zero(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.regression, self.regression_scale = inner, inner.regression, inner.regression_scale
-            self.regression_mean = inner.regression_mean
-
-        def cond(self, *a):
-            return self.inner.cond(*a)
-
-        def forward(self, x, t, cond):
-            return torch.zeros_like(x)
     cfg = dataclasses.replace(FAST, tile=16, halo=2, stride=8)
-    got = downscale_day(Zero(model), inp, cfg=cfg, T=conf.diffusion.T, prediction="sample")
+    got = downscale_day(_WithNetwork(model, torch.zeros_like), inp, cfg=cfg, T=conf.diffusion.T, prediction="sample")
     want = downscale_day(unet, inp, kind="unet", cfg=cfg)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -467,18 +482,7 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     assert c[0, 1] < -0.15 and c[2, 3] < -0.15
     assert max(c[0, 1], c[2, 3]) < min(c[0, 2], c[1, 3], c[0, 3], c[1, 2]) - 0.15
 
-    class Odd(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.regression, self.regression_scale = inner, inner.regression, inner.regression_scale
-            self.regression_mean = inner.regression_mean
-
-        def cond(self, *a):
-            return self.inner.cond(*a)
-
-        def forward(self, x, t, cond):
-            return 0.5 * x
-    odd = downscale_day(Odd(model), inp, cfg=dataclasses.replace(cfg, antithetic=True, calibrate=False), **kw)
+    odd = downscale_day(_WithNetwork(model, lambda x: 0.5 * x), inp, cfg=dataclasses.replace(cfg, antithetic=True, calibrate=False), **kw)
     np.testing.assert_allclose((odd[0] + odd[1]) / 2, mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose((odd[2] + odd[3]) / 2, mean, rtol=1e-5, atol=1e-5)
     assert np.abs(odd[0] - mean).mean() > 1e-3

@@ -33,6 +33,17 @@ class ConditionalModel(nn.Module):
         self.anchor = None  # the residual anchor a trained model carries (load_trained sets it)
         self.regression = None  # CorrDiff-style mean: a frozen regression model (set_regression)
 
+    def compile_for_sampling(self) -> "ConditionalModel":
+        """Put the network (and a regression mean's) through ``torch.compile`` (inductor) for
+        inference, once per input shape; returns self. Weights are shared, so outputs match
+        the eager network to float rounding; the state dict's keys change, so do not save a
+        compiled model."""
+        if not hasattr(self.net, "_orig_mod"):  # not compiled yet
+            self.net = torch.compile(self.net, dynamic=False)
+        if self.regression is not None:
+            self.regression.compile_for_sampling()
+        return self
+
     def cond(self, coarse, covariates, lags=None, drop=None):
         """``drop`` (B,) bool or None: items whose lag information (transfer features and lag
         channels) is zeroed, the coarse-only fallback that conditioning dropout trains."""

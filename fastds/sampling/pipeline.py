@@ -337,7 +337,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     Returns
     -------
     xarray.Dataset with ``VAR(time[, member], lat, lon)`` in physical units, CF attributes.
-    The ``member`` dim is kept when ``cfg.members > 1``.
+    The ``member`` dim is kept when ``cfg.members > 1``. With ``out`` it is ``out`` opened
+    lazily (a rollout holds only its lag window in memory, so its RSS does not grow with its
+    length); without, the days in memory.
     """
     from tqdm.auto import tqdm
 
@@ -441,6 +443,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         if s not in models:
             models[s], configs[s] = load_trained(run, s, model, use_ema=cfg.use_ema, device=device)
             set_kernel_backend(models[s], cfg.kernels)
+            if cfg.compile:
+                models[s].compile_for_sampling()
             datasets[s] = fine_days(store, configs[s], s, anchor=models[s].anchor)
         mdl, conf, fd = models[s], configs[s], datasets[s]
         if not cfg.lag_conditioning and conf.train.cond_dropout <= 0:
