@@ -83,8 +83,8 @@ class TrainConfig:
                                   # the DDPM keeps the loss)
     mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
                                   # so train --model unet first) or "clim" (the anchor alone)
-    calibrate_spread: bool = True  # CorrDiff DDPM: after training, size the spread inflation
-                                  # from validation (U-Net rollout error / generated spread)
+    calibrate_spread: bool = True  # CorrDiff DDPM: after training, set the spread inflation to
+                                  # the validation-CRPS best within spread/skill 0.8-1.2
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64

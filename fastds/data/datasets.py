@@ -276,10 +276,9 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
         days = np.unique(np.asarray(self.days, int))
         if len(days) == 0:
             raise ValueError("prediction_error_sd: the set has no target days")
-        sq, n = 0.0, 0
-        s1 = 0.0
+        full = (slice(None), slice(None))
+        s1, sq, n = 0.0, 0.0, 0
         for e in days:
-            full = (slice(None), slice(None))
             pred = self.alt[e] if self.alt is not None and self.alt_ok[e] else self.surrogate_at(e, full)
             d = (pred - self.y[e]).astype(np.float64)
             d = d[np.isfinite(d)]
