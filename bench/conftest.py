@@ -35,6 +35,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"[{group}]")
         ref = rows.get("ref") or next(iter(rows.values()))
         copy = rows.get("memcpy")
+        loop = rows.get("numpy_loop")  # the plain loop a peer writes first (stitch targets)
         for name, r in rows.items():
             line = f"  {name:>14}: {r['median_s'] * 1e3:10.3f} ms"
             if r["bytes"]:
@@ -47,6 +48,8 @@ def pytest_terminal_summary(terminalreporter):
                 # also writes the patches back moves more than the copy does)
                 scale = r["bytes"] / copy["bytes"] if r["bytes"] and copy["bytes"] else 1.0
                 line += f"  of memcpy bandwidth {scale * copy['median_s'] / r['median_s']:5.2f}"
+            if loop and name not in ("numpy_loop", "memcpy"):
+                line += f"  vs numpy_loop {loop['median_s'] / r['median_s']:6.1f}x"
             tr.write_line(line)
     out = Path(os.environ.get("FASTDS_BENCH_JSON", ".benchmarks/fastds_summary.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

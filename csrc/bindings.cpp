@@ -78,7 +78,7 @@ template <typename T>
 static void stitch_band_py(exact<T> patches, exact<int32_t> boxes, int band, int nb,
                            exact<int32_t> kp, exact<int32_t> ki, exact<int32_t> fp,
                            exact<int32_t> fi, exact<T> hann, double eps, exact<T> out,
-                           py::object cut) {
+                           py::object cut, py::object zden) {
   int C, tile, H, W;
   check_stitch(patches, boxes, out, C, tile, H, W);
   if (kp.size() != nb + 1 || fp.size() != nb + 1) throw std::invalid_argument("band plan size");
@@ -89,11 +89,35 @@ static void stitch_band_py(exact<T> patches, exact<int32_t> boxes, int band, int
     if (c.size() != patches.size()) throw std::invalid_argument("cut must be shaped like patches");
     cp = c.mutable_data();
   }
+  const T* zp = nullptr;
+  exact<T> z;
+  if (!zden.is_none()) {
+    z = zden.cast<exact<T>>();
+    if (z.ndim() != 2 || z.shape(0) != H || z.shape(1) != W)
+      throw std::invalid_argument("zden must be (H, W) like the image");
+    zp = z.data();
+  }
   const T* pp = patches.data();
   T* op = out.mutable_data();
   py::gil_scoped_release nogil;
   stitch_band_cpu<T>(pp, C, tile, H, W, boxes.data(), band, nb, kp.data(), ki.data(), fp.data(),
-                     fi.data(), hann.data(), (T)eps, op, cp);
+                     fi.data(), hann.data(), (T)eps, op, cp, zp);
+}
+
+template <typename T>
+static void band_weights_py(exact<int32_t> boxes, int tile, int band, int nb, exact<int32_t> kp,
+                            exact<int32_t> ki, exact<T> hann, double eps, exact<T> zden) {
+  if (boxes.ndim() != 2 || boxes.shape(1) != 6) throw std::invalid_argument("boxes must be (N, 6)");
+  if (zden.ndim() != 2) throw std::invalid_argument("zden must be (H, W)");
+  if (kp.size() != nb + 1) throw std::invalid_argument("band plan size");
+  if (hann.ndim() != 2 || hann.shape(0) != tile + 1 || hann.shape(1) != tile)
+    throw std::invalid_argument("hann must be (tile + 1, tile)");
+  const int H = (int)zden.shape(0), W = (int)zden.shape(1);
+  if ((long)nb * band < H) throw std::invalid_argument("band plan does not cover the image");
+  T* zp = zden.mutable_data();
+  py::gil_scoped_release nogil;
+  stitch_band_weights<T>(tile, H, W, boxes.data(), band, nb, kp.data(), ki.data(), hann.data(),
+                         (T)eps, zp);
 }
 
 template <typename T>
@@ -127,6 +151,8 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("band"));
   mod.def("stitch_band_f32", &stitch_band_py<float>);
   mod.def("stitch_band_f64", &stitch_band_py<double>);
+  mod.def("stitch_band_weights_f32", &band_weights_py<float>);
+  mod.def("stitch_band_weights_f64", &band_weights_py<double>);
   mod.def("stitch_f32", &stitch_py<float, false>);
   mod.def("stitch_f64", &stitch_py<double, false>);
   mod.def("stitch_pixelwise_f32", &stitch_py<float, true>);

@@ -39,21 +39,26 @@ BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int b
   return p;
 }
 
-template <typename T>
-void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
-                     int band, int nb, const int* kept_ptr, const int* kept_idx,
-                     const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
-                     T* cut) {
+// zden: max(Z, eps) of the plan (H, W), from stitch_band_weights; with it the kernel adds
+// only S (Z depends on the geometry alone), without it Z is summed beside S as before.
+// Either way each output is stitch_normalise(S, max(Z, eps)) of the same sums.
+constexpr int kPrefetch = 16;  // patches ahead: ~8 kept rows each, a few hundred ns of loads
+
+template <typename T, bool kHaveZ>
+static void band_pass(const T* patches, int C, int tile, int H, int W, const int* boxes,
+                      int band, int nb, const int* kept_ptr, const int* kept_idx,
+                      const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
+                      T* cut, const T* zden) {
   const long plane = (long)tile * tile;
 #pragma omp parallel
   {
-    std::vector<T> S((size_t)band * W), Z((size_t)band * W);
+    std::vector<T> S((size_t)band * W), Z(kHaveZ ? 0 : (size_t)band * W);
 #pragma omp for collapse(2) schedule(static)
     for (int c = 0; c < C; ++c)
       for (int k = 0; k < nb; ++k) {
         const int ya = k * band, yb = std::min(H, ya + band);
         std::fill(S.begin(), S.end(), T(0));
-        std::fill(Z.begin(), Z.end(), T(0));
+        if (!kHaveZ) std::fill(Z.begin(), Z.end(), T(0));
         for (int j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
           const int n = kept_idx[j];
           const int* b = boxes + 6L * n;
@@ -61,26 +66,44 @@ void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int*
           const T* hy = hann + (long)(b[3] - b[2]) * tile - b[2];
           const T* hx = hann + (long)(b[5] - b[4]) * tile - b[4];
           const T* src = patches + ((long)n * C + c) * plane - (long)b[0] * tile - b[1];
-          if (j + 4 < kept_ptr[k + 1]) {  // the patch after next: its kept rows start loading
-            const int m = kept_idx[j + 4];
-            __builtin_prefetch(patches + ((long)m * C + c) * plane + (long)std::max(0, ya - boxes[6L * m]) * tile);
+          if (j + kPrefetch < kept_ptr[k + 1]) {  // a few patches ahead: all its kept rows here
+            const int m = kept_idx[j + kPrefetch];
+            const int* bm = boxes + 6L * m;
+            const T* pm = patches + ((long)m * C + c) * plane - (long)bm[0] * tile + (bm[4] - bm[1]);
+            for (int y = std::max(ya, bm[2]), ye = std::min(yb, bm[3]); y < ye; ++y)
+              __builtin_prefetch(pm + (long)y * tile);
           }
           for (int y = y0; y < y1; ++y) {
             const T wy = hy[y];
             const T* row = src + (long)y * tile;
             T* __restrict s = &S[(size_t)(y - ya) * W];
-            T* __restrict z = &Z[(size_t)(y - ya) * W];
+            if (kHaveZ) {
 #pragma omp simd
-            for (int x = b[4]; x < b[5]; ++x) {
-              T w = wy * hx[x];  // stitch_weight's product, operand for operand
-              w = w > eps ? w : eps;
-              s[x] += w * row[x];
-              z[x] += w;
+              for (int x = b[4]; x < b[5]; ++x) {
+                T w = wy * hx[x];  // stitch_weight's product, operand for operand
+                w = w > eps ? w : eps;
+                s[x] += w * row[x];
+              }
+            } else {
+              T* __restrict z = &Z[(size_t)(y - ya) * W];
+#pragma omp simd
+              for (int x = b[4]; x < b[5]; ++x) {
+                T w = wy * hx[x];
+                w = w > eps ? w : eps;
+                s[x] += w * row[x];
+                z[x] += w;
+              }
             }
           }
         }
         T* o = out + ((long)c * H + ya) * W;
-        for (long i = 0; i < (long)(yb - ya) * W; ++i) o[i] = stitch_normalise<T>(S[i], Z[i], eps);
+        const long m = (long)(yb - ya) * W;
+        if (kHaveZ) {
+          const T* zd = zden + (long)ya * W;
+          for (long i = 0; i < m; ++i) o[i] = stitch_normalise<T>(S[i], zd[i], eps);
+        } else {
+          for (long i = 0; i < m; ++i) o[i] = stitch_normalise<T>(S[i], Z[i], eps);
+        }
         if (cut == nullptr) continue;
         // fused cut: this band's rows of the finished image go straight into every patch
         // whose tile meets the band (other bands write that patch's other rows)
@@ -97,11 +120,60 @@ void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int*
   }
 }
 
+template <typename T>
+void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
+                     int band, int nb, const int* kept_ptr, const int* kept_idx,
+                     const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
+                     T* cut, const T* zden) {
+  if (zden != nullptr)
+    band_pass<T, true>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
+                       full_idx, hann, eps, out, cut, zden);
+  else
+    band_pass<T, false>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
+                        full_idx, hann, eps, out, cut, nullptr);
+}
+
+template <typename T>
+void stitch_band_weights(int tile, int H, int W, const int* boxes, int band, int nb,
+                         const int* kept_ptr, const int* kept_idx, const T* hann, T eps, T* zden) {
+  // Z summed exactly as band_pass sums it (same terms, same order), then floored at eps
+#pragma omp parallel
+  {
+    std::vector<T> Z((size_t)band * W);
+#pragma omp for schedule(static)
+    for (int k = 0; k < nb; ++k) {
+      const int ya = k * band, yb = std::min(H, ya + band);
+      std::fill(Z.begin(), Z.end(), T(0));
+      for (int j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
+        const int* b = boxes + 6L * kept_idx[j];
+        const int y0 = std::max(ya, b[2]), y1 = std::min(yb, b[3]);
+        const T* hy = hann + (long)(b[3] - b[2]) * tile - b[2];
+        const T* hx = hann + (long)(b[5] - b[4]) * tile - b[4];
+        for (int y = y0; y < y1; ++y) {
+          const T wy = hy[y];
+          T* __restrict z = &Z[(size_t)(y - ya) * W];
+          for (int x = b[4]; x < b[5]; ++x) {
+            T w = wy * hx[x];
+            w = w > eps ? w : eps;
+            z[x] += w;
+          }
+        }
+      }
+      T* o = zden + (long)ya * W;
+      for (long i = 0; i < (long)(yb - ya) * W; ++i) o[i] = Z[i] > eps ? Z[i] : eps;
+    }
+  }
+}
+
 template void stitch_band_cpu<float>(const float*, int, int, int, int, const int*, int, int,
                                      const int*, const int*, const int*, const int*,
-                                     const float*, float, float*, float*);
+                                     const float*, float, float*, float*, const float*);
 template void stitch_band_cpu<double>(const double*, int, int, int, int, const int*, int, int,
                                       const int*, const int*, const int*, const int*,
-                                      const double*, double, double*, double*);
+                                      const double*, double, double*, double*, const double*);
+template void stitch_band_weights<float>(int, int, int, const int*, int, int, const int*,
+                                         const int*, const float*, float, float*);
+template void stitch_band_weights<double>(int, int, int, const int*, int, int, const int*,
+                                          const int*, const double*, double, double*);
 
 }  // namespace fastds

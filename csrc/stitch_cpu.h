@@ -20,12 +20,19 @@ struct BandPlan {
 
 BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int band);
 
-// out (C, H, W) = the stitched image; cut (N, C, tile, tile) or nullptr = its patches again.
+// out (C, H, W) = the stitched image; cut (N, C, tile, tile) or nullptr = its patches again;
+// zden (H, W) or nullptr = the plan's max(Z, eps) from stitch_band_weights (then only S is
+// summed per call; the image is the same bits either way).
 template <typename T>
 void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
                      int band, int nb, const int* kept_ptr, const int* kept_idx,
                      const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
-                     T* cut);
+                     T* cut, const T* zden);
+
+// zden (H, W) = max(Z, eps), Z the band kernel's sum of weights (same terms, same order).
+template <typename T>
+void stitch_band_weights(int tile, int H, int W, const int* boxes, int band, int nb,
+                         const int* kept_ptr, const int* kept_idx, const T* hann, T eps, T* zden);
 
 StitchPlan build_stitch_plan(const int64_t* starts, int64_t n, int H, int W, int tile,
                              int halo, int cell);

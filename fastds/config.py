@@ -128,8 +128,8 @@ class SampleConfig:
                                   # state, updates and stitching stay fp32)
     compile: bool = False         # torch.compile the network for sampling (inductor; tiny
                                   # denoiser 1.5x fp32, 2.6x with bf16; 20-60 s per shape first)
-    calibrate: bool = True        # CorrDiff DDPM: widen the residual by its validation rollout
-                                  # error over its training sd (saved with the model; >= 1)
+    calibrate: bool = True        # CorrDiff DDPM: scale the residual by the inflation saved with
+                                  # the model (train.calibrate_spread: the CRPS-best calibrated one)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

@@ -215,15 +215,28 @@ def _hann(tile, dtype):
     return hann_table(tile).astype(dtype)
 
 
-def _band_call(arr, band_plan, H, W, eps, cut=None):
+def _band_call(arr, band_plan, H, W, eps, cut=None, zden=None):
     """The band kernel on a C-contiguous (N, C, tile, tile) numpy array: (C, H, W) image,
-    and, with ``cut`` (an array shaped like ``arr``), the image's patches written into it."""
+    and, with ``cut`` (an array shaped like ``arr``), the image's patches written into it.
+    ``zden`` (H, W, arr's dtype): the plan's :func:`_band_weights`, so a call sums only S."""
     boxes, nb, kp, ki, fp, fi = band_plan
     out = np.empty((arr.shape[1], H, W), dtype=arr.dtype)
     ext = _backend.cpu_ext()
     fn = ext.stitch_band_f32 if arr.dtype == np.float32 else ext.stitch_band_f64
-    fn(arr, boxes, BAND, nb, kp, ki, fp, fi, _hann(arr.shape[-1], arr.dtype), float(eps), out, cut)
+    fn(arr, boxes, BAND, nb, kp, ki, fp, fi, _hann(arr.shape[-1], arr.dtype), float(eps), out, cut,
+       zden)
     return out
+
+
+def _band_weights(band_plan, H, W, tile, eps, dtype):
+    """max(Z, eps) of a band plan, (H, W) in ``dtype``: the weight sums every call of the band
+    kernel would add again, summed once in the same order (so images keep their bits)."""
+    boxes, nb, kp, ki, _, _ = band_plan
+    z = np.empty((H, W), dtype=dtype)
+    ext = _backend.cpu_ext()
+    fn = ext.stitch_band_weights_f32 if z.dtype == np.float32 else ext.stitch_band_weights_f64
+    fn(boxes, tile, BAND, nb, kp, ki, _hann(tile, z.dtype), float(eps), z)
+    return z
 
 
 def _host_array(p):
@@ -416,8 +429,9 @@ class StitchPlan:
     - ``plan.blend_cut(patches)`` -> ``(image, patches_of_image)``: stitch, then cut the
       blended image again (step fusion: overlapping patches agree on one field).
 
-    On the CPU backend the plan holds the band-scatter lists, so a call only checks the
-    patch array's shape and dtype (no range checks, no hashing of the starts), and
+    On the CPU backend the plan holds the band-scatter lists and, per dtype, the weight
+    sums max(Z, eps) (geometry only), so a call only checks the patch array's shape and dtype
+    (no range checks, no hashing of the starts) and sums only the weighted values, and
     ``blend_cut`` is one fused pass: each band of the image, once normalised, is copied into
     the patches that cover it. Elsewhere ``blend_cut`` is the stitch kernel then one gather.
     """
@@ -435,8 +449,15 @@ class StitchPlan:
         self._index = _cut_index(self.starts, self.tile, self.W)
         self._indices = {}
         self._band = None
+        self._zden = {}  # dtype -> max(Z, eps), built at the first CPU call in that dtype
         if _backend.why_unavailable("cpu") is None:
             self._band = _band_plan(self.starts, self.H, self.W, self.tile, self.halo)
+
+    def _weights(self, dtype):
+        key = np.dtype(dtype).str
+        if key not in self._zden:
+            self._zden[key] = _band_weights(self._band, self.H, self.W, self.tile, self.eps, dtype)
+        return self._zden[key]
 
     def _cpu_array(self, patches):
         """The C-contiguous numpy view the band kernel takes, or None when this call is not
@@ -469,7 +490,8 @@ class StitchPlan:
         """(N, [C,] tile, tile) -> ([C,] H, W); see :func:`fastds.stitch`."""
         arr = self._cpu_array(patches)
         if arr is not None:
-            image = _band_call(arr, self._band, self.H, self.W, self.eps)
+            image = _band_call(arr, self._band, self.H, self.W, self.eps,
+                               zden=self._weights(arr.dtype))
             return _like(image[0] if patches.ndim == 3 else image, patches)
         return stitch(patches, self.starts, (self.H, self.W), halo=self.halo, eps=self.eps,
                       backend=self.backend)
@@ -496,7 +518,8 @@ class StitchPlan:
         arr = self._cpu_array(patches)
         if arr is not None:
             cut = np.empty_like(arr)
-            image = _band_call(arr, self._band, self.H, self.W, self.eps, cut)
+            image = _band_call(arr, self._band, self.H, self.W, self.eps, cut,
+                               zden=self._weights(arr.dtype))
             if patches.ndim == 3:
                 image, cut = image[0], cut[:, 0]
             return _like(image, patches), _like(cut, patches)

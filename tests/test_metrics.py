@@ -38,6 +38,21 @@ def test_day_scores_against_direct_formulas(rng):
     assert table["r2_sd"].iloc[0] == pytest.approx(s["r2"].std(ddof=1))
 
 
+def test_day_scores_ensemble_mean_in_the_scored_space(rng):
+    """An ensemble is scored by its members' mean in the scored space: the geometric mean for
+    log10 scores, the arithmetic mean for physical ones (they differ for spread members)."""
+    t = 10 ** rng.normal(-1, 0.3, (3, 7, 9))
+    ens = t[:, None] * 10 ** rng.normal(0, 0.3, (3, 4, 7, 9))
+    s = day_scores(_da(ens, member=True), _da(t))
+    geo = day_scores(_da(10 ** np.log10(ens).mean(1)), _da(t))
+    np.testing.assert_allclose(s.values, geo.values, rtol=1e-12)
+    arith = day_scores(_da(ens.mean(1)), _da(t))
+    assert not np.allclose(s["rmse"].values, arith["rmse"].values)
+    phys = day_scores(_da(ens, member=True), _da(t), space="physical")
+    np.testing.assert_allclose(phys.values, day_scores(_da(ens.mean(1)), _da(t), space="physical").values,
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("max_km,bins", [(150, 10), (600, 24), (90, 7)])
 def test_semivariogram_exact_equals_all_pairs(rng, max_km, bins):
     lat = 20 + 0.0625 * np.arange(21)

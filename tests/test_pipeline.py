@@ -80,7 +80,6 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     width = model.regression_scale * model.regression_inflation
     want = (model.regression_mean(*args) + width * x0)[0, 0].numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
-    assert float(model.regression_inflation) >= 1.0
     uncal = downscale_day(model, sub, cfg=dataclasses.replace(cfg, calibrate=False), T=conf.diffusion.T,
                           prediction=conf.diffusion.prediction, seed=4)
     want0 = (model.regression_mean(*args) + model.regression_scale * x0)[0, 0].numpy()
@@ -470,11 +469,22 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     cfg = dataclasses.replace(FAST, sampler="ddpm", steps=10, halo=2, stride=8, fusion=fusion)
     kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, members=4, seed=2)
-    plain = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=False), **{**kw, "members": 2})
-    anti = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=True), **kw)
+    raw = dataclasses.replace(cfg, calibrate=False)
+    plain = downscale_day(model, inp, cfg=dataclasses.replace(raw, antithetic=False), **{**kw, "members": 2})
+    anti = downscale_day(model, inp, cfg=dataclasses.replace(raw, antithetic=True), **kw)
     np.testing.assert_array_equal(anti[0], plain[0])
     np.testing.assert_array_equal(anti[2], plain[1])
     mean = downscale_day(unet, inp, kind="unet", cfg=cfg)[0]
+    # calibrated: each pair widened around its own mean by the saved α (pair means kept)
+    saved, alpha = model.regression_inflation.clone(), 1.3
+    model.regression_inflation.fill_(alpha)
+    try:
+        wide = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=True), **kw)
+    finally:
+        model.regression_inflation.copy_(saved)
+    for a, b in ((0, 1), (2, 3)):
+        np.testing.assert_allclose(wide[a] + wide[b], anti[a] + anti[b], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(wide[a] - wide[b], alpha * (anti[a] - anti[b]), rtol=1e-4, atol=1e-5)
     r = (anti - mean).reshape(4, -1)
     c = np.corrcoef(r)
     print(f"{fusion}: pair correlations {c[0, 1]:.3f}, {c[2, 3]:.3f}; across pairs {c[0, 2]:.3f}, {c[1, 3]:.3f}")

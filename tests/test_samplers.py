@@ -211,6 +211,26 @@ def test_member_draws_pairs_and_independence_of_placement():
     assert s3 == -1.0 and torch.equal(torch.randn(4, generator=g3), draws[3])
 
 
+def test_inflate_residuals_widens_pairs_around_their_mean():
+    from fastds.sampling.pipeline import inflate_residuals
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((5, 3, 4))
+    np.testing.assert_array_equal(inflate_residuals(r, 1.0, antithetic=True), r)
+    w = inflate_residuals(r, 1.5, antithetic=True)
+    for a in (0, 2):  # pairs: means kept, half-differences widened by α
+        np.testing.assert_allclose(w[a] + w[a + 1], r[a] + r[a + 1], rtol=1e-12)
+        np.testing.assert_allclose(w[a] - w[a + 1], 1.5 * (r[a] - r[a + 1]), rtol=1e-12)
+    np.testing.assert_allclose(w[4], 1.5 * r[4], rtol=1e-12)  # member 4's partner is absent
+    np.testing.assert_allclose(inflate_residuals(r, 1.5), 1.5 * r, rtol=1e-12)  # independent
+    # numbered from member 1: (1, 2) and (3, 4) are not pairs, (2, 3) is
+    v = inflate_residuals(r[:4], 1.5, member0=1, antithetic=True)
+    np.testing.assert_allclose(v[0], 1.5 * r[0], rtol=1e-12)
+    np.testing.assert_allclose(v[1] + v[2], r[1] + r[2], rtol=1e-12)
+    np.testing.assert_allclose(v[3], 1.5 * r[3], rtol=1e-12)
+    r32 = r.astype(np.float32)
+    assert inflate_residuals(r32, 1.5, antithetic=True).dtype == np.float32
+
+
 def test_ddim_eta1_full_steps_equals_ddpm_in_distribution():
     """η=1 DDIM with all steps has DDPM's posterior variance: same noise, same result."""
     model = ToyModel()

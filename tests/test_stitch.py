@@ -295,3 +295,25 @@ def test_stitch_plan_checks_patches():
     # a non-contiguous view is accepted (copied once), the result unchanged
     p = np.random.default_rng(0).random((len(starts), 16, 32)).astype(np.float32)[:, :, ::2]
     np.testing.assert_array_equal(plan.stitch(p), fastds.stitch(np.ascontiguousarray(p), starts, (40, 50), halo=4))
+
+
+@pytest.mark.parametrize("H,W,tile,halo,stride", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stitch_plan_weight_sums_against_brute_force(H, W, tile, halo, stride, dtype, rng):
+    """The plan's precomputed max(Z, eps) (geometry only) against a per-box numpy sum, and
+    plan.stitch with it bit-identical to the one-call stitch that sums Z every call."""
+    from fastds.stitch import StitchPlan, _plan, hann_table
+    starts = fastds.plan_patches((H, W), tile, halo, stride)
+    starts = np.concatenate([starts, rng.integers(0, [H - tile + 1, W - tile + 1], (5, 2))])
+    plan = StitchPlan(starts, (H, W), tile=tile, halo=halo)
+    boxes = _plan(starts, H, W, tile, halo)[0]
+    hann = hann_table(tile).astype(np.float64)
+    Z = np.zeros((H, W))
+    for _, _, ky0, ky1, kx0, kx1 in boxes:
+        w = np.outer(hann[ky1 - ky0, :ky1 - ky0], hann[kx1 - kx0, :kx1 - kx0])
+        Z[ky0:ky1, kx0:kx1] += np.maximum(w, 1e-6)
+    z = plan._weights(dtype)
+    assert z.dtype == dtype
+    np.testing.assert_allclose(z, np.maximum(Z, 1e-6), rtol=1e-5 if dtype == np.float32 else 1e-12)
+    p = rng.standard_normal((len(starts), tile, tile)).astype(dtype)
+    np.testing.assert_array_equal(plan.stitch(p), fastds.stitch(p, starts, (H, W), halo=halo))

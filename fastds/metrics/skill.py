@@ -23,17 +23,20 @@ def _space(da, space):
 def day_scores(pred: xr.DataArray, truth: xr.DataArray, *, space="log10") -> pd.DataFrame:
     """Scores of each day, computed over the pixels valid in both.
 
-    pred, truth : (time, lat, lon), physical units, same grid (``member`` dim: its mean is
-    scored). Columns: r2 (squared Pearson correlation, the paper's), r2_nse (1 - SSE/SST),
-    rmse, mae, bias (pred - truth); ``space`` is ``"log10"`` (the paper) or ``"physical"``.
-    Index: the days in both inputs.
+    pred, truth : (time, lat, lon), physical units, same grid (with a ``member`` dim the
+    members' mean *in the scored space* is scored: in log10, their geometric mean, the point
+    forecast a log-space score rewards; the arithmetic mean of lognormal-like members sits
+    above it by a spread-dependent amount). Columns: r2 (squared Pearson correlation, the
+    paper's), r2_nse (1 - SSE/SST), rmse, mae, bias (pred - truth); ``space`` is ``"log10"``
+    (the paper) or ``"physical"``. Index: the days in both inputs.
     """
-    if "member" in pred.dims:
-        pred = pred.mean("member")
     pred, truth = xr.align(pred, truth, join="inner")
     if pred.sizes["time"] == 0:
         raise ValueError("day_scores: prediction and truth share no day")
-    p = _space(pred.transpose("time", "lat", "lon").values.astype(np.float64), space)
+    if "member" in pred.dims:
+        p = _space(pred.transpose("time", "member", "lat", "lon").values.astype(np.float64), space).mean(1)
+    else:
+        p = _space(pred.transpose("time", "lat", "lon").values.astype(np.float64), space)
     t = _space(truth.transpose("time", "lat", "lon").values.astype(np.float64), space)
     rows = []
     for i in range(p.shape[0]):

@@ -3,7 +3,8 @@
 The work of ``sample(start..end)`` is cut into units: time segments x members.
 
 - **Members** are independent when each keeps its own lag history
-  (``sample.lag_history = "member"``): unit k samples member k with member k's seeds, so the
+  (``sample.lag_history = "member"``): unit k samples member k with member k's seeds (with
+  ``sample.antithetic``, pair k: partners are inflated around their pair mean), so the
   ensemble does not depend on where its members ran. With ``"mean"`` the members share one
   history, so a unit holds all of them.
 - **Segments** (``sample.segments`` K > 1: parallel in time). Segment 0 starts like any
@@ -51,8 +52,10 @@ class Unit:
         return f"seg{self.segment:03d}_m{self.member0:03d}"
 
 
-def plan_units(start, end, *, segments=1, burn_in=14, members=1, split_members=True) -> list[Unit]:
-    """Segments of (nearly) equal length x members, in the order they should start."""
+def plan_units(start, end, *, segments=1, burn_in=14, members=1, split_members=True,
+               pairs=False) -> list[Unit]:
+    """Segments of (nearly) equal length x members (one per unit, or with ``pairs`` one
+    antithetic pair per unit), in the order they should start."""
     days = pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="D")
     if len(days) == 0:
         raise ValueError(f"sample: end {end} is before start {start}")
@@ -61,7 +64,12 @@ def plan_units(start, end, *, segments=1, burn_in=14, members=1, split_members=T
     if burn_in < 0:
         raise ValueError(f"sample.burn_in must be >= 0, got {burn_in}")
     bounds = np.linspace(0, len(days), segments + 1).round().astype(int)
-    groups = [(k, 1) for k in range(members)] if split_members else [(0, members)]
+    if not split_members:
+        groups = [(0, members)]
+    elif pairs:  # antithetic partners are inflated around their pair mean: one unit each pair
+        groups = [(k, min(2, members - k)) for k in range(0, members, 2)]
+    else:
+        groups = [(k, 1) for k in range(members)]
     units = []
     for j in range(segments):
         first, last = days[bounds[j]], days[bounds[j + 1] - 1]
@@ -113,7 +121,7 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
     folder.mkdir(parents=True, exist_ok=True)
     split = cfg.lag_history == "member" or cfg.members == 1
     units = plan_units(start, end, segments=cfg.segments, burn_in=cfg.burn_in, members=cfg.members,
-                       split_members=split)
+                       split_members=split, pairs=cfg.antithetic)
     local = workers is None and scheduler is None
     # a worker's torch threads are set per unit; this process's own are left alone
     kw = dict(run=str(run), folder=str(folder), cfg=cfg, model=model,

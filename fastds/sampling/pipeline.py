@@ -118,8 +118,9 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                          cache_conditioning=cache_conditioning, device=device, backend=backend,
                          progress=progress, with_mean=False, member0=member0)
         scale = float(model.regression_scale)
-        if cfg.calibrate and hasattr(model, "regression_inflation"):
-            scale *= float(model.regression_inflation)
+        alpha = (float(model.regression_inflation)
+                 if cfg.calibrate and hasattr(model, "regression_inflation") else 1.0)
+        res = inflate_residuals(res, alpha, member0=member0, antithetic=cfg.antithetic)
         for k in range(members):
             if k == 0 or not shared_lags:
                 mean = _stitched_mean(model, inputs, base_p, starts, tile, halo, (H, W), cfg,
@@ -172,6 +173,27 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
         # stitched where the patches are (the CUDA kernel on a GPU): only the image comes back
         patches = torch.cat(pieces[k])[:, 0].float()
         out[k] = stitch(patches, starts, (H, W), halo=halo).cpu().numpy()
+    return out
+
+
+def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
+    """Widen an ensemble's residuals (members, ...) by the spread inflation α.
+
+    Antithetic pairs (members 2j, 2j+1, both in ``r``) are split into their mean
+    e = (r₊ + r₋)/2 and half-difference o = (r₊ − r₋)/2, and become e ± α·o: α widens the
+    spread and leaves the pair mean (the generator's own mean correction) alone, and each
+    member's variance over draws becomes Var(e) + α²·Var(o) (e is even and o odd in the
+    latents, so they are uncorrelated). Independent members, and a pair member whose
+    partner is not in ``r`` (a lone member 0), get α·r. α = 1 returns ``r`` unchanged.
+    """
+    if alpha == 1.0:
+        return r
+    out = alpha * r
+    if antithetic:
+        for k in range(len(r) - 1):
+            if (int(member0) + k) % 2 == 0:
+                e, o = 0.5 * (r[k] + r[k + 1]), 0.5 * (r[k] - r[k + 1])
+                out[k], out[k + 1] = e + alpha * o, e - alpha * o
     return out
 
 

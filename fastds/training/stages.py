@@ -268,13 +268,13 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     value that minimises the ensemble CRPS (log10, the proper score the evaluation reports)
     among those whose spread/skill is in CALIBRATED (the CRPS-best overall if none), on
     validation days with true lag windows free of test days. One sampling pass: the
-    members are drawn once with α = 1 and rescaled around their mean for every α in
-    INFLATIONS. Written into ``best`` (model and EMA weights, atomically) with the CRPS curve
+    members are drawn once with α = 1 and widened as the sampler widens them
+    (:func:`~fastds.sampling.pipeline.inflate_residuals`) for every α in INFLATIONS. Written into ``best`` (model and EMA weights, atomically) with the CRPS curve
     under ``"calibration"``; a no-op (None) without usable validation days."""
     import xarray as xr
 
     from ..metrics import crps, spread_skill
-    from ..sampling.pipeline import DayInputs, downscale_day
+    from ..sampling.pipeline import DayInputs, downscale_day, inflate_residuals
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
         return None
@@ -301,7 +301,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     scores, ratios = [], []
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
     for a in INFLATIONS:
-        logs = [fd.anchor.inverse(m + a * r, fd.mu_at(fd.cidx[e]), fd.season)
+        # the sampler's own rule (pairs widened around their mean), so α means the same here
+        logs = [fd.anchor.inverse(m + inflate_residuals(r, a, antithetic=cfg.antithetic),
+                                  fd.mu_at(fd.cidx[e]), fd.season)
                 for e, m, r in zip(pick, mean_z, res_z)]
         p = xr.DataArray(10.0 ** np.stack(logs), dims=("time", "member", "lat", "lon"))
         scores.append(float(np.mean(crps(p, t))))
