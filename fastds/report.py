@@ -195,10 +195,11 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
 
     A prediction with a ``member`` dim (M > 1) gets two rows: ``NAME`` scores the ensemble
     mean (taken in the scored space: the geometric mean for log10 scores, the arithmetic
-    mean for physical ones; see :func:`~fastds.metrics.day_scores`), ``NAME-member`` one member; its ``ensemble`` entry holds CRPS per day (log10),
-    spread/skill with the √((M+1)/M) adjustment, the rank histogram and member 0's spatial
-    sd over the truth's. Writes ``table.csv``, ``table.md``, ``metrics.json`` and PNG plots;
-    returns the metrics dict.
+    mean for physical ones; see :func:`~fastds.metrics.day_scores`), ``NAME-member`` one
+    member; its ``ensemble`` entry holds CRPS per day (log10), spread/skill with the
+    √((M+1)/M) adjustment, the rank histogram and member 0's spatial sd over the truth's.
+    Writes ``table.csv``, ``table.md``, ``metrics.json`` and PNG plots; returns the metrics
+    dict.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -269,8 +269,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     among those whose spread/skill is in CALIBRATED (the CRPS-best overall if none), on
     validation days with true lag windows free of test days. One sampling pass: the
     members are drawn once with α = 1 and widened as the sampler widens them
-    (:func:`~fastds.sampling.pipeline.inflate_residuals`) for every α in INFLATIONS. Written into ``best`` (model and EMA weights, atomically) with the CRPS curve
-    under ``"calibration"``; a no-op (None) without usable validation days."""
+    (:func:`~fastds.sampling.pipeline.inflate_residuals`) for every α in INFLATIONS.
+    Written into ``best`` (model and EMA weights, atomically) with the CRPS curve under
+    ``"calibration"``; a no-op (None) without usable validation days."""
     import xarray as xr
 
     from ..metrics import crps, spread_skill
