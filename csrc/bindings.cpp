@@ -78,7 +78,7 @@ template <typename T>
 static void stitch_band_py(exact<T> patches, exact<int32_t> boxes, int band, int nb,
                            exact<int32_t> kp, exact<int32_t> ki, exact<int32_t> fp,
                            exact<int32_t> fi, exact<T> hann, double eps, exact<T> out,
-                           py::object cut, py::object zden) {
+                           py::object cut, exact<T> zden) {
   int C, tile, H, W;
   check_stitch(patches, boxes, out, C, tile, H, W);
   if (kp.size() != nb + 1 || fp.size() != nb + 1) throw std::invalid_argument("band plan size");
@@ -89,14 +89,9 @@ static void stitch_band_py(exact<T> patches, exact<int32_t> boxes, int band, int
     if (c.size() != patches.size()) throw std::invalid_argument("cut must be shaped like patches");
     cp = c.mutable_data();
   }
-  const T* zp = nullptr;
-  exact<T> z;
-  if (!zden.is_none()) {
-    z = zden.cast<exact<T>>();
-    if (z.ndim() != 2 || z.shape(0) != H || z.shape(1) != W)
-      throw std::invalid_argument("zden must be (H, W) like the image");
-    zp = z.data();
-  }
+  if (zden.ndim() != 2 || zden.shape(0) != H || zden.shape(1) != W)
+    throw std::invalid_argument("zden must be (H, W) like the image");
+  const T* zp = zden.data();
   const T* pp = patches.data();
   T* op = out.mutable_data();
   py::gil_scoped_release nogil;

@@ -20,11 +20,19 @@
 
 namespace fastds {
 
+// A weight from its row and column Hann factors, floored at eps; every kernel's weight is
+// this product, so the band kernel (which reads the factors from its tables) keeps the bits.
+template <typename T>
+FASTDS_HD T floored_weight(T wy, T wx, T eps) {
+  const T w = wy * wx;
+  return w > eps ? w : eps;
+}
+
 // Weight of pixel (y, x) inside patch box b (see plan layout), already floored at eps.
 template <typename T>
 FASTDS_HD T stitch_weight(const int* b, int y, int x, int tile, const T* hann, T eps) {
-  const T w = hann[(b[3] - b[2]) * tile + (y - b[2])] * hann[(b[5] - b[4]) * tile + (x - b[4])];
-  return w > eps ? w : eps;
+  return floored_weight<T>(hann[(b[3] - b[2]) * tile + (y - b[2])],
+                           hann[(b[5] - b[4]) * tile + (x - b[4])], eps);
 }
 
 template <typename T>

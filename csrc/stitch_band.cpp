@@ -39,12 +39,14 @@ BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int b
   return p;
 }
 
-// zden: max(Z, eps) of the plan (H, W), from stitch_band_weights; with it the kernel adds
-// only S (Z depends on the geometry alone), without it Z is summed beside S as before.
-// Either way each output is stitch_normalise(S, max(Z, eps)) of the same sums.
 constexpr int kPrefetch = 16;  // patches ahead: ~8 kept rows each, a few hundred ns of loads
 
-template <typename T, bool kHaveZ>
+// zden: max(Z, eps) of the plan (H, W), from stitch_band_weights: Z depends on the geometry
+// alone, so a call adds only S and each output is stitch_normalise(S, zden).
+// kWeights: the same walk summing the weights alone (w, not w * patch: the same terms in the
+// same order, w * 1 being exact), written to out floored at eps; that is how
+// stitch_band_weights builds zden, so the two cannot drift apart.
+template <typename T, bool kWeights>
 static void band_pass(const T* patches, int C, int tile, int H, int W, const int* boxes,
                       int band, int nb, const int* kept_ptr, const int* kept_idx,
                       const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
@@ -52,21 +54,21 @@ static void band_pass(const T* patches, int C, int tile, int H, int W, const int
   const long plane = (long)tile * tile;
 #pragma omp parallel
   {
-    std::vector<T> S((size_t)band * W), Z(kHaveZ ? 0 : (size_t)band * W);
+    std::vector<T> S((size_t)band * W);
 #pragma omp for collapse(2) schedule(static)
     for (int c = 0; c < C; ++c)
       for (int k = 0; k < nb; ++k) {
         const int ya = k * band, yb = std::min(H, ya + band);
         std::fill(S.begin(), S.end(), T(0));
-        if (!kHaveZ) std::fill(Z.begin(), Z.end(), T(0));
         for (int j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
           const int n = kept_idx[j];
           const int* b = boxes + 6L * n;
           const int y0 = std::max(ya, b[2]), y1 = std::min(yb, b[3]);
           const T* hy = hann + (long)(b[3] - b[2]) * tile - b[2];
           const T* hx = hann + (long)(b[5] - b[4]) * tile - b[4];
-          const T* src = patches + ((long)n * C + c) * plane - (long)b[0] * tile - b[1];
-          if (j + kPrefetch < kept_ptr[k + 1]) {  // a few patches ahead: all its kept rows here
+          // (no patches in kWeights mode: nothing is read through src)
+          const T* src = kWeights ? nullptr : patches + ((long)n * C + c) * plane - (long)b[0] * tile - b[1];
+          if (!kWeights && j + kPrefetch < kept_ptr[k + 1]) {  // a few patches ahead: its kept rows
             const int m = kept_idx[j + kPrefetch];
             const int* bm = boxes + 6L * m;
             const T* pm = patches + ((long)m * C + c) * plane - (long)bm[0] * tile + (bm[4] - bm[1]);
@@ -75,35 +77,24 @@ static void band_pass(const T* patches, int C, int tile, int H, int W, const int
           }
           for (int y = y0; y < y1; ++y) {
             const T wy = hy[y];
-            const T* row = src + (long)y * tile;
             T* __restrict s = &S[(size_t)(y - ya) * W];
-            if (kHaveZ) {
-#pragma omp simd
-              for (int x = b[4]; x < b[5]; ++x) {
-                T w = wy * hx[x];  // stitch_weight's product, operand for operand
-                w = w > eps ? w : eps;
-                s[x] += w * row[x];
-              }
+            if constexpr (kWeights) {
+              for (int x = b[4]; x < b[5]; ++x) s[x] += floored_weight<T>(wy, hx[x], eps);
             } else {
-              T* __restrict z = &Z[(size_t)(y - ya) * W];
+              const T* row = src + (long)y * tile;
 #pragma omp simd
-              for (int x = b[4]; x < b[5]; ++x) {
-                T w = wy * hx[x];
-                w = w > eps ? w : eps;
-                s[x] += w * row[x];
-                z[x] += w;
-              }
+              for (int x = b[4]; x < b[5]; ++x) s[x] += floored_weight<T>(wy, hx[x], eps) * row[x];
             }
           }
         }
         T* o = out + ((long)c * H + ya) * W;
         const long m = (long)(yb - ya) * W;
-        if (kHaveZ) {
-          const T* zd = zden + (long)ya * W;
-          for (long i = 0; i < m; ++i) o[i] = stitch_normalise<T>(S[i], zd[i], eps);
-        } else {
-          for (long i = 0; i < m; ++i) o[i] = stitch_normalise<T>(S[i], Z[i], eps);
+        if (kWeights) {
+          for (long i = 0; i < m; ++i) o[i] = S[i] > eps ? S[i] : eps;
+          continue;
         }
+        const T* zd = zden + (long)ya * W;
+        for (long i = 0; i < m; ++i) o[i] = stitch_normalise<T>(S[i], zd[i], eps);
         if (cut == nullptr) continue;
         // fused cut: this band's rows of the finished image go straight into every patch
         // whose tile meets the band (other bands write that patch's other rows)
@@ -125,44 +116,16 @@ void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int*
                      int band, int nb, const int* kept_ptr, const int* kept_idx,
                      const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
                      T* cut, const T* zden) {
-  if (zden != nullptr)
-    band_pass<T, true>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
-                       full_idx, hann, eps, out, cut, zden);
-  else
-    band_pass<T, false>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
-                        full_idx, hann, eps, out, cut, nullptr);
+  if (zden == nullptr) throw std::invalid_argument("stitch_band_cpu: zden is required");
+  band_pass<T, false>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
+                      full_idx, hann, eps, out, cut, zden);
 }
 
 template <typename T>
 void stitch_band_weights(int tile, int H, int W, const int* boxes, int band, int nb,
                          const int* kept_ptr, const int* kept_idx, const T* hann, T eps, T* zden) {
-  // Z summed exactly as band_pass sums it (same terms, same order), then floored at eps
-#pragma omp parallel
-  {
-    std::vector<T> Z((size_t)band * W);
-#pragma omp for schedule(static)
-    for (int k = 0; k < nb; ++k) {
-      const int ya = k * band, yb = std::min(H, ya + band);
-      std::fill(Z.begin(), Z.end(), T(0));
-      for (int j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
-        const int* b = boxes + 6L * kept_idx[j];
-        const int y0 = std::max(ya, b[2]), y1 = std::min(yb, b[3]);
-        const T* hy = hann + (long)(b[3] - b[2]) * tile - b[2];
-        const T* hx = hann + (long)(b[5] - b[4]) * tile - b[4];
-        for (int y = y0; y < y1; ++y) {
-          const T wy = hy[y];
-          T* __restrict z = &Z[(size_t)(y - ya) * W];
-          for (int x = b[4]; x < b[5]; ++x) {
-            T w = wy * hx[x];
-            w = w > eps ? w : eps;
-            z[x] += w;
-          }
-        }
-      }
-      T* o = zden + (long)ya * W;
-      for (long i = 0; i < (long)(yb - ya) * W; ++i) o[i] = Z[i] > eps ? Z[i] : eps;
-    }
-  }
+  band_pass<T, true>(nullptr, 1, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, nullptr, nullptr,
+                     hann, eps, zden, nullptr, nullptr);
 }
 
 template void stitch_band_cpu<float>(const float*, int, int, int, int, const int*, int, int,

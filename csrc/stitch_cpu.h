@@ -21,8 +21,7 @@ struct BandPlan {
 BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int band);
 
 // out (C, H, W) = the stitched image; cut (N, C, tile, tile) or nullptr = its patches again;
-// zden (H, W) or nullptr = the plan's max(Z, eps) from stitch_band_weights (then only S is
-// summed per call; the image is the same bits either way).
+// zden (H, W) = the plan's max(Z, eps) from stitch_band_weights (required: a call sums only S).
 template <typename T>
 void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
                      int band, int nb, const int* kept_ptr, const int* kept_idx,

@@ -79,7 +79,7 @@ def _seam_lines(rolls, truth, cfg) -> dict:
 
 
 def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), device="cpu",
-             progress=True, echo=print, test_days=12, rollout_days=30, members=8) -> dict:
+             progress=True, echo=print, test_days=12, rollout_days=30, members=16) -> dict:
     """Run the demo into ``out``; returns the metrics dict (also written to ``out``).
 
     Every model (DDPM ensemble of ``members``, U-Net, VAE, ``interp``, ``clim``) is scored

@@ -210,12 +210,22 @@ def _band_plan(starts, H, W, tile, halo):
     return _band_plan_cached(*_starts_key(starts), H, W, tile, halo)
 
 
+@functools.lru_cache(maxsize=16)
+def _band_weights_cached(key, starts_bytes, n, H, W, tile, halo, eps, dtype):
+    """:func:`_band_weights` of a cached band plan, built once per geometry, eps and dtype
+    (read-only: every call of that geometry shares it)."""
+    z = _band_weights(_band_plan_cached(key, starts_bytes, n, H, W, tile, halo), H, W, tile, eps,
+                      np.dtype(dtype))
+    z.setflags(write=False)
+    return z
+
+
 @functools.lru_cache(maxsize=8)
 def _hann(tile, dtype):
     return hann_table(tile).astype(dtype)
 
 
-def _band_call(arr, band_plan, H, W, eps, cut=None, zden=None):
+def _band_call(arr, band_plan, H, W, eps, zden, cut=None):
     """The band kernel on a C-contiguous (N, C, tile, tile) numpy array: (C, H, W) image,
     and, with ``cut`` (an array shaped like ``arr``), the image's patches written into it.
     ``zden`` (H, W, arr's dtype): the plan's :func:`_band_weights`, so a call sums only S."""
@@ -253,7 +263,9 @@ def _like(out, p):
 
 
 def _stitch_cpu(p, starts, H, W, tile, halo, eps):
-    return _like(_band_call(_host_array(p), _band_plan(starts, H, W, tile, halo), H, W, eps), p)
+    arr, key = _host_array(p), _starts_key(starts)
+    zden = _band_weights_cached(*key, H, W, tile, halo, float(eps), arr.dtype.str)
+    return _like(_band_call(arr, _band_plan_cached(*key, H, W, tile, halo), H, W, eps, zden), p)
 
 
 def _stitch_cpu_gather(p, starts, H, W, tile, halo, eps):
@@ -456,7 +468,8 @@ class StitchPlan:
     def _weights(self, dtype):
         key = np.dtype(dtype).str
         if key not in self._zden:
-            self._zden[key] = _band_weights(self._band, self.H, self.W, self.tile, self.eps, dtype)
+            self._zden[key] = _band_weights_cached(*_starts_key(self.starts), self.H, self.W,
+                                                   self.tile, self.halo, self.eps, key)
         return self._zden[key]
 
     def _cpu_array(self, patches):
@@ -490,8 +503,7 @@ class StitchPlan:
         """(N, [C,] tile, tile) -> ([C,] H, W); see :func:`fastds.stitch`."""
         arr = self._cpu_array(patches)
         if arr is not None:
-            image = _band_call(arr, self._band, self.H, self.W, self.eps,
-                               zden=self._weights(arr.dtype))
+            image = _band_call(arr, self._band, self.H, self.W, self.eps, self._weights(arr.dtype))
             return _like(image[0] if patches.ndim == 3 else image, patches)
         return stitch(patches, self.starts, (self.H, self.W), halo=self.halo, eps=self.eps,
                       backend=self.backend)
@@ -518,8 +530,8 @@ class StitchPlan:
         arr = self._cpu_array(patches)
         if arr is not None:
             cut = np.empty_like(arr)
-            image = _band_call(arr, self._band, self.H, self.W, self.eps, cut,
-                               zden=self._weights(arr.dtype))
+            image = _band_call(arr, self._band, self.H, self.W, self.eps, self._weights(arr.dtype),
+                               cut)
             if patches.ndim == 3:
                 image, cut = image[0], cut[:, 0]
             return _like(image, patches), _like(cut, patches)

@@ -332,6 +332,29 @@ def test_clim_baseline_is_interpolation_plus_mean_residual(trained_run, store_pa
         np.testing.assert_allclose(got.sel(time=d).values, want, rtol=2e-4)
 
 
+def test_baselines_written_day_by_day_equal_the_in_memory_result(trained_run, store_path, test_days,
+                                                                 tmp_path):
+    from fastds.sampling.pipeline import interpolate_coarse
+    days = test_days[:3]
+    cfg = dataclasses.replace(FAST, members=2)
+    for model in ("interp", "clim"):
+        mem = sample(run=trained_run, start=days[0], end=days[-1], model=model, cfg=cfg,
+                     progress=False)["DUEXTTAU"]
+        out = tmp_path / f"{model}.nc"
+        disk = sample(run=trained_run, start=days[0], end=days[-1], model=model, cfg=cfg, out=out,
+                      progress=False)
+        assert out.exists() and disk.attrs["model"] == model
+        np.testing.assert_array_equal(disk["DUEXTTAU"].values, mem.values)
+        assert mem.dims == ("time", "member", "lat", "lon") and mem.sizes["member"] == 2
+        np.testing.assert_array_equal(mem.values[:, 0], mem.values[:, 1])
+        disk.close()
+    # the day-by-day interp is the public whole-period interpolate_coarse
+    one = sample(run=trained_run, start=days[0], end=days[-1], model="interp", cfg=FAST,
+                 progress=False)["DUEXTTAU"]
+    want = interpolate_coarse(open_store(store_path), pd.date_range(days[0], days[-1]))
+    np.testing.assert_allclose(one.values, want.values, rtol=1e-6)
+
+
 def test_residual_model_is_anchored_and_unbounded(trained_run, store_path, test_days):
     model, conf = load_trained(trained_run, 3)
     assert conf.train.target == "residual" and model.anchor is not None

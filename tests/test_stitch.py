@@ -300,9 +300,10 @@ def test_stitch_plan_checks_patches():
 @pytest.mark.parametrize("H,W,tile,halo,stride", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stitch_plan_weight_sums_against_brute_force(H, W, tile, halo, stride, dtype, rng):
-    """The plan's precomputed max(Z, eps) (geometry only) against a per-box numpy sum, and
-    plan.stitch with it bit-identical to the one-call stitch that sums Z every call."""
-    from fastds.stitch import StitchPlan, _plan, hann_table
+    """The plan's precomputed max(Z, eps) (geometry only) against a per-box numpy sum;
+    plan.stitch and the one-call stitch (both dividing by it) bit-identical to the gather
+    kernel, which sums Z beside S every call; the one-call form builds it once per geometry."""
+    from fastds.stitch import StitchPlan, _band_weights_cached, _plan, hann_table
     starts = fastds.plan_patches((H, W), tile, halo, stride)
     starts = np.concatenate([starts, rng.integers(0, [H - tile + 1, W - tile + 1], (5, 2))])
     plan = StitchPlan(starts, (H, W), tile=tile, halo=halo)
@@ -316,4 +317,10 @@ def test_stitch_plan_weight_sums_against_brute_force(H, W, tile, halo, stride, d
     assert z.dtype == dtype
     np.testing.assert_allclose(z, np.maximum(Z, 1e-6), rtol=1e-5 if dtype == np.float32 else 1e-12)
     p = rng.standard_normal((len(starts), tile, tile)).astype(dtype)
-    np.testing.assert_array_equal(plan.stitch(p), fastds.stitch(p, starts, (H, W), halo=halo))
+    gather = fastds.stitch(p, starts, (H, W), halo=halo, backend="cpu-gather")
+    np.testing.assert_array_equal(plan.stitch(p), gather)
+    before = _band_weights_cached.cache_info()
+    for _ in range(2):
+        np.testing.assert_array_equal(fastds.stitch(p, starts, (H, W), halo=halo), gather)
+    after = _band_weights_cached.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 1

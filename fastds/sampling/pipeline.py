@@ -324,6 +324,56 @@ def _projection(store: Store):
                           lon_c=store.ds["lon_c"].values)
 
 
+class _CoarseDays:
+    """The store's coarse days (physical, (h, w)) by date, read from the store once: the
+    store is lazy, and reading its whole coarse cube for every sampled day would cost a
+    full decompress per day on a 25-year record."""
+
+    def __init__(self, store: Store):
+        self.store, self._values = store, None
+
+    def __getitem__(self, day):
+        if self._values is None:
+            self._values = self.store.coarse.values
+        return self._values[self.store.times_c.get_loc(day)]
+
+
+def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days):
+    """``interp`` / ``clim`` for ``days``: each day is computed on its own (they need no
+    history), so with ``out`` the file is written day by day and the period is never in
+    memory; the returned Dataset then reads ``out`` lazily."""
+    from ..training.stages import fine_days
+    iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method="bilinear")
+    ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method="bilinear")
+    fds = {}
+    if model == "clim":
+        rc = _run_config(run)
+        # the classical baseline: plain per-season pixel means, whatever the run's anchor
+        conf = dataclasses.replace(rc, train=dataclasses.replace(rc.train, target="residual",
+                                                                 anchor="clim"))
+
+    def one(day):
+        if model == "interp":
+            logc = np.log10(np.maximum(coarse_days[day], 1e-6))
+            v = (10.0 ** upsample(logc, iy, ix)).astype(np.float32)  # interpolated in log space
+        else:
+            s = int(season_of(day.month))
+            if s not in fds:
+                fds[s] = fine_days(store, conf, s)
+            v = fds[s].to_physical(np.zeros(fds[s].shape, np.float32), store.times_c.get_loc(day))
+        return np.repeat(v[None], members, 0)
+
+    if out is None:
+        return _dataset(np.stack([one(d) for d in days]), days, store, members, attrs, member0)
+    import dask
+    import dask.array as dsa
+    shape = (members,) + _fine_shape(store)
+    stack = dsa.stack([dsa.from_delayed(dask.delayed(one)(d), shape, np.float32) for d in days])
+    with atomic_path(out) as tmp, dask.config.set(scheduler="synchronous"):
+        _dataset(stack, days, store, members, attrs, member0).to_netcdf(tmp)
+    return xr.open_dataset(out)
+
+
 MODELS = ("ddpm", "unet", "vae", "interp", "clim")
 
 
@@ -411,34 +461,15 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     # the baselines stay what a user would compute by hand: never projected
     project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
 
+    coarse_days = _CoarseDays(store)
+
     def finish(values, day, s):
         if project is not None:
-            values = project(values, store.coarse.values[store.times_c.get_loc(day)], s)
+            values = project(values, coarse_days[day], s)
         return values
 
     if model in ("interp", "clim"):
-        if model == "interp":
-            vals = interpolate_coarse(store, days).values
-        else:
-            rc = _run_config(run)
-            # the classical baseline: plain per-season pixel means, whatever the run's anchor
-            conf = dataclasses.replace(rc, train=dataclasses.replace(rc.train, target="residual",
-                                                                     anchor="clim"))
-            vals, fds = [], {}
-            for day in days:
-                s = int(season_of(day.month))
-                if s not in fds:
-                    fds[s] = fine_days(store, conf, s)
-                c = store.times_c.get_loc(day)
-                vals.append(fds[s].to_physical(np.zeros(fds[s].shape, np.float32), c))
-            vals = np.stack(vals)
-        out_vals = [finish(np.repeat(v[None], members, 0), d, int(season_of(d.month)))
-                    for v, d in zip(vals, days)]
-        ds = _dataset(np.stack(out_vals), days, store, members, attrs, member0)
-        if out is not None:
-            with atomic_path(out) as tmp:
-                ds.to_netcdf(tmp)
-        return ds
+        return _baseline(model, run, store, days, members, attrs, member0, out, coarse_days)
 
     out = Path(out) if out is not None else None
     parts = _parts_dir(out) if out is not None else None

@@ -90,6 +90,9 @@ def shutdown_distributed() -> None:
     if _OWN_GROUP and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        # anything still holding the group (a DDP reducer in a cycle, a pending work handle)
+        # is released now, while the interpreter is whole, and not at exit
+        gc.collect()
     _OWN_GROUP = False
 
 
