@@ -355,6 +355,24 @@ def test_baselines_written_day_by_day_equal_the_in_memory_result(trained_run, st
     np.testing.assert_allclose(one.values, want.values, rtol=1e-6)
 
 
+def test_the_coarse_cube_is_read_once_per_run(trained_run, test_days, monkeypatch):
+    """The store is lazy: reading its whole coarse cube for every sampled day (the coarse-
+    consistency projection, the baselines) would cost a full decompress per day."""
+    from fastds.data.store import Store
+    reads = []
+    real = Store.coarse.fget
+    monkeypatch.setattr(Store, "coarse", property(lambda self: reads.append(1) or real(self)))
+    counts = {}
+    for n in (1, 3):
+        for model in ("unet", "interp"):
+            reads.clear()
+            sample(run=trained_run, start=test_days[0], end=test_days[0] + pd.Timedelta(days=n - 1),
+                   model=model, cfg=dataclasses.replace(FAST, consistency=True, mode="lenient"),
+                   progress=False)
+            counts[model, n] = len(reads)
+    assert counts["unet", 1] == counts["unet", 3] and counts["interp", 1] == counts["interp", 3], counts
+
+
 def test_residual_model_is_anchored_and_unbounded(trained_run, store_path, test_days):
     model, conf = load_trained(trained_run, 3)
     assert conf.train.target == "residual" and model.anchor is not None
