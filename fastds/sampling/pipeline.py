@@ -258,6 +258,12 @@ def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plans, ge
     return out
 
 
+def _interp_field(coarse, iy, ix):
+    """Physical coarse fields (..., h, w) -> the fine grid, interpolated in log10 like the
+    models see them; physical, float32."""
+    return (10.0 ** upsample(np.log10(np.maximum(coarse, 1e-6)), iy, ix)).astype(np.float32)
+
+
 def interpolate_coarse(store: Store, days, *, method="bilinear") -> xr.DataArray:
     """The interpolation baseline: the coarse field on the fine grid, (time, lat, lon), physical."""
     iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method=method)
@@ -266,9 +272,8 @@ def interpolate_coarse(store: Store, days, *, method="bilinear") -> xr.DataArray
     idx = store.times_c.get_indexer(days)
     if (idx < 0).any():
         raise KeyError(f"no coarse data for {days[idx < 0][0]:%Y-%m-%d}")
-    logc = np.log10(np.maximum(store.coarse.values[idx], 1e-6))
-    vals = 10.0 ** upsample(logc, iy, ix)  # interpolate in log space, like the models
-    return xr.DataArray(vals.astype(np.float32), dims=("time", "lat", "lon"),
+    vals = _interp_field(store.coarse.values[idx], iy, ix)
+    return xr.DataArray(vals, dims=("time", "lat", "lon"),
                         coords={"time": days, "lat": store.ds["lat"].values, "lon": store.ds["lon"].values},
                         name=store.variable)
 
@@ -354,8 +359,7 @@ def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days
 
     def one(day):
         if model == "interp":
-            logc = np.log10(np.maximum(coarse_days[day], 1e-6))
-            v = (10.0 ** upsample(logc, iy, ix)).astype(np.float32)  # interpolated in log space
+            v = _interp_field(coarse_days[day], iy, ix)
         else:
             s = int(season_of(day.month))
             if s not in fds:
