@@ -212,10 +212,15 @@ def _band_plan(starts, H, W, tile, halo):
 
 @functools.lru_cache(maxsize=16)
 def _band_weights_cached(key, starts_bytes, n, H, W, tile, halo, eps, dtype):
-    """:func:`_band_weights` of a cached band plan, built once per geometry, eps and dtype
-    (read-only: every call of that geometry shares it)."""
-    z = _band_weights(_band_plan_cached(key, starts_bytes, n, H, W, tile, halo), H, W, tile, eps,
-                      np.dtype(dtype))
+    """max(Z, eps) of a cached band plan, (H, W) in ``dtype``, built once per geometry, eps
+    and dtype (read-only: every call of that geometry shares it): the weight sums every call
+    of the band kernel would add again, summed once in the same order (so images keep their
+    bits)."""
+    boxes, nb, kp, ki, _, _ = _band_plan_cached(key, starts_bytes, n, H, W, tile, halo)
+    z = np.empty((H, W), dtype=np.dtype(dtype))
+    ext = _backend.cpu_ext()
+    fn = ext.stitch_band_weights_f32 if z.dtype == np.float32 else ext.stitch_band_weights_f64
+    fn(boxes, tile, BAND, nb, kp, ki, _hann(tile, z.dtype), float(eps), z)
     z.setflags(write=False)
     return z
 
@@ -228,7 +233,7 @@ def _hann(tile, dtype):
 def _band_call(arr, band_plan, H, W, eps, zden, cut=None):
     """The band kernel on a C-contiguous (N, C, tile, tile) numpy array: (C, H, W) image,
     and, with ``cut`` (an array shaped like ``arr``), the image's patches written into it.
-    ``zden`` (H, W, arr's dtype): the plan's :func:`_band_weights`, so a call sums only S."""
+    ``zden`` (H, W, arr's dtype): the plan's :func:`_band_weights_cached`, so a call sums only S."""
     boxes, nb, kp, ki, fp, fi = band_plan
     out = np.empty((arr.shape[1], H, W), dtype=arr.dtype)
     ext = _backend.cpu_ext()
@@ -236,17 +241,6 @@ def _band_call(arr, band_plan, H, W, eps, zden, cut=None):
     fn(arr, boxes, BAND, nb, kp, ki, fp, fi, _hann(arr.shape[-1], arr.dtype), float(eps), out, cut,
        zden)
     return out
-
-
-def _band_weights(band_plan, H, W, tile, eps, dtype):
-    """max(Z, eps) of a band plan, (H, W) in ``dtype``: the weight sums every call of the band
-    kernel would add again, summed once in the same order (so images keep their bits)."""
-    boxes, nb, kp, ki, _, _ = band_plan
-    z = np.empty((H, W), dtype=dtype)
-    ext = _backend.cpu_ext()
-    fn = ext.stitch_band_weights_f32 if z.dtype == np.float32 else ext.stitch_band_weights_f64
-    fn(boxes, tile, BAND, nb, kp, ki, _hann(tile, z.dtype), float(eps), z)
-    return z
 
 
 def _host_array(p):

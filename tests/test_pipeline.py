@@ -355,7 +355,7 @@ def test_baselines_written_day_by_day_equal_the_in_memory_result(trained_run, st
     np.testing.assert_allclose(one.values, want.values, rtol=1e-6)
 
 
-def test_the_coarse_cube_is_read_once_per_run(trained_run, test_days, monkeypatch):
+def test_the_coarse_cube_is_not_read_per_day(trained_run, test_days, monkeypatch):
     """The store is lazy: reading its whole coarse cube for every sampled day (the coarse-
     consistency projection, the baselines) would cost a full decompress per day."""
     from fastds.data.store import Store

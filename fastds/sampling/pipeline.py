@@ -319,10 +319,12 @@ def _run_config(run: Path):
     return config_from_toml(path.read_text()) if path.exists() else Config()
 
 
-def _projection(store: Store):
-    """The coarse-consistency projection fitted on the store's training days."""
+def _projection(store: Store, coarse=None):
+    """The coarse-consistency projection fitted on the store's training days; ``coarse``:
+    the store's whole coarse cube if the caller has it read already."""
     from .consistency import fit_projection
-    coarse = store.coarse.values[store.times_c.get_indexer(store.times)]  # the fine days' coarse
+    coarse = store.coarse.values if coarse is None else coarse
+    coarse = coarse[store.times_c.get_indexer(store.times)]  # the fine days' coarse
     return fit_projection(store.fine.values, coarse, store.times,
                           store.ds["split"].values == 0, lat=store.ds["lat"].values,
                           lon=store.ds["lon"].values, lat_c=store.ds["lat_c"].values,
@@ -337,10 +339,15 @@ class _CoarseDays:
     def __init__(self, store: Store):
         self.store, self._values = store, None
 
-    def __getitem__(self, day):
+    @property
+    def values(self):
+        """The whole cube (time_c, h, w), read at the first use."""
         if self._values is None:
             self._values = self.store.coarse.values
-        return self._values[self.store.times_c.get_loc(day)]
+        return self._values
+
+    def __getitem__(self, day):
+        return self.values[self.store.times_c.get_loc(day)]
 
 
 def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days):
@@ -462,10 +469,10 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
              "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
              "calibrate": int(cfg.calibrate), "lag_conditioning": int(cfg.lag_conditioning),
              "antithetic": int(cfg.antithetic)}
-    # the baselines stay what a user would compute by hand: never projected
-    project = _projection(store) if cfg.consistency and model not in ("interp", "clim") else None
-
     coarse_days = _CoarseDays(store)
+    # the baselines stay what a user would compute by hand: never projected
+    project = (_projection(store, coarse_days.values)
+               if cfg.consistency and model not in ("interp", "clim") else None)
 
     def finish(values, day, s):
         if project is not None:
