@@ -83,12 +83,17 @@ class TrainConfig:
                                   # the DDPM keeps the loss)
     mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
                                   # so train --model unet first) or "clim" (the anchor alone)
+    unet_loss: str = "l2"         # the U-Net's (and so the DDPM's regression mean's) loss:
+                                  # "l2" (CorrDiff's regression: a mean, what R² and RMSE
+                                  # reward) or "l1" (the paper's baseline: a median)
     calibrate_spread: bool = True  # CorrDiff DDPM: after training, set the spread inflation to
                                   # the validation-CRPS best within spread/skill 0.8-1.2
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64
     epochs: int = 100
+    ddpm_epoch_factor: int = 1    # the DDPM trains epochs x this: a denoising loss over all
+                                  # noise levels converges long after a regression's
     grad_clip: float = 0.5
     plateau_factor: float = 0.5
     plateau_patience: int = 3

@@ -95,7 +95,7 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
             config,
             data=dataclasses.replace(config.data, max_train_patches=1024, t_lag=6),
             pretrain=dataclasses.replace(config.pretrain, epochs=2, widths=(8, 16, 16)),
-            train=dataclasses.replace(config.train, epochs=2, widths=(16, 32, 32)))
+            train=dataclasses.replace(config.train, epochs=2, ddpm_epoch_factor=1, widths=(16, 32, 32)))
         test_days, rollout_days, members = 4, 4, 2
     else:
         # the fine record ends in April so that the 30-day rollout stays in spring, the

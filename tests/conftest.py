@@ -49,7 +49,8 @@ def rng():
 # models (about a minute on 2 cores, built once per session).
 TEST_OVERRIDES = ("data.seasons=[3]", "data.t_lag=6", "data.max_train_patches=512",
                   "pretrain.widths=[8, 16, 16]", "pretrain.epochs=3",
-                  "train.widths=[16, 32, 32]", "train.epochs=4", "train.batch=32")
+                  "train.widths=[16, 32, 32]", "train.epochs=4", "train.ddpm_epoch_factor=1",
+                  "train.batch=32")
 
 
 @pytest.fixture(scope="session")

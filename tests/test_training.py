@@ -61,6 +61,37 @@ def _l1(m, b, gen):
     return F.l1_loss(m(None, None, cond), b["target"])
 
 
+@pytest.mark.parametrize("name,ref", [("l1", F.l1_loss), ("l2", F.mse_loss)])
+def test_unet_loss_is_the_setting(name, ref):
+    import dataclasses
+    from fastds.config import load_config
+    from fastds.training.stages import _loss_for
+    cfg = load_config("tiny")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, unet_loss=name))
+    torch.manual_seed(0)
+    unet = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8))
+    b = torch.utils.data.default_collate([_Patches(4)[i] for i in range(4)])
+    pred = unet(None, None, unet.cond(b["coarse"], b["covariates"], b["lags"]))
+    got = _loss_for("unet", cfg)(unet, b, None)
+    torch.testing.assert_close(got, ref(pred, b["target"]), rtol=0, atol=0)
+    assert not torch.equal(F.l1_loss(pred, b["target"]), F.mse_loss(pred, b["target"]))
+    with pytest.raises(ValueError, match="train.unet_loss"):
+        _loss_for("unet", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, unet_loss="huber")))
+
+
+def test_the_ddpm_trains_its_epoch_factor_longer():
+    import dataclasses
+    from fastds.config import load_config
+    from fastds.training.stages import _model_settings
+    tc = load_config("tiny", None, ["train.epochs=5", "train.ddpm_epoch_factor=3"]).train
+    assert _model_settings("ddpm", tc) == {"ema": tc.ema, "epochs": 15}
+    for kind in ("unet", "vae"):  # no EMA, and their own epochs (the section's)
+        assert _model_settings(kind, tc) == {"ema": 0.0}
+    assert load_config("tiny").train.ddpm_epoch_factor == 2
+    with pytest.raises(ValueError, match="train.ddpm_epoch_factor"):
+        _model_settings("ddpm", dataclasses.replace(tc, ddpm_epoch_factor=0))
+
+
 def test_frozen_encoder_gets_no_update_and_no_decay(tmp_path):
     model = build_model("unet", widths=(8, 16, 16), t_lag=4, transfer_widths=(8, 16, 16))
     before = {k: v.clone() for k, v in model.transfer.state_dict().items()}

@@ -42,6 +42,15 @@ def _settings(section, *, epoch_subset=0, **extra) -> FitSettings:
     return FitSettings(epoch_subset=epoch_subset, **values)
 
 
+def _model_settings(model, tc) -> dict:
+    """What differs per model in Stage C: only the DDPM keeps an EMA, and it may train longer."""
+    if tc.ddpm_epoch_factor < 1:
+        raise ValueError(f"train.ddpm_epoch_factor must be >= 1, got {tc.ddpm_epoch_factor}")
+    if model != "ddpm":
+        return {"ema": 0.0}
+    return {"ema": tc.ema, "epochs": tc.epochs * tc.ddpm_epoch_factor}
+
+
 def _write_run_meta(run, store, config):
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -326,6 +335,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
 def _loss_for(kind, config: Config):
     diffusion = Diffusion(config.diffusion.T, config.diffusion.prediction, config.diffusion.schedule)
     beta = config.train.vae_beta
+    if config.train.unet_loss not in ("l1", "l2"):
+        raise ValueError(f"train.unet_loss must be 'l1' or 'l2', got {config.train.unet_loss!r}")
+    point_loss = F.l1_loss if config.train.unet_loss == "l1" else F.mse_loss
 
     def ddpm(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
@@ -337,7 +349,7 @@ def _loss_for(kind, config: Config):
 
     def unet(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-        return F.l1_loss(m(None, None, cond), b["target"])
+        return point_loss(m(None, None, cond), b["target"])
 
     def vae(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
@@ -407,8 +419,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             select = rollout_select
         ckpt = season_dir(run, s) / f"{model}.pt"
         fit(net, _loss_for(model, config), train_set, val_set,
-            settings=_settings(config.train, epoch_subset=d.max_train_patches,
-                               ema=config.train.ema if model == "ddpm" else 0.0),
+            settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(model, tc)),
             ckpt_path=ckpt,
             extra_state={"kind": model, "season": s, "config": to_toml(config),
                          "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
