@@ -237,3 +237,31 @@ def test_elevation_reader(twin_dir):
 def test_areas():
     assert parse_region("area1") is AREAS["area1"]
     assert parse_region("10,20,30,40").as_tuple() == (10, 20, 30, 40)
+
+
+def test_native_and_cube_reads_share_one_hdf5_lock(twin_dir):
+    """prepare reads native files (netCDF4, our reader) and a cube (xarray) in one dask graph,
+    on threads. HDF5 is not thread-safe: with two different locks the reads overlapped and
+    failed intermittently ("NetCDF: HDF error", or a heap corruption). 200 mixed reads on 8
+    threads, each checked against a serial read, must all succeed and agree."""
+    import dask
+
+    def graph():
+        return (open_coarse(twin_dir / "coarse").data, open_fine(twin_dir / "fine_daily.nc").data,
+                open_coarse(twin_dir / "coarse_daily.nc").data,
+                open_fine(sorted((twin_dir / "fine").glob("*20050516_0*")), allow_gaps=True,
+                          min_valid_fraction=0).data)
+
+    with dask.config.set(scheduler="synchronous"):
+        want = dask.compute(*graph())
+    failures = []
+    with dask.config.set(scheduler="threads", num_workers=8):
+        for i in range(200):
+            try:
+                got = dask.compute(*graph())
+            except Exception as err:  # noqa: BLE001 - every failure is counted, none hidden
+                failures.append(f"read {i}: {type(err).__name__}: {err}")
+                continue
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(g, w)
+    assert not failures, f"{len(failures)} of 200 concurrent reads failed: {failures[:3]}"

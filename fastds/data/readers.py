@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob as _glob
 import re
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+from xarray.backends.locks import HDF5_LOCK, NETCDFC_LOCK, combine_locks
 
 from .regions import Region, parse_region
 
@@ -23,8 +23,12 @@ __all__ = ["DataError", "DataWarning", "open_coarse", "open_fine", "open_elevati
            "GRIDS", "FILL_VALUE"]
 
 FILL_VALUE = 1e15
-# netCDF4/HDF5 is not thread-safe and dask reads days on threads: one lock around every read.
-_NC_LOCK = threading.RLock()
+# netCDF-C and HDF5 are not thread-safe, and dask reads days on threads. xarray guards its own
+# lazy reads of a cube with this same pair of locks (netCDF-C, then HDF5, in that order), so a
+# native read here and a cube read in xarray never run HDF5 at once. A lock of our own would
+# only serialise our reads among themselves: that was prepare's intermittent "HDF error".
+# The lock is not reentrant: nothing called while holding it may take it again.
+_NC_LOCK = combine_locks([NETCDFC_LOCK, HDF5_LOCK])
 # Values at or above this are fill even where a file forgot to declare _FillValue.
 _FILL_THRESHOLD = 1e14
 

@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 
 from .._io import atomic_path
-from .readers import FILL_VALUE, GRIDS
+from .readers import _NC_LOCK, FILL_VALUE, GRIDS
 from .regions import Region, parse_region
 
 __all__ = ["TwinSpec", "make_twin", "write_twin", "coarse_stream", "TWIN_REGION"]
@@ -174,7 +174,7 @@ def _write_nc(path, variable, data, times, lat, lon, *, time_units, lat_descendi
     if fill_mask is not None:
         values = np.where(fill_mask[..., order][:, ::-1] if lat_descending else fill_mask[..., order],
                           np.float32(FILL_VALUE), values)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _NC_LOCK:  # the readers' lock: HDF5 is not thread-safe
         with netCDF4.Dataset(str(tmp), "w", format="NETCDF4") as nc:
             nc.createDimension("time", None)
             nc.createDimension("lat", lat_w.size)
