@@ -1,20 +1,27 @@
-"""End to end: seconds per downscaled day on an Area-1-sized grid (357 x 432 fine pixels),
-tiny model, CPU.
+"""End to end: seconds per downscaled Area-1 day (357 x 432 fine pixels), tiny model, 2 CPU
+cores, as an ablation: what each factor of the shipped sampler is worth, alone and together.
 
-(a) ``ref``: the reference code's recipe: tile 16, halo 4, stride 2 (~36k patches), 200 DDPM
-    steps, transfer encoder recomputed at every step. A full day takes hours on 2 cores, so
-    it is timed on a fixed subset of patches and scaled by the patch count (stated in the
-    output; stitching is timed in bench_stitch and is negligible next to the network).
-(b) ``fastds``: the tiny preset's sampling as shipped (CorrDiff: the U-Net mean plus a
-    generated residual; tile 32, halo 4, stride 16, DDIM with the preset's steps, step
-    fusion, conditioning cached), the whole day, one member; ``fastds_bf16`` the same with
-    ``sample.precision = "bf16"`` (autocast around the network calls only); ``*_pair`` an
-    antithetic pair (the cheapest ensemble mean), ``*_10steps`` with 10 DDIM steps (the
-    preset's before it moved to 5, which score the same on the twin).
-Skill (R² in log10, held-out days) of the recipes is measured on the twin's grid with a
-trained tiny model (trained in the fixture) and printed.
+``ref`` is the reference code's recipe, timed on the whole day (no subset, no scaling):
+tile 16, halo 4, stride 2 (35,948 patches), 200 DDPM steps, transfer encoder recomputed at
+every step, final fusion, fp32. ``shipped`` is the tiny preset's sampler (CorrDiff mean +
+generated residual; tile 32, halo 4, stride 16; DDIM 5 steps; step fusion; conditioning
+cached; fp32), one member. Each other provider changes one factor of ``shipped``:
+
+- ``shipped_bf16``: ``sample.precision = "bf16"`` (autocast around the network calls);
+- ``shipped_compile``: ``sample.compile = true`` (inductor), and ``shipped_bf16_compile``;
+- ``shipped_pair`` / ``shipped_bf16_pair``: an antithetic pair (the cheapest ensemble mean);
+- ``shipped_no_cache``: the conditioning recomputed at every step (the reference's);
+- ``shipped_final``: final fusion (patches sampled apart, then stitched: the paper's);
+- ``shipped_ref_patches``: the reference geometry (tile 16, stride 2);
+- ``shipped_ddpm200``: 200 DDPM steps instead of 5 DDIM steps.
+
+Every provider is timed ``FASTDS_E2E_ROUNDS`` times (default 5) after one warm-up day
+(a long reconstruction runs at the steady state); the summary prints median, min and IQR.
+The reference takes about 1.5 hours a day here and runs ``FASTDS_E2E_REF_ROUNDS`` times
+(default: the same 5) without a warm-up day; ``-k "not ref"`` leaves it out.
 """
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -27,18 +34,30 @@ from fastds.data.store import open_store, prepare
 from fastds.data.synthetic import TwinSpec, write_twin
 from fastds.models.conditional import build_model
 from fastds.sampling.pipeline import DayInputs, downscale_day, sample
-from fastds.stitch import plan_patches
 from fastds.training.stages import pretrain, train
 
 H, W = 357, 432
+ROUNDS = int(os.environ.get("FASTDS_E2E_ROUNDS", "5"))
+REF_ROUNDS = int(os.environ.get("FASTDS_E2E_REF_ROUNDS", str(ROUNDS)))
 REF = SampleConfig(sampler="ddpm", steps=200, tile=16, halo=4, stride=2, batch=256, fusion="final",
                    consistency=False, antithetic=False)
 FAST = dataclasses.replace(load_config("tiny").sample, members=1)
 FAST_BF16 = dataclasses.replace(FAST, precision="bf16")
-# 10 DDIM steps, the preset's before: a pair's geometric mean is μ + the pair's even part, so
-# its skill does not depend on the spread inflation calibrated for the preset's step count
 FAST_BF16_10 = dataclasses.replace(FAST_BF16, steps=10)
-SUBSET = 256  # patches timed for the reference recipe
+# provider -> (sample config, members, conditioning cached)
+ABLATION = {
+    "ref": (REF, 1, False),
+    "shipped": (FAST, 1, True),
+    "shipped_bf16": (FAST_BF16, 1, True),
+    "shipped_compile": (dataclasses.replace(FAST, compile=True), 1, True),
+    "shipped_bf16_compile": (dataclasses.replace(FAST_BF16, compile=True), 1, True),
+    "shipped_pair": (FAST, 2, True),
+    "shipped_bf16_pair": (FAST_BF16, 2, True),
+    "shipped_no_cache": (FAST, 1, False),
+    "shipped_final": (dataclasses.replace(FAST, fusion="final"), 1, True),
+    "shipped_ref_patches": (dataclasses.replace(FAST, tile=16, halo=4, stride=2), 1, True),
+    "shipped_ddpm200": (dataclasses.replace(FAST, sampler="ddpm", steps=200), 1, True),
+}
 
 
 def _inputs(t_lag):
@@ -47,43 +66,30 @@ def _inputs(t_lag):
                      rng.random((1, t_lag, H, W), dtype=np.float32))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("provider", ["ref", "fastds", "fastds_bf16", "fastds_bf16_pair",
-                                      "fastds_bf16_pair_10steps"])
-def test_seconds_per_day(benchmark, record, provider):
-    cfg = load_config("tiny")
+def _models(cfg):
     torch.manual_seed(0)
     kw = dict(t_lag=cfg.data.t_lag, transfer_widths=cfg.pretrain.widths)
+    fast = build_model("ddpm", widths=cfg.train.widths, target="residual",
+                       prediction=cfg.diffusion.prediction, **kw).eval()
+    fast.set_regression(build_model("unet", widths=cfg.train.widths, target="residual", **kw), scale=0.1)
+    ref = build_model("ddpm", widths=cfg.train.widths, **kw).eval()
+    return fast, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", list(ABLATION))
+def test_seconds_per_day(benchmark, record, provider):
+    cfg = load_config("tiny")
     inp = _inputs(cfg.data.t_lag)
-    benchmark.group = "seconds per downscaled day, 357x432, tiny model"
-    if provider.startswith("fastds"):
-        model = build_model("ddpm", widths=cfg.train.widths, target="residual",
-                            prediction=cfg.diffusion.prediction, **kw).eval()
-        model.set_regression(build_model("unet", widths=cfg.train.widths, target="residual", **kw),
-                             scale=0.1)
-        run = {"fastds": FAST, "fastds_bf16_pair_10steps": FAST_BF16_10}.get(provider, FAST_BF16)
-        members = 2 if "pair" in provider else 1
-        # one warm-up day first: a long reconstruction runs at the steady state (the first
-        # day also builds oneDNN primitives and thread pools, ~15 % more)
-        benchmark.pedantic(lambda: downscale_day(model, inp, cfg=run, prediction=cfg.diffusion.prediction,
-                                                 members=members),
-                           rounds=1, iterations=1, warmup_rounds=1)
-        record(benchmark, benchmark.group, provider, items=1, unit="days")
-        return
-    model = build_model("ddpm", widths=cfg.train.widths, **kw).eval()
-    n_all = len(plan_patches((H, W), 16, 4, 2))
-    # time SUBSET patches through the reference recipe, on a crop holding about that many
-    crop = 16 + 2 * (int(np.sqrt(SUBSET)) - 1)
-    sub = DayInputs(inp.coarse[:, :crop, :crop], inp.covariates[:, :crop, :crop], inp.lags[..., :crop, :crop])
-    n_sub = len(plan_patches((crop, crop), 16, 4, 2))
-    benchmark.pedantic(lambda: downscale_day(model, sub, cfg=REF, cache_conditioning=False),
-                       rounds=1, iterations=1)
-    benchmark.extra_info["timed_patches"] = n_sub
-    if benchmark.stats:
-        per_day = benchmark.stats.stats.median / n_sub * n_all
-        print(f"reference recipe: {n_sub} patches x 200 steps in {benchmark.stats.stats.median:.1f} s; "
-              f"scaled to the day's {n_all} patches: {per_day:.0f} s per day")
-        record(benchmark, benchmark.group, provider, items=1, unit="days", median_s=per_day)
+    fast, ref = _models(cfg)
+    run, members, cache = ABLATION[provider]
+    model = ref if provider == "ref" else fast
+    benchmark.group = "seconds per downscaled Area-1 day (357x432), tiny model: ablation"
+    benchmark.pedantic(lambda: downscale_day(model, inp, cfg=run, prediction=cfg.diffusion.prediction,
+                                             members=members, cache_conditioning=cache),
+                       rounds=REF_ROUNDS if provider == "ref" else ROUNDS, iterations=1,
+                       warmup_rounds=0 if provider == "ref" else 1)
+    record(benchmark, benchmark.group, provider, items=1, unit="days", peer=provider == "ref")
 
 
 @pytest.fixture(scope="module")

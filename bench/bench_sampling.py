@@ -1,11 +1,15 @@
 """Sampler hot paths.
 
-1. One sampler step on 16x16x4096 (a batch of paper patches) and 512x512: fastds' fused CPU
-   path (C++/OpenMP, one pass) vs the unfused torch reference vs diffusers'
-   ``DDPMScheduler.step`` (the common peer) vs a memory copy of the same bytes. Every provider
-   gets the same noise tensor where it takes one (diffusers draws its own, which is part of
-   what a user pays for it). Bytes that must move: model output, x_t, noise read, x_{t-1}
-   written.
+1. One DDPM step on 16x16x4096 (a batch of paper patches) and 512x512, the same work for
+   every provider: draw the step's noise from its own generator, then update. fastds' fused
+   CPU path (``torch.randn`` into a buffer, then C++/OpenMP in one pass) vs the unfused torch
+   reference and torch's own vectorised form (each drawing its noise the same way) vs
+   diffusers' ``DDPMScheduler.step`` (the peer, which draws its noise inside ``step``), at the
+   same thread count. ``cpu_rng`` draws the noise inside the C++ kernel instead (Philox, the
+   stream of the Triton kernel's ``randn4x``; a new step, so new noise, every call): no noise
+   buffer, three tensors moved. Ratios are printed against diffusers. ``memcpy`` is a torch
+   copy, on the same threads, of the bytes the host-noise path moves (noise written, then m,
+   x and the noise read and x_{t-1} written: five tensors).
 2. The transfer-feature cache: conditioning computed once per patch vs recomputed at every
    diffusion step (the reference code's recipe), same model and patches.
 """
@@ -21,41 +25,60 @@ SHAPES = {"16x16x4096": (4096, 1, 16, 16), "512x512": (1, 1, 512, 512)}
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("provider", ["memcpy", "ref", "cpu", "torch_fused", "diffusers"])
+@pytest.mark.parametrize("provider", ["memcpy", "ref", "cpu", "cpu_rng", "torch_fused", "diffusers"])
 def test_sampler_step(benchmark, record, shape_name, provider):
     shape = SHAPES[shape_name]
     g = torch.Generator().manual_seed(0)
-    m, x, z = (torch.randn(shape, generator=g) for _ in range(3))
+    m, x = (torch.randn(shape, generator=g) for _ in range(2))
     plan = make_plan("ddpm", T=1000, steps=200, prediction="epsilon")
     i = 100
     coef = plan.coef[i]
-    nbytes = 4 * x.numel() * 4
-    benchmark.group = f"DDPM step {shape_name} (epsilon prediction, with noise)"
-    out = torch.empty_like(x)
+    nbytes = 5 * x.numel() * 4
+    benchmark.group = f"DDPM step {shape_name} (epsilon prediction, each draws its own noise)"
+    out, z = torch.empty_like(x), torch.empty_like(x)
+    gen = torch.Generator().manual_seed(1)
+
+    def noise():
+        return torch.randn(shape, generator=gen, out=z)
+
     if provider == "memcpy":
-        # the same 4 tensors' worth of traffic: read m and x, write two outputs
-        a, b = torch.empty_like(x), torch.empty_like(x)
-        benchmark(lambda: (a.copy_(m), b.copy_(x)))
+        src = torch.empty(int(2.5 * x.numel()))
+        dst = torch.empty_like(src)
+        benchmark(lambda: dst.copy_(src))  # 2.5 tensors read + 2.5 written, torch's threads
         record(benchmark, benchmark.group, provider, nbytes=nbytes)
         return
     if provider == "ref":
-        fn = lambda: fused_step_ref(m, x, coef, noise=z)  # noqa: E731
+        fn = lambda: fused_step_ref(m, x, coef, noise=noise())  # noqa: E731
     elif provider == "cpu":
         want, _ = fused_step_ref(m, x, coef, noise=z)
         torch.testing.assert_close(fused_step(m, x, coef, noise=z, backend="cpu"), want)
-        fn = lambda: fused_step(m, x, coef, noise=z, out=out, backend="cpu")  # noqa: E731
+        fn = lambda: fused_step(m, x, coef, noise=noise(), out=out, backend="cpu")  # noqa: E731
+    elif provider == "cpu_rng":
+        # the noise drawn inside the kernel (Philox, Triton's randn4x stream), in parallel
+        from fastds.sampling.steps import step_noise_ref
+        mean, _ = fused_step_ref(m, x, coef)
+        want = mean + float(coef[5]) * torch.from_numpy(step_noise_ref(11, 100, x.numel())).reshape(shape)
+        torch.testing.assert_close(fused_step(m, x, coef, seed=11, step=100, backend="cpu"), want,
+                                   atol=1e-5, rtol=1e-5)
+        steps = iter(range(10 ** 9))
+        fn = lambda: fused_step(m, x, coef, seed=11, step=next(steps), out=out, backend="cpu")  # noqa: E731
     elif provider == "torch_fused":
-        fn = lambda: fused_step(m, x, coef, noise=z, out=out, backend="torch")  # noqa: E731
+        fn = lambda: fused_step(m, x, coef, noise=noise(), out=out, backend="torch")  # noqa: E731
     else:
         diffusers = pytest.importorskip("diffusers")
         sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                         prediction_type="epsilon", clip_sample=False)
         sched.set_timesteps(200)
         t = sched.timesteps[i]
-        gen = torch.Generator().manual_seed(1)
+        # the same update: diffusers' mean equals fastds' (its noise is its own)
+        zero = diffusers.DDPMScheduler.from_config(sched.config)
+        zero.set_timesteps(200)
+        want, _ = fused_step_ref(m, x, coef)
+        got = zero.step(m, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        assert torch.allclose((got - want).std(), torch.tensor(float(coef[5])), rtol=0.05)
         fn = lambda: sched.step(m, t, x, generator=gen).prev_sample  # noqa: E731
     benchmark(fn)
-    record(benchmark, benchmark.group, provider, nbytes=nbytes)
+    record(benchmark, benchmark.group, provider, nbytes=nbytes, peer=provider == "diffusers")
 
 
 def _model(t_lag=8):

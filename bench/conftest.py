@@ -11,17 +11,23 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 _RESULTS = defaultdict(dict)
+_PEERS = {}  # group -> the provider every other is also compared with (the best same-work peer)
 
 
 @pytest.fixture
 def record():
-    def _record(benchmark, group, provider, nbytes=None, items=None, unit="items", median_s=None):
+    def _record(benchmark, group, provider, nbytes=None, items=None, unit="items", median_s=None,
+                peer=False):
         """``median_s`` overrides the timed median when the timed call stands for a part of
-        the work (e.g. a subset of patches scaled to a whole day); the benchmark says so."""
+        the work (e.g. a subset of patches scaled to a whole day); the benchmark says so.
+        ``peer``: this provider is the group's same-work peer (ratios are printed to it)."""
         stats = benchmark.stats.stats if benchmark.stats else None
         if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
             return
+        if peer:
+            _PEERS[group] = provider
         _RESULTS[group][provider] = {"median_s": median_s if median_s is not None else stats.median,
+                                     "min_s": stats.min, "iqr_s": stats.iqr, "rounds": stats.rounds,
                                      "bytes": nbytes, "items": items, "unit": unit}
     return _record
 
@@ -38,6 +44,8 @@ def pytest_terminal_summary(terminalreporter):
         loop = rows.get("numpy_loop")  # the plain loop a peer writes first (stitch targets)
         for name, r in rows.items():
             line = f"  {name:>14}: {r['median_s'] * 1e3:10.3f} ms"
+            if r.get("rounds", 0) > 1:
+                line += f" (min {r['min_s'] * 1e3:.3f}, IQR {r['iqr_s'] * 1e3:.3f}, n={r['rounds']})"
             if r["bytes"]:
                 line += f"  {r['bytes'] / r['median_s'] / 1e9:7.2f} GB/s"
             if r["items"]:
@@ -50,6 +58,9 @@ def pytest_terminal_summary(terminalreporter):
                 line += f"  of memcpy bandwidth {scale * copy['median_s'] / r['median_s']:5.2f}"
             if loop and name not in ("numpy_loop", "memcpy"):
                 line += f"  vs numpy_loop {loop['median_s'] / r['median_s']:6.1f}x"
+            peer = rows.get(_PEERS.get(group, ""))
+            if peer and name != _PEERS[group]:
+                line += f"  vs {_PEERS[group]} {peer['median_s'] / r['median_s']:6.2f}x"
             tr.write_line(line)
     out = Path(os.environ.get("FASTDS_BENCH_JSON", ".benchmarks/fastds_summary.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

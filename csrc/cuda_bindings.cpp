@@ -24,6 +24,7 @@ PYBIND11_MODULE(_C_cuda, mod) {
     fastds::fused_step_cuda_launch(bits, m, x, noise, x0_prev, x0_out, out, n, coef, clip_on,
                                    clip, stream);
   });
+  mod.def("probe", []() { return fastds::probe_cuda(); });
   mod.def("device_count", []() {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;

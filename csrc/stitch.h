@@ -6,7 +6,7 @@
 // Plan layout (built once on the host by build_stitch_plan, shared by every backend):
 //   boxes    int32 (N, 6): y0, x0 of the patch, then the kept region ky0, ky1, kx0, kx1
 //            in image coordinates (halo dropped on sides that do not touch the border)
-//   cell_ptr int32 (ncy*ncx + 1), cell_idx int32: CSR lists of the patches whose kept
+//   cell_ptr int64 (ncy*ncx + 1), cell_idx int32: CSR lists of the patches whose kept
 //            region meets each `cell`x`cell` block of the image, in ascending patch order,
 //            so every backend sums the same terms in the same order (deterministic).
 //   hann     (tile + 1, tile): row M holds numpy.hanning(M) (row 0 unused).
@@ -19,6 +19,10 @@
 #endif
 
 namespace fastds {
+
+// CSR list offsets: a global grid at stride 1 lists more than 2^31 (patch, cell) pairs,
+// so offsets are 64-bit (patch indices and coordinates stay 32-bit).
+typedef long long offset_t;
 
 // A weight from its row and column Hann factors, floored at eps; every kernel's weight is
 // this product, so the band kernel (which reads the factors from its tables) keeps the bits.
@@ -44,12 +48,12 @@ FASTDS_HD T stitch_normalise(T s, T z, T eps) {
 // kept region holds (y, x), in cell-list order. Pixels no patch covers get 0.
 template <typename T>
 FASTDS_HD T stitch_pixel(const T* patches, int C, int tile, int c, int y, int x,
-                         const int* boxes, const int* cell_ptr, const int* cell_idx,
+                         const int* boxes, const offset_t* cell_ptr, const int* cell_idx,
                          int cell, int ncx, const T* hann, T eps) {
-  const int cid = (y / cell) * ncx + (x / cell);
+  const long cid = (long)(y / cell) * ncx + (x / cell);
   T s = T(0), z = T(0);
   const long plane = (long)tile * tile;
-  for (int k = cell_ptr[cid]; k < cell_ptr[cid + 1]; ++k) {
+  for (offset_t k = cell_ptr[cid]; k < cell_ptr[cid + 1]; ++k) {
     const int n = cell_idx[k];
     const int* b = boxes + 6L * n;
     if (y < b[2] || y >= b[3] || x < b[4] || x >= b[5]) continue;

@@ -32,9 +32,9 @@ BandPlan build_band_plan(const int32_t* boxes, int64_t n, int H, int tile, int b
   p.full_ptr.push_back(0);
   for (int k = 0; k < p.nb; ++k) {
     p.kept_idx.insert(p.kept_idx.end(), kept[k].begin(), kept[k].end());
-    p.kept_ptr.push_back((int32_t)p.kept_idx.size());
+    p.kept_ptr.push_back((offset_t)p.kept_idx.size());
     p.full_idx.insert(p.full_idx.end(), full[k].begin(), full[k].end());
-    p.full_ptr.push_back((int32_t)p.full_idx.size());
+    p.full_ptr.push_back((offset_t)p.full_idx.size());
   }
   return p;
 }
@@ -48,8 +48,8 @@ constexpr int kPrefetch = 16;  // patches ahead: ~8 kept rows each, a few hundre
 // stitch_band_weights builds zden, so the two cannot drift apart.
 template <typename T, bool kWeights>
 static void band_pass(const T* patches, int C, int tile, int H, int W, const int* boxes,
-                      int band, int nb, const int* kept_ptr, const int* kept_idx,
-                      const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
+                      int band, int nb, const offset_t* kept_ptr, const int* kept_idx,
+                      const offset_t* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
                       T* cut, const T* zden) {
   const long plane = (long)tile * tile;
 #pragma omp parallel
@@ -60,7 +60,7 @@ static void band_pass(const T* patches, int C, int tile, int H, int W, const int
       for (int k = 0; k < nb; ++k) {
         const int ya = k * band, yb = std::min(H, ya + band);
         std::fill(S.begin(), S.end(), T(0));
-        for (int j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
+        for (offset_t j = kept_ptr[k]; j < kept_ptr[k + 1]; ++j) {
           const int n = kept_idx[j];
           const int* b = boxes + 6L * n;
           const int y0 = std::max(ya, b[2]), y1 = std::min(yb, b[3]);
@@ -98,7 +98,7 @@ static void band_pass(const T* patches, int C, int tile, int H, int W, const int
         if (cut == nullptr) continue;
         // fused cut: this band's rows of the finished image go straight into every patch
         // whose tile meets the band (other bands write that patch's other rows)
-        for (int j = full_ptr[k]; j < full_ptr[k + 1]; ++j) {
+        for (offset_t j = full_ptr[k]; j < full_ptr[k + 1]; ++j) {
           const int n = full_idx[j];
           const int* b = boxes + 6L * n;
           const int y0 = std::max(ya, b[0]), y1 = std::min(yb, b[0] + tile);
@@ -113,8 +113,8 @@ static void band_pass(const T* patches, int C, int tile, int H, int W, const int
 
 template <typename T>
 void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
-                     int band, int nb, const int* kept_ptr, const int* kept_idx,
-                     const int* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
+                     int band, int nb, const offset_t* kept_ptr, const int* kept_idx,
+                     const offset_t* full_ptr, const int* full_idx, const T* hann, T eps, T* out,
                      T* cut, const T* zden) {
   if (zden == nullptr) throw std::invalid_argument("stitch_band_cpu: zden is required");
   band_pass<T, false>(patches, C, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, full_ptr,
@@ -123,20 +123,20 @@ void stitch_band_cpu(const T* patches, int C, int tile, int H, int W, const int*
 
 template <typename T>
 void stitch_band_weights(int tile, int H, int W, const int* boxes, int band, int nb,
-                         const int* kept_ptr, const int* kept_idx, const T* hann, T eps, T* zden) {
+                         const offset_t* kept_ptr, const int* kept_idx, const T* hann, T eps, T* zden) {
   band_pass<T, true>(nullptr, 1, tile, H, W, boxes, band, nb, kept_ptr, kept_idx, nullptr, nullptr,
                      hann, eps, zden, nullptr, nullptr);
 }
 
 template void stitch_band_cpu<float>(const float*, int, int, int, int, const int*, int, int,
-                                     const int*, const int*, const int*, const int*,
+                                     const offset_t*, const int*, const offset_t*, const int*,
                                      const float*, float, float*, float*, const float*);
 template void stitch_band_cpu<double>(const double*, int, int, int, int, const int*, int, int,
-                                      const int*, const int*, const int*, const int*,
+                                      const offset_t*, const int*, const offset_t*, const int*,
                                       const double*, double, double*, double*, const double*);
-template void stitch_band_weights<float>(int, int, int, const int*, int, int, const int*,
+template void stitch_band_weights<float>(int, int, int, const int*, int, int, const offset_t*,
                                          const int*, const float*, float, float*);
-template void stitch_band_weights<double>(int, int, int, const int*, int, int, const int*,
+template void stitch_band_weights<double>(int, int, int, const int*, int, int, const offset_t*,
                                           const int*, const double*, double, double*);
 
 }  // namespace fastds

@@ -18,7 +18,7 @@ StitchPlan build_stitch_plan(const int64_t* starts, int64_t n, int H, int W, int
   p.ncy = (H + cell - 1) / cell;
   p.ncx = (W + cell - 1) / cell;
   p.boxes.resize(6 * n);
-  std::vector<int32_t> count(p.ncy * (size_t)p.ncx + 1, 0);
+  std::vector<offset_t> count(p.ncy * (size_t)p.ncx + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int y0 = (int)starts[2 * i], x0 = (int)starts[2 * i + 1];
     int32_t* b = &p.boxes[6 * i];
@@ -50,7 +50,7 @@ StitchPlan build_stitch_plan(const int64_t* starts, int64_t n, int H, int W, int
 // with the shared stitch_weight/stitch_normalise, so results equal stitch_pixel's bit for bit.
 template <typename T>
 void stitch_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
-                const int* ptr, const int* idx, int cell, int ncx, const T* hann, T eps,
+                const offset_t* ptr, const int* idx, int cell, int ncx, const T* hann, T eps,
                 T* out) {
   const long plane = (long)tile * tile;
 #pragma omp parallel
@@ -64,8 +64,8 @@ void stitch_cpu(const T* patches, int C, int tile, int H, int W, const int* boxe
         const int cy = y / cell;
         for (int cx = 0; cx < ncx; ++cx) {
           const int xa = cx * cell, xb = std::min(W, xa + cell);
-          const int cid = cy * ncx + cx;
-          for (int k = ptr[cid]; k < ptr[cid + 1]; ++k) {
+          const long cid = (long)cy * ncx + cx;
+          for (offset_t k = ptr[cid]; k < ptr[cid + 1]; ++k) {
             const int n = idx[k];
             const int* b = boxes + 6L * n;
             if (y < b[2] || y >= b[3]) continue;
@@ -88,7 +88,7 @@ void stitch_cpu(const T* patches, int C, int tile, int H, int W, const int* boxe
 // GPU arithmetic (tests compare it with the reference and with stitch_cpu).
 template <typename T>
 void stitch_pixelwise_cpu(const T* patches, int C, int tile, int H, int W, const int* boxes,
-                          const int* ptr, const int* idx, int cell, int ncx, const T* hann,
+                          const offset_t* ptr, const int* idx, int cell, int ncx, const T* hann,
                           T eps, T* out) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int c = 0; c < C; ++c)
@@ -98,18 +98,18 @@ void stitch_pixelwise_cpu(const T* patches, int C, int tile, int H, int W, const
                                                          idx, cell, ncx, hann, eps);
 }
 
-template void stitch_cpu<float>(const float*, int, int, int, int, const int*, const int*,
+template void stitch_cpu<float>(const float*, int, int, int, int, const int*, const offset_t*,
                                 const int*, int, int, const float*, float, float*);
-template void stitch_cpu<double>(const double*, int, int, int, int, const int*, const int*,
+template void stitch_cpu<double>(const double*, int, int, int, int, const int*, const offset_t*,
                                  const int*, int, int, const double*, double, double*);
 
 }  // namespace fastds
 
 namespace fastds {
 template void stitch_pixelwise_cpu<float>(const float*, int, int, int, int, const int*,
-                                          const int*, const int*, int, int, const float*,
+                                          const offset_t*, const int*, int, int, const float*,
                                           float, float*);
 template void stitch_pixelwise_cpu<double>(const double*, int, int, int, int, const int*,
-                                           const int*, const int*, int, int, const double*,
+                                           const offset_t*, const int*, int, int, const double*,
                                            double, double*);
 }  // namespace fastds

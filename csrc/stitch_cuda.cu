@@ -6,7 +6,7 @@
 
 #define FASTDS_STITCH_KERNEL(NAME, T)                                                    \
   extern "C" __global__ void NAME(const T* patches, int C, int tile, int H, int W,       \
-                                  const int* boxes, const int* cell_ptr,                 \
+                                  const int* boxes, const fastds::offset_t* cell_ptr,   \
                                   const int* cell_idx, int cell, int ncx, const T* hann, \
                                   T eps, T* out) {                                       \
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;                          \

@@ -49,6 +49,18 @@ def _cuda_available():
 
 
 @functools.lru_cache(maxsize=None)
+def _cuda_ext_probe():
+    """None when the CUDA extension's kernels can run here, else why not: a driver older than
+    the runtime it was built with, or no image for this GPU's architecture, shows up here
+    (the extension asks the driver) rather than at the first launch."""
+    mod, err = _import("fastds._C_cuda")
+    if mod is None:
+        return f"fastds._C_cuda does not import ({err})"
+    why = mod.probe() if hasattr(mod, "probe") else ""
+    return why or None
+
+
+@functools.lru_cache(maxsize=None)
 def _cupy_available():
     cupy, _ = _import("cupy")
     if cupy is None:
@@ -88,7 +100,7 @@ _HOW = {
         "fastds._C_cuda is not built (install the CUDA toolkit and reinstall)"
         if not _PROBES["HAS_CUDA_EXT"]() else
         "torch.cuda.is_available() is False (no CUDA device or driver)"
-        if not _cuda_available() else None),
+        if not _cuda_available() else _cuda_ext_probe()),
     "cupy": lambda: (
         "cupy is not installed (`pip install cupy-cuda13x`)" if not _PROBES["HAS_CUPY"]() else
         "cupy.cuda.is_available() is False (no CUDA device or driver)"

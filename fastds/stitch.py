@@ -92,7 +92,9 @@ def _is_cupy(a):
     return type(a).__module__.startswith("cupy")
 
 
-def _check_inputs(patches, starts, shape, halo, eps):
+def _check_float(patches, op):
+    """The stitch kernels exist for float32 and float64; other dtypes (float16, bfloat16,
+    integers) are refused, not converted (cast with ``.float()`` and back)."""
     if _is_torch(patches):
         import torch
         floating = patches.dtype in (torch.float32, torch.float64)
@@ -101,7 +103,12 @@ def _check_inputs(patches, starts, shape, halo, eps):
         floating = np.dtype(patches.dtype) in (np.float32, np.float64)
         dtype_name = str(patches.dtype)
     if not floating:
-        raise TypeError(f"stitch: patches must be float32 or float64, got {dtype_name}")
+        raise TypeError(f"{op}: patches must be float32 or float64, got {dtype_name}; cast them "
+                        "(e.g. patches.float()) and the result back")
+
+
+def _check_inputs(patches, starts, shape, halo, eps):
+    _check_float(patches, "stitch")
     if patches.ndim not in (3, 4):
         raise ValueError(
             f"stitch: patches must be (N, tile, tile) or (N, C, tile, tile), got shape "
@@ -288,6 +295,7 @@ def _stitch_cuda(p, starts, H, W, tile, halo, eps):
     p = p.contiguous()
     *plan, cell, ncx, hann = _device_plan(*_starts_key(starts), H, W, tile, halo, dev, p.dtype)
     out = torch.empty((p.shape[1], H, W), dtype=p.dtype, device=dev)
+    # the launcher switches to the output's device itself (DeviceGuard in the .cu)
     _backend.cuda_ext().stitch(
         32 if p.dtype == torch.float32 else 64, p.data_ptr(), p.shape[1], tile, H, W,
         plan[0].data_ptr(), plan[1].data_ptr(), plan[2].data_ptr(), cell, ncx,
@@ -304,6 +312,12 @@ def _cupy_module():
 
 
 def _stitch_cupy(p, starts, H, W, tile, halo, eps):
+    import cupy
+    with p.device:  # allocate and launch on the patches' GPU, whatever device is current
+        return _stitch_cupy_here(p, starts, H, W, tile, halo, eps)
+
+
+def _stitch_cupy_here(p, starts, H, W, tile, halo, eps):
     import cupy
     boxes, ptr, idx, cell, ncx = _plan(starts, H, W, tile, halo)
     p = cupy.ascontiguousarray(p)
@@ -386,18 +400,56 @@ def cut_ref(image, starts, tile):
     return xp.stack(parts)
 
 
-def _cut_index(starts, tile, W):
-    """Flat pixel indices (N, tile, tile) of every patch in a row-major (H, W) image."""
-    r = np.arange(tile)
-    return ((starts[:, 0, None, None] + r[None, :, None]) * W
-            + starts[:, 1, None, None] + r[None, None, :])
+def _windows(image, tile):
+    """A view ``(H-tile+1, W-tile+1, [C,] tile, tile)`` of every tile-sized window of a
+    ([C,] H, W) image: no copy and no index array, so gathering N patches needs only the
+    (N,) start rows and columns (an (N, tile, tile) int64 index would be 8.4 GB for the
+    paper's geometry on a global grid)."""
+    if _is_torch(image):
+        w = image.unfold(-2, tile, 1).unfold(-2, tile, 1)      # ([C,] H', W', t, t)
+        return w.movedim(0, 2) if image.ndim == 3 else w
+    if _is_cupy(image):
+        from cupy.lib.stride_tricks import as_strided
+    else:
+        from numpy.lib.stride_tricks import as_strided
+    H, W = image.shape[-2:]
+    sy, sx = image.strides[-2], image.strides[-1]
+    shape, strides = (H - tile + 1, W - tile + 1, tile, tile), (sy, sx, sy, sx)
+    if image.ndim == 3:
+        shape, strides = shape[:2] + (image.shape[0],) + shape[2:], (sy, sx, image.strides[0], sy, sx)
+    return as_strided(image, shape=shape, strides=strides, writeable=False)
+
+
+def _cut(image, ys, xs, tile):
+    """Patches (N, [C,] tile, tile) of ``image`` at rows ``ys`` and columns
+    ``xs`` (each (N,) int64, on the image's device for torch)."""
+    if image.ndim == 3 and not _is_torch(image):
+        # numpy gathers a (tile, tile) block per index far faster than a (C, tile, tile) one
+        xp = np if isinstance(image, np.ndarray) else __import__("cupy")
+        out = xp.empty((image.shape[0], len(ys), tile, tile), dtype=image.dtype)
+        for c in range(image.shape[0]):
+            out[c] = _windows(image[c], tile)[ys, xs]
+        return out.transpose((1, 0, 2, 3))
+    return _windows(image, tile)[ys, xs]
+
+
+def _starts_on(image, starts):
+    """(ys, xs) of ``starts`` where ``image`` lives (torch: its device; CuPy: the GPU)."""
+    ys, xs = np.ascontiguousarray(starts[:, 0]), np.ascontiguousarray(starts[:, 1])
+    if _is_torch(image):
+        import torch
+        return (torch.as_tensor(ys, device=image.device), torch.as_tensor(xs, device=image.device))
+    if _is_cupy(image):
+        import cupy
+        return cupy.asarray(ys), cupy.asarray(xs)
+    return ys, xs
 
 
 def cut(image, starts, tile):
     """Patches of ``image`` at ``starts``: ([C,] H, W) -> (N, [C,] tile, tile), one gather.
 
-    Numpy, torch (any device) or CuPy in, the same kind out; ``starts`` (N, 2) as for
-    :func:`stitch`, each within ``0..H-tile`` x ``0..W-tile``.
+    Numpy, torch (any device) or CuPy in, the same kind, dtype and device out;
+    ``starts`` (N, 2) as for :func:`stitch`, each within ``0..H-tile`` x ``0..W-tile``.
     """
     if image.ndim not in (2, 3):
         raise ValueError(f"cut: image must be (H, W) or (C, H, W), got shape {tuple(image.shape)}")
@@ -408,18 +460,7 @@ def cut(image, starts, tile):
         raise ValueError(f"cut: starts must be (N, 2) integers, got {st.dtype} {st.shape}")
     if tile > H or tile > W or (st < 0).any() or (st[:, 0] > H - tile).any() or (st[:, 1] > W - tile).any():
         raise ValueError(f"cut: {tile}-pixel patches at these starts do not fit in a {H}x{W} image")
-    return _cut(image, _cut_index(st.astype(np.int64), tile, W))
-
-
-def _cut(image, index):
-    flat = image.reshape(image.shape[:-2] + (-1,))
-    if _is_torch(image):
-        import torch
-        idx = index if isinstance(index, torch.Tensor) else torch.as_tensor(index, device=image.device)
-        out = flat[..., idx]                       # ([C,] N, t, t)
-        return out.movedim(-3, 0) if image.ndim == 3 else out
-    out = flat[..., index]
-    return out.transpose((1, 0, 2, 3)) if image.ndim == 3 else out
+    return _cut(image, *_starts_on(image, st.astype(np.int64)), tile)
 
 
 class StitchPlan:
@@ -452,8 +493,7 @@ class StitchPlan:
                                                                 (self.H, self.W), halo, eps)
         self.eps = float(eps)
         self.backend = backend
-        self._index = _cut_index(self.starts, self.tile, self.W)
-        self._indices = {}
+        self._indices = {}  # device -> (ys, xs) of the starts there
         self._band = None
         self._zden = {}  # dtype -> max(Z, eps), built at the first CPU call in that dtype
         if _backend.why_unavailable("cpu") is None:
@@ -475,6 +515,7 @@ class StitchPlan:
             return None
         if not (_is_torch(patches) or isinstance(patches, np.ndarray)):
             return None
+        _check_float(patches, "StitchPlan")
         patches = _host_array(patches)
         want = (len(self.starts), self.tile, self.tile)
         if patches.ndim not in (3, 4) or patches.shape[0] != want[0] or patches.shape[-2:] != want[1:]:
@@ -507,16 +548,15 @@ class StitchPlan:
         if tuple(image.shape[-2:]) != (self.H, self.W):
             raise ValueError(f"StitchPlan.cut: image is {tuple(image.shape[-2:])}, the plan is "
                              f"{(self.H, self.W)}")
-        return _cut(image, self._device_index(image))
+        if image.ndim not in (2, 3):
+            raise ValueError(f"StitchPlan.cut: image must be (H, W) or (C, H, W), got {tuple(image.shape)}")
+        return _cut(image, *self._device_starts(image), self.tile)
 
-    def _device_index(self, image):
-        """The gather index where ``image`` lives, uploaded once per device."""
-        if not _is_torch(image) or image.device.type == "cpu":
-            return self._index
-        key = str(image.device)
+    def _device_starts(self, image):
+        """The starts' rows and columns where ``image`` lives, uploaded once per device."""
+        key = (type(image).__module__.split(".")[0], str(getattr(image, "device", "cpu")))
         if key not in self._indices:
-            import torch
-            self._indices[key] = torch.as_tensor(self._index, device=image.device)
+            self._indices[key] = _starts_on(image, self.starts)
         return self._indices[key]
 
     def blend_cut(self, patches):

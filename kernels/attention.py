@@ -83,11 +83,25 @@ def attention_triton(q, k, v, *, scale=None, out=None):
     device and dtype). ``scale`` defaults to D**-0.5. Returns ``out`` (BH, N, D)."""
     if q.dtype not in (torch.float32, torch.float16):
         raise TypeError(f"attention_triton: dtype {q.dtype} is not supported (float32, float16)")
+    if q.ndim != 3:
+        raise ValueError(f"attention_triton: q must be (BH, N, D), got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), ("out", out)):
+        if t is not None and (t.shape != q.shape or t.dtype != q.dtype or t.device != q.device):
+            raise ValueError(f"attention_triton: {name} is {t.dtype} {tuple(t.shape)} on {t.device}; "
+                             f"expected q's {q.dtype} {tuple(q.shape)} on {q.device}")
     q, k, v = (t.contiguous() for t in (q, k, v))
     bh, n, d = q.shape
-    out = torch.empty_like(q) if out is None else out
+    dst = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None or not out.is_contiguous() else out
     bm, bn, bd = block_sizes(d, q.dtype)
     grid = (bh, triton.cdiv(n, bm))
-    attention_fwd_kernel[grid](q, k, v, out, n, d, float(d ** -0.5 if scale is None else scale),
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32)
-    return out
+    with device_of(q):
+        attention_fwd_kernel[grid](q, k, v, dst, n, d, float(d ** -0.5 if scale is None else scale),
+                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32)
+    return dst if out is None or dst is out else out.copy_(dst)
+
+
+def device_of(t):
+    """Launch on ``t``'s GPU whatever device is current (a no-op for CPU tensors, which the
+    interpreter runs)."""
+    import contextlib
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

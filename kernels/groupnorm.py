@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import device_of
+
 __all__ = ["group_norm_silu_kernel", "group_norm_silu_triton", "BLOCK"]
 
 BLOCK = 1024
@@ -58,11 +60,22 @@ def group_norm_silu_triton(x, groups, weight, bias, eps=1e-5, *, silu=True, out=
     by ``groups``; weight, bias (C,). Returns ``out`` shaped like x."""
     if x.dtype not in (torch.float32, torch.float16):
         raise TypeError(f"group_norm_silu_triton: dtype {x.dtype} is not supported (float32, float16)")
-    x = x.contiguous()
+    if x.ndim < 2 or x.shape[1] % groups:
+        raise ValueError(f"group_norm_silu_triton: x {tuple(x.shape)} must be (B, C, ...) with C "
+                         f"divisible by groups={groups}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (x.shape[1],) or t.device != x.device:
+            raise ValueError(f"group_norm_silu_triton: {name} is {tuple(t.shape)} on {t.device}; "
+                             f"expected ({x.shape[1]},) on {x.device}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"group_norm_silu_triton: out is {out.dtype} {tuple(out.shape)} on "
+                         f"{out.device}; expected x's {x.dtype} {tuple(x.shape)} on {x.device}")
+    x = x.contiguous()  # NCHW: a group's channels are one contiguous run
     B, C = x.shape[:2]
     hw = x[0, 0].numel()
     cg = C // groups
-    out = torch.empty_like(x) if out is None else out
-    group_norm_silu_kernel[(B * groups,)](x, weight.contiguous(), bias.contiguous(), out, cg * hw, hw,
-                                          cg, groups, float(eps), SILU=silu, BLOCK=BLOCK)
-    return out
+    dst = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None or not out.is_contiguous() else out
+    with device_of(x):
+        group_norm_silu_kernel[(B * groups,)](x, weight.contiguous(), bias.contiguous(), dst, cg * hw,
+                                              hw, cg, groups, float(eps), SILU=silu, BLOCK=BLOCK)
+    return dst if out is None or dst is out else out.copy_(dst)

@@ -266,8 +266,13 @@ def test_static_sampler_eager_twin_matches_loop(trained_run, store_path, test_da
     assert not torch.allclose(a, c)
     with pytest.raises(ValueError, match="built for x"):  # a new batch shape is refused
         st(x_T[:2], cond[:2], ts(1))
-    with pytest.raises(ValueError, match="only the Triton step"):
-        StaticSampler(model, plan, x_T, cond, use_graph=False, backend="torch")
+    # the CPU step draws the Triton kernel's noise stream: one seed, one trajectory
+    cpu = StaticSampler(model.cpu() if TRITON_DEVICE != "cpu" else model, plan, x_T.cpu(), cond.cpu(),
+                        use_graph=False, backend="cpu")
+    torch.testing.assert_close(cpu(x_T.cpu(), cond.cpu(), ts(1).cpu()), a.cpu(),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot"):
+        StaticSampler(model, plan, x_T, cond, use_graph=False, backend="cuda")
 
 
 @requires_cuda
@@ -292,23 +297,31 @@ AOT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from fastds.kernels.sampler_step import fused_step_kernel, BLOCK
     names = fused_step_kernel.arg_names
-    for dtype in ("fp32", "fp16", "fp64"):
+    for dtype in ("fp32", "fp16", "bf16", "fp64"):
+        compute = "fp64" if dtype == "fp64" else "fp32"  # the coefficient table's dtype
         for flags in ((True, False, True, True, True), (False, True, False, False, False)):
-            sig = {n: "*" + dtype for n in names[:7]}
-            sig.update(step_ptr="*i64", seed_ptr="*i64", n="i32", clip="fp32")
-            consts = dict(zip(("HAS_NOISE", "RNG", "HAS_PREV", "WRITE_X0", "CLIP"), flags), BLOCK=BLOCK)
-            sig.update({k: "constexpr" for k in consts})
-            src = ASTSource(fn=fused_step_kernel, signature=sig,
-                            constexprs={(names.index(k),): v for k, v in consts.items()})
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-            assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"], dtype
-            print("compiled", dtype, flags, "shared", k.metadata.shared, "regs", getattr(k, "n_regs", "?"))
+            # n is i64 when the launch passes 2**31 elements (Triton specialises on it)
+            for n_type in ("i32", "i64"):
+                sig = {n: "*" + dtype for n in names[:6]}
+                sig.update(coef_ptr="*" + compute, step_ptr="*i64", seed_ptr="*i64", n=n_type,
+                           clip="fp32")
+                consts = dict(zip(("HAS_NOISE", "RNG", "HAS_PREV", "WRITE_X0", "CLIP"), flags), BLOCK=BLOCK,
+                              TABLE=flags[0])
+                sig.update({k: "constexpr" for k in consts})
+                src = ASTSource(fn=fused_step_kernel, signature=sig,
+                                constexprs={(names.index(k),): v for k, v in consts.items()})
+                k = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+                assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"], dtype
+                # element offsets are 64-bit from the program id on (no wrap at 2**31)
+                ttir = k.asm["ttir"]
+                assert "tt.get_program_id" in ttir and "i32 to i64" in ttir, ttir[:2000]
+                print("compiled", dtype, flags, n_type, "shared", k.metadata.shared)
 """)
 
 
 @requires_triton
 def test_triton_kernels_compile_ahead_of_time_for_sm90():
-    assert run_aot(AOT).count("compiled") == 6
+    assert run_aot(AOT).count("compiled") == 16
 
 
 def test_clim_baseline_is_interpolation_plus_mean_residual(trained_run, store_path, test_days):

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -149,13 +151,69 @@ def test_triton_device_tables_and_rng():
     assert abs(torch.corrcoef(torch.stack([za.ravel(), zc.ravel()]))[0, 1].item()) < 0.05
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "ref"])
-def test_seed_needs_the_triton_backend(backend):
-    """Only the Triton step draws noise from a seed; others must not drop the noise silently."""
-    plan = make_plan("ddpm", T=100, steps=10, prediction="sample")
-    x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(ValueError, match="seed= draws noise inside the Triton kernel"):
-        fused_step(torch.randn_like(x), x, plan.coef[2], seed=torch.tensor([1]), backend=backend)
+def test_philox_stream_is_tritons_randn4x():
+    """The noise stream's numpy reference, the C++ draw (csrc/step.h) and Triton's own
+    tl.randn4x agree on counters with high words set and on a 64-bit seed."""
+    import triton
+    import triton.language as tl
+    from fastds import _backend
+    from fastds.sampling.steps import philox_normal4_ref
+
+    @triton.jit
+    def randn4x_kernel(out_ptr, seed, c0, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        a, b, c, d = tl.randn4x(seed, c0 + i)
+        tl.store(out_ptr + 4 * i, a)
+        tl.store(out_ptr + 4 * i + 1, b)
+        tl.store(out_ptr + 4 * i + 2, c)
+        tl.store(out_ptr + 4 * i + 3, d)
+
+    seed, c0, n = 2 ** 62 + 12345, 2 ** 33 + 7, 1024
+    counters = c0 + np.arange(n, dtype=np.int64)
+    ref = philox_normal4_ref(seed, counters)
+    cpp = _backend.cpu_ext().philox_normal4(seed, counters)
+    np.testing.assert_allclose(cpp, ref, atol=3e-6, rtol=0)
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        dev = TRITON_DEVICE
+        out = torch.empty(4 * n, device=dev)
+        randn4x_kernel[(n // 256,)](out, seed, c0, BLOCK=256)
+        np.testing.assert_allclose(out.cpu().numpy().reshape(n, 4), ref, atol=3e-6, rtol=0)
+    big = _backend.cpu_ext().philox_normal4(3, np.arange(250_000, dtype=np.int64)).ravel()
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    assert abs(np.corrcoef(big[:-1], big[1:])[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("n", [1, 7, 1030, 4099])
+def test_in_kernel_noise_is_one_stream_on_every_backend(n):
+    """fused_step(seed=, step=) draws the same noise on cpu, torch, ref and triton (the CPU
+    eager twin of a graphed GPU trajectory), for sizes that are not multiples of 4 or of a
+    block, and step s of one seed is independent of step s + 1."""
+    from fastds.sampling.steps import step_noise_ref
+    g = torch.Generator().manual_seed(0)
+    m, x = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    coef = [0.9, 0.1, 0.6, 0.3, 0.0, 0.8]
+    seed = 2 ** 63 - 5
+    mean, _ = fused_step_ref(m, x, coef)
+    want = mean + 0.8 * torch.from_numpy(step_noise_ref(seed, 3, n))
+    for backend in ("cpu", "torch", "ref", "triton"):
+        dev = TRITON_DEVICE if backend == "triton" else "cpu"
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        got = fused_step(m.to(dev), x.to(dev), coef, seed=seed, step=3, backend=backend)
+        torch.testing.assert_close(got.cpu(), want, atol=5e-6, rtol=1e-6, msg=backend)
+    if n > 1000:
+        z3 = step_noise_ref(seed, 3, n)
+        z4 = step_noise_ref(seed, 4, n)
+        assert abs(np.corrcoef(z3, z4)[0, 1]) < 0.1
+
+
+def test_seed_is_refused_where_noise_cannot_be_drawn():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="give noise= or seed=, not both"):
+        fused_step(x, x, [1, 0, 1, 0, 0, 1], noise=x, seed=1, backend="cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda' cannot"):
+            fused_step(x.cuda(), x.cuda(), [1, 0, 1, 0, 0, 1], seed=1, backend="cuda")
 
 
 def test_samplers_run_and_are_deterministic():

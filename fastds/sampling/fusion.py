@@ -31,20 +31,25 @@ class PatchFusedModel:
     model : the patch network ``model(x (B, C, tile, tile), t (B,), cond)``;
     plan : :class:`~fastds.stitch.StitchPlan` of the day's patch geometry;
     cond : (N, C_cond, tile, tile) conditioning of every patch, or a function of a slice of
-    patches returning theirs (to recompute it every step); batch : patches per call.
+    patches returning theirs (to recompute it every step), or None to take it from each call's
+    third argument (a CUDA graph's static buffer); batch : patches per call.
     Pass it to :func:`~fastds.sampling.samplers.run_plan` in place of the network.
     """
 
     def __init__(self, model, plan: StitchPlan, cond, *, batch=1024):
         self.model, self.plan, self.batch = model, plan, int(batch)
-        self.cond = cond if callable(cond) else (lambda sl: cond[sl])
+        self.cond = cond if callable(cond) or cond is None else (lambda sl: cond[sl])
 
-    def __call__(self, x_img, t, _cond=None):
+    def __call__(self, x_img, t, cond=None):
         if x_img.shape[0] != 1:
             raise ValueError(f"PatchFusedModel: one image at a time, got batch {x_img.shape[0]}")
+        if self.cond is None and cond is None:
+            raise ValueError("PatchFusedModel: built with cond=None, so each call must pass the "
+                             "patches' conditioning")
+        of = self.cond if cond is None else (lambda sl: cond[sl])
         patches = self.plan.cut(x_img[0])                          # (N, C, tile, tile)
         tt = t[:1].expand(patches.shape[0])
         out = torch.cat([self.model(patches[i:i + self.batch], tt[i:i + self.batch],
-                                    self.cond(slice(i, i + self.batch)))
+                                    of(slice(i, i + self.batch)))
                          for i in range(0, patches.shape[0], self.batch)])
         return self.plan.stitch(out.to(x_img.dtype))[None]        # (1, C, H, W)

@@ -42,17 +42,31 @@ def run_plan(model, x_T, plan: StepPlan, *, cond=None, generator=None, clip=None
     x = x_T
     x0_prev = None
     multistep = bool(np.any(plan.coef[:, 4] != 0))
+    coef, counter = _step_tables(plan, x, backend)
     for i in range(len(plan)):
         t = torch.full((x.shape[0],), int(plan.timesteps[i]), dtype=torch.long, device=x.device)
         m = model(x, t, cond)                                   # network output at (x_t, t)
         z = (torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
              if plan.noisy[i] else None)                        # fresh noise, only where used
-        x0 = torch.empty_like(x) if multistep else None         # x̂0 kept for 2nd-order steps
-        x = fused_step(m.to(x.dtype), x, plan.coef[i], noise=z,  # x_{t-1} in one pass
+        x0 = torch.empty(x.shape, dtype=x.dtype, device=x.device) if multistep else None
+        x = fused_step(m.to(x.dtype), x, plan.coef[i] if coef is None else coef,  # x_{t-1}
+                       step=None if counter is None else counter[i:i + 1], noise=z,
                        x0_prev=x0_prev if plan.coef[i][4] else None, clip=clip, x0_out=x0,
                        backend=backend)
-        x0_prev = x0
+        x0_prev = x0                                            # x̂0 kept for 2nd-order steps
     return x
+
+
+def _step_tables(plan: StepPlan, x, backend):
+    """For the Triton step on a GPU: the plan's coefficients and a step counter on the device,
+    uploaded once per trajectory (a numpy row per step would be a host-to-device copy and a
+    sync every step). (None, None) for the host-side backends."""
+    from . import steps
+    if x.device.type != "cuda" or (backend if backend != "auto" else steps._auto(x)) != "triton":
+        return None, None
+    from ..kernels.sampler_step import coef_table
+    table = coef_table(torch.from_numpy(plan.coef), x)
+    return table, torch.arange(len(plan), dtype=torch.long, device=x.device)
 
 
 def sample_ddpm(model, x_T, *, T, steps=None, prediction="sample", clip=None, cond=None,

@@ -17,6 +17,7 @@ import torch
 from .. import _backend
 
 __all__ = ["StepPlan", "ddpm_plan", "ddim_plan", "dpmpp_plan", "fused_step", "fused_step_ref",
+           "philox_normal4_ref", "step_noise_ref",
            "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps", "STEP_BACKENDS"]
 
 STEP_BACKENDS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
@@ -181,6 +182,48 @@ def dpmpp_step_ref(m, x, t, t_prev, alpha_bar, *, prediction="sample", clip=None
     return (s_next / s_cur) * x - a_next * (math.exp(-h) - 1) * D, x0
 
 
+_PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_W = (np.uint32(0x9E3779B9), np.uint32(0xBB67AE85))
+
+
+def philox_normal4_ref(seed: int, counters) -> np.ndarray:
+    """Four standard normals per counter, (N,) -> (N, 4) float32: Philox4x32-10 keyed by the
+    64-bit ``seed`` with counter (low, high, 0, 0), each word pair turned into two uniforms and
+    two Box-Muller normals. It is Triton's ``tl.randn4x(seed, counter)``, written out in numpy
+    (float64 log/cos: the kernels' float32 polynomials agree to about 1e-6)."""
+    c = np.asarray(counters, dtype=np.uint64)
+    seed = int(seed) & (2 ** 64 - 1)
+    c0, c1 = (c & np.uint64(0xFFFFFFFF)).astype(np.uint32), (c >> np.uint64(32)).astype(np.uint32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            pa, pb = _PHILOX_M[0] * c0.astype(np.uint64), _PHILOX_M[1] * c2.astype(np.uint64)
+            c0, c2, c1, c3 = ((pb >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0,
+                              (pa >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1,
+                              pb.astype(np.uint32), pa.astype(np.uint32))
+            k0, k1 = k0 + _PHILOX_W[0], k1 + _PHILOX_W[1]
+
+    def uniform(w):
+        i = w.view(np.int32)
+        return (np.where(i < 0, ~i, i).astype(np.float32) * np.float32(4.6566127342e-10)).astype(np.float64)
+
+    out = []
+    for a, b in ((c0, c1), (c2, c3)):
+        r = np.sqrt(-2.0 * np.log(np.maximum(uniform(a), 1e-7)))
+        th = 2 * np.pi * uniform(b)
+        out += [r * np.cos(th), r * np.sin(th)]
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
+def step_noise_ref(seed: int, step: int, n: int) -> np.ndarray:
+    """The noise every backend's in-kernel draw gives element i of step ``step`` of a state of
+    n elements: normal i mod 4 of counter (step·n₄ + i) // 4, n₄ = n rounded up to 4. (n,)."""
+    n4 = (n + 3) // 4 * 4
+    base = step * n4 // 4
+    return philox_normal4_ref(seed, base + np.arange(n4 // 4, dtype=np.int64)).reshape(-1)[:n]
+
+
 def fused_step_ref(m, x, coef, *, noise=None, x0_prev=None, clip=None):
     """The linear update of ``csrc/step.h`` in plain torch (several passes). Returns (x_next, x̂0)."""
     a_x, a_m, c0, c1, cp, sigma = (float(c) for c in coef)
@@ -196,14 +239,80 @@ def fused_step_ref(m, x, coef, *, noise=None, x0_prev=None, clip=None):
 
 
 # ----------------------------------------------------------------------------- dispatcher
+# The dtypes each backend computes natively. "ref" and "torch" are torch expressions and take
+# any floating dtype; the C++ and CUDA kernels exist for float32/float64 only, and the Triton
+# kernel loads any float and computes in float32 (float64 for float64).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NATIVE = {"ref": _FLOATS, "torch": _FLOATS, "cpu": (torch.float32, torch.float64),
+           "cuda": (torch.float32, torch.float64), "triton": _FLOATS}
+
+
 def _auto(x):
     if x.device.type == "cuda":
         if _backend.why_unavailable("triton") is None:
             return "triton"
-        return "cuda" if _backend.why_unavailable("cuda") is None else "torch"
-    if x.dtype in (torch.float32, torch.float64) and _backend.why_unavailable("cpu") is None:
+        if x.dtype in _NATIVE["cuda"] and _backend.why_unavailable("cuda") is None:
+            return "cuda"
+        return "torch"
+    if x.dtype in _NATIVE["cpu"] and _backend.why_unavailable("cpu") is None:
         return "cpu"
     return "torch"
+
+
+def _check_operands(backend, m, x, noise, x0_prev, out, x0_out):
+    """Every tensor of one step shares x's shape, dtype and device, and the backend computes
+    that dtype; otherwise a TypeError/ValueError names the argument. (A kernel handed a
+    mismatched output would write into a converted copy and lose the result.)"""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"fused_step: x must be a floating torch tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    for name, a in (("m", m), ("noise", noise), ("x0_prev", x0_prev), ("out", out), ("x0_out", x0_out)):
+        if a is None:
+            continue
+        if a.shape != x.shape:
+            raise ValueError(f"fused_step: {name} has shape {tuple(a.shape)}, expected {tuple(x.shape)} like x")
+        if a.dtype != x.dtype:
+            raise TypeError(f"fused_step: {name} is {a.dtype} but x is {x.dtype}; cast it (every "
+                            "operand of one step shares x's dtype)")
+        if a.device != x.device:
+            raise ValueError(f"fused_step: {name} is on {a.device} but x is on {x.device}")
+    if x.dtype not in _NATIVE[backend]:
+        raise TypeError(f"fused_step: backend {backend!r} computes "
+                        f"{'/'.join(str(d).replace('torch.', '') for d in _NATIVE[backend])}, "
+                        f"and x is {str(x.dtype).replace('torch.', '')}; use backend 'torch' or 'auto'")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"fused_step: backend 'cpu' takes CPU tensors, x is on {x.device}")
+    if backend == "cuda" and x.device.type != "cuda":
+        raise ValueError(f"fused_step: backend 'cuda' takes CUDA tensors, x is on {x.device}")
+
+
+def _host_int(v, name):
+    """An int from a Python int or a one-element tensor on the host (a device tensor would be a
+    sync; only the Triton backend reads device scalars)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.device.type != "cpu":
+            raise ValueError(f"fused_step: {name} must be an int or a one-element CPU tensor here "
+                             f"(got {tuple(v.shape)} on {v.device}); device scalars need backend 'triton'")
+        return int(v.item())
+    return int(v)
+
+
+def _signed64(v):
+    return (int(v) + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
+def _dense(t):
+    """A C-contiguous tensor the kernel may write: ``t`` itself when it is one, else a fresh
+    buffer whose result :func:`_settle` copies back into ``t``."""
+    if t is None or t.is_contiguous():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _settle(target, written):
+    if target is not None and written is not target:
+        target.copy_(written)
+    return target
 
 
 def _torch_fused(m, x, coef, noise, x0_prev, clip, x0_out):
@@ -225,61 +334,78 @@ def fused_step(m, x, coef, *, noise=None, x0_prev=None, clip=None, out=None, x0_
                backend="auto", step=None, seed=None):
     """One sampler update in one pass over memory.
 
-    m, x, noise, x0_prev : same shape (any), float32/float64; ``coef``: 6 numbers, or a device
-    tensor (n, 6) indexed by the device tensor ``step`` (CUDA graphs: see kernels). ``seed``
-    (1,) int64 on the device draws the noise inside the Triton kernel (Philox, counter
-    ``step·numel + i``) instead of reading ``noise``: only the ``triton`` backend can, and any
-    other raises rather than silently dropping the noise. Writes x_next to ``out`` (allocated
-    if None) and x̂0 to ``x0_out`` if given. Returns ``out``.
+    m, x, noise, x0_prev, out, x0_out : torch tensors of one shape (any), one floating dtype
+    and one device (any layout: strided inputs are read through a contiguous copy, and a
+    strided ``out``/``x0_out`` receives its result through one). Backends ``ref`` and
+    ``torch`` take float16/bfloat16/float32/float64, ``triton`` too (computing in float32, or
+    float64 for float64), ``cpu`` and ``cuda`` float32/float64; anything else raises naming the
+    argument. ``coef``: 6 numbers, or a tensor (n, 6) indexed by ``step`` (CUDA graphs: a
+    device tensor, see kernels). ``seed`` (an int, or a (1,) int64 tensor: on the device for
+    ``triton``) draws the noise inside the kernel instead of reading ``noise``: element i of
+    step ``step`` gets normal i mod 4 of Philox counter (step·n₄ + i)/4 (Triton's randn4x
+    stream; :func:`step_noise_ref`), the same on ``triton``, ``cpu``, ``torch`` and ``ref``;
+    ``cuda`` cannot and raises rather than drop the noise.
+    Writes x_next to ``out`` (allocated C-contiguous if None) and x̂0 to ``x0_out`` if given.
+    Returns ``out``.
     """
     _backend.require(backend, op="fused_step", choices=STEP_BACKENDS)
     if backend == "auto":
         backend = _auto(x)
-    if m.shape != x.shape:
-        raise ValueError(f"fused_step: model output {tuple(m.shape)} and x_t {tuple(x.shape)} differ")
-    for name, a in (("noise", noise), ("x0_prev", x0_prev), ("out", out), ("x0_out", x0_out)):
-        if a is not None and a.shape != x.shape:
-            raise ValueError(f"fused_step: {name} has shape {tuple(a.shape)}, expected {tuple(x.shape)}")
+    _check_operands(backend, m, x, noise, x0_prev, out, x0_out)
     if backend == "triton":
         from ..kernels.sampler_step import fused_step_triton
         return fused_step_triton(m, x, coef, noise=noise, x0_prev=x0_prev, clip=clip, out=out,
                                  x0_out=x0_out, step=step, seed=seed)
-    if seed is not None:
-        raise ValueError(f"fused_step: seed= draws noise inside the Triton kernel; backend "
-                         f"{backend!r} cannot, so pass the noise tensor as noise= instead")
+    if seed is not None and noise is not None:
+        raise ValueError("fused_step: give noise= or seed=, not both")
+    if seed is not None and backend == "cuda":
+        raise ValueError("fused_step: seed= draws the noise in the kernel, which backends 'triton' "
+                         "and 'cpu' do (and 'ref'/'torch' through step_noise_ref); backend 'cuda' "
+                         "cannot: pass noise= instead")
     if isinstance(coef, torch.Tensor) and coef.ndim == 2:
         if step is not None and isinstance(step, torch.Tensor) and step.device.type != "cpu":
             # reading a device counter on the host syncs the stream and breaks graph capture
             raise ValueError(f"fused_step: a device-side step counter needs backend 'triton' "
                              f"(backend {backend!r} would read it on the host)")
         coef = coef[int(step)] if step is not None else coef[0]
+    if seed is not None:
+        seed_i, step_i = _host_int(seed, "seed"), 0 if step is None else _host_int(step, "step")
+        if backend in ("ref", "torch"):  # the stream's reference, then the update with it
+            noise = torch.from_numpy(step_noise_ref(seed_i, step_i, x.numel())).reshape(x.shape).to(
+                device=x.device, dtype=x.dtype)
     if backend == "ref":
         res, x0 = fused_step_ref(m, x, coef, noise=noise, x0_prev=x0_prev, clip=clip)
         if x0_out is not None:
             x0_out.copy_(x0)
-        return out.copy_(res) if out is not None else res
+        return out.copy_(res) if out is not None else res.contiguous()
     if backend == "torch":
         res = _torch_fused(m, x, coef, noise, x0_prev, clip, x0_out)
-        return out.copy_(res) if out is not None else res
+        return out.copy_(res) if out is not None else res.contiguous()
     coef_np = np.asarray(torch.as_tensor(coef).detach().cpu(), dtype=np.float64)
-    if out is None:
-        out = torch.empty_like(x)
+    if coef_np.size != 6:
+        raise ValueError(f"fused_step: coef must hold 6 numbers, got {coef_np.size}")
+    dst = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else _dense(out)
+    x0_dst = _dense(x0_out)
+    inputs = [None if t is None else t.detach().contiguous() for t in (m, x, noise, x0_prev)]
     if backend == "cuda":
-        tensors = [t.contiguous() if t is not None else None for t in (m, x, noise, x0_prev)]
-        ctab = torch.as_tensor(coef_np, dtype=x.dtype, device=x.device)
+        ctab = torch.as_tensor(coef_np, dtype=x.dtype).pin_memory().to(x.device, non_blocking=True)
         ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
         _backend.cuda_ext().fused_step(
-            32 if x.dtype == torch.float32 else 64, ptr(tensors[0]), ptr(tensors[1]),
-            ptr(tensors[2]), ptr(tensors[3]), ptr(x0_out), out.data_ptr(), x.numel(),
-            ctab.data_ptr(), int(bool(clip)), float(clip or 0.0),
+            32 if x.dtype == torch.float32 else 64, *(ptr(t) for t in inputs), ptr(x0_dst),
+            dst.data_ptr(), x.numel(), ctab.data_ptr(), int(bool(clip)), float(clip or 0.0),
             torch.cuda.current_stream(x.device).cuda_stream)
-        return out
-    if x.device.type != "cpu":
-        raise ValueError("fused_step: backend 'cpu' takes CPU tensors")
-    arr = lambda t: None if t is None else t.detach().contiguous().numpy()  # noqa: E731
-    ext = _backend.cpu_ext()
-    fn = ext.fused_step_f32 if x.dtype == torch.float32 else ext.fused_step_f64
-    fn(arr(m), arr(x), arr(noise), arr(x0_prev), None if x0_out is None else x0_out.numpy(),
-       out.numpy(), coef_np.astype(np.float32 if x.dtype == torch.float32 else np.float64),
-       int(bool(clip)), float(clip or 0.0))
-    return out
+    else:
+        arr = lambda t: None if t is None else t.numpy()  # noqa: E731
+        ext = _backend.cpu_ext()
+        single = x.dtype == torch.float32
+        coef_c = coef_np.astype(np.float32 if single else np.float64)
+        if seed is not None:  # noise drawn in the kernel: step_noise_ref's stream
+            fn = ext.fused_step_rng_f32 if single else ext.fused_step_rng_f64
+            fn(arr(inputs[0]), arr(inputs[1]), arr(inputs[3]), arr(x0_dst), dst.numpy(), coef_c,
+               int(bool(clip)), float(clip or 0.0), _signed64(seed_i), step_i)
+        else:
+            fn = ext.fused_step_f32 if single else ext.fused_step_f64
+            fn(*(arr(t) for t in inputs), arr(x0_dst), dst.numpy(), coef_c, int(bool(clip)),
+               float(clip or 0.0))
+    _settle(x0_out, x0_dst)
+    return dst if out is None else _settle(out, dst)
