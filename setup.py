@@ -185,6 +185,7 @@ setup(
     install_requires=[
         "torch>=2.3", "numpy>=1.24", "scipy", "xarray", "pandas", "netCDF4", "h5netcdf",
         "zarr", "dask", "distributed", "statsmodels", "matplotlib", "tqdm", "numba",
+        "scoringrules", "scores", "arch",
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={

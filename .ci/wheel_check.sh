@@ -21,7 +21,8 @@ echo "wheel-check: built $(basename "$wheel") ($(( $(date +%s) - start )) s)"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["fastds/_C.", "fastds/_csrc/stitch.h", "fastds/_csrc/stitch_cuda.cu", "fastds/_csrc/step.h",
-        "fastds/configs/tiny.toml", "fastds/kernels/sampler_step.py"]
+        "fastds/configs/tiny.toml", "fastds/configs/protocol_quick.toml",
+        "fastds/configs/protocol_full.toml", "fastds/kernels/sampler_step.py"]
 missing = [n for n in need if not any(x.startswith(n) for x in names)]
 assert not missing, f"the wheel lacks {missing}"
 print("wheel-check: wheel holds", len(names), "files; CUDA extension:",
@@ -34,5 +35,6 @@ cd "$work"  # outside the checkout: only the installed package can be imported
 "$work/venv/bin/fastds" doctor
 OMP_NUM_THREADS=2 "$work/venv/bin/fastds" demo --quick --out "$work/demo" --quiet
 OMP_NUM_THREADS=2 "$py" -m pytest -q -p no:cacheprovider \
-    "$repo/tests/test_stitch.py" "$repo/tests/test_anchor.py" "$repo/tests/test_cli.py::test_dry_run_prints_resolved_config"
+    "$repo/tests/test_stitch.py" "$repo/tests/test_anchor.py" "$repo/tests/test_proper_scores.py" \
+    "$repo/tests/test_cli.py::test_dry_run_prints_resolved_config"
 echo "wheel-check: finished in $(( $(date +%s) - start )) s"

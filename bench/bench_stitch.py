@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fastds
-from fastds.stitch import kept_box, stitch_ref
+from fastds.stitch import stitch_ref
 
 CONFIGS = {
     "paper_16_4_2": dict(tile=16, halo=4, stride=2, shape=(357, 432)),

@@ -114,32 +114,45 @@ def kernels_vs_peers():
         emit(check="stitch_cuda_vs_torch_index_add", grid=f"{H}x{W}", ours_ms=t_ours * 1e3,
              peer_ms=t_peer * 1e3, ratio=t_peer / t_ours, gb_s=nbytes / t_ours / 1e9, max_diff=err)
     from fastds.sampling.samplers import make_plan
-    from fastds.sampling.steps import fused_step
-    import diffusers
     plan = make_plan("ddpm", T=1000, steps=200, prediction="epsilon")
     for shape in ((4096, 1, 16, 16), (32, 4, 1440, 1440)):
-        m, x = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
-        z, out = torch.empty_like(x), torch.empty_like(x)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        table = torch.tensor(plan.coef, dtype=torch.float32, device="cuda")
-        step = torch.tensor([100], device="cuda")
-        seed = torch.tensor([12345], device="cuda")
-        ours_rng = lambda: fused_step(m, x, table, step=step, seed=seed, out=out, backend="triton")  # noqa: E731
-        ours_randn = lambda: fused_step(m, x, table, step=step, noise=torch.randn(shape, generator=gen, out=z, device="cuda"),  # noqa: E731
-                                        out=out, backend="triton")
-        sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        prediction_type="epsilon", clip_sample=False)
-        sched.set_timesteps(200)
-        t = sched.timesteps[100]
-        peer = lambda: sched.step(m, t, x, generator=gen).prev_sample  # noqa: E731
-        a, _ = _time_cuda(ours_rng)
-        b, _ = _time_cuda(ours_randn)
-        c, _ = _time_cuda(peer)
-        emit(check="fused_step_vs_diffusers", shape=list(shape), ours_in_kernel_rng_ms=a * 1e3,
-             ours_torch_randn_ms=b * 1e3, diffusers_ms=c * 1e3, ratio_in_kernel=c / a, ratio_randn=c / b,
-             gb_s=4 * x.numel() * 4 / a / 1e9)
-        del m, x, z, out
+        _step_case(shape, plan)
         torch.cuda.empty_cache()
+
+
+def _step_case(shape, plan):
+    """The Triton fused step (noise in the kernel, or torch.randn then the step) against
+    diffusers' DDPMScheduler.step, each drawing its own noise, on one state shape."""
+    import diffusers
+    from fastds.sampling.steps import fused_step
+    m, x = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+    z, out = torch.empty_like(x), torch.empty_like(x)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    table = torch.tensor(plan.coef, dtype=torch.float32, device="cuda")
+    step = torch.tensor([100], device="cuda")
+    seed = torch.tensor([12345], device="cuda")
+
+    def ours_rng():
+        return fused_step(m, x, table, step=step, seed=seed, out=out, backend="triton")
+
+    def ours_randn():
+        noise = torch.randn(shape, generator=gen, out=z, device="cuda")
+        return fused_step(m, x, table, step=step, noise=noise, out=out, backend="triton")
+
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                    prediction_type="epsilon", clip_sample=False)
+    sched.set_timesteps(200)
+    t = sched.timesteps[100]
+
+    def peer():
+        return sched.step(m, t, x, generator=gen).prev_sample
+
+    a, _ = _time_cuda(ours_rng)
+    b, _ = _time_cuda(ours_randn)
+    c, _ = _time_cuda(peer)
+    emit(check="fused_step_vs_diffusers", shape=list(shape), ours_in_kernel_rng_ms=a * 1e3,
+         ours_torch_randn_ms=b * 1e3, diffusers_ms=c * 1e3, ratio_in_kernel=c / a, ratio_randn=c / b,
+         gb_s=3 * x.numel() * 4 / a / 1e9)
 
 
 def profile_day(H=357, W=432):

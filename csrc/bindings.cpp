@@ -189,43 +189,52 @@ static void band_weights_py(py::handle boxes_obj, int tile, int band, int nb, py
                          (T)eps, zp);
 }
 
+// The operands of one fused step, each taken exactly (see take) and checked against x's size;
+// absent optional ones stay null.
+template <typename T>
+struct StepOperands {
+  exact<T> m, x, out, coef, z, xp, xo;
+  const T *zp = nullptr, *xpp = nullptr;
+  T* xop = nullptr;
+  long n = 0;
+};
+
+template <typename T>
+static StepOperands<T> step_operands(const char* op, py::handle m, py::handle x, py::object noise,
+                                     py::object x0_prev, py::object x0_out, py::handle out,
+                                     py::handle coef) {
+  StepOperands<T> s;
+  s.m = take<T>(m, op, "m", false);
+  s.x = take<T>(x, op, "x", false);
+  s.out = take<T>(out, op, "out", true);
+  s.coef = take<T>(coef, op, "coef", false);
+  s.n = (long)s.x.size();
+  if (s.m.size() != s.n || s.out.size() != s.n)
+    throw std::invalid_argument(std::string(op) + ": model output, x_t and out differ in size");
+  if (s.coef.size() != kStepCoefs) throw std::invalid_argument(std::string(op) + ": coef must hold 6 values");
+  auto optional = [&](py::object obj, const char* name, bool writable, exact<T>& keep) {
+    if (obj.is_none()) return false;
+    keep = take<T>(obj, op, name, writable);
+    if (keep.size() != s.n)
+      throw std::invalid_argument(std::string(op) + ": " + name + " differs in size from x");
+    return true;
+  };
+  if (optional(noise, "noise", false, s.z)) s.zp = s.z.data();
+  if (optional(x0_prev, "x0_prev", false, s.xp)) s.xpp = s.xp.data();
+  if (optional(x0_out, "x0_out", true, s.xo)) s.xop = s.xo.mutable_data();
+  return s;
+}
+
 template <typename T>
 static void step_py(py::handle m_obj, py::handle x_obj, py::object noise_obj,
                     py::object x0_prev_obj, py::object x0_out_obj, py::handle out_obj,
                     py::handle coef_obj, int clip_on, double clip) {
-  const char* op = "fused_step";
-  auto m = take<T>(m_obj, op, "m", false);
-  auto x = take<T>(x_obj, op, "x", false);
-  auto out = take<T>(out_obj, op, "out", true);
-  auto coef = take<T>(coef_obj, op, "coef", false);
-  const long n = (long)x.size();
-  if (m.size() != n || out.size() != n)
-    throw std::invalid_argument("fused_step: model output, x_t and out differ in size");
-  if (coef.size() != kStepCoefs) throw std::invalid_argument("fused_step: coef must hold 6 values");
-  exact<T> z, xp, xo;
-  const T *zp = nullptr, *xpp = nullptr;
-  T* xop = nullptr;
-  if (!noise_obj.is_none()) {
-    z = take<T>(noise_obj, op, "noise", false);
-    if (z.size() != n) throw std::invalid_argument("fused_step: noise differs in size from x");
-    zp = z.data();
-  }
-  if (!x0_prev_obj.is_none()) {
-    xp = take<T>(x0_prev_obj, op, "x0_prev", false);
-    if (xp.size() != n) throw std::invalid_argument("fused_step: x0_prev differs in size from x");
-    xpp = xp.data();
-  }
-  if (!x0_out_obj.is_none()) {
-    xo = take<T>(x0_out_obj, op, "x0_out", true);
-    if (xo.size() != n) throw std::invalid_argument("fused_step: x0_out differs in size from x");
-    xop = xo.mutable_data();
-  }
-  const T* mp = m.data();
-  const T* xpx = x.data();
-  const T* cp = coef.data();
-  T* op_ = out.mutable_data();
+  auto s = step_operands<T>("fused_step", m_obj, x_obj, noise_obj, x0_prev_obj, x0_out_obj, out_obj,
+                            coef_obj);
+  T* op_ = s.out.mutable_data();
   py::gil_scoped_release nogil;
-  fused_step_cpu<T>(mp, xpx, zp, xpp, xop, op_, n, cp, clip_on, (T)clip);
+  fused_step_cpu<T>(s.m.data(), s.x.data(), s.zp, s.xpp, s.xop, op_, s.n, s.coef.data(), clip_on,
+                    (T)clip);
 }
 
 // fused_step with the noise drawn in the kernel (seed, step): see fused_step_rng_cpu.
@@ -233,36 +242,13 @@ template <typename T>
 static void step_rng_py(py::handle m_obj, py::handle x_obj, py::object x0_prev_obj,
                         py::object x0_out_obj, py::handle out_obj, py::handle coef_obj,
                         int clip_on, double clip, int64_t seed, int64_t step) {
-  const char* op = "fused_step_rng";
-  auto m = take<T>(m_obj, op, "m", false);
-  auto x = take<T>(x_obj, op, "x", false);
-  auto out = take<T>(out_obj, op, "out", true);
-  auto coef = take<T>(coef_obj, op, "coef", false);
-  const long n = (long)x.size();
-  if (m.size() != n || out.size() != n)
-    throw std::invalid_argument("fused_step_rng: model output, x_t and out differ in size");
-  if (coef.size() != kStepCoefs) throw std::invalid_argument("fused_step_rng: coef must hold 6 values");
   if (step < 0) throw std::invalid_argument("fused_step_rng: step must be >= 0");
-  exact<T> xp, xo;
-  const T* xpp = nullptr;
-  T* xop = nullptr;
-  if (!x0_prev_obj.is_none()) {
-    xp = take<T>(x0_prev_obj, op, "x0_prev", false);
-    if (xp.size() != n) throw std::invalid_argument("fused_step_rng: x0_prev differs in size from x");
-    xpp = xp.data();
-  }
-  if (!x0_out_obj.is_none()) {
-    xo = take<T>(x0_out_obj, op, "x0_out", true);
-    if (xo.size() != n) throw std::invalid_argument("fused_step_rng: x0_out differs in size from x");
-    xop = xo.mutable_data();
-  }
-  const T* mp = m.data();
-  const T* xpx = x.data();
-  const T* cp = coef.data();
-  T* op_ = out.mutable_data();
+  auto s = step_operands<T>("fused_step_rng", m_obj, x_obj, py::none(), x0_prev_obj, x0_out_obj,
+                            out_obj, coef_obj);
+  T* op_ = s.out.mutable_data();
   py::gil_scoped_release nogil;
-  fused_step_rng_cpu<T>(mp, xpx, xpp, xop, op_, n, cp, clip_on, (T)clip,
-                        (unsigned long long)seed, (long)step);
+  fused_step_rng_cpu<T>(s.m.data(), s.x.data(), s.xpp, s.xop, op_, s.n, s.coef.data(), clip_on,
+                        (T)clip, (unsigned long long)seed, (long)step);
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -9,6 +9,9 @@ Public API (everything else is internal and may change):
 - ``pretrain``, ``train``: Stage A and Stage C (DDPM or a baseline)
 - ``sample``: a trained run and dates -> fine-grid Dataset (rollout, ensembles)
 - ``evaluate``: predictions vs truth -> table, metrics JSON, plots
+- ``run_protocol``, ``load_protocol``: the locked evaluation protocol (``fastds benchmark``):
+  twins x seeds x rollouts, every model (null ensembles included) on the same days, proper
+  scores, block-bootstrap intervals of paired differences
 - ``load_config``: typed configuration from presets, TOML and overrides
 
 Heavy modules (xarray, torch models, triton, cupy) load on first use, not on import.
@@ -22,7 +25,7 @@ __version__ = "0.2.0"
 
 __all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "StitchPlan", "open_coarse",
            "open_fine", "prepare", "pretrain", "train", "sample", "evaluate", "load_config",
-           "__version__"]
+           "run_protocol", "load_protocol", "__version__"]
 
 _LAZY = {
     "open_coarse": ("fastds.data.readers", "open_coarse"),
@@ -33,6 +36,8 @@ _LAZY = {
     "sample": ("fastds.sampling.pipeline", "sample"),
     "evaluate": ("fastds.report", "evaluate"),
     "load_config": ("fastds.config", "load_config"),
+    "run_protocol": ("fastds.protocol", "run_protocol"),
+    "load_protocol": ("fastds.protocol", "load_protocol"),
 }
 
 

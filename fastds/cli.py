@@ -85,9 +85,14 @@ def _parser():
     p.add_argument("--out", required=True, help="output NetCDF (resumes if interrupted)")
     p.add_argument("--members", type=int, default=None)
     p.add_argument("--mode", choices=["strict", "lenient"], default=None)
-    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae", "interp", "clim"],
-                   help="a trained model, or a baseline that needs no training: interp "
-                        "(interpolated coarse) or clim (interp + mean fine-scale residual)")
+    p.add_argument("--model", default="ddpm",
+                   choices=["ddpm", "unet", "vae", "unet+iid", "unet+grf", "unet+resample",
+                            "interp", "clim", "anchor"],
+                   help="a trained model; a null ensemble on the trained U-Net (unet+iid, "
+                        "unet+grf, unet+resample: its validation bias removed, plus noise of its "
+                        "validation error); or a baseline that needs no training: interp "
+                        "(interpolated coarse), clim (interp + mean fine-scale residual), anchor "
+                        "(the run's anchor mu)")
     p.add_argument("--data", help="store (default: the run's)")
     p.add_argument("--workers", type=int, default=None,
                    help="run on a local dask.distributed cluster of N single-threaded workers "
@@ -105,6 +110,14 @@ def _parser():
     p.add_argument("--area", default="area")
     p.add_argument("--variable", default="DUEXTTAU")
 
+    p = sub.add_parser("benchmark", help="the locked evaluation protocol: twins x seeds x "
+                                         "rollouts, every model on the same days, proper scores, "
+                                         "bootstrap intervals (resumable)")
+    p.add_argument("--tier", default="quick",
+                   help="quick (one twin, two rollouts, under 20 min), full (hours), or a TOML path")
+    p.add_argument("--out", default="fastds-benchmark", help="results and cache folder")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
     _common(p)
     p.add_argument("--out", default="fastds-demo", help="report folder (default ./fastds-demo)")
@@ -116,6 +129,15 @@ def _parser():
 def _config(args):
     from .config import load_config
     return load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
+
+
+def _benchmark(args) -> int:
+    from .protocol import load_protocol, run_protocol
+    cfg = load_protocol(args.tier)
+    run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
 
 
 def _run(args) -> int:
@@ -191,6 +213,8 @@ def main(argv=None) -> int:
         for name, ok, detail in _backend.report():
             print(f"  {'ok ' if ok else 'no '} {name:32s} {detail}")
         return 0
+    if args.cmd == "benchmark":
+        return _benchmark(args)
     if not args.cmd:
         ap.print_help()
         return 2

@@ -111,6 +111,8 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "ddpm"         # "ddpm", "ddim", "dpmpp"
     steps: int = 200
+    spacing: str = "leading"      # timesteps: "leading" (t = k·T/n, the paper's) or "trailing"
+                                  # (from t = T-1: few steps keep the noise's variance)
     tile: int = 16
     halo: int = 4
     stride: int = 2
@@ -122,8 +124,10 @@ class SampleConfig:
     use_ema: bool = True
     cuda_graphs: bool = True      # used only on CUDA
     kernels: str = "auto"         # attention + GroupNorm/SiLU: "auto" (Triton on CUDA), "torch", "triton", "ref"
-    consistency: bool = True      # project each learned model's day so coarse-cell means match
-                                  # the coarse field (the interp/clim baselines stay plain)
+    consistency: bool = True      # project each model's day so coarse-cell means match the
+                                  # coarse field
+    project_baselines: bool = True  # the baselines (interp, clim, anchor) too, so every model is
+                                    # compared projected; false: the plain hand-made baselines
     fusion: str = "step"          # "step" (blend patch outputs every step: one field) or "final"
                                   # (stitch finished patch samples: the paper)
     lag_history: str = "member"   # strict rollouts with members: each member's lags are its own

@@ -312,7 +312,6 @@ def _cupy_module():
 
 
 def _stitch_cupy(p, starts, H, W, tile, halo, eps):
-    import cupy
     with p.device:  # allocate and launch on the patches' GPU, whatever device is current
         return _stitch_cupy_here(p, starts, H, W, tile, halo, eps)
 

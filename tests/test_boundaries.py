@@ -282,10 +282,13 @@ def test_graph_cache_does_not_keep_models_alive():
     net = Net()
     plan = make_plan("ddim", T=100, steps=4)
     x = torch.randn(2, 1, 6, 6)
-    sampler = cache.get(net, "k", lambda: StaticSampler(net, plan, x, None, backend="cpu", use_graph=False))
+    def build(net=net):
+        return StaticSampler(net, plan, x, None, backend="cpu", use_graph=False)
+
+    sampler = cache.get(net, "k", build)
     assert cache.get(net, "k", lambda: None) is sampler and len(cache) == 1
     want = sampler(x, None, 0)
-    del sampler
+    del sampler, build  # the test's own references (build's default holds the model)
     net_ref = __import__("weakref").ref(net)
     del net
     gc.collect()

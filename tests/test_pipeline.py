@@ -329,8 +329,8 @@ def test_clim_baseline_is_interpolation_plus_mean_residual(trained_run, store_pa
     from fastds.data.transforms import align_index, upsample
     st = open_store(store_path)
     days = test_days[:2]
-    got = sample(run=trained_run, start=days[0], end=days[-1], model="clim", cfg=FAST,
-                 progress=False)["DUEXTTAU"]
+    got = sample(run=trained_run, start=days[0], end=days[-1], model="clim",
+                 cfg=dataclasses.replace(FAST, project_baselines=False), progress=False)["DUEXTTAU"]
     # written out: log10 fine ≈ bilinear(log10 coarse) + mean over training days of the residual
     lat, lon = st.ds["lat"].values, st.ds["lon"].values
     iy = align_index(st.ds["lat_c"].values, lat, method=st.align)
@@ -361,9 +361,9 @@ def test_baselines_written_day_by_day_equal_the_in_memory_result(trained_run, st
         assert mem.dims == ("time", "member", "lat", "lon") and mem.sizes["member"] == 2
         np.testing.assert_array_equal(mem.values[:, 0], mem.values[:, 1])
         disk.close()
-    # the day-by-day interp is the public whole-period interpolate_coarse
-    one = sample(run=trained_run, start=days[0], end=days[-1], model="interp", cfg=FAST,
-                 progress=False)["DUEXTTAU"]
+    # the day-by-day plain interp is the public whole-period interpolate_coarse
+    one = sample(run=trained_run, start=days[0], end=days[-1], model="interp",
+                 cfg=dataclasses.replace(FAST, project_baselines=False), progress=False)["DUEXTTAU"]
     want = interpolate_coarse(open_store(store_path), pd.date_range(days[0], days[-1]))
     np.testing.assert_allclose(one.values, want.values, rtol=1e-6)
 
@@ -404,12 +404,13 @@ def test_consistency_projection_in_sample(trained_run, store_path, test_days):
     from fastds.sampling.pipeline import _projection
     st = open_store(store_path)
     cfg = dataclasses.replace(FAST, consistency=True, mode="lenient")
-    plain = sample(run=trained_run, start=test_days[0], end=test_days[0], cfg=cfg, model="clim",
-                   progress=False)["DUEXTTAU"]
+    plain = sample(run=trained_run, start=test_days[0], end=test_days[0], model="clim",
+                   cfg=dataclasses.replace(cfg, project_baselines=False), progress=False)["DUEXTTAU"]
     off = sample(run=trained_run, start=test_days[0], end=test_days[0], model="clim",
                  cfg=dataclasses.replace(cfg, consistency=False), progress=False)["DUEXTTAU"]
-    np.testing.assert_array_equal(plain.values, off.values)  # baselines are never projected
-    for kind in ("ddpm",):
+    np.testing.assert_array_equal(plain.values, off.values)  # project_baselines=False: plain
+    # every model, the baselines included, gets the same projection by default
+    for kind in ("ddpm", "clim", "interp", "anchor"):
         ds = sample(run=trained_run, start=test_days[0], end=test_days[0], cfg=cfg, model=kind,
                     progress=False)["DUEXTTAU"]
         proj = _projection(st)

@@ -197,15 +197,24 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     assert (run / "season3" / "ddpm.best.pt").exists()
     best = load_checkpoint(run / "season3" / "ddpm.best.pt")
     assert 0.0 < best["lag_noise"] < 0.5 and load_checkpoint(run / "season3" / "unet.best.pt")["lag_noise"] == 0.0
-    # the spread calibration written after training: the validation-CRPS minimiser among the
-    # inflations whose validation spread/skill is in the calibrated band (all, if none is)
-    from fastds.training.stages import CALIBRATED
+    # the spread calibration written after training: the validation fair-CRPS minimiser, with
+    # the sampler that ships (its fusion, steps and projection), and the raw spread/skill
+    from fastds.training.stages import calibration_sampler
     cal = best["calibration"]
-    ok = [i for i, r in enumerate(cal["spread_skill"]) if CALIBRATED[0] <= r <= CALIBRATED[1]]
-    assert cal["inflation"] == cal["inflations"][min(ok or range(len(cal["crps"])), key=lambda i: cal["crps"][i])]
+    assert cal["inflation"] == cal["inflations"][int(np.argmin(cal["crps_fair"]))]
     assert len(cal["spread_skill"]) == len(cal["inflations"]) and np.all(np.diff(cal["spread_skill"]) > 0)
-    assert len(cal["crps"]) == len(cal["inflations"]) and np.isfinite(cal["crps"]).all()
-    assert len(cal["days"]) > 0 and len(set(cal["crps"])) > 1
+    assert len(cal["crps_fair"]) == len(cal["inflations"]) and np.isfinite(cal["crps_fair"]).all()
+    assert len(cal["days"]) > 0 and len(set(cal["crps_fair"])) > 1
+    assert cal["raw_spread_skill"] == cal["spread_skill"][cal["inflations"].index(1.0)]
+    assert cal["sampler"] == {"fusion": dcfg.sample.fusion, "sampler": dcfg.sample.sampler,
+                              "steps": dcfg.sample.steps, "projection": dcfg.sample.consistency}
+    # calibration samples exactly as `sample` does with the run's settings: only the member
+    # count, α itself, true lags and the eager loop may differ (fails if the two drift apart)
+    shipped = calibration_sampler(dcfg)
+    own = {"members", "calibrate", "mode", "cuda_graphs", "segments"}
+    drift = [f.name for f in dataclasses.fields(shipped)
+             if f.name not in own and getattr(shipped, f.name) != getattr(dcfg.sample, f.name)]
+    assert not drift, drift
     for key in ("model", "ema"):
         assert float(best[key]["regression_inflation"]) == pytest.approx(cal["inflation"])
     from fastds.training.stages import load_trained

@@ -308,3 +308,34 @@ def test_diffusion_loss_and_q_sample():
     torch.testing.assert_close(d.predict_x0(d.target(x0, noise, t), xt, t), x0, rtol=1e-4, atol=1e-4)
     loss = d.loss(lambda x, t, c: torch.zeros_like(x), x0, None, generator=torch.Generator().manual_seed(0))
     assert loss.item() > 0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("steps", [5, 20])
+def test_trailing_ddim_matches_diffusers_trajectory(prediction, steps):
+    """sample.spacing = "trailing": the timesteps and the deterministic DDIM trajectory of
+    diffusers' DDIMScheduler(timestep_spacing="trailing"), whose first step starts at t = T-1.
+    (Step counts that divide T: diffusers' DDIM steps to t − T//n, which for other counts is
+    not the next trailing timestep; fastds steps to the next one.)"""
+    from fastds.sampling.steps import trailing_timesteps
+    T = 1000
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
+                                    prediction_type={"v": "v_prediction"}.get(prediction, prediction),
+                                    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    sched.set_timesteps(steps)
+    ts, prev = trailing_timesteps(T, steps)
+    assert ts.tolist() == sched.timesteps.tolist() and ts[0] == T - 1 and prev[-1] == -1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
+    cond = 0.1 * torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
+    model = ToyModel()
+    ours = run_plan(model, x, make_plan("ddim", T=T, steps=steps, prediction=prediction,
+                                        spacing="trailing"), cond=cond, backend="ref")
+    theirs = x.clone()
+    for t in sched.timesteps:
+        m = model(theirs, torch.full((2,), int(t), dtype=torch.long), cond)
+        theirs = sched.step(m, t, theirs, eta=0.0).prev_sample
+    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), (err, scale)  # diffusers keeps ᾱ in float32
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        make_plan("ddim", T=T, steps=steps, spacing="linear")

@@ -41,6 +41,15 @@ class TwinSpec:
     seasonal_amp: float = 0.25  # log10 amplitude of the seasonal cycle
     terrain_effect: float = 0.4  # log10 drop from lowest to highest terrain
     coarse_noise: float = 0.08  # log10 sd of the fine perturbation behind the coarse field
+    # Dust plumes (0 sources: none, the smooth twin): fixed sources that emit on random days
+    # (more often in summer), plumes the wind advects and that decay, added in physical units:
+    # a heavy right tail, moving sub-cell structure, and residual variance that grows with
+    # the coarse state and with the season.
+    plumes: int = 0
+    plume_rate: float = 0.25      # chance a source emits on a day, at the seasonal mean
+    plume_strength: float = 0.3   # median emitted peak AOD; lognormal with sd 0.8 in ln
+    plume_lifetime: float = 3.0   # e-folding lifetime, days
+    plume_width: float = 2.5      # Gaussian sd of a fresh plume, fine pixels
 
 
 def _axis(lo, hi, step, origin, pad):
@@ -88,6 +97,34 @@ def _noise_spectrum(rng, filt, shape):
     return z * (filt / norm)
 
 
+class _Plumes:
+    """The plume field (physical AOD) on the padded grid, advanced one day at a time: advected
+    by the day's wind (bilinear shift, so it stays non-negative), decayed, and fed by the
+    sources that emit that day. Its own generator: a twin without plumes is unchanged."""
+
+    def __init__(self, spec: TwinSpec, shape, doy):
+        self.rng = np.random.default_rng(spec.seed + 101)
+        self.spec, self.shape, self.doy = spec, shape, doy
+        self.src = np.stack([self.rng.uniform(0.15, 0.85, spec.plumes) * shape[0],
+                             self.rng.uniform(0.1, 0.6, spec.plumes) * shape[1]], axis=1)
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        w2 = 2 * spec.plume_width ** 2
+        self.blobs = [np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / w2) for y, x in self.src]
+        self.field = np.zeros(shape)
+
+    def step(self, i, wind):
+        from scipy.ndimage import shift
+        s = self.spec
+        self.field = shift(self.field, (wind[0], wind[1]), order=1, mode="constant", cval=0.0)
+        self.field *= np.exp(-1.0 / s.plume_lifetime)
+        season = 1.0 + 0.8 * np.cos(2 * np.pi * (self.doy[i] - 190) / 365.25)  # peaks in July
+        emit = self.rng.random(s.plumes) < s.plume_rate * season
+        amp = s.plume_strength * np.exp(0.8 * self.rng.standard_normal(s.plumes))
+        for k in np.flatnonzero(emit):
+            self.field += amp[k] * self.blobs[k]
+        return self.field
+
+
 def make_twin(spec: TwinSpec = TwinSpec()) -> xr.Dataset:
     """Synthesise the twin in memory.
 
@@ -124,6 +161,7 @@ def make_twin(spec: TwinSpec = TwinSpec()) -> xr.Dataset:
         w = 0.85 * w + 0.5 * rng.standard_normal(2)
         wind[i] = w + np.array([0.3, 1.2 + 0.6 * np.cos(2 * np.pi * doy[i] / 365.25)])
 
+    plume = _Plumes(spec, shape, doy) if spec.plumes > 0 else None
     spec_z = np.fft.rfft2(_smooth_noise(rng, shape, filt))
     innov = np.sqrt(1 - spec.rho ** 2)
     sl = (slice(pad, pad + ext_lat.size), slice(pad, pad + ext_lon.size))
@@ -138,6 +176,10 @@ def make_twin(spec: TwinSpec = TwinSpec()) -> xr.Dataset:
         pert = spec.coarse_noise * np.fft.irfft2(_noise_spectrum(rng, filt_fine, shape), s=shape)[sl]
         fine_ext[i] = 10.0 ** logv
         alt_ext[i] = 10.0 ** (logv + pert)
+        if plume is not None:
+            c = plume.step(i, wind[i])[sl]
+            fine_ext[i] += c
+            alt_ext[i] += c
 
     ny, nx = 8, 10  # fine pixels per MERRA-2 cell (0.5/0.0625, 0.625/0.0625)
     coarse = alt_ext.reshape(len(times), clat.size, ny, clon.size, nx).mean(axis=(2, 4))

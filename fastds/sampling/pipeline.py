@@ -32,6 +32,7 @@ from ..stitch import StitchPlan, plan_patches, stitch
 from .fusion import FUSIONS, PatchFusedModel
 from .. import _backend
 from .graphs import GraphCache, StaticSampler
+from .nulls import NULLS, NullStats, draw_null, fit_null_stats, null_rng
 from .samplers import make_plan, run_plan
 
 __all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS"]
@@ -70,7 +71,7 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     residual, as the model was trained).
 
     ``cfg.fusion`` "step" samples one image-space trajectory per member, blending the patch
-    outputs at every step (CUDA graphs are not used there); "final" samples patches on their
+    outputs at every step (on a GPU, one CUDA graph per geometry holds the whole step); "final" samples patches on their
     own and stitches the finished samples. A DDPM with a regression mean (CorrDiff) returns
     ``mean + scale · sample``. Latents are drawn per member from ``torch.Generator`` seeded by
     (seed, member, day_key), so a day's result does not depend on which other days were
@@ -97,7 +98,8 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
     halo = min(cfg.halo, (tile - 1) // 2)
     stride = min(cfg.stride, tile - 2 * halo)
     starts = plan_patches((H, W), tile, halo, stride)
-    plan = make_plan(cfg.sampler, T=T, steps=cfg.steps, prediction=prediction, eta=cfg.eta) if kind == "ddpm" else None
+    plan = (make_plan(cfg.sampler, T=T, steps=cfg.steps, prediction=prediction, eta=cfg.eta,
+                      spacing=cfg.spacing) if kind == "ddpm" else None)
     base = np.concatenate([inputs.coarse, inputs.covariates], 0)
     base_p = torch.from_numpy(_patchify(base, starts, tile)).to(device)
     out = np.empty((members, H, W), np.float32)
@@ -130,7 +132,7 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
     if kind == "ddpm" and cfg.fusion == "step":
         return _downscale_fused(model, inputs, base_p, starts, (H, W), tile, halo, plans, gens,
                                 signs, cfg=cfg, cache_conditioning=cache_conditioning, device=device,
-                                backend=backend, progress=progress)
+                                backend=backend, progress=progress, graphs=graphs)
     x_T = [s * torch.randn((len(starts), 1, tile, tile), generator=g, device=device)
            for g, s in zip(gens, signs)]
     pieces = [[] for _ in range(members)]
@@ -229,7 +231,7 @@ def _stitched_mean(model, inputs, base_p, starts, tile, halo, shape, cfg, member
 
 
 def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plans, gens, signs, *, cfg,
-                     cache_conditioning, device, backend, progress):
+                     cache_conditioning, device, backend, progress, graphs=None):
     """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
     unfused sampler's result."""
@@ -250,8 +252,20 @@ def _downscale_fused(model, inputs, base_p, starts, shape, tile, halo, plans, ge
             cond = (torch.cat([cond_of(slice(i, i + cfg.batch)) for i in range(0, len(starts), cfg.batch)])
                     if cache_conditioning else cond_of)
         x_T = signs[k] * torch.randn((1, 1, H, W), generator=gen, device=device)
-        fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
-        x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
+        if graphs is not None and cache_conditioning:
+            # the whole step (every patch batch, the blend, the fused update) in one graph per
+            # geometry; the day's conditioning is copied into its static buffer
+            key = ("step", np.ascontiguousarray(starts).tobytes(), shape, tuple(cond.shape), cfg.sampler, cfg.steps,
+                   cfg.eta, cfg.clip, cfg.precision, signs[k], cfg.batch)
+            static = graphs.get(model, key, lambda: StaticSampler(
+                model, plans[k], x_T, cond, clip=cfg.clip or None,
+                wrap=lambda net: PatchFusedModel(net, splan, None, batch=cfg.batch)))
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
+                                 device=device)
+            x0 = static(x_T, cond, seed)
+        else:
+            fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
+            x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
         out[k] = x0[0, 0].float().cpu().numpy()
         if progress is not None:
             progress.update(len(starts))
@@ -350,8 +364,8 @@ class _CoarseDays:
         return self.values[self.store.times_c.get_loc(day)]
 
 
-def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days):
-    """``interp`` / ``clim`` for ``days``: each day is computed on its own (they need no
+def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days, project=None):
+    """``interp`` / ``clim`` / ``anchor`` for ``days``: each day is computed on its own (they need no
     history), so with ``out`` the file is written day by day and the period is never in
     memory; the returned Dataset then reads ``out`` lazily."""
     from ..training.stages import fine_days
@@ -364,14 +378,24 @@ def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days
         conf = dataclasses.replace(rc, train=dataclasses.replace(rc.train, target="residual",
                                                                  anchor="clim"))
 
+    if model == "anchor":
+        conf = _run_config(run)
+
     def one(day):
         if model == "interp":
             v = _interp_field(coarse_days[day], iy, ix)
+        elif model == "anchor":
+            s = int(season_of(day.month))
+            if s not in fds:
+                fds[s] = fine_days(store, conf, s)
+            v = (10.0 ** fds[s].stand_in_log(store.times_c.get_loc(day))).astype(np.float32)
         else:
             s = int(season_of(day.month))
             if s not in fds:
                 fds[s] = fine_days(store, conf, s)
             v = fds[s].to_physical(np.zeros(fds[s].shape, np.float32), store.times_c.get_loc(day))
+        if project is not None:
+            v = project(v, coarse_days[day], int(season_of(day.month))).astype(np.float32)
         return np.repeat(v[None], members, 0)
 
     if out is None:
@@ -385,7 +409,8 @@ def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days
     return xr.open_dataset(out)
 
 
-MODELS = ("ddpm", "unet", "vae", "interp", "clim")
+BASELINES = ("interp", "clim", "anchor")
+MODELS = ("ddpm", "unet", "vae") + NULLS + BASELINES
 
 
 def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), model="ddpm",
@@ -401,11 +426,14 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     out : NetCDF path, or None to only return the Dataset (no resume without it).
     cfg : sampler, steps, tile/halo/stride, batch, members, mode (``strict``/``lenient``),
         clip, eta, kernels (attention and GroupNorm+SiLU backend), fusion, consistency (the
-        coarse-cell projection of learned models' days; the baselines are never projected), seed.
-    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run), or a baseline that needs
-        no training: ``"interp"`` (bilinear interpolation of log10 coarse) or ``"clim"``
-        (interpolation plus the fine record's mean fine-scale residual per season, fitted on
-        the store's training days with the run's alignment).
+        coarse-cell projection of every model's days; ``project_baselines=False`` leaves the
+        baselines plain), spacing (leading/trailing timesteps), seed.
+    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run); a null ensemble built on
+        the trained U-Net (``"unet+iid"``, ``"unet+grf"``, ``"unet+resample"``: see
+        :mod:`fastds.sampling.nulls`); or a baseline that needs no training: ``"interp"``
+        (bilinear interpolation of log10 coarse), ``"clim"`` (interpolation plus the fine
+        record's mean fine-scale residual per season, fitted on the store's training days with
+        the run's alignment) or ``"anchor"`` (the run's anchor μ, the residual models' centre).
     data : store path (default: the one recorded in the run).
     workers, scheduler : run the work on ``dask.distributed`` (see
         :func:`fastds.sampling.distributed.sample_distributed`): ``workers=N`` starts a local
@@ -468,19 +496,23 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
              "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
              "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
              "calibrate": int(cfg.calibrate), "lag_conditioning": int(cfg.lag_conditioning),
+             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
              "antithetic": int(cfg.antithetic)}
     coarse_days = _CoarseDays(store)
-    # the baselines stay what a user would compute by hand: never projected
+    # every model gets the same projection (or none); sample.project_baselines=false keeps the
+    # baselines as a user would compute them by hand
     project = (_projection(store, coarse_days.values)
-               if cfg.consistency and model not in ("interp", "clim") else None)
+               if cfg.consistency and (model not in BASELINES or cfg.project_baselines) else None)
 
     def finish(values, day, s):
         if project is not None:
             values = project(values, coarse_days[day], s)
         return values
 
-    if model in ("interp", "clim"):
-        return _baseline(model, run, store, days, members, attrs, member0, out, coarse_days)
+    if model in BASELINES:
+        return _baseline(model, run, store, days, members, attrs, member0, out, coarse_days, project)
+    net = "unet" if model in NULLS else model  # a null ensemble is the U-Net plus its noise
+    nulls = {}
 
     out = Path(out) if out is not None else None
     parts = _parts_dir(out) if out is not None else None
@@ -505,7 +537,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
             continue
         s = int(season_of(day.month))
         if s not in models:
-            models[s], configs[s] = load_trained(run, s, model, use_ema=cfg.use_ema, device=device)
+            models[s], configs[s] = load_trained(run, s, net, use_ema=cfg.use_ema, device=device)
             set_kernel_backend(models[s], cfg.kernels)
             if cfg.compile:
                 models[s].compile_for_sampling()
@@ -539,12 +571,17 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
                     f"{store.times[-1] + pd.Timedelta(days=1):%Y-%m-%d}")
         c = store.times_c.get_loc(day)
         inputs = DayInputs(fd.coarse_at(c), fd.covariates_at(day), lags[:1] if shared else lags)
-        z = downscale_day(mdl, inputs, kind=model, cfg=cfg, T=conf.diffusion.T,
+        day_key = (day - pd.Timestamp("2000-01-01")).days
+        z = downscale_day(mdl, inputs, kind=net, cfg=cfg, T=conf.diffusion.T,
                           prediction=conf.diffusion.prediction, members=members, seed=cfg.seed,
-                          day_key=(day - pd.Timestamp("2000-01-01")).days,
-                          cache_conditioning=cache_conditioning, device=device, backend=backend,
-                          member0=member0)
-        values = finish(fd.to_physical(z, c), day, s)
+                          day_key=day_key, cache_conditioning=cache_conditioning, device=device,
+                          backend=backend, member0=member0)
+        values = fd.to_physical(z, c)
+        if model in NULLS:
+            if s not in nulls:
+                nulls[s] = null_stats(run, store, s, cfg, data=data, device=device)
+            values = _add_null(values, model, nulls[s], cfg.seed, member0, day_key)
+        values = finish(values, day, s)
         if parts is not None:
             _write_part(parts, day, values, signature)
             history.keep(day, values, since=day - pd.Timedelta(days=max(k.data.t_lag for k in configs.values())))
@@ -569,6 +606,49 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
         f.unlink()
     parts.rmdir()
     return xr.open_dataset(out)
+
+
+def _add_null(values, kind, stats: NullStats, seed, member0, day_key):
+    """U-Net days (members, H, W), physical -> the null ensemble's: in log10, the validation
+    bias removed and one residual field drawn per member."""
+    logs = np.log10(np.maximum(values, 1e-6)) - stats.bias
+    for k in range(len(logs)):
+        logs[k] += draw_null(kind, stats, logs.shape[1:], null_rng(seed, member0 + k, day_key, kind))
+    return (10.0 ** logs).astype(np.float32)
+
+
+def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, device="cpu") -> NullStats:
+    """The null ensembles' statistics for one season: U-Net residuals on the store's
+    validation days of that season, with true lags and the sampler's projection setting.
+    Fitted once and cached in ``run/nulls/``. Where the season has no validation day whose lag
+    window lies in the fine record, its training days stand in, with a warning."""
+    import warnings
+    path = Path(run) / "nulls" / f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}.npz"
+    if path.exists():
+        return NullStats.load(path)
+    from ..training.stages import load_trained
+    _, conf = load_trained(run, season, "unet", device=device)
+    times, split = store.times, store.ds["split"].values
+    ok = (season_of(times.month) == season) & (times - pd.Timedelta(days=conf.data.t_lag) >= times[0])
+    days = times[ok & (split == 1)]
+    if len(days) == 0:
+        days = times[ok & (split == 0)][-28:]
+        warnings.warn(f"null ensembles: season {season} has no validation day in the fine record; "
+                      f"their noise statistics come from {len(days)} training days, where the U-Net's "
+                      "error is smaller than on new days", stacklevel=2)
+    if len(days) == 0:
+        raise ValueError(f"null ensembles: season {season} has no fine day to fit their noise on")
+    lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1)
+    res = []
+    for block in np.split(days, np.flatnonzero(np.diff(days.values).astype("timedelta64[D]").astype(int) > 1) + 1):
+        pred = sample(run=run, start=block[0], end=block[-1], cfg=lenient, model="unet", data=data,
+                      device=device, progress=False)[store.variable].values
+        truth = store.fine.sel(time=block).values
+        res.append(np.log10(np.maximum(truth, 1e-6)) - np.log10(np.maximum(pred, 1e-6)))
+    stats = fit_null_stats(np.concatenate(res))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path)
+    return stats
 
 
 def _fine_shape(store: Store):

@@ -25,14 +25,15 @@ def alpha_bar_for(T: int) -> np.ndarray:
     return np.cumprod(1.0 - squaredcos_cap_v2(int(T)))
 
 
-def make_plan(sampler: str, *, T: int, steps=None, prediction="sample", eta=0.0) -> StepPlan:
+def make_plan(sampler: str, *, T: int, steps=None, prediction="sample", eta=0.0,
+              spacing="leading") -> StepPlan:
     ab = alpha_bar_for(T)
     if sampler == "ddpm":
-        return ddpm_plan(ab, steps, prediction)
+        return ddpm_plan(ab, steps, prediction, spacing)
     if sampler == "ddim":
-        return ddim_plan(ab, steps or 50, prediction, eta)
+        return ddim_plan(ab, steps or 50, prediction, eta, spacing)
     if sampler == "dpmpp":
-        return dpmpp_plan(ab, steps or 20, prediction)
+        return dpmpp_plan(ab, steps or 20, prediction, spacing)
     raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpmpp', got {sampler!r}")
 
 

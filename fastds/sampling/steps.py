@@ -18,7 +18,8 @@ from .. import _backend
 
 __all__ = ["StepPlan", "ddpm_plan", "ddim_plan", "dpmpp_plan", "fused_step", "fused_step_ref",
            "philox_normal4_ref", "step_noise_ref",
-           "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps", "STEP_BACKENDS"]
+           "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps",
+           "trailing_timesteps", "timesteps", "SPACINGS", "STEP_BACKENDS"]
 
 STEP_BACKENDS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
 
@@ -55,6 +56,28 @@ def leading_timesteps(T: int, steps: int | None):
     return ts, ts - ratio
 
 
+def trailing_timesteps(T: int, steps: int | None):
+    """"Trailing" spacing (diffusers' ``timestep_spacing="trailing"``): t = round(T − k·T/n) − 1
+    for k = 0..n-1, so the first step starts at t = T − 1 (ᾱ ≈ 0, pure noise) however few
+    the steps; with leading spacing 5 steps start at t = 800 (ᾱ ≈ 0.09) and the sample keeps
+    less of the noise's variance. The previous t is the next one in the list (−1 at the end)."""
+    n = T if steps is None else int(steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    ts = (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n]
+    return ts, np.append(ts[1:], -1).astype(np.int64)
+
+
+SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps}
+
+
+def timesteps(T: int, steps: int | None, spacing: str = "leading"):
+    """(timesteps, previous timesteps) of a plan with ``spacing`` "leading" or "trailing"."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    return SPACINGS[spacing](T, steps)
+
+
 def _x0_coef(prediction, ab):
     if prediction == "sample":
         return 0.0, 1.0
@@ -69,9 +92,9 @@ def _abar(alpha_bar, t):
     return 1.0 if t < 0 else float(alpha_bar[t])
 
 
-def ddpm_plan(alpha_bar, steps=None, prediction="sample") -> StepPlan:
+def ddpm_plan(alpha_bar, steps=None, prediction="sample", spacing="leading") -> StepPlan:
     """DDPM ancestral sampling, ``fixed_small`` variance (the common DDPMScheduler)."""
-    ts, prev = leading_timesteps(len(alpha_bar), steps)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing)
     rows, noisy = [], []
     for t, tp in zip(ts, prev):
         ab, ab_prev = _abar(alpha_bar, t), _abar(alpha_bar, tp)
@@ -86,9 +109,9 @@ def ddpm_plan(alpha_bar, steps=None, prediction="sample") -> StepPlan:
     return StepPlan(ts, np.array(rows), np.array(noisy), "ddpm")
 
 
-def ddim_plan(alpha_bar, steps=50, prediction="sample", eta=0.0) -> StepPlan:
+def ddim_plan(alpha_bar, steps=50, prediction="sample", eta=0.0, spacing="leading") -> StepPlan:
     """DDIM with η (0: deterministic). ε̂ is re-derived from the (possibly clipped) x̂0."""
-    ts, prev = leading_timesteps(len(alpha_bar), steps)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing)
     rows, noisy = [], []
     for t, tp in zip(ts, prev):
         ab, ab_prev = _abar(alpha_bar, t), _abar(alpha_bar, tp)
@@ -103,10 +126,10 @@ def ddim_plan(alpha_bar, steps=50, prediction="sample", eta=0.0) -> StepPlan:
     return StepPlan(ts, np.array(rows), np.array(noisy), "ddim")
 
 
-def dpmpp_plan(alpha_bar, steps=20, prediction="sample") -> StepPlan:
+def dpmpp_plan(alpha_bar, steps=20, prediction="sample", spacing="leading") -> StepPlan:
     """DPM-Solver++(2M), data prediction, first order at the first and last step, ending at
     σ = 0 (x_0 = x̂0 of the last step)."""
-    ts, prev = leading_timesteps(len(alpha_bar), steps)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing)
 
     def lam(ab):
         return 0.5 * math.log(ab) - 0.5 * math.log(1 - ab)

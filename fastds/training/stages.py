@@ -269,22 +269,28 @@ def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
 
 
 INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
-CALIBRATED = (0.8, 1.2)  # the skill issue's band for a calibrated ensemble
+CALIBRATED = (0.8, 1.2)  # the band a calibrated ensemble's spread/skill should fall in
+CALIBRATION_MEMBERS = 8
 
 
-def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", days=8, members=4):
+def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", days=8,
+                     members=CALIBRATION_MEMBERS):
     """Set a trained CorrDiff DDPM's spread inflation α (members = mean + α·scale·r) to the
-    value that minimises the ensemble CRPS (log10, the proper score the evaluation reports)
-    among those whose spread/skill is in CALIBRATED (the CRPS-best overall if none), on
-    validation days with true lag windows free of test days. One sampling pass: the
-    members are drawn once with α = 1 and widened as the sampler widens them
-    (:func:`~fastds.sampling.pipeline.inflate_residuals`) for every α in INFLATIONS.
-    Written into ``best`` (model and EMA weights, atomically) with the CRPS curve under
-    ``"calibration"``; a no-op (None) without usable validation days."""
-    import xarray as xr
+    value that minimises the fair CRPS (log10) of the ensemble that ships, on validation days
+    with true lag windows free of test days.
 
-    from ..metrics import crps, spread_skill
-    from ..sampling.pipeline import DayInputs, downscale_day, inflate_residuals
+    "That ships": the run's own sampler settings (fusion, steps, patch geometry, antithetic
+    pairs) through :func:`~fastds.sampling.pipeline.downscale_day`, each member widened by the
+    sampler's rule (:func:`~fastds.sampling.pipeline.inflate_residuals`) and then projected on
+    the coarse cells as ``sample`` projects it when ``sample.consistency`` is on. The fair
+    estimator does not reward an under-dispersed small ensemble (the ordinary one's optimum at
+    4 members is about 0.75 of the true spread), so no band rule is needed. One sampling pass:
+    members drawn once at α = 1, widened for every α in INFLATIONS. Written into ``best``
+    (model and EMA weights, atomically) with the fair-CRPS and spread/skill curves and the
+    raw (α = 1) spread/skill under ``"calibration"``; a no-op (None) without usable
+    validation days."""
+    from ..metrics.proper import fair_crps
+    from ..sampling.pipeline import DayInputs, _projection, downscale_day, inflate_residuals
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
         return None
@@ -296,7 +302,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     pick = pick[np.linspace(0, len(pick) - 1, min(days, len(pick))).round().astype(int)]
     ck = load_checkpoint(best)
     model, _ = load_trained(best.parent.parent, int(ck["season"]), "ddpm", device=device)
-    cfg = dataclasses.replace(_sample_cfg(config), calibrate=False)
+    cfg = calibration_sampler(config, members)
+    project = _projection(fd.store) if cfg.consistency else None
+    coarse = fd.store.coarse.values if project is not None else None
     mean_z, res_z, truth = [], [], []
     for e in pick:
         inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
@@ -307,29 +315,67 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
         mean_z.append(m)
         res_z.append(z - m)
         truth.append(fd.logy_at(e))
-    t = xr.DataArray(10.0 ** np.stack(truth), dims=("time", "lat", "lon"))
-    scores, ratios = [], []
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
+    scores, ratios = [], []
     for a in INFLATIONS:
-        # the sampler's own rule (pairs widened around their mean), so α means the same here
-        logs = [fd.anchor.inverse(m + inflate_residuals(r, a, antithetic=cfg.antithetic),
-                                  fd.mu_at(fd.cidx[e]), fd.season)
-                for e, m, r in zip(pick, mean_z, res_z)]
-        p = xr.DataArray(10.0 ** np.stack(logs), dims=("time", "member", "lat", "lon"))
-        scores.append(float(np.mean(crps(p, t))))
-        ratios.append(float(spread_skill(p, t, pairs=pairs)))
-    # the CRPS-best α among those whose spread/skill is within CALIBRATED (both the proper
-    # score and a spread that means what it says); the CRPS-best overall if none is
-    ok = [i for i, r in enumerate(ratios) if CALIBRATED[0] <= r <= CALIBRATED[1]]
-    best_a = float(INFLATIONS[min(ok or range(len(scores)), key=lambda i: scores[i])])
+        crps, err2, var = [], [], []
+        for e, m, r, t in zip(pick, mean_z, res_z, truth):
+            log = fd.anchor.inverse(m + inflate_residuals(r, a, antithetic=cfg.antithetic),
+                                    fd.mu_at(fd.cidx[e]), fd.season)
+            if project is not None:
+                log = np.log10(np.maximum(project(10.0 ** log, coarse[fd.cidx[e]], fd.season), 1e-6))
+            crps.append(float(np.nanmean(fair_crps(log, t))))
+            err2.append(np.nanmean((log.mean(0) - t) ** 2))
+            var.append(_member_variance(log, pairs))
+        scores.append(float(np.mean(crps)))
+        ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
+    best_a = float(INFLATIONS[int(np.argmin(scores))])
     for key in ("model", "ema"):
         if ck.get(key) is not None:
             ck[key]["regression_inflation"] = torch.tensor(best_a)
-    ck["calibration"] = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps": scores,
-                         "spread_skill": ratios,
-                         "days": [int(d) for d in pick], "members": members}
+    raw = int(np.argmin(np.abs(INFLATIONS - 1.0)))
+    ck["calibration"] = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
+                         "spread_skill": ratios, "raw_spread_skill": ratios[raw],
+                         "days": [int(d) for d in pick], "members": members,
+                         "sampler": {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
+                                     "projection": bool(cfg.consistency)}}
     save_checkpoint(best, ck)
     return ck["calibration"]
+
+
+def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS):
+    """The sampler settings spread calibration samples with: the run's own (what ``sample``
+    uses by default), one day at a time with true lags, α = 1."""
+    return dataclasses.replace(config.sample, members=members, calibrate=False, mode="lenient",
+                               cuda_graphs=False, segments=1)
+
+
+def _member_variance(log, pairs):
+    """The variance a calibrated ensemble's mean error would have, per pixel mean: pair-aware
+    for antithetic members (see :func:`~fastds.metrics.spread_skill`)."""
+    M = log.shape[0]
+    if not pairs:
+        return (M + 1) / M * np.nanmean(log.var(0, ddof=1))
+    var = 0.5 * (log[0::2].var(0, ddof=1) + log[1::2].var(0, ddof=1))
+    pm = 0.5 * (log[0::2] + log[1::2])
+    return np.nanmean(var) + np.nanmean(pm.var(0, ddof=1)) / (M // 2)
+
+
+def recalibrate(run, *, season=None, device="cpu") -> dict:
+    """Re-run :func:`calibrate_spread` on a trained run's DDPM (each season, or ``season``)
+    with the run's saved config, without retraining: {season: calibration}."""
+    run = Path(run)
+    meta = json.loads((run / "run.json").read_text())
+    config = config_from_toml((run / "config.toml").read_text())
+    store = open_store(meta["store"])
+    out = {}
+    for s in _seasons(store, config, season):
+        best = season_dir(run, s) / "ddpm.best.pt"
+        if not best.exists():
+            raise FileNotFoundError(f"recalibrate: {best} is missing: run `fastds train --model ddpm` first")
+        train_set, val_set = training_sets(store, s, config)
+        out[s] = calibrate_spread(best, train_set, val_set, config, device)
+    return out
 
 
 def _loss_for(kind, config: Config):

@@ -1,0 +1,93 @@
+"""Null ensembles reproduce their target statistics, and sample like every other model."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fastds.sampling.nulls import NULLS, draw_null, fit_null_stats, grf_field, null_rng, radial_spectrum
+
+
+def _textured(rng, n, shape, scale=4.0):
+    """Fields with a red spectrum (smooth blobs of ~scale px) and sd 0.2."""
+    ky, kx = np.fft.fftfreq(shape[0])[:, None], np.fft.fftfreq(shape[1])[None, :]
+    filt = (1 + (np.sqrt(ky ** 2 + kx ** 2) * scale * 2 * np.pi) ** 2) ** -1.0
+    out = np.fft.ifft2(np.fft.fft2(rng.standard_normal((n,) + shape)) * filt).real
+    return 0.2 * out / out.std() + 0.05  # bias 0.05
+
+
+def test_each_null_reproduces_its_target_variance_and_spectrum():
+    rng = np.random.default_rng(0)
+    shape = (48, 56)
+    stats = fit_null_stats(_textured(rng, 40, shape))
+    assert stats.bias == pytest.approx(0.05, abs=0.01) and stats.sd == pytest.approx(0.2, rel=0.05)
+    draws = {kind: np.stack([draw_null(kind, stats, shape, null_rng(1, m, 3, kind)) for m in range(60)])
+             for kind in NULLS}
+    for kind, d in draws.items():
+        assert d.std() == pytest.approx(stats.sd, rel=0.05), kind
+        assert abs(d.mean()) < 0.02, kind
+    k, want = stats.k, stats.power
+    band = (k > 0.03) & (k < 0.45)
+    for kind in ("unet+grf", "unet+resample"):  # the residuals' texture
+        _, got = radial_spectrum(draws[kind])
+        ratio = got[band] / want[band]
+        assert np.all((ratio > 0.6) & (ratio < 1.6)), (kind, ratio.round(2))
+    _, flat = radial_spectrum(draws["unet+iid"])  # white: flat, unlike the residuals'
+    assert flat[band].max() / flat[band].min() < 2 and want[band].max() / want[band].min() > 10
+
+
+def test_draws_are_a_pure_function_of_seed_member_and_day():
+    rng = np.random.default_rng(1)
+    stats = fit_null_stats(_textured(rng, 5, (16, 20)))
+    for kind in NULLS:
+        a = draw_null(kind, stats, (16, 20), null_rng(3, 1, 9, kind))
+        b = draw_null(kind, stats, (16, 20), null_rng(3, 1, 9, kind))
+        c = draw_null(kind, stats, (16, 20), null_rng(3, 2, 9, kind))
+        np.testing.assert_array_equal(a, b)
+        assert not np.allclose(a, c)
+
+
+def test_grf_field_sd_and_errors():
+    k = np.linspace(0, 0.7, 10)
+    f = grf_field((30, 40), k, np.exp(-10 * k), 0.3, np.random.default_rng(0))
+    assert f.std() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        draw_null("unet+nothing", fit_null_stats(np.zeros((1, 4, 4)) + 1e-3), (4, 4), np.random.default_rng(0))
+
+
+def test_null_models_sample_like_the_unet(trained_run, store_path):
+    """A null ensemble is the U-Net's day (bias removed) plus one residual field per member:
+    its members' mean in log10 tracks the U-Net's, its spread is the validation error's sd, and
+    the null statistics are cached in the run."""
+    from fastds.config import load_config
+    from fastds.data.store import open_store
+    from fastds.sampling.nulls import NullStats
+    from fastds.sampling.pipeline import sample
+    st = open_store(store_path)
+    days = st.times[(st.ds["split"].values == 2) & st.times.month.isin([6, 7, 8])][:2]
+    cfg = dataclasses.replace(load_config("tiny").sample, members=4, mode="lenient", consistency=False)
+    unet = np.log10(sample(run=trained_run, start=days[0], end=days[-1], model="unet", cfg=cfg,
+                           progress=False)["DUEXTTAU"].values)
+    for kind in NULLS:
+        got = np.log10(sample(run=trained_run, start=days[0], end=days[-1], model=kind, cfg=cfg,
+                              progress=False)["DUEXTTAU"].values)
+        assert got.shape == unet.shape
+        cached = sorted((trained_run / "nulls").glob("season3_c0_*.npz"))
+        assert cached, "the null statistics are cached in the run"
+        stats = NullStats.load(cached[0])
+        resid = got - (unet - stats.bias)
+        assert resid.std() == pytest.approx(stats.sd, rel=0.15), kind
+        assert not np.allclose(got[:, 0], got[:, 1]), "members differ"
+
+
+def test_null_without_a_unet_says_which_command(tmp_path, trained_run):
+    import shutil
+    from fastds.config import load_config
+    from fastds.sampling.pipeline import sample
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in run.rglob("*unet*"):
+        if f.is_file():
+            f.unlink()
+    cfg = dataclasses.replace(load_config("tiny").sample, mode="lenient")
+    with pytest.raises(FileNotFoundError, match="fastds train --model unet"):
+        sample(run=run, start="2005-07-20", end="2005-07-20", model="unet+grf", cfg=cfg, progress=False)
