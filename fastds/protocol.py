@@ -150,10 +150,10 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
 
 
 # ----------------------------------------------------------------------------- the runs
-def _twin_store(case: TwinCase, seed: int, cache: Path, config):
+def _twin_store(case: TwinCase, cache: Path, config):
     from .data.store import prepare
     from .data.synthetic import TwinSpec, write_twin
-    spec = TwinSpec(**{**case.spec, "seed": case.spec.get("seed", 0) + 0})
+    spec = TwinSpec(**case.spec)  # one twin per case, shared by its training seeds
     tdir = cache / case.name
     if not (tdir / "twin" / "fine_truth.nc").exists():
         write_twin(tdir / "twin", spec, native_days=0)
@@ -170,12 +170,14 @@ def _trained(store, run: Path, config, progress):
         train(data=store, run=run, config=config, model=kind, resume=True, progress=progress)
 
 
-def _score_rollout(pred, truth_log, thresholds, cells, by, members):
+def _score_rollout(pred, truth_log, thresholds, cells, by):
+    """Per-day proper scores of a rollout: pred (time, member, lat, lon) physical, the truth's
+    log10 on those days, the exceedance thresholds, the coarse cells and the log10 coarse
+    field on the fine grid (for spread/error by quintile) -> one row per day."""
     from .metrics.proper import day_scores_ensemble
     rows = []
     for i, day in enumerate(pd.DatetimeIndex(pred.time.values)):
-        v = pred.isel(time=i).values
-        ens = np.log10(np.maximum(v if v.ndim == 3 else np.repeat(v[None], 1, 0), 1e-6))
+        ens = np.log10(np.maximum(pred.isel(time=i).values, 1e-6))  # (member, lat, lon)
         rows.append({"time": day, **day_scores_ensemble(ens, truth_log.sel(time=day).values,
                                                         thresholds=thresholds, cells=cells,
                                                         by=by.sel(time=day).values)})
@@ -198,7 +200,7 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
         for seed in cfg.seeds:
             config = load_config(cfg.preset, overrides=list(cfg.overrides) + [
                 f"data.seasons={list(cfg.seasons)}", f"pretrain.seed={seed}", f"train.seed={seed}"])
-            spec, store, tdir = _twin_store(case, seed, cache, config)
+            spec, store, tdir = _twin_store(case, cache, config)
             run = tdir / f"run-seed{seed}"
             echo(f"protocol: {case.name} seed {seed}: training (cached in {run})")
             _trained(store, run, config, progress)
@@ -237,7 +239,7 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
                     if "member" not in pred.dims:
                         pred = pred.expand_dims(member=1, axis=1)
                     pred = pred.transpose("time", "member", "lat", "lon")
-                    frame = _score_rollout(pred, truth_log, thresholds, cells, by, cfg.members)
+                    frame = _score_rollout(pred, truth_log, thresholds, cells, by)
                     frame.insert(0, "model", name)
                     frame.insert(0, "start", f"{start:%Y-%m-%d}+{length}d")
                     frame.insert(0, "seed", seed)
