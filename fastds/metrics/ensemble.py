@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-__all__ = ["crps", "spread_skill", "rank_histogram"]
+__all__ = ["crps", "spread_skill", "calibrated_variance", "rank_histogram"]
 
 
 def _arrays(pred: xr.DataArray, truth: xr.DataArray, space):
@@ -40,15 +40,24 @@ def spread_skill(pred, truth, *, space="log10", pairs=False):
     agree in expectation; with pairs, the (M+1)/M form would credit the pairs' negative
     correlation to calibration (it overstates the spread by about sqrt(1 + 1/(M-1)))."""
     p, t = _arrays(pred, truth, space)
-    M = p.shape[1]
     skill = np.sqrt(np.nanmean((p.mean(1) - t) ** 2))
+    return np.sqrt(calibrated_variance(p, pairs=pairs, axis=1)) / skill
+
+
+def calibrated_variance(p, *, pairs=False, axis=0):
+    """The squared error a calibrated ensemble's mean would have, averaged over everything
+    but the member ``axis`` of ``p`` (numpy): (M+1)/M · mean variance for independent members;
+    for antithetic pairs (see :func:`spread_skill`) the within-set variance plus the pair
+    means' variance over K = M/2."""
+    p = np.moveaxis(np.asarray(p), axis, 0)
+    M = p.shape[0]
     if not pairs:
-        return np.sqrt((M + 1) / M * np.nanmean(p.var(1, ddof=1))) / skill
+        return (M + 1) / M * np.nanmean(p.var(0, ddof=1))
     if M < 4 or M % 2:
         raise ValueError(f"spread_skill: pairs=True needs an even number of members >= 4, got {M}")
-    var = 0.5 * (p[:, 0::2].var(1, ddof=1) + p[:, 1::2].var(1, ddof=1))
-    pm = 0.5 * (p[:, 0::2] + p[:, 1::2])
-    return np.sqrt(np.nanmean(var) + np.nanmean(pm.var(1, ddof=1)) / (M // 2)) / skill
+    var = 0.5 * (p[0::2].var(0, ddof=1) + p[1::2].var(0, ddof=1))
+    pm = 0.5 * (p[0::2] + p[1::2])
+    return np.nanmean(var) + np.nanmean(pm.var(0, ddof=1)) / (M // 2)
 
 
 def rank_histogram(pred, truth, *, space="log10"):

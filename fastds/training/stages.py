@@ -289,6 +289,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     (model and EMA weights, atomically) with the fair-CRPS and spread/skill curves and the
     raw (α = 1) spread/skill under ``"calibration"``; a no-op (None) without usable
     validation days."""
+    from ..metrics.ensemble import calibrated_variance
     from ..metrics.proper import fair_crps
     from ..sampling.pipeline import DayInputs, _projection, downscale_day, inflate_residuals
     from .loop import save_checkpoint
@@ -303,8 +304,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     ck = load_checkpoint(best)
     model, _ = load_trained(best.parent.parent, int(ck["season"]), "ddpm", device=device)
     cfg = calibration_sampler(config, members)
-    project = _projection(fd.store) if cfg.consistency else None
-    coarse = fd.store.coarse.values if project is not None else None
+    coarse = fd.store.coarse.values if cfg.consistency else None  # read once: both use it
+    project = _projection(fd.store, coarse) if cfg.consistency else None
     mean_z, res_z, truth = [], [], []
     for e in pick:
         inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
@@ -326,7 +327,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
                 log = np.log10(np.maximum(project(10.0 ** log, coarse[fd.cidx[e]], fd.season), 1e-6))
             crps.append(float(np.nanmean(fair_crps(log, t))))
             err2.append(np.nanmean((log.mean(0) - t) ** 2))
-            var.append(_member_variance(log, pairs))
+            var.append(calibrated_variance(log, pairs=pairs))
         scores.append(float(np.mean(crps)))
         ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
     best_a = float(INFLATIONS[int(np.argmin(scores))])
@@ -348,17 +349,6 @@ def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS):
     uses by default), one day at a time with true lags, α = 1."""
     return dataclasses.replace(config.sample, members=members, calibrate=False, mode="lenient",
                                cuda_graphs=False, segments=1)
-
-
-def _member_variance(log, pairs):
-    """The variance a calibrated ensemble's mean error would have, per pixel mean: pair-aware
-    for antithetic members (see :func:`~fastds.metrics.spread_skill`)."""
-    M = log.shape[0]
-    if not pairs:
-        return (M + 1) / M * np.nanmean(log.var(0, ddof=1))
-    var = 0.5 * (log[0::2].var(0, ddof=1) + log[1::2].var(0, ddof=1))
-    pm = 0.5 * (log[0::2] + log[1::2])
-    return np.nanmean(var) + np.nanmean(pm.var(0, ddof=1)) / (M // 2)
 
 
 def recalibrate(run, *, season=None, device="cpu") -> dict:
