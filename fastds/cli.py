@@ -73,7 +73,9 @@ def _parser():
     # its own --run-path), so multi-process training spells it out
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run folder (after pretrain); spell it --run-dir under torchrun")
-    p.add_argument("--model", default="ddpm", choices=["ddpm", "unet", "vae"])
+    p.add_argument("--model", default=None, choices=["ddpm", "unet", "vae"],
+                   help="one model (default: what the default sampler needs: the U-Net, then "
+                        "the DDPM around it)")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
 
@@ -127,7 +129,13 @@ def _parser():
 
 
 def _config(args):
+    """The resolved config: ``fastds sample`` starts from the run's saved config (its sample
+    settings are the run's, as ``fastds.sample`` without ``cfg`` uses them), every other
+    command from the preset; then ``--config`` and ``--set``."""
     from .config import load_config
+    if args.cmd == "sample" and not args.preset:
+        from .runs import run_config
+        return load_config(None, args.config, args.set, base=run_config(args.run))
     return load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
 
 
@@ -169,10 +177,11 @@ def _run(args) -> int:
                           resume=args.resume, progress=progress, device=args.device):
             print(f"stage A checkpoint: {p}")
     elif args.cmd == "train":
-        from .training.stages import train
-        for p in train(data=args.data, run=args.run, config=cfg, model=args.model, season=args.season,
-                       resume=args.resume, progress=progress, device=args.device):
-            print(f"{args.model} checkpoint: {p}")
+        from .training.stages import default_chain, train
+        for kind in [args.model] if args.model else default_chain(cfg):
+            for p in train(data=args.data, run=args.run, config=cfg, model=kind, season=args.season,
+                           resume=args.resume, progress=progress, device=args.device):
+                print(f"{kind} checkpoint: {p}")
     elif args.cmd == "sample":
         from .sampling.pipeline import sample
         sc = cfg.sample

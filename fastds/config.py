@@ -212,9 +212,10 @@ def _parse_override(text: str) -> dict:
     return {section: {name: value}}
 
 
-def load_config(preset: str | None = "tiny", path=None, overrides=()) -> Config:
-    """Resolve preset -> TOML file -> ``section.key=value`` overrides into a :class:`Config`."""
-    cfg = Config()
+def load_config(preset: str | None = "tiny", path=None, overrides=(), *, base: Config | None = None) -> Config:
+    """Resolve preset -> TOML file -> ``section.key=value`` overrides into a :class:`Config`
+    (starting from ``base`` instead of the defaults when given, e.g. a run's saved config)."""
+    cfg = Config() if base is None else base
     if path is not None:
         p = Path(path)
         try:

@@ -25,6 +25,32 @@ def test_dry_run_prints_resolved_config(capsys):
     assert code == 0 and "lr = 0.01" in out and 'sampler = "dpmpp"' in out and 'preset = "tiny"' in out
 
 
+def test_train_without_model_trains_the_default_chain(capsys, monkeypatch):
+    """`fastds train` alone trains what the default sampler needs, in order; --model one."""
+    import fastds.training.stages as S
+    calls = []
+    monkeypatch.setattr(S, "train", lambda **kw: calls.append(kw["model"]) or [])
+    assert run(capsys, "train", "--data", "x", "--run", "y", "--quiet")[0] == 0
+    assert calls == ["unet", "ddpm"]
+    calls.clear()
+    assert run(capsys, "train", "--data", "x", "--run", "y", "--quiet", "--set", "train.mean=clim")[0] == 0
+    assert calls == ["ddpm"]
+    calls.clear()
+    assert run(capsys, "train", "--data", "x", "--run", "y", "--model", "vae", "--quiet")[0] == 0
+    assert calls == ["vae"]
+
+
+def test_sample_settings_resolve_from_the_run(tmp_path):
+    """API and CLI share one resolution: the run's saved [sample], then overrides."""
+    from fastds.config import load_config, to_toml
+    from fastds.runs import sample_settings
+    (tmp_path / "config.toml").write_text(to_toml(load_config("tiny", overrides=["sample.steps=7"])))
+    assert sample_settings(tmp_path).steps == 7 and sample_settings(tmp_path).tile == 32
+    assert sample_settings(tmp_path, members=3).members == 3
+    with pytest.raises(TypeError, match="unknown setting.*stepz"):
+        sample_settings(tmp_path, stepz=3)
+
+
 def test_every_subcommand_has_help():
     for cmd in ("synth", "prepare", "pretrain", "train", "sample", "evaluate", "demo"):
         res = subprocess.run([sys.executable, "-m", "fastds.cli", cmd, "--help"], capture_output=True, text=True)
@@ -45,10 +71,10 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     runp = tmp_path / "run"
     sets = _sets() + ["--set", "train.epochs=1", "--set", "pretrain.epochs=1"]
     assert run(capsys, "pretrain", "--data", str(store), "--out", str(runp), "--quiet", *sets)[0] == 0
-    code, out, err = run(capsys, "train", "--data", str(store), "--run", str(runp), "--model", "unet", "--quiet", *sets)
-    assert code == 0, err
+    # no --model: the default chain, the U-Net and then the DDPM around it
     code, out, err = run(capsys, "train", "--data", str(store), "--run", str(runp), "--quiet", *sets)
     assert code == 0, err
+    assert out.index("unet checkpoint") < out.index("ddpm checkpoint")
     pred = tmp_path / "pred.nc"
     code, out, err = run(capsys, "sample", "--run", str(runp), "--start", "2005-08-18", "--end", "2005-08-23",
                          "--out", str(pred), "--members", "2", "--mode", "strict", "--quiet",
@@ -56,6 +82,13 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     assert code == 0, err
     ds = xr.open_dataset(pred)
     assert ds["DUEXTTAU"].dims == ("time", "member", "lat", "lon") and ds.sizes["time"] == 6
+    # the API without cfg samples the run's saved settings, exactly as the CLI: bitwise equal
+    import numpy as np
+
+    import fastds
+    api = fastds.sample(run=runp, start="2005-08-18", end="2005-08-23", members=2, mode="strict",
+                        steps=5, stride=8, progress=False)
+    np.testing.assert_array_equal(api["DUEXTTAU"].values, ds["DUEXTTAU"].values)
     code, out, err = run(capsys, "evaluate", "--pred", f"ddpm={pred}", "--truth", str(twin / "fine_truth.nc"),
                          "--coarse", str(twin / "coarse_daily.nc"), "--out", str(tmp_path / "rep"), "--quiet")
     assert code == 0, err

@@ -51,7 +51,7 @@ def sequential(trained_run, tmp_path_factory):
 def test_one_segment_in_process_units_equal_the_sequential_run(trained_run, sequential, tmp_path):
     """Members cut into units (each its own history and seeds) give the ensemble bit for bit."""
     cfg = dataclasses.replace(FAST, members=2)
-    ds = sample_distributed(run=trained_run, start=START, end=END, out=tmp_path / "u.nc", cfg=cfg,
+    ds = sample_distributed(unit_sampler=sample, run=trained_run, start=START, end=END, out=tmp_path / "u.nc", cfg=cfg,
                             model="ddpm", progress=False)["DUEXTTAU"]
     np.testing.assert_array_equal(ds.values, sequential.values)
     assert list(ds.member.values) == [0, 1]
@@ -65,7 +65,7 @@ def test_antithetic_pairs_as_units_equal_the_sequential_run(trained_run, tmp_pat
     pair mean together); the assembled ensemble is the sequential one bit for bit."""
     cfg = dataclasses.replace(FAST, members=4, antithetic=True)
     seq = sample(run=trained_run, start=START, end=END, cfg=cfg, model="ddpm", progress=False)["DUEXTTAU"]
-    ds = sample_distributed(run=trained_run, start=START, end=END, out=tmp_path / "p.nc", cfg=cfg,
+    ds = sample_distributed(unit_sampler=sample, run=trained_run, start=START, end=END, out=tmp_path / "p.nc", cfg=cfg,
                             model="ddpm", progress=False)["DUEXTTAU"]
     assert list(ds.member.values) == [0, 1, 2, 3]
     np.testing.assert_array_equal(ds.values, seq.values)
@@ -103,14 +103,14 @@ def test_units_resume_after_an_interruption(trained_run, sequential, tmp_path, m
         return real(*a, **k)
     monkeypatch.setattr(P, "downscale_day", dying)
     with pytest.raises(KeyboardInterrupt):
-        sample_distributed(run=trained_run, start=START, end=END, out=out, cfg=cfg, model="ddpm",
+        sample_distributed(unit_sampler=sample, run=trained_run, start=START, end=END, out=out, cfg=cfg, model="ddpm",
                            progress=False)
     folder = tmp_path / "r.nc.units"
     assert (folder / "seg000_m000.nc").exists()                    # unit 0 finished
     assert len(list((folder / "seg000_m001.nc.parts").glob("*.npy"))) == 1  # unit 1: one day
     monkeypatch.setattr(P, "downscale_day", real)
     calls.clear()
-    ds = sample_distributed(run=trained_run, start=START, end=END, out=out, cfg=cfg, model="ddpm",
+    ds = sample_distributed(unit_sampler=sample, run=trained_run, start=START, end=END, out=out, cfg=cfg, model="ddpm",
                             progress=False)["DUEXTTAU"]
     np.testing.assert_array_equal(ds.values, sequential.values)
 

@@ -78,11 +78,11 @@ def plan_units(start, end, *, segments=1, burn_in=14, members=1, split_members=T
     return units
 
 
-def _run_unit(unit: Unit, *, run, folder, cfg, model, data, device, threads):
-    """Sample one unit into ``folder/NAME.nc`` (resuming its parts); returns the path."""
+def _run_unit(unit: Unit, *, sample, run, folder, cfg, model, data, device, threads):
+    """Sample one unit into ``folder/NAME.nc`` (resuming its parts) with ``sample`` (the
+    in-process :func:`~fastds.sampling.pipeline.sample`); returns the path."""
     import torch
 
-    from .pipeline import sample
     path = Path(folder) / f"{unit.name}.nc"
     if path.exists():
         return str(path)
@@ -101,7 +101,7 @@ def _run_unit(unit: Unit, *, run, folder, cfg, model, data, device, threads):
 
 def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(),
                        model="ddpm", data=None, device="cpu", workers=None, scheduler=None,
-                       threads=1, progress=True, retries=3) -> xr.Dataset:
+                       threads=1, progress=True, retries=3, unit_sampler=None) -> xr.Dataset:
     """:func:`~fastds.sampling.pipeline.sample` cut into units (see the module docstring)
     and run on ``dask.distributed`` (``workers``: a LocalCluster of that many single-process,
     single-thread workers; ``scheduler``: the address of an existing cluster), or one unit
@@ -110,6 +110,9 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
 
     Returns the Dataset ``VAR(time[, member], lat, lon)`` also written to ``out``.
     """
+    if unit_sampler is None:
+        raise TypeError("sample_distributed: unit_sampler is required (call fastds.sample with "
+                        "workers=, scheduler= or sample.segments > 1)")
     if out is None:
         raise ValueError("sample: segments or workers need --out (units write their days next to it)")
     if workers is not None and scheduler is not None:
@@ -124,8 +127,10 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
                        split_members=split, pairs=cfg.antithetic)
     local = workers is None and scheduler is None
     # a worker's torch threads are set per unit; this process's own are left alone
-    kw = dict(run=str(run), folder=str(folder), cfg=cfg, model=model,
-              data=None if data is None else str(data), device=device,
+    # absolute paths: a worker started from another folder must find them
+    kw = dict(sample=unit_sampler, run=str(Path(run).resolve()), folder=str(folder.resolve()),
+              cfg=cfg, model=model, data=None if data is None else str(Path(data).resolve()),
+              device=device,
               threads=None if local else threads)
     if local:
         from tqdm.auto import tqdm

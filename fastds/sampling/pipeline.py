@@ -27,6 +27,7 @@ from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..data.transforms import align_index, upsample
 from ..models.norm import KERNEL_BACKENDS
+from ..runs import fine_days, load_trained, run_config, sample_settings
 from ..models.blocks import set_kernel_backend
 from ..stitch import StitchPlan, plan_patches, stitch
 from .fusion import FUSIONS, PatchFusedModel
@@ -326,13 +327,6 @@ def _dataset(values, days, store, members, attrs, member0=0):
     return ds
 
 
-def _run_config(run: Path):
-    """The resolved config a run was trained with (defaults if it has none yet)."""
-    from ..config import Config, config_from_toml
-    path = run / "config.toml"
-    return config_from_toml(path.read_text()) if path.exists() else Config()
-
-
 def _projection(store: Store, coarse=None):
     """The coarse-consistency projection fitted on the store's training days; ``coarse``:
     the store's whole coarse cube if the caller has it read already."""
@@ -368,18 +362,17 @@ def _baseline(model, run, store, days, members, attrs, member0, out, coarse_days
     """``interp`` / ``clim`` / ``anchor`` for ``days``: each day is computed on its own (they need no
     history), so with ``out`` the file is written day by day and the period is never in
     memory; the returned Dataset then reads ``out`` lazily."""
-    from ..training.stages import fine_days
     iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method="bilinear")
     ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method="bilinear")
     fds = {}
     if model == "clim":
-        rc = _run_config(run)
+        rc = run_config(run)
         # the classical baseline: plain per-season pixel means, whatever the run's anchor
         conf = dataclasses.replace(rc, train=dataclasses.replace(rc.train, target="residual",
                                                                  anchor="clim"))
 
     if model == "anchor":
-        conf = _run_config(run)
+        conf = run_config(run)
 
     def one(day):
         if model == "interp":
@@ -413,9 +406,9 @@ BASELINES = ("interp", "clim", "anchor")
 MODELS = ("ddpm", "unet", "vae") + NULLS + BASELINES
 
 
-def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), model="ddpm",
+def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model="ddpm",
            data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True,
-           workers=None, scheduler=None, member0=0, cold_start=False) -> xr.Dataset:
+           workers=None, scheduler=None, member0=0, cold_start=False, **settings) -> xr.Dataset:
     """Downscale every day from ``start`` to ``end`` (inclusive) with a trained run.
 
     Parameters
@@ -424,10 +417,11 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     start, end : dates; days run forward. The lag window of ``start`` must be available: true
         fine days from the store, or days already predicted in ``out``'s parts.
     out : NetCDF path, or None to only return the Dataset (no resume without it).
-    cfg : sampler, steps, tile/halo/stride, batch, members, mode (``strict``/``lenient``),
-        clip, eta, kernels (attention and GroupNorm+SiLU backend), fusion, consistency (the
-        coarse-cell projection of every model's days; ``project_baselines=False`` leaves the
-        baselines plain), spacing (leading/trailing timesteps), seed.
+    cfg : a :class:`~fastds.config.SampleConfig` (sampler, steps, tile/halo/stride, batch,
+        members, mode ``strict``/``lenient``, clip, eta, kernels, fusion, consistency,
+        spacing, seed, ...). None (the default): the settings saved with the run, exactly
+        what ``fastds sample --run`` uses (:func:`fastds.runs.sample_settings`).
+    **settings : SampleConfig fields overriding ``cfg`` (or the run's), e.g. ``members=16``.
     model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run); a null ensemble built on
         the trained U-Net (``"unet+iid"``, ``"unet+grf"``, ``"unet+resample"``: see
         :mod:`fastds.sampling.nulls`); or a baseline that needs no training: ``"interp"``
@@ -454,14 +448,15 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig = SampleConfig(), mod
     """
     from tqdm.auto import tqdm
 
-    from ..training.stages import fine_days, load_trained
 
     run = Path(run)
+    cfg = sample_settings(run, cfg, **settings)
     if workers is not None or scheduler is not None or cfg.segments > 1:
         from .distributed import sample_distributed
+        # each unit runs this function in-process (passed in: distributed imports no pipeline)
         return sample_distributed(run=run, start=start, end=end, out=out, cfg=cfg, model=model,
                                   data=data, device=device, workers=workers, scheduler=scheduler,
-                                  progress=progress)
+                                  progress=progress, unit_sampler=sample)
     if model not in MODELS:
         raise ValueError(f"sample: model must be one of {', '.join(MODELS)}, got {model!r}")
     if cfg.mode not in MODES:
@@ -626,7 +621,6 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     path = Path(run) / "nulls" / f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}.npz"
     if path.exists():
         return NullStats.load(path)
-    from ..training.stages import load_trained
     _, conf = load_trained(run, season, "unet", device=device)
     times, split = store.times, store.ds["split"].values
     ok = (season_of(times.month) == season) & (times - pd.Timedelta(days=conf.data.t_lag) >= times[0])

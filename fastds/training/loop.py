@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._io import atomic_path
+from ..runs import load_checkpoint
 
 __all__ = ["FitSettings", "fit", "save_checkpoint", "load_checkpoint", "trainable_parameters"]
 
@@ -125,17 +126,6 @@ def _set_rng_state(state, gen):
 def save_checkpoint(path, state: dict):
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
-                           "delete it to start over") from None
 
 
 def _epoch_indices(n, epoch, settings, rank, world):

@@ -17,22 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_path
 from ..config import Config, config_from_toml, to_toml
-from ..data.datasets import FineDays, FinePatches, LagSequences
-from ..data.transforms import COVARIATE_SETS, Anchor
+from ..data.datasets import FinePatches, LagSequences
 from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
-from ..models.conditional import build_model
 from ..models.unet import TemporalUNet
-from .loop import FitSettings, fit, load_checkpoint
+from ..runs import fine_days, fine_kwargs, load_checkpoint, load_trained, model_for, season_dir, write_run_meta
+from .loop import FitSettings, fit
 
-__all__ = ["pretrain", "train", "season_dir", "load_trained", "fine_days"]
-
-
-def season_dir(run, season) -> Path:
-    return Path(run) / f"season{int(season)}"
+__all__ = ["pretrain", "train", "default_chain", "season_dir", "load_trained", "fine_days"]
 
 
 def _settings(section, *, epoch_subset=0, **extra) -> FitSettings:
@@ -51,17 +45,6 @@ def _model_settings(model, tc) -> dict:
     return {"ema": tc.ema, "epochs": tc.epochs * tc.ddpm_epoch_factor}
 
 
-def _write_run_meta(run, store, config):
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    meta = {"store": str(Path(store.path).resolve()), "region": [store.region.name, *store.region.as_tuple()],
-            "variable": store.variable}
-    with atomic_path(run / "run.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
-    with atomic_path(run / "config.toml") as tmp:
-        tmp.write_text(to_toml(config))
-
-
 def _seasons(store, config, season):
     if season is not None:
         return [int(season)]
@@ -77,7 +60,7 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
     ``config.data.seasons`` that the fine record has. Returns the best-checkpoint paths.
     """
     store = open_store(data)
-    _write_run_meta(run, store, config)
+    write_run_meta(run, store, config)
     out = []
     for s in _seasons(store, config, season):
         cfg = config.pretrain
@@ -103,48 +86,6 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
     return out
 
 
-def _fine_kwargs(config: Config) -> dict:
-    """How a config sees the fine record: the one mapping from settings to dataset options,
-    shared by training and sampling so both see the same inputs."""
-    d = config.data
-    if config.train.anchor not in ("shrunk", "clim"):
-        raise ValueError(f"train.anchor must be 'shrunk' or 'clim', got {config.train.anchor!r}")
-    return {"t_lag": d.t_lag, "align": d.align, "space": config.train.target,
-            "covariates": d.covariates, "shrink": config.train.anchor == "shrunk"}
-
-
-def fine_days(store, config: Config, season, *, anchor: Anchor | None = None) -> FineDays:
-    """Whole-day inputs of ``season`` as ``config`` trains on them (``anchor``: the one saved
-    with a model; None fits it on the store's training days)."""
-    return FineDays(store, season=season, anchor=anchor, **_fine_kwargs(config))
-
-
-def _model_for(kind, config: Config, run, season):
-    tcfg = config.train
-    transfer_widths = config.pretrain.widths if tcfg.transfer else None
-    torch.manual_seed(tcfg.seed)
-    model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
-                        transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
-                        prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,
-                        n_covariates=len(COVARIATE_SETS[config.data.covariates]),
-                        target=tcfg.target, lag_channels=tcfg.lag_channels)
-    if kind == "ddpm" and tcfg.mean == "unet":
-        if tcfg.target != "residual":
-            raise ValueError("train.mean='unet' needs train.target='residual'")
-        model.set_regression(_model_for("unet", config, run, season))
-    elif tcfg.mean not in ("clim", "unet"):
-        raise ValueError(f"train.mean must be 'clim' or 'unet', got {tcfg.mean!r}")
-    if model.transfer is not None:
-        best = season_dir(run, season) / "pretrain.best.pt"
-        if not best.exists():
-            raise FileNotFoundError(f"train: {best} is missing; run `fastds pretrain` for season "
-                                    f"{season} first (or set train.transfer=false for the ablation)")
-        ck = load_checkpoint(best)
-        enc = {k[len("encoder."):]: v for k, v in ck["model"].items() if k.startswith("encoder.")}
-        model.transfer.encoder.load_state_dict(enc)
-    return model
-
-
 def _attach_regression(model, run, season, train_set, config: Config, val_set=None):
     """CorrDiff: load the season's trained U-Net into the DDPM as its frozen mean and set the
     residual's scale (so the diffused residual has unit sd) from validation patches when
@@ -153,7 +94,8 @@ def _attach_regression(model, run, season, train_set, config: Config, val_set=No
     best = season_dir(run, season) / "unet.best.pt"
     if not best.exists():
         raise FileNotFoundError(f"train: {best} is missing; train.mean='unet' diffuses the residual "
-                                f"of the U-Net, so run `fastds train --model unet` first")
+                                f"of the U-Net, so run `fastds train --model unet` first (`fastds "
+                                f"train` with no --model trains both, in order)")
     ck = load_checkpoint(best)
     model.regression.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
     source = val_set if val_set is not None and len(val_set) > 0 else train_set
@@ -402,13 +344,20 @@ def training_sets(store, season, config: Config):
     train_set = FinePatches(store, season=season, split="train", tile=d.tile, stride=d.train_stride,
                             random_offsets=d.random_offsets, seed=tc.seed,
                             lag_noise=tc.lag_noise, pushforward=tc.pushforward,
-                            cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+                            cond_dropout=tc.cond_dropout, **fine_kwargs(config))
     # validation items see the same lag treatment (pushforward share, dropout) as
     # training ones, with their own seed, so the loss and the residual scale measure it
     val_set = FinePatches(store, season=season, split="val", tile=d.tile, stride=d.train_stride,
                           anchor=train_set.anchor, seed=tc.seed + 1, pushforward=tc.pushforward,
-                          cond_dropout=tc.cond_dropout, **_fine_kwargs(config))
+                          cond_dropout=tc.cond_dropout, **fine_kwargs(config))
     return train_set, val_set
+
+
+def default_chain(config: Config) -> list[str]:
+    """The models ``fastds train`` trains with no ``--model``, in order: what the default
+    sampler (``model="ddpm"``) needs, i.e. the U-Net first when the DDPM diffuses its residual
+    (``train.mean="unet"``, CorrDiff), then the DDPM."""
+    return ["unet", "ddpm"] if config.train.mean == "unet" else ["ddpm"]
 
 
 def train(*, data, run, config: Config, model="ddpm", season=None, resume=False, progress=True,
@@ -441,7 +390,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             # sized from the errors a rollout will feed back (after set_alternative, so the
             # U-Net's when it is the pushforward source)
             lag_noise = train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
-        net = _model_for(model, config, run, s)
+        net = model_for(model, config, run, s)
         if net.regression is not None:
             _attach_regression(net, run, s, train_set, config, val_set)
         select = None
@@ -467,23 +416,3 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             calibrate_spread(ckpt.with_suffix(".best.pt"), train_set, val_set, config, device)
         out.append(ckpt.with_suffix(".best.pt"))
     return out
-
-
-def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
-    """(model in eval mode, Config) from a run's best checkpoint for ``season``.
-
-    ``model.anchor`` is the :class:`~fastds.data.transforms.Anchor` the model was trained
-    around (residual target), or None (absolute target)."""
-    path = season_dir(run, season) / f"{kind}.best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `fastds train --model {kind}` for season {season}")
-    ck = load_checkpoint(path, map_location=device)
-    config = config_from_toml(ck["config"])
-    model = _model_for(kind, config, run, season)
-    # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
-    state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
-    if model.regression is not None and "regression_inflation" not in state:
-        state["regression_inflation"] = torch.tensor(1.0)  # saved before spread calibration
-    model.load_state_dict(state)
-    model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
-    return model.to(device).eval(), config

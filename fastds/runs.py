@@ -1,0 +1,137 @@
+"""A run folder: what training writes and sampling reads, below both.
+
+Layout: ``run.json`` (the store and region), ``config.toml`` (the resolved config the run was
+trained with, its ``[sample]`` section included), ``seasonS/{pretrain,unet,vae,ddpm}[.best].pt``.
+This module owns reading it: the run's config and sample settings (one resolution path for
+the API and the CLI), checkpoints, a trained model with its anchor, regression mean and
+spread calibration, and the whole-day inputs a config sees. Layers: data → models →
+diffusion → runs → sampling → training → report/CLI (``tests/test_layers.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_path
+from .config import Config, SampleConfig, config_from_toml, to_toml
+from .data.datasets import FineDays
+from .data.transforms import COVARIATE_SETS, Anchor
+
+__all__ = ["season_dir", "write_run_meta", "run_config", "sample_settings", "load_checkpoint", "fine_kwargs",
+           "fine_days", "model_for", "load_trained"]
+
+
+def season_dir(run, season) -> Path:
+    """``run/seasonS``: a season's checkpoints."""
+    return Path(run) / f"season{int(season)}"
+
+
+def write_run_meta(run, store, config: Config):
+    """Record the store and the resolved config of a run (atomically)."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    meta = {"store": str(Path(store.path).resolve()), "region": [store.region.name, *store.region.as_tuple()],
+            "variable": store.variable}
+    with atomic_path(run / "run.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+    with atomic_path(run / "config.toml") as tmp:
+        tmp.write_text(to_toml(config))
+
+
+def run_config(run) -> Config:
+    """The resolved config a run was trained with (the dataclass defaults if it has none yet:
+    a run folder used only for the untrained baselines)."""
+    path = Path(run) / "config.toml"
+    return config_from_toml(path.read_text()) if path.exists() else Config()
+
+
+def sample_settings(run, cfg: SampleConfig | None = None, **overrides) -> SampleConfig:
+    """The sample settings of a call: ``cfg`` if given, else the run's saved ``[sample]``
+    (what the CLI uses too), then ``overrides`` (SampleConfig fields by keyword)."""
+    base = cfg if cfg is not None else run_config(run).sample
+    names = {f.name for f in dataclasses.fields(SampleConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"sample: unknown setting(s) {', '.join(unknown)}; sample settings are "
+                        f"{', '.join(sorted(names))}")
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint dict; a missing or unreadable file is an error that names it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+                           "delete it to start over") from None
+
+
+def fine_kwargs(config: Config) -> dict:
+    """How a config sees the fine record: the one mapping from settings to dataset options,
+    shared by training and sampling so both see the same inputs."""
+    d = config.data
+    if config.train.anchor not in ("shrunk", "clim"):
+        raise ValueError(f"train.anchor must be 'shrunk' or 'clim', got {config.train.anchor!r}")
+    return {"t_lag": d.t_lag, "align": d.align, "space": config.train.target,
+            "covariates": d.covariates, "shrink": config.train.anchor == "shrunk"}
+
+
+def fine_days(store, config: Config, season, *, anchor: Anchor | None = None) -> FineDays:
+    """Whole-day inputs of ``season`` as ``config`` trains on them (``anchor``: the one saved
+    with a model; None fits it on the store's training days)."""
+    return FineDays(store, season=season, anchor=anchor, **fine_kwargs(config))
+
+
+def model_for(kind, config: Config, run, season):
+    """An untrained ``kind`` network as ``config`` builds it, its frozen Stage-A encoder loaded
+    from the run (and, for the CorrDiff DDPM, an untrained U-Net mean attached)."""
+    from .models.conditional import build_model
+    tcfg = config.train
+    transfer_widths = config.pretrain.widths if tcfg.transfer else None
+    torch.manual_seed(tcfg.seed)
+    model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
+                        transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
+                        prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,
+                        n_covariates=len(COVARIATE_SETS[config.data.covariates]),
+                        target=tcfg.target, lag_channels=tcfg.lag_channels)
+    if kind == "ddpm" and tcfg.mean == "unet":
+        if tcfg.target != "residual":
+            raise ValueError("train.mean='unet' needs train.target='residual'")
+        model.set_regression(model_for("unet", config, run, season))
+    elif tcfg.mean not in ("clim", "unet"):
+        raise ValueError(f"train.mean must be 'clim' or 'unet', got {tcfg.mean!r}")
+    if model.transfer is not None:
+        best = season_dir(run, season) / "pretrain.best.pt"
+        if not best.exists():
+            raise FileNotFoundError(f"train: {best} is missing; run `fastds pretrain` for season "
+                                    f"{season} first (or set train.transfer=false for the ablation)")
+        ck = load_checkpoint(best)
+        enc = {k[len("encoder."):]: v for k, v in ck["model"].items() if k.startswith("encoder.")}
+        model.transfer.encoder.load_state_dict(enc)
+    return model
+
+
+def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
+    """(model in eval mode, Config) from a run's best checkpoint for ``season``.
+
+    ``model.anchor`` is the :class:`~fastds.data.transforms.Anchor` the model was trained
+    around (residual target), or None (absolute target)."""
+    path = season_dir(run, season) / f"{kind}.best.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `fastds train --model {kind}` for season {season}")
+    ck = load_checkpoint(path, map_location=device)
+    config = config_from_toml(ck["config"])
+    model = model_for(kind, config, run, season)
+    # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
+    state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
+    if model.regression is not None and "regression_inflation" not in state:
+        state["regression_inflation"] = torch.tensor(1.0)  # saved before spread calibration
+    model.load_state_dict(state)
+    model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
+    return model.to(device).eval(), config
