@@ -139,6 +139,8 @@ class SampleConfig:
                                   # denoiser 1.5x fp32, 2.6x with bf16; 20-60 s per shape first)
     calibrate: bool = True        # CorrDiff DDPM: scale the residual by the inflation saved with
                                   # the model (train.calibrate_spread: the CRPS-best calibrated one)
+    calibrate_bands: bool = True  # with calibrate: one gain per spatial band (saved by the same
+                                  # calibration) instead of one α for every scale
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

@@ -67,7 +67,7 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     model, conf = load_trained(trained_run, 3)
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     sub = DayInputs(inp.coarse[:, :24, :24], inp.covariates[:, :24, :24], inp.lags[..., :24, :24])
-    cfg = dataclasses.replace(FAST, tile=24, stride=8)
+    cfg = dataclasses.replace(FAST, tile=24, stride=8, calibrate_bands=False)
     got = downscale_day(model, sub, cfg=cfg, T=conf.diffusion.T, prediction=conf.diffusion.prediction,
                         seed=4)
     # the same computation written out for one whole-image patch: the U-Net mean plus the
@@ -84,6 +84,15 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
                           prediction=conf.diffusion.prediction, seed=4)
     want0 = (model.regression_mean(*args) + model.regression_scale * x0)[0, 0].numpy()
     np.testing.assert_allclose(uncal[0], want0, rtol=1e-5, atol=1e-6)
+    # per-band widening (the default): the residual's bands each scaled by the saved gains
+    from fastds.sampling.spread import filter_bands
+    gains = model.regression_bands.double().numpy()
+    assert gains.shape == (5,)
+    banded = downscale_day(model, sub, cfg=dataclasses.replace(cfg, calibrate_bands=True),
+                           T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4)
+    res = (model.regression_scale * x0)[0, 0].numpy()
+    want_b = model.regression_mean(*args)[0, 0].numpy() + filter_bands(res[None], gains)[0]
+    np.testing.assert_allclose(banded[0], want_b, rtol=1e-5, atol=1e-5)
 
 
 def test_few_step_samplers_match_ddpm_statistics(trained_run, store_path, test_days):
@@ -522,7 +531,8 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     model, conf = load_trained(trained_run, 3)
     unet, _ = load_trained(trained_run, 3, kind="unet")
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
-    cfg = dataclasses.replace(FAST, sampler="ddpm", steps=10, halo=2, stride=8, fusion=fusion)
+    cfg = dataclasses.replace(FAST, sampler="ddpm", steps=10, halo=2, stride=8, fusion=fusion,
+                              calibrate_bands=False)
     kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, members=4, seed=2)
     raw = dataclasses.replace(cfg, calibrate=False)
     plain = downscale_day(model, inp, cfg=dataclasses.replace(raw, antithetic=False), **{**kw, "members": 2})
@@ -540,6 +550,19 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     for a, b in ((0, 1), (2, 3)):
         np.testing.assert_allclose(wide[a] + wide[b], anti[a] + anti[b], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(wide[a] - wide[b], alpha * (anti[a] - anti[b]), rtol=1e-4, atol=1e-5)
+    # per-band gains: the pair means kept, each pair's half-difference filtered band by band
+    from fastds.sampling.spread import filter_bands
+    saved = model.regression_bands.clone()
+    gains = np.array([2.0, 1.5, 1.2, 1.0, 0.5])
+    model.regression_bands = torch.tensor(gains, dtype=torch.float32)
+    try:
+        banded = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=True, calibrate_bands=True), **kw)
+    finally:
+        model.regression_bands = saved
+    for a, b in ((0, 1), (2, 3)):
+        np.testing.assert_allclose(banded[a] + banded[b], anti[a] + anti[b], rtol=1e-5, atol=1e-5)
+        half = filter_bands(0.5 * (anti[a] - anti[b])[None], gains)[0]
+        np.testing.assert_allclose(0.5 * (banded[a] - banded[b]), half, rtol=1e-4, atol=1e-5)
     r = (anti - mean).reshape(4, -1)
     c = np.corrcoef(r)
     print(f"{fusion}: pair correlations {c[0, 1]:.3f}, {c[2, 3]:.3f}; across pairs {c[0, 2]:.3f}, {c[1, 3]:.3f}")

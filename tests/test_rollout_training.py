@@ -207,11 +207,18 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     assert len(cal["days"]) > 0 and len(set(cal["crps_fair"])) > 1
     assert cal["raw_spread_skill"] == cal["spread_skill"][cal["inflations"].index(1.0)]
     assert cal["sampler"] == {"fusion": dcfg.sample.fusion, "sampler": dcfg.sample.sampler,
-                              "steps": dcfg.sample.steps, "projection": dcfg.sample.consistency}
+                              "steps": dcfg.sample.steps, "spacing": dcfg.sample.spacing,
+                              "projection": dcfg.sample.consistency}
+    # the per-band gains: one per band, positive, the CRPS-picked factor folded into the saved ones
+    from fastds.sampling.spread import BAND_SIGMAS
+    gains = np.asarray(cal["band_gains"])
+    assert gains.shape == (len(BAND_SIGMAS) + 1,) and (gains > 0).all() and np.isfinite(gains).all()
+    assert cal["band_factor"] == cal["inflations"][int(np.argmin(cal["crps_fair_bands"]))]
+    np.testing.assert_allclose(best["ema"]["regression_bands"].numpy(), cal["band_factor"] * gains, rtol=1e-6)
     # calibration samples exactly as `sample` does with the run's settings: only the member
     # count, α itself, true lags and the eager loop may differ (fails if the two drift apart)
     shipped = calibration_sampler(dcfg)
-    own = {"members", "calibrate", "mode", "cuda_graphs", "segments"}
+    own = {"members", "calibrate", "mode", "cuda_graphs", "segments"}  # calibrate: widening off
     drift = [f.name for f in dataclasses.fields(shipped)
              if f.name not in own and getattr(shipped, f.name) != getattr(dcfg.sample, f.name)]
     assert not drift, drift

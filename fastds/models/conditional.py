@@ -72,6 +72,9 @@ class ConditionalModel(nn.Module):
         self.regression = regression.eval()
         self.register_buffer("regression_scale", torch.tensor(float(scale)))
         self.register_buffer("regression_inflation", torch.tensor(float(inflation)))
+        # per-band spread gains (fastds.sampling.spread), set by the spread calibration;
+        # empty: none (one α for every scale)
+        self.register_buffer("regression_bands", torch.zeros(0))
 
     @torch.no_grad()
     def regression_mean(self, coarse, covariates, lags, drop=None):

@@ -35,6 +35,7 @@ from .. import _backend
 from .graphs import GraphCache, StaticSampler
 from .nulls import NULLS, NullStats, draw_null, fit_null_stats, null_rng
 from .samplers import make_plan, run_plan
+from .spread import widen
 
 __all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS"]
 
@@ -121,9 +122,8 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
                          cache_conditioning=cache_conditioning, device=device, backend=backend,
                          progress=progress, with_mean=False, member0=member0)
         scale = float(model.regression_scale)
-        alpha = (float(model.regression_inflation)
-                 if cfg.calibrate and hasattr(model, "regression_inflation") else 1.0)
-        res = inflate_residuals(res, alpha, member0=member0, antithetic=cfg.antithetic)
+        alpha, gains = spread_widening(model, cfg)
+        res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
         for k in range(members):
             if k == 0 or not shared_lags:
                 mean = _stitched_mean(model, inputs, base_p, starts, tile, halo, (H, W), cfg,
@@ -180,24 +180,21 @@ def _downscale(model, inputs: DayInputs, *, kind, cfg, T, prediction, members, s
 
 
 def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
-    """Widen an ensemble's residuals (members, ...) by the spread inflation α.
+    """Widen an ensemble's residuals (members, ...) by one inflation α: see
+    :func:`fastds.sampling.spread.widen` (antithetic pairs keep their pair mean)."""
+    return widen(r, alpha, member0=member0, antithetic=antithetic)
 
-    Antithetic pairs (members 2j, 2j+1, both in ``r``) are split into their mean
-    e = (r₊ + r₋)/2 and half-difference o = (r₊ − r₋)/2, and become e ± α·o: α widens the
-    spread and leaves the pair mean (the generator's own mean correction) alone, and each
-    member's variance over draws becomes Var(e) + α²·Var(o) (e is even and o odd in the
-    latents, so they are uncorrelated). Independent members, and a pair member whose
-    partner is not in ``r`` (a lone member 0), get α·r. α = 1 returns ``r`` unchanged.
-    """
-    if alpha == 1.0:
-        return r
-    out = alpha * r
-    if antithetic:
-        for k in range(len(r) - 1):
-            if (int(member0) + k) % 2 == 0:
-                e, o = 0.5 * (r[k] + r[k + 1]), 0.5 * (r[k] - r[k + 1])
-                out[k], out[k + 1] = e + alpha * o, e - alpha * o
-    return out
+
+def spread_widening(model, cfg: SampleConfig):
+    """(α, band gains or None) a CorrDiff DDPM's residual is widened by when sampling with
+    ``cfg``: nothing without ``cfg.calibrate``; the per-band gains saved by the calibration
+    when ``cfg.calibrate_bands`` and the model has them; else its one inflation α."""
+    if not cfg.calibrate or not hasattr(model, "regression_inflation"):
+        return 1.0, None
+    bands = getattr(model, "regression_bands", None)
+    if cfg.calibrate_bands and bands is not None and bands.numel() > 0:
+        return 1.0, bands.detach().cpu().double().numpy()
+    return float(model.regression_inflation), None
 
 
 def member_draws(seed, day_key, member0, members, *, antithetic=False, device="cpu"):

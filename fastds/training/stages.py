@@ -217,23 +217,29 @@ CALIBRATION_MEMBERS = 8
 
 def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", days=8,
                      members=CALIBRATION_MEMBERS):
-    """Set a trained CorrDiff DDPM's spread inflation α (members = mean + α·scale·r) to the
-    value that minimises the fair CRPS (log10) of the ensemble that ships, on validation days
-    with true lag windows free of test days.
+    """Fit a trained CorrDiff DDPM's spread widening on validation days with true lag
+    windows free of test days, with the ensemble that ships, and save it in ``best``.
 
     "That ships": the run's own sampler settings (fusion, steps, patch geometry, antithetic
     pairs) through :func:`~fastds.sampling.pipeline.downscale_day`, each member widened by the
-    sampler's rule (:func:`~fastds.sampling.pipeline.inflate_residuals`) and then projected on
-    the coarse cells as ``sample`` projects it when ``sample.consistency`` is on. The fair
-    estimator does not reward an under-dispersed small ensemble (the ordinary one's optimum at
-    4 members is about 0.75 of the true spread), so no band rule is needed. One sampling pass:
-    members drawn once at α = 1, widened for every α in INFLATIONS. Written into ``best``
-    (model and EMA weights, atomically) with the fair-CRPS and spread/skill curves and the
-    raw (α = 1) spread/skill under ``"calibration"``; a no-op (None) without usable
-    validation days."""
+    sampler's rule (:func:`~fastds.sampling.spread.widen`) and then projected on the coarse
+    cells as ``sample`` projects it when ``sample.consistency`` is on. Two widenings:
+
+    - one inflation α (members = mean + α·scale·r): the α that minimises the fair CRPS (log10),
+      saved as ``regression_inflation``;
+    - one gain per spatial band (:func:`~fastds.sampling.spread.band_split`): each band's gain
+      makes the ensemble's spread in that band match its mean's error there (moments, in the
+      model's residual space), then one common factor picked by the fair CRPS; saved as
+      ``regression_bands`` (the factor folded in) and used when ``sample.calibrate_bands``.
+
+    The fair estimator does not reward an under-dispersed small ensemble (the ordinary one's
+    optimum at 4 members is about 0.75 of the true spread), so no band rule is needed. One
+    sampling pass: members drawn once unwidened, widened for every factor in INFLATIONS. The
+    fair-CRPS and spread/skill curves and the raw (α = 1) spread/skill go under
+    ``"calibration"``; a no-op (None) without usable validation days."""
     from ..metrics.ensemble import calibrated_variance
-    from ..metrics.proper import fair_crps
-    from ..sampling.pipeline import DayInputs, _projection, downscale_day, inflate_residuals
+    from ..sampling.pipeline import DayInputs, _projection, downscale_day
+    from ..sampling.spread import band_split, widen_parts
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
         return None
@@ -248,7 +254,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     cfg = calibration_sampler(config, members)
     coarse = fd.store.coarse.values if cfg.consistency else None  # read once: both use it
     project = _projection(fd.store, coarse) if cfg.consistency else None
+    pairs = cfg.antithetic and members >= 4 and members % 2 == 0
     mean_z, res_z, truth = [], [], []
+    spread_b, err_b = 0.0, 0.0
     for e in pick:
         inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
         z = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
@@ -258,30 +266,45 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
         mean_z.append(m)
         res_z.append(z - m)
         truth.append(fd.logy_at(e))
-    pairs = cfg.antithetic and members >= 4 and members % 2 == 0
-    scores, ratios = [], []
-    for a in INFLATIONS:
-        crps, err2, var = [], [], []
-        for e, m, r, t in zip(pick, mean_z, res_z, truth):
-            log = fd.anchor.inverse(m + inflate_residuals(r, a, antithetic=cfg.antithetic),
-                                    fd.mu_at(fd.cidx[e]), fd.season)
-            if project is not None:
-                log = np.log10(np.maximum(project(10.0 ** log, coarse[fd.cidx[e]], fd.season), 1e-6))
-            crps.append(float(np.nanmean(fair_crps(log, t))))
-            err2.append(np.nanmean((log.mean(0) - t) ** 2))
-            var.append(calibrated_variance(log, pairs=pairs))
-        scores.append(float(np.mean(crps)))
-        ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
+        bands = band_split(z)                                   # (bands, members, H, W)
+        miss = band_split(z.mean(0) - fd.target_at(e))          # (bands, H, W)
+        spread_b = spread_b + np.array([calibrated_variance(b, pairs=pairs) for b in bands])
+        err_b = err_b + np.array([np.mean(b ** 2) for b in miss])
+    gains = np.sqrt(err_b / np.maximum(spread_b, 1e-12))
+
+    def scan(widened):
+        """fair CRPS and spread/skill for every factor a: members = mean + base + a·spread."""
+        from ..metrics.proper import fair_crps
+        scores, ratios = [], []
+        for a in INFLATIONS:
+            crps, err2, var = [], [], []
+            for e, m, (base, spread), t in zip(pick, mean_z, widened, truth):
+                log = fd.anchor.inverse(m + base + a * spread, fd.mu_at(fd.cidx[e]), fd.season)
+                if project is not None:
+                    log = np.log10(np.maximum(project(10.0 ** log, coarse[fd.cidx[e]], fd.season), 1e-6))
+                crps.append(float(np.nanmean(fair_crps(log, t))))
+                err2.append(np.nanmean((log.mean(0) - t) ** 2))
+                var.append(calibrated_variance(log, pairs=pairs))
+            scores.append(float(np.mean(crps)))
+            ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
+        return scores, ratios
+
+    scores, ratios = scan([widen_parts(r, None, antithetic=cfg.antithetic) for r in res_z])
+    scores_b, ratios_b = scan([widen_parts(r, gains, antithetic=cfg.antithetic) for r in res_z])
     best_a = float(INFLATIONS[int(np.argmin(scores))])
+    best_ab = float(INFLATIONS[int(np.argmin(scores_b))])
     for key in ("model", "ema"):
         if ck.get(key) is not None:
             ck[key]["regression_inflation"] = torch.tensor(best_a)
+            ck[key]["regression_bands"] = torch.tensor(best_ab * gains, dtype=torch.float32)
     raw = int(np.argmin(np.abs(INFLATIONS - 1.0)))
     ck["calibration"] = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
                          "spread_skill": ratios, "raw_spread_skill": ratios[raw],
+                         "band_gains": gains.tolist(), "band_factor": best_ab,
+                         "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
                          "days": [int(d) for d in pick], "members": members,
                          "sampler": {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
-                                     "projection": bool(cfg.consistency)}}
+                                     "spacing": cfg.spacing, "projection": bool(cfg.consistency)}}
     save_checkpoint(best, ck)
     return ck["calibration"]
 

@@ -1,0 +1,76 @@
+"""Widening a residual ensemble: one inflation α, or one gain per spatial scale.
+
+A single α multiplies every scale of the DDPM's residual alike, while a few-step sampler's
+deficit depends on scale (a 5-step DDIM keeps most of the large-scale variance and little
+of the finest). :func:`band_split` cuts a field into Gaussian difference bands that sum back
+to it exactly (finest first: r − G₁r, G₁r − G₂r, G₂r − G₄r, G₄r − G₈r, G₈r, with σ in fine
+pixels; 8 px is the coarse cell of the paper's grids), and :func:`widen` scales each band by
+its gain. The gains are fitted per band on validation days so that the ensemble's spread
+matches its mean's error at each scale (``training.stages.calibrate_spread``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["BAND_SIGMAS", "band_split", "filter_bands", "widen", "widen_parts"]
+
+BAND_SIGMAS = (1.0, 2.0, 4.0, 8.0)
+
+
+def band_split(r, sigmas=BAND_SIGMAS) -> np.ndarray:
+    """Fields (..., H, W) -> bands (len(sigmas) + 1, ..., H, W), float64, finest first; their
+    sum is ``r`` (to float rounding). Gaussian blurs over the last two axes, reflected at
+    the edges (no periodicity assumed)."""
+    from scipy.ndimage import gaussian_filter
+    r = np.asarray(r, np.float64)
+    levels = [r] + [gaussian_filter(r, s, mode="reflect", axes=(-2, -1)) for s in sigmas]
+    return np.stack([levels[k] - levels[k + 1] for k in range(len(sigmas))] + [levels[-1]])
+
+
+def filter_bands(r, gains, sigmas=BAND_SIGMAS) -> np.ndarray:
+    """Σ_k gains[k] · band_k(r): (..., H, W) in ``r``'s dtype."""
+    gains = np.asarray(gains, np.float64)
+    if gains.shape != (len(sigmas) + 1,):
+        raise ValueError(f"widen: gains must have {len(sigmas) + 1} entries (one per band), got {gains.shape}")
+    return np.tensordot(gains, band_split(r, sigmas), axes=1).astype(np.asarray(r).dtype)
+
+
+def widen(r, alpha=1.0, *, gains=None, member0=0, antithetic=False):
+    """Widen an ensemble's residuals (members, H, W) by α, or by a gain per band (``gains``,
+    α folded in: see :func:`filter_bands`).
+
+    Antithetic pairs (members 2j, 2j+1, both in ``r``) are split into their mean
+    e = (r₊ + r₋)/2 and half-difference o = (r₊ − r₋)/2 and become e ± A(o): the widening A
+    acts on the spread and leaves the pair mean (the generator's own mean correction) alone;
+    each member's variance over draws becomes Var(e) + Var(A(o)) (e is even and o odd in the
+    latents, so they are uncorrelated). Independent members, and a pair member whose
+    partner is not in ``r`` (a lone member 0), get A(r). The identity (α = 1, no gains)
+    returns ``r`` itself.
+    """
+    if gains is None and alpha == 1.0:
+        return r
+    if gains is None:
+        op = lambda x: alpha * x  # noqa: E731
+    else:
+        op = lambda x: filter_bands(x, gains)  # noqa: E731
+    out = op(r)
+    if antithetic:
+        for k in range(len(r) - 1):
+            if (int(member0) + k) % 2 == 0:
+                e, o = 0.5 * (r[k] + r[k + 1]), op(0.5 * (r[k] - r[k + 1]))
+                out[k], out[k + 1] = e + o, e - o
+    return out
+
+
+def widen_parts(r, gains=None, *, member0=0, antithetic=False):
+    """(base, spread), each like ``r``, with widen(r, a·gains) = base + a·spread (to float
+    rounding; ``gains`` None: one inflation a): how a calibration scans the factor a without
+    filtering again for each value."""
+    op = (lambda x: x) if gains is None else (lambda x: filter_bands(x, gains))  # noqa: E731
+    base, spread = np.zeros_like(r), op(r)
+    if antithetic:
+        for k in range(len(r) - 1):
+            if (int(member0) + k) % 2 == 0:
+                e, o = 0.5 * (r[k] + r[k + 1]), op(0.5 * (r[k] - r[k + 1]))
+                base[k], base[k + 1], spread[k], spread[k + 1] = e, e, o, -o
+    return base, spread
