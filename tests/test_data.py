@@ -265,3 +265,16 @@ def test_native_and_cube_reads_share_one_hdf5_lock(twin_dir):
             for w, g in zip(want, got):
                 np.testing.assert_array_equal(g, w)
     assert not failures, f"{len(failures)} of 200 concurrent reads failed: {failures[:3]}"
+
+
+def test_every_season_with_two_blocks_gets_validation_days():
+    """A short record (here: two 14-day blocks of summer) still gets a validation block in
+    that season and keeps one training block, where rounding 0.2 x 2 would give none."""
+    times = pd.date_range("2006-07-01", periods=28, freq="D")
+    sp = split_days(times, val=0.2, test=0.1, block=14)
+    assert set(sp.tolist()) == {0, 1} and (sp == 1).sum() == 14
+    one = split_days(times[:14], val=0.2, test=0.1, block=14)  # one block: all training
+    assert set(one.tolist()) == {0}
+    # longer records keep the plain fractions
+    long = split_days(pd.date_range("2006-06-01", periods=92, freq="D"), val=0.2, test=0.1, block=1)
+    assert (long == 1).sum() == round(0.2 * 92) and (long == 2).sum() == round(0.1 * 92)

@@ -230,7 +230,9 @@ def split_days(times, *, val=0.2, test=0.1, seed=0, block=1) -> np.ndarray:
 
     times : DatetimeIndex (time,). Within each season, whole blocks of ``block`` consecutive
     days are assigned (``block=1``: the reference code's day-level split). Returns int8 (time,).
-    A day's split says where its *target* may be used; test targets never train.
+    A day's split says where its *target* may be used; test targets never train. A season
+    with at least two blocks always gets at least one validation block (and one training
+    block), whatever the rounding of ``val`` would give.
     """
     times = pd.DatetimeIndex(times)
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
@@ -246,6 +248,12 @@ def split_days(times, *, val=0.2, test=0.1, seed=0, block=1) -> np.ndarray:
         perm = rng.permutation(ids)
         n_test = int(round(test * ids.size))
         n_val = int(round(val * ids.size))
+        # every season with two blocks or more gets validation days by construction (model
+        # selection, the residual scale and the spread calibration need them), and keeps at
+        # least one training block; the test share gives way first
+        if val > 0 and ids.size >= 2:
+            n_val = max(n_val, 1)
+            n_test = max(0, min(n_test, ids.size - 1 - n_val))
         label = np.zeros(ids.size, np.int8)
         label[:n_test] = 2
         label[n_test:n_test + n_val] = 1

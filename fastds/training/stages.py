@@ -398,6 +398,12 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
         if len(train_set) == 0:
             raise ValueError(f"train: season {s} has no fine training day with a full "
                              f"{d.t_lag}-day lag window in {data}")
+        if len(val_set) == 0:
+            import warnings
+            warnings.warn(f"train: season {s} of {data} has no validation day with a full "
+                          f"{d.t_lag}-day lag window free of test days; falling back to: the last "
+                          "epoch as the best checkpoint, the residual scale from training "
+                          "patches, and no spread calibration (α = 1)", stacklevel=2)
         if tc.pushforward > 0 and tc.pushforward_source == "unet":
             if model == "unet":
                 raise ValueError("train: train.pushforward_source='unet' uses the run's trained U-Net, "
