@@ -51,14 +51,15 @@ SCRIPT = textwrap.dedent("""
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
 
+    from fastds.sampling import rollout
     curve = []
-    real = pipe._write_part
+    real = rollout._write_part
 
     def write_and_measure(parts, day, values, signature):
         real(parts, day, values, signature)
         curve.append(rss_mb())
 
-    pipe._write_part = write_and_measure
+    rollout._write_part = write_and_measure
     start = ft[-1] + pd.Timedelta(days=1)
     c = dataclasses.replace(cfg.sample, steps=4)
     ds = pipe.sample(run=out / "run", start=start, end=start + pd.Timedelta(days=n_days - 1),

@@ -91,7 +91,7 @@ def test_units_resume_after_an_interruption(trained_run, sequential, tmp_path, m
     """A run killed half way (here: the 8th sampled day raises) leaves finished units and
     the finished days of the unit it was in; a re-run completes it and the assembled
     ensemble is the uninterrupted one."""
-    import fastds.sampling.pipeline as P
+    import fastds.sampling.downscalers as P
     cfg = dataclasses.replace(FAST, members=2)
     out = tmp_path / "r.nc"
     real, calls = P.downscale_day, []

@@ -125,7 +125,7 @@ def _sample_cfg(config: Config):
 def _day_prediction(model, fd, e, lags, config: Config, device):
     """A deterministic model's (U-Net) prediction of fine day ``e`` from ``lags``
     (t_lag, H, W) in lag units: log10 (H, W)."""
-    from ..sampling.pipeline import DayInputs, downscale_day
+    from ..sampling.day import DayInputs, downscale_day
     inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), lags[None])
     z = downscale_day(model, inputs, kind=model.kind, cfg=_sample_cfg(config), device=device)[0]
     if fd.space == "absolute":
@@ -238,7 +238,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     fair-CRPS and spread/skill curves and the raw (α = 1) spread/skill go under
     ``"calibration"``; a no-op (None) without usable validation days."""
     from ..metrics.ensemble import calibrated_variance
-    from ..sampling.pipeline import DayInputs, _projection, downscale_day
+    from ..sampling.day import DayInputs, downscale_day
+    from ..sampling.pipeline import _projection
     from ..sampling.spread import band_split, widen_parts
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":

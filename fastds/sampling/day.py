@@ -1,0 +1,299 @@
+"""One day of one network in model space: :func:`downscale_day`.
+
+Per day: plan patches once, compute the conditioning (next-day coarse, covariates, frozen
+transfer features of the lag window) once per patch, generate the patches (a U-Net's
+prediction, a VAE's draw, or a diffusion sampler run on batches of patches, the conditioning
+reused by every step and every member that shares the lag window), stitch with
+Halo-and-Hann weights. The strategies around a network are composed here, not branched in
+it: precision (bf16 autocast of the network calls), fusion (``final``: stitch finished
+patches; ``step``: blend the patch outputs at every step into one image-space trajectory),
+CUDA graphs (the same loop captured), and CorrDiff (a regression mean plus a widened,
+scaled residual sample: :mod:`fastds.sampling.spread`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import _backend
+from ..config import SampleConfig
+from ..stitch import StitchPlan, plan_patches, stitch
+from .graphs import GraphCache, StaticSampler
+from .fusion import PatchFusedModel
+from .samplers import make_plan, run_plan
+from .spread import widen
+
+__all__ = ["DayInputs", "downscale_day", "member_draws", "inflate_residuals", "spread_widening",
+           "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16")
+# captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
+_GRAPHS = GraphCache(max_entries=4)
+
+
+@dataclass
+class DayInputs:
+    """Normalised inputs of one day on the fine grid: coarse (1, H, W), covariates (C, H, W),
+    lags (members or 1, t_lag, H, W)."""
+    coarse: np.ndarray
+    covariates: np.ndarray
+    lags: np.ndarray
+
+
+@dataclass
+class _Patches:
+    """A day's patch geometry and its per-patch base conditioning (coarse + covariates)."""
+    starts: np.ndarray
+    tile: int
+    halo: int
+    shape: tuple
+    base: torch.Tensor      # (N, 1 + C, tile, tile)
+
+    @classmethod
+    def of(cls, inputs: DayInputs, cfg: SampleConfig, device):
+        H, W = inputs.coarse.shape[-2:]
+        tile = min(cfg.tile, H, W)
+        halo = min(cfg.halo, (tile - 1) // 2)
+        starts = plan_patches((H, W), tile, halo, min(cfg.stride, tile - 2 * halo))
+        base = np.concatenate([inputs.coarse, inputs.covariates], 0)
+        return cls(starts, tile, halo, (H, W), torch.from_numpy(_patchify(base, starts, tile)).to(device))
+
+    def lags(self, lags, sl=slice(None), device="cpu"):
+        """A lag stack (t_lag, H, W) cut into the patches ``sl``: (n, t_lag, tile, tile)."""
+        return torch.from_numpy(_patchify(lags, self.starts[sl], self.tile)).to(device)
+
+    def stitch(self, patches):
+        """(N, tile, tile) -> the (H, W) image, numpy (stitched where the patches are)."""
+        return stitch(patches.float(), self.starts, self.shape, halo=self.halo).cpu().numpy()
+
+
+def _drop(cfg, n, device):
+    """The conditioning-dropout flag of n patches: all set for the coarse-only fallback."""
+    return None if cfg.lag_conditioning else torch.ones(n, dtype=torch.bool, device=device)
+
+
+def _patchify(a, starts, tile):
+    """(C, H, W) -> (N, C, tile, tile) views gathered for the starts (N, 2)."""
+    return np.stack([a[:, y:y + tile, x:x + tile] for y, x in starts])
+
+
+def _batches(n, batch):
+    return [slice(i, min(i + batch, n)) for i in range(0, n, batch)]
+
+
+@torch.no_grad()
+def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = SampleConfig(),
+                  T=1000, prediction="sample", members=1, seed=0, day_key=0,
+                  cache_conditioning=True, device="cpu", backend="auto", progress=None, member0=0):
+    """One day, all members: the model-space field (members, H, W) (min-max or standardised
+    residual, as the model was trained).
+
+    ``cfg.fusion`` "step" samples one image-space trajectory per member, blending the patch
+    outputs at every step (on a GPU, one CUDA graph per geometry holds the whole step);
+    "final" samples patches on their own and stitches the finished samples. A DDPM with a
+    regression mean (CorrDiff) returns ``mean + widen(scale · sample)``. Latents are drawn
+    per member from ``torch.Generator`` seeded by (seed, member, day_key), so a day's result
+    does not depend on which other days were sampled before it; ``member0`` numbers the
+    members from there (a worker sampling members k.. of an ensemble draws what the whole
+    ensemble would). ``cache_conditioning=False`` recomputes the transfer features at every
+    sampler step (the reference code's recipe, kept for benchmarks).
+    """
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
+               day_key=day_key, cache_conditioning=cache_conditioning, device=device,
+               backend=backend, progress=progress, member0=member0)
+    # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
+    # back to the fp32 state, so updates, noise and stitching are unchanged
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=cfg.precision == "bf16"):
+        if kind == "ddpm" and getattr(model, "regression", None) is not None:
+            return _corrdiff(model, inputs, **run)
+        return _generate(model, inputs, **run)
+
+
+def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
+    """CorrDiff: the sample is the scaled, widened residual of a regression mean; stitching
+    is linear, so mean and residual are stitched apart and added. The residual pass runs the
+    same model (so captured graphs stay keyed to it), without the mean."""
+    res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device, **run)
+    alpha, gains = spread_widening(model, cfg)
+    res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
+    scale = float(model.regression_scale)
+    patches = _Patches.of(inputs, cfg, device)
+    shared_lags = inputs.lags.shape[0] == 1
+    for k in range(members):
+        if k == 0 or not shared_lags:
+            mean = _stitched_mean(model, inputs, patches, cfg, 0 if shared_lags else k, device)
+        res[k] = mean + scale * res[k]
+    return res
+
+
+def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
+    """The regression mean of one lag set, stitched like the samples: (H, W) numpy."""
+    parts = []
+    for sl in _batches(len(patches.starts), cfg.batch):
+        lag_p = patches.lags(inputs.lags[member], sl, device)
+        parts.append(model.regression_mean(patches.base[sl, :1], patches.base[sl, 1:], lag_p,
+                                           _drop(cfg, len(lag_p), device)))
+    return patches.stitch(torch.cat(parts)[:, 0])
+
+
+def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key,
+              cache_conditioning, device, backend, progress, member0):
+    """The network's own field (no regression mean): (members, H, W)."""
+    patches = _Patches.of(inputs, cfg, device)
+    gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
+                               device=device)
+    plans = None
+    if kind == "ddpm":
+        plan = make_plan(cfg.sampler, T=T, steps=cfg.steps, prediction=prediction, eta=cfg.eta,
+                         spacing=cfg.spacing)
+        plans = [plan if s > 0 else plan.mirrored() for s in signs]
+    # CUDA graphs (one per batch shape) when on a GPU with Triton; the eager loop otherwise
+    graphs = (_GRAPHS if kind == "ddpm" and cfg.cuda_graphs and torch.device(device).type == "cuda"
+              and _backend.why_unavailable("triton") is None else None)
+    if kind == "ddpm" and cfg.fusion == "step":
+        return _fused(model, inputs, patches, plans, gens, signs, cfg=cfg,
+                      cache_conditioning=cache_conditioning, device=device, backend=backend,
+                      progress=progress, graphs=graphs)
+    make = _PatchwiseGenerator(model, kind, cfg, plans, signs, graphs, backend, cache_conditioning, device)
+    return make(inputs, patches, gens, progress)
+
+
+class _PatchwiseGenerator:
+    """``fusion="final"`` (and the U-Net/VAE): each patch generated on its own, batch by
+    batch, members inside a batch; then stitched per member."""
+
+    def __init__(self, model, kind, cfg, plans, signs, graphs, backend, cache_conditioning, device):
+        self.model, self.kind, self.cfg, self.plans, self.signs = model, kind, cfg, plans, signs
+        self.graphs, self.backend, self.cache, self.device = graphs, backend, cache_conditioning, device
+
+    def __call__(self, inputs, patches: _Patches, gens, progress):
+        n, members = len(patches.starts), len(gens)
+        shared_lags = inputs.lags.shape[0] == 1
+        t = patches.tile
+        x_T = [s * torch.randn((n, 1, t, t), generator=g, device=self.device)
+               for g, s in zip(gens, self.signs)]
+        pieces = [[] for _ in range(members)]
+        for sl in _batches(n, self.cfg.batch):
+            coarse, cov = patches.base[sl, :1], patches.base[sl, 1:]
+            lags = cond = None
+            for k, gen in enumerate(gens):
+                if lags is None or not shared_lags:
+                    lags = patches.lags(inputs.lags[0 if shared_lags else k], sl, self.device)
+                    # the conditioning, transfer features included, once per patch: every
+                    # sampler step and every member that shares the lag window reuse it
+                    cond = (self.model.cond(coarse, cov, lags, _drop(self.cfg, len(lags), self.device))
+                            if self.kind != "ddpm" or self.cache else None)
+                pieces[k].append(self.one(k, gen, x_T[k][sl], cond, coarse, cov, lags))
+            if progress is not None:
+                progress.update(members * (sl.stop - sl.start))
+        return np.stack([patches.stitch(torch.cat(p)[:, 0]) for p in pieces])
+
+    def one(self, k, gen, x_T, cond, coarse, cov, lags):
+        """One batch of member k's patches: (n, 1, tile, tile)."""
+        model, cfg = self.model, self.cfg
+        if self.kind == "vae":
+            z = self.signs[k] * torch.randn(model.net.latent_shape(cond), generator=gen, device=self.device)
+            return model.net.generate(cond, z)
+        if self.kind == "unet":
+            return model(None, None, cond)
+        if self.cache and self.graphs is not None:
+            key = (tuple(x_T.shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip,
+                   cfg.precision, self.signs[k])
+            static = self.graphs.get(model, key, lambda: StaticSampler(model, self.plans[k], x_T, cond,
+                                                                       clip=cfg.clip or None))
+            # one 64-bit seed per trajectory; the kernel counts steps and elements itself
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
+                                 device=self.device)
+            return static(x_T, cond, seed)
+        if self.cache:
+            return run_plan(model, x_T, self.plans[k], cond=cond, generator=gen,
+                            clip=cfg.clip or None, backend=self.backend)
+
+        def recompute(x, t, _c):
+            return model(x, t, model.cond(coarse, cov, lags, _drop(cfg, len(lags), self.device)))
+        return run_plan(recompute, x_T, self.plans[k], cond=None, generator=gen,
+                        clip=cfg.clip or None, backend=self.backend)
+
+
+def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_conditioning,
+           device, backend, progress, graphs=None):
+    """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
+    x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
+    unfused sampler's result."""
+    H, W = patches.shape
+    starts, base = patches.starts, patches.base
+    splan = StitchPlan(starts, patches.shape, tile=patches.tile, halo=patches.halo)
+    shared_lags = inputs.lags.shape[0] == 1
+    out = np.empty((len(gens), H, W), np.float32)
+    cond = None
+    for k, gen in enumerate(gens):
+        if cond is None or not shared_lags:
+            lags = patches.lags(inputs.lags[0 if shared_lags else k], slice(None), device)
+
+            def cond_of(sl, lags=lags):
+                return model.cond(base[sl, :1], base[sl, 1:], lags[sl], _drop(cfg, len(lags[sl]), device))
+            # the conditioning once per patch (every step and member that shares the lags
+            # reuse it), or, for the reference recipe, recomputed at every step
+            cond = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
+                    if cache_conditioning else cond_of)
+        x_T = signs[k] * torch.randn((1, 1, H, W), generator=gen, device=device)
+        if graphs is not None and cache_conditioning:
+            # the whole step (every patch batch, the blend, the fused update) in one graph per
+            # geometry; the day's conditioning is copied into its static buffer
+            key = ("step", np.ascontiguousarray(starts).tobytes(), patches.shape, tuple(cond.shape),
+                   cfg.sampler, cfg.steps, cfg.eta, cfg.clip, cfg.precision, signs[k], cfg.batch)
+            static = graphs.get(model, key, lambda: StaticSampler(
+                model, plans[k], x_T, cond, clip=cfg.clip or None,
+                wrap=lambda net: PatchFusedModel(net, splan, None, batch=cfg.batch)))
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
+                                 device=device)
+            x0 = static(x_T, cond, seed)
+        else:
+            fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
+            x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
+        out[k] = x0[0, 0].float().cpu().numpy()
+        if progress is not None:
+            progress.update(len(starts))
+    return out
+
+
+def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
+    """Widen an ensemble's residuals (members, ...) by one inflation α: see
+    :func:`fastds.sampling.spread.widen` (antithetic pairs keep their pair mean)."""
+    return widen(r, alpha, member0=member0, antithetic=antithetic)
+
+
+def spread_widening(model, cfg: SampleConfig):
+    """(α, band gains or None) a CorrDiff DDPM's residual is widened by when sampling with
+    ``cfg``: nothing without ``cfg.calibrate``; the per-band gains saved by the calibration
+    when ``cfg.calibrate_bands`` and the model has them; else its one inflation α."""
+    if not cfg.calibrate or not hasattr(model, "regression_inflation"):
+        return 1.0, None
+    bands = getattr(model, "regression_bands", None)
+    if cfg.calibrate_bands and bands is not None and bands.numel() > 0:
+        return 1.0, bands.detach().cpu().double().numpy()
+    return float(model.regression_inflation), None
+
+
+def member_draws(seed, day_key, member0, members, *, antithetic=False, device="cpu"):
+    """Each member's latent generator and sign: ([torch.Generator], [±1.0]).
+
+    A member's draws depend only on (seed, its member number, day_key), never on which
+    members or days are sampled beside it. With ``antithetic`` the members come in pairs
+    (0, 1), (2, 3), ...: both share the pair's generator and the odd one negates every draw
+    (x_T and, through :meth:`StepPlan.mirrored`, each step's noise). Member 0 draws the
+    same either way.
+    """
+    gens, signs = [], []
+    for k in range(members):
+        m = int(member0) + k
+        draw, sign = (m // 2, -1.0 if m % 2 else 1.0) if antithetic else (m, 1.0)
+        gens.append(torch.Generator(device=device).manual_seed(
+            int(seed) * 1_000_003 + draw * 10_007 + int(day_key)))
+        signs.append(sign)
+    return gens, signs
