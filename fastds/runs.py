@@ -130,11 +130,6 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     model = model_for(kind, config, run, season)
     # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
     state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
-    if model.regression is not None:
-        # checkpoints saved before spread calibration, or before its per-band gains
-        state.setdefault("regression_inflation", torch.tensor(1.0))
-        state.setdefault("regression_bands", torch.zeros(0))
-        model.regression_bands = torch.empty_like(state["regression_bands"])
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # (older checkpoints: see ConditionalModel._load_from_state_dict)
     model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
     return model.to(device).eval(), config

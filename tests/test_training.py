@@ -243,3 +243,22 @@ def test_train_without_pretrain_says_what_to_do(store_path, tiny_config, tmp_pat
     from fastds.training.stages import train
     with pytest.raises(FileNotFoundError, match="run `fastds pretrain`"):
         train(data=store_path, run=tmp_path, config=tiny_config, progress=False)
+
+
+def test_checkpoints_from_before_spread_calibration_still_load():
+    """A CorrDiff state without the inflation or the per-band gains (older runs) loads with
+    none of them; gains of any saved length load as saved."""
+    import copy
+    from fastds.models.conditional import build_model
+    unet = build_model("unet", widths=[8, 16, 16], t_lag=4)
+    m = build_model("ddpm", widths=[8, 16, 16], t_lag=4)
+    m.set_regression(copy.deepcopy(unet))
+    state = m.state_dict()
+    del state["regression_bands"], state["regression_inflation"]
+    fresh = build_model("ddpm", widths=[8, 16, 16], t_lag=4)
+    fresh.set_regression(copy.deepcopy(unet))
+    fresh.load_state_dict(state)
+    assert fresh.regression_bands.numel() == 0 and float(fresh.regression_inflation) == 1.0
+    state["regression_bands"] = torch.tensor([1.5, 1.2, 1.0, 0.9, 0.8])
+    fresh.load_state_dict(state)
+    assert fresh.regression_bands.tolist() == pytest.approx([1.5, 1.2, 1.0, 0.9, 0.8])

@@ -76,6 +76,18 @@ class ConditionalModel(nn.Module):
         # empty: none (one α for every scale)
         self.register_buffer("regression_bands", torch.zeros(0))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # checkpoints saved before spread calibration (no inflation) or before its per-band
+        # gains (none) still load; the gains' length is whatever the calibration saved
+        if getattr(self, "regression", None) is not None:
+            state_dict.setdefault(prefix + "regression_inflation", torch.tensor(1.0))
+            bands = state_dict.setdefault(prefix + "regression_bands", torch.zeros(0))
+            if bands.shape != self.regression_bands.shape:
+                self.regression_bands = torch.empty_like(bands, device=self.regression_bands.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @torch.no_grad()
     def regression_mean(self, coarse, covariates, lags, drop=None):
         """The regression model's prediction (B, 1, h, w), or None without one."""
