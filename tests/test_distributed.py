@@ -71,20 +71,97 @@ def test_antithetic_pairs_as_units_equal_the_sequential_run(trained_run, tmp_pat
     np.testing.assert_array_equal(ds.values, seq.values)
 
 
-def test_dask_workers_give_the_same_ensemble(trained_run, sequential, tmp_path):
+def _in_threads(n, fn):
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_equality_matrix_in_process_and_workers_by_threads(trained_run, tmp_path):
+    """{in-process, 1 worker, 2 workers} x {1, 2} threads: one ensemble, bit for bit."""
     pytest.importorskip("distributed")
     import torch
     cfg = dataclasses.replace(FAST, members=2)
     threads = torch.get_num_threads()
     got = {}
-    for n in (1, 2):
-        got[n] = sample(run=trained_run, start=START, end=END, out=tmp_path / f"w{n}.nc", cfg=cfg,
-                        model="ddpm", progress=False, workers=n)["DUEXTTAU"].values
+    for t in (1, 2):
+        got["in-process", t] = _in_threads(t, lambda: sample(
+            run=trained_run, start=START, end=END, cfg=cfg, model="ddpm", progress=False)["DUEXTTAU"].values)
+        for n in (1, 2):
+            got[f"{n} workers", t] = sample_distributed(
+                unit_sampler=sample, run=trained_run, start=START, end=END, out=tmp_path / f"w{n}t{t}.nc",
+                cfg=cfg, model="ddpm", progress=False, workers=n, threads=t)["DUEXTTAU"].values
     assert torch.get_num_threads() == threads  # this process's threads are not touched
-    np.testing.assert_array_equal(got[1], got[2])
-    # workers run one thread; the sequential run here may use more, so agreement is to
-    # float rounding, not bitwise
-    np.testing.assert_allclose(got[2], sequential.values, rtol=1e-4, atol=1e-6)
+    first = got["in-process", 1]
+    for key, values in got.items():
+        np.testing.assert_array_equal(values, first, err_msg=str(key))
+
+
+def test_a_scheduler_started_from_another_folder(trained_run, tmp_path):
+    """Workers whose working folder is elsewhere find the run, the store and the units
+    (paths go to them absolute), given a relative run path here."""
+    pytest.importorskip("distributed")
+    import os
+    import subprocess
+    import sys
+    import time
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = 20000 + os.getpid() % 20000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", str(port),
+                               "--dashboard-address", ":0", "--no-show"], cwd=elsewhere, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                       f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard"],
+                                      cwd=elsewhere, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        from dask.distributed import Client
+        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        here = os.getcwd()
+        os.chdir(trained_run.parent)
+        try:
+            cfg = dataclasses.replace(FAST, members=2)
+            ds = sample(run=trained_run.name, start=START, end=END, out=tmp_path / "x.nc", cfg=cfg,
+                        model="ddpm", progress=False, scheduler=f"tcp://127.0.0.1:{port}")["DUEXTTAU"]
+        finally:
+            os.chdir(here)
+        want = sample(run=trained_run, start=START, end=END, cfg=cfg, model="ddpm", progress=False)["DUEXTTAU"]
+        np.testing.assert_array_equal(ds.values, want.values)
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_units_keep_their_worker_state(trained_run, tmp_path, monkeypatch):
+    """A worker loads the run once: its second unit reuses the networks, fine days and
+    projection of the first (no reload), and gives what a fresh process would."""
+    import fastds.sampling.pipeline as P
+    from fastds.sampling.distributed import Unit, _run_unit
+    P.clear_worker_state()
+    loads = []
+    real = P.downscaler_for
+    monkeypatch.setattr(P, "downscaler_for", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cfg = dataclasses.replace(FAST, members=2)
+    kw = dict(sample=sample, run=str(trained_run), folder=str(tmp_path), cfg=cfg, model="ddpm",
+              data=None, device="cpu", threads=None)
+    units = [Unit(0, pd.Timestamp(START), pd.Timestamp(END), pd.Timestamp(START), m, 1, False) for m in (0, 1)]
+    paths = [_run_unit(u, **kw) for u in units]
+    assert len(loads) == 1 and len(P._WORKER_STATE) >= 3
+    P.clear_worker_state()
+    (tmp_path / "b").mkdir()
+    again = _run_unit(units[1], **{**kw, "folder": str(tmp_path / "b")})
+    np.testing.assert_array_equal(xr.open_dataset(paths[1])["DUEXTTAU"].values,
+                                  xr.open_dataset(again)["DUEXTTAU"].values)
+    P.clear_worker_state()
 
 
 def test_units_resume_after_an_interruption(trained_run, sequential, tmp_path, monkeypatch):

@@ -200,13 +200,17 @@ class Store:
         return pd.DatetimeIndex(self.ds["time"].values)
 
 
-def open_store(path) -> Store:
-    """Open a store written by :func:`prepare`; a clear error if ``path`` is not one."""
+def open_store(path, *, dask=True) -> Store:
+    """Open a store written by :func:`prepare`; a clear error if ``path`` is not one.
+
+    ``dask=False`` reads arrays lazily without dask (zarr directly, on first access): what a
+    task inside a dask worker wants, where a dask read would become nested tasks on the
+    cluster (or need a process-wide scheduler setting)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"store {path} does not exist; create it with `fastds prepare`")
     try:
-        ds = xr.open_zarr(str(path), consolidated=False)
+        ds = xr.open_zarr(str(path), consolidated=False, **({} if dask else {"chunks": None}))
     except Exception as err:
         raise DataError(f"{path} is not a fastds store ({type(err).__name__}: {err})") from None
     if "norm_x" not in ds.attrs:

@@ -86,16 +86,14 @@ def _run_unit(unit: Unit, *, sample, run, folder, cfg, model, data, device, thre
     path = Path(folder) / f"{unit.name}.nc"
     if path.exists():
         return str(path)
-    import dask
     if threads:
         torch.set_num_threads(int(threads))
-    # the store's lazy arrays are read here, in this task: without this, inside a dask worker
-    # they would be computed as tasks on the whole cluster (nested, and lost with a worker)
-    with dask.config.set(scheduler="synchronous"):
-        sample(run=run, start=unit.run_start, end=unit.last, out=path,
-               cfg=dataclasses.replace(cfg, members=unit.members, segments=1), model=model,
-               data=data, device=device, member0=unit.member0, cold_start=unit.cold,
-               progress=False).close()
+    # worker=True: the run's loaded state, fine days and projection are kept in this process
+    # for its next unit, and the store is read without dask (no nested tasks on the cluster)
+    sample(run=run, start=unit.run_start, end=unit.last, out=path,
+           cfg=dataclasses.replace(cfg, members=unit.members, segments=1), model=model,
+           data=data, device=device, member0=unit.member0, cold_start=unit.cold,
+           progress=False, worker=True).close()
     return str(path)
 
 
@@ -154,9 +152,8 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
     try:
         ds = _assemble(units, paths, cfg, opened)
         # streamed from the units' files a day at a time (dask): never the whole period in memory
-        import dask
-        with atomic_path(out) as tmp, dask.config.set(scheduler="synchronous"):
-            ds.to_netcdf(tmp)
+        with atomic_path(out) as tmp:
+            ds.to_netcdf(tmp, compute=False).compute(scheduler="synchronous")
     finally:
         for f in opened:
             f.close()

@@ -30,7 +30,7 @@ from .nulls import NULLS, NullStats, fit_null_stats
 from .rollout import Rollout
 
 __all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS", "member_draws",
-           "inflate_residuals", "spread_widening"]
+           "inflate_residuals", "spread_widening", "clear_worker_state"]
 
 MODES = ("strict", "lenient")
 LAG_HISTORIES = ("member", "mean")
@@ -87,7 +87,8 @@ MODELS = ("ddpm", "unet", "vae") + NULLS + BASELINES
 
 def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model="ddpm",
            data=None, device="cpu", backend="auto", cache_conditioning=True, progress=True,
-           workers=None, scheduler=None, member0=0, cold_start=False, **settings) -> xr.Dataset:
+           workers=None, scheduler=None, member0=0, cold_start=False, worker=False,
+           **settings) -> xr.Dataset:
     """Downscale every day from ``start`` to ``end`` (inclusive) with a trained run.
 
     Parameters
@@ -117,6 +118,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     cold_start : lag days that are neither in the fine record nor predicted take a model-free
         stand-in (the anchor μ) instead of raising: how a time segment of a parallel-in-time
         rollout starts (its first ``cfg.burn_in`` days are then discarded by the caller).
+    worker : this call is one unit of a distributed run: the store is read without dask and
+        the loaded state (networks, fine days, projection) is kept in this process for its
+        next unit (:func:`clear_worker_state` drops it).
 
     Returns
     -------
@@ -139,7 +143,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
         if not meta_path.exists():
             raise FileNotFoundError(f"sample: {meta_path} is missing; is {run} a fastds run folder?")
         data = json.loads(meta_path.read_text())["store"]
-    store = open_store(data)
+    keep = _kept if worker else (lambda key, build: build())
+    data = str(Path(data).resolve())
+    store = keep(("store", data), lambda: open_store(data, dask=not worker))
     days = _days(store, start, end)
     attrs = {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
              "mode": cfg.mode, "members": cfg.members, "member0": int(member0),
@@ -150,17 +156,42 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
              "lag_conditioning": int(cfg.lag_conditioning),
              "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
              "antithetic": int(cfg.antithetic)}
-    coarse_days = _CoarseDays(store)
+    coarse_days = keep(("coarse", data), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
     # baselines as a user would compute them by hand
-    project = (_projection(store, coarse_days.values)
+    project = (keep(("projection", data), lambda: _projection(store, coarse_days.values))
                if cfg.consistency and (model not in BASELINES or cfg.project_baselines) else None)
-    downscaler = downscaler_for(model, run=run, store=store, cfg=cfg, data=data, device=device,
-                                backend=backend, cache_conditioning=cache_conditioning)
+    # a downscaler does not depend on the member count or the segments of a request
+    key = ("downscaler", model, str(run.resolve()), data, str(device), backend, cache_conditioning,
+           dataclasses.replace(cfg, members=1, segments=1))
+    downscaler = keep(key, lambda: downscaler_for(model, run=run, store=store, cfg=cfg, data=data,
+                                                  device=device, backend=backend,
+                                                  cache_conditioning=cache_conditioning))
     rollout = Rollout(store=store, days=days, cfg=cfg, member0=member0, cold_start=cold_start,
                       out=out, attrs=attrs, finish=project, coarse_days=coarse_days,
                       progress=progress, desc=f"sample {model} {cfg.sampler}")
     return rollout.run(downscaler)
+
+
+# a distributed worker's loaded state, kept between the units it runs (this process only)
+_WORKER_STATE: dict = {}
+_WORKER_STATE_MAX = 8
+
+
+def _kept(key, build):
+    """``build()`` once per ``key`` in this process (a worker's units share it), LRU-bounded."""
+    if key in _WORKER_STATE:
+        _WORKER_STATE[key] = _WORKER_STATE.pop(key)  # most recently used last
+    else:
+        while len(_WORKER_STATE) >= _WORKER_STATE_MAX:
+            _WORKER_STATE.pop(next(iter(_WORKER_STATE)))
+        _WORKER_STATE[key] = build()
+    return _WORKER_STATE[key]
+
+
+def clear_worker_state():
+    """Drop the state kept by ``sample(..., worker=True)`` calls in this process."""
+    _WORKER_STATE.clear()
 
 
 def _check(cfg: SampleConfig, model):

@@ -196,8 +196,10 @@ class Rollout:
         shape = (self.members, store.ds["lat"].size, store.ds["lon"].size)
         stack = dsa.stack([dsa.from_delayed(dask.delayed(np.load)(self.parts / f"{d:%Y%m%d}.npy"),
                                             shape, np.float32) for d in days])
-        with atomic_path(self.out) as tmp, dask.config.set(scheduler="synchronous"):
-            dataset(stack, days, store, self.members, self.attrs, self.member0).to_netcdf(tmp)
+        with atomic_path(self.out) as tmp:
+            # this call's scheduler, not a process-wide setting (threads of a worker share it)
+            dataset(stack, days, store, self.members, self.attrs, self.member0).to_netcdf(
+                tmp, compute=False).compute(scheduler="synchronous")
         for f in self.parts.glob("*"):
             f.unlink()
         self.parts.rmdir()
