@@ -87,7 +87,8 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     # per-band widening (the default): the residual's bands each scaled by the saved gains
     from fastds.sampling.spread import filter_bands
     gains = model.regression_bands.double().numpy()
-    assert gains.shape == (5,)
+    from fastds.sampling.spread import BAND_SIGMAS
+    assert gains.shape == (len(BAND_SIGMAS) + 1,)
     banded = downscale_day(model, sub, cfg=dataclasses.replace(cfg, calibrate_bands=True),
                            T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4)
     res = (model.regression_scale * x0)[0, 0].numpy()
@@ -556,7 +557,7 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     # per-band gains: the pair means kept, each pair's half-difference filtered band by band
     from fastds.sampling.spread import filter_bands
     saved = model.regression_bands.clone()
-    gains = np.array([2.0, 1.5, 1.2, 1.0, 0.5])
+    gains = np.array([2.2, 2.0, 1.5, 1.2, 1.0, 0.5])
     model.regression_bands = torch.tensor(gains, dtype=torch.float32)
     try:
         banded = downscale_day(model, inp, cfg=dataclasses.replace(cfg, antithetic=True, calibrate_bands=True), **kw)

@@ -342,7 +342,7 @@ def test_trailing_ddim_matches_diffusers_trajectory(prediction, steps):
 
 
 def test_band_split_sums_back_and_separates_scales():
-    """Bands sum to the field; white noise puts most variance in the finest band, a smooth
+    """Bands sum to the field; white noise puts most variance in the finest bands, a smooth
     field in the coarsest; one gain per band scales exactly that band."""
     from fastds.sampling.spread import BAND_SIGMAS, band_split, filter_bands
     rng = np.random.default_rng(3)
@@ -351,11 +351,11 @@ def test_band_split_sums_back_and_separates_scales():
     assert b.shape == (len(BAND_SIGMAS) + 1, 37, 53)
     np.testing.assert_allclose(b.sum(0), white, atol=1e-12)
     var = b.var(axis=(1, 2))
-    assert var[0] > 0.5 * white.var() and var[0] == var.max()
+    assert var[:2].sum() > 0.3 * white.var() and np.argmax(var) <= 1  # the finest bands
     y, x = np.mgrid[:37, :53]
     smooth = np.sin(x / 15.0) + np.cos(y / 12.0)
     assert np.argmax(band_split(smooth).var(axis=(1, 2))) == len(BAND_SIGMAS)
-    g = np.array([3.0, 1.0, 1.0, 1.0, 1.0])
+    g = np.array([3.0] + [1.0] * len(BAND_SIGMAS))
     np.testing.assert_allclose(filter_bands(white, g), white + 2.0 * b[0], atol=1e-12)
     with pytest.raises(ValueError, match="one per band"):
         filter_bands(white, np.ones(3))
@@ -367,11 +367,11 @@ def test_widen_parts_match_widen():
     from fastds.sampling.pipeline import inflate_residuals
     from fastds.sampling.spread import widen, widen_parts
     r = np.random.default_rng(4).standard_normal((4, 20, 24))
-    g = np.array([1.8, 1.4, 1.1, 0.9, 0.7])
+    g = np.array([2.0, 1.8, 1.4, 1.1, 0.9, 0.7])
     for anti in (False, True):
         base, spread = widen_parts(r, g, antithetic=anti)
         np.testing.assert_allclose(widen(r, gains=1.3 * g, antithetic=anti), base + 1.3 * spread, atol=1e-12)
-        np.testing.assert_allclose(widen(r, gains=np.ones(5), antithetic=anti), r, atol=1e-12)
+        np.testing.assert_allclose(widen(r, gains=np.ones(len(g)), antithetic=anti), r, atol=1e-12)
         np.testing.assert_array_equal(widen(r, 1.5, antithetic=anti), inflate_residuals(r, 1.5, antithetic=anti))
     w = widen(r, gains=g, antithetic=True)
     np.testing.assert_allclose(w[0] + w[1], r[0] + r[1], atol=1e-12)  # pair means kept

@@ -3,8 +3,8 @@
 A single α multiplies every scale of the DDPM's residual alike, while a few-step sampler's
 deficit depends on scale (a 5-step DDIM keeps most of the large-scale variance and little
 of the finest). :func:`band_split` cuts a field into Gaussian difference bands that sum back
-to it exactly (finest first: r − G₁r, G₁r − G₂r, G₂r − G₄r, G₄r − G₈r, G₈r, with σ in fine
-pixels; 8 px is the coarse cell of the paper's grids), and :func:`widen` scales each band by
+to it exactly (finest first: r − G₀.₅r, G₀.₅r − G₁r, ..., G₄r − G₈r, G₈r, with σ in fine
+pixels), and :func:`widen` scales each band by
 its gain. The gains are fitted per band on validation days so that the ensemble's spread
 matches its mean's error at each scale (``training.stages.calibrate_spread``).
 """
@@ -14,7 +14,9 @@ import numpy as np
 
 __all__ = ["BAND_SIGMAS", "band_split", "filter_bands", "widen", "widen_parts"]
 
-BAND_SIGMAS = (1.0, 2.0, 4.0, 8.0)
+# the finest band (r − G₀.₅ r) holds wavelengths of about 2–3 px, where a few-step sampler
+# loses the most power; 8 px is the coarse cell of the paper's grids
+BAND_SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def band_split(r, sigmas=BAND_SIGMAS) -> np.ndarray:
