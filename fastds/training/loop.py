@@ -193,142 +193,180 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
     stored in both. ``on_step(global_step)`` runs after each optimizer step and any
     checkpoint of that step (tests use it to interrupt a run). Returns the history dict.
     """
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    from torch.utils.data import default_collate
-    from tqdm.auto import tqdm
-
     _maybe_init_distributed()
-    rank, world = _world()
-    ckpt_path = Path(ckpt_path)
-    best_path = ckpt_path.with_suffix(".best.pt")
-    torch.manual_seed(settings.seed)
-    model.to(device)
-    if not trainable_parameters(model):
-        raise ValueError(f"{desc}: the model has no trainable parameters")
-    opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=settings.plateau_factor,
-                                                       patience=settings.plateau_patience)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
-           if settings.ema else None)
-    gen = torch.Generator().manual_seed(settings.seed + 1)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val": math.inf,
-             "bad_epochs": 0, "history": [], "done": False, "loss_sum": 0.0, "first_loss": None}
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        _set_rng_state(ck["rng"], gen)
-        state = ck["loop"]
-        if state.get("done"):
-            return {"history": state["history"], "resumed": True, "best_val": state["best_val"]}
-    net = _WithLoss(model, loss_fn)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
-    extra_state = dict(extra_state or {})
-    extra_state["settings"] = asdict(settings)
-
-    def checkpoint():
-        if rank != 0:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(gen),
-            "loop": state, **extra_state})
-
-    def save_best(val_loss, epoch):
-        if rank == 0:
-            save_checkpoint(best_path, {"model": model.state_dict(),
-                                        "ema": ema.module.state_dict() if ema is not None else None,
-                                        "val_loss": val_loss, "epoch": epoch, **extra_state})
-
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=settings.bf16)
+    t = _Trainer(model, loss_fn, settings=settings, ckpt_path=ckpt_path, extra_state=extra_state,
+                 progress=progress, device=device, desc=desc, select=select)
+    if resume and t.ckpt_path.exists() and t.resume():
+        return {"history": t.state["history"], "resumed": True, "best_val": t.state["best_val"]}
+    t.wrap()
     model.train()
     stop = False
-    while state["epoch"] < settings.epochs and not stop:
-        epoch = state["epoch"]
+    while t.state["epoch"] < settings.epochs and not stop:
+        stop = t.end_epoch(val_set, stopped=t.epoch(train_set, on_step))
+    t.finish()
+    return {"history": t.state["history"], "best_val": t.state["best_val"], "resumed": resume}
+
+
+class _Trainer:
+    """fit's state and steps: optimizer, plateau schedule, EMA, generator, loop counters."""
+
+    def __init__(self, model, loss_fn, *, settings, ckpt_path, extra_state, progress, device, desc,
+                 select):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.rank, self.world = _world()
+        self.ckpt_path = Path(ckpt_path)
+        self.best_path = self.ckpt_path.with_suffix(".best.pt")
+        self.model, self.loss_fn, self.settings, self.device = model, loss_fn, settings, device
+        self.progress, self.desc, self.select = progress, desc, select
+        torch.manual_seed(settings.seed)
+        model.to(device)
+        if not trainable_parameters(model):
+            raise ValueError(f"{desc}: the model has no trainable parameters")
+        self.opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, factor=settings.plateau_factor, patience=settings.plateau_patience)
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
+                    if settings.ema else None)
+        self.gen = torch.Generator().manual_seed(settings.seed + 1)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val": math.inf,
+                      "bad_epochs": 0, "history": [], "done": False, "loss_sum": 0.0, "first_loss": None}
+        self.extra_state = {**(extra_state or {}), "settings": asdict(settings)}
+        self.autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                                       enabled=settings.bf16)
+
+    def resume(self) -> bool:
+        """Load the last checkpoint; True when that run had already finished."""
+        ck = load_checkpoint(self.ckpt_path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        _set_rng_state(ck["rng"], self.gen)
+        self.state = ck["loop"]
+        return bool(self.state.get("done"))
+
+    def wrap(self):
+        self.net = _WithLoss(self.model, self.loss_fn)
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=False)
+
+    def checkpoint(self):
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_path, {
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": _rng_state(self.gen), "loop": self.state, **self.extra_state})
+
+    def save_best(self, val_loss, epoch):
+        if self.rank == 0:
+            save_checkpoint(self.best_path, {
+                "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "val_loss": val_loss, "epoch": epoch, **self.extra_state})
+
+    def epoch(self, train_set, on_step) -> bool:
+        """The rest of the current epoch's optimizer steps; True when max_steps is reached."""
+        from torch.utils.data import default_collate
+        from tqdm.auto import tqdm
+        st, settings = self.state, self.settings
+        epoch = st["epoch"]
         if hasattr(train_set, "set_epoch"):  # per-epoch randomness of the items themselves
             train_set.set_epoch(epoch)
-        indices = _epoch_indices(len(train_set), epoch, settings, rank, world)
-        skip = state["step_in_epoch"] * settings.batch
-        n_batches = math.ceil(len(indices) / settings.batch)
-        bar = tqdm(total=n_batches, initial=state["step_in_epoch"], desc=f"{desc} epoch {epoch + 1}/{settings.epochs}",
-                   disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
-        running = None
+        indices = _epoch_indices(len(train_set), epoch, settings, self.rank, self.world)
+        skip = st["step_in_epoch"] * settings.batch
+        bar = tqdm(total=math.ceil(len(indices) / settings.batch), initial=st["step_in_epoch"],
+                   desc=f"{self.desc} epoch {epoch + 1}/{settings.epochs}",
+                   disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+        running, stop = None, False
         for batch in _batches(train_set, indices[skip:], settings.batch, default_collate):
-            with autocast:
-                loss = net(_to(batch, device), gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip:
-                nn.utils.clip_grad_norm_(trainable_parameters(model), settings.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            value = loss.item()
+            value = self.step(batch)
             running = value if running is None else 0.9 * running + 0.1 * value
-            state["loss_sum"] += value
-            if state["first_loss"] is None:
-                state["first_loss"] = value
-            bar.set_postfix(loss=f"{running:.4g}", lr=f"{opt.param_groups[0]['lr']:.2g}")
+            bar.set_postfix(loss=f"{running:.4g}", lr=f"{self.opt.param_groups[0]['lr']:.2g}")
             bar.update(1)
-            if settings.checkpoint_every and state["global_step"] % settings.checkpoint_every == 0:
-                checkpoint()
+            if settings.checkpoint_every and st["global_step"] % settings.checkpoint_every == 0:
+                self.checkpoint()
             if on_step is not None:
-                on_step(state["global_step"])
-            if settings.max_steps and state["global_step"] >= settings.max_steps:
+                on_step(st["global_step"])
+            if settings.max_steps and st["global_step"] >= settings.max_steps:
                 stop = True
                 break
         bar.close()
-        eval_model = ema.module if ema is not None else model
-        val = _val_loss(eval_model, loss_fn, val_set, settings, default_collate, device)
-        train_loss = state["loss_sum"] / max(state["step_in_epoch"], 1)
+        return stop
+
+    def step(self, batch) -> float:
+        """One optimizer step on ``batch``; its loss."""
+        with self.autocast:
+            loss = self.net(_to(batch, self.device), self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.settings.grad_clip:
+            nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.settings.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        st = self.state
+        st["step_in_epoch"] += 1
+        st["global_step"] += 1
+        value = loss.item()
+        st["loss_sum"] += value
+        if st["first_loss"] is None:
+            st["first_loss"] = value
+        return value
+
+    def end_epoch(self, val_set, stopped=False) -> bool:
+        """Validation, selection, the schedule and early stopping; True to stop (also when
+        the epoch ``stopped`` at max_steps)."""
+        from torch.utils.data import default_collate
+        from tqdm.auto import tqdm
+        st, settings = self.state, self.settings
+        epoch = st["epoch"]
+        eval_model = self.ema.module if self.ema is not None else self.model
+        val = _val_loss(eval_model, self.loss_fn, val_set, settings, default_collate, self.device)
+        train_loss = st["loss_sum"] / max(st["step_in_epoch"], 1)
         score = float("nan")
-        if select is not None:
+        if self.select is not None:
             was = eval_model.training
             eval_model.eval()
             with torch.no_grad():
-                score = float(select(eval_model))
+                score = float(self.select(eval_model))
             eval_model.train(was)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
-                                 "lr": opt.param_groups[0]["lr"], "steps": state["global_step"],
-                                 "first_loss": state["first_loss"], "select": score})
-        if progress and rank == 0:
-            tqdm.write(f"{desc}: epoch {epoch + 1} train {train_loss:.4g} val {val:.4g}"
-                       + (f" select {score:.4g}" if select is not None else ""))
+        st["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                              "lr": self.opt.param_groups[0]["lr"], "steps": st["global_step"],
+                              "first_loss": st["first_loss"], "select": score})
+        if self.progress and self.rank == 0:
+            tqdm.write(f"{self.desc}: epoch {epoch + 1} train {train_loss:.4g} val {val:.4g}"
+                       + (f" select {score:.4g}" if self.select is not None else ""))
         if not math.isnan(val):
-            sched.step(val)
-        key = score if select is not None else val
-        if not math.isnan(key) and key < state.get("best_key", state["best_val"]):
-            state["best_key"] = key
-            save_best(val, epoch + 1)
-        if not math.isnan(val) and val < state["best_val"]:
-            state["best_val"], state["bad_epochs"] = val, 0
+            self.sched.step(val)
+        key = score if self.select is not None else val
+        if not math.isnan(key) and key < st.get("best_key", st["best_val"]):
+            st["best_key"] = key
+            self.save_best(val, epoch + 1)
+        stop = stopped
+        if not math.isnan(val) and val < st["best_val"]:
+            st["best_val"], st["bad_epochs"] = val, 0
         elif not math.isnan(val):
-            state["bad_epochs"] += 1
-            if state["bad_epochs"] >= settings.early_stop:
-                stop = True
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        state["loss_sum"] = 0.0
-        if stop or state["epoch"] >= settings.epochs:
-            state["done"] = True
-        checkpoint()
-    if not best_path.exists():  # no validation data: the last weights are "best"
-        save_best(float("nan"), state["epoch"])
-    if rank == 0:
-        log = ckpt_path.with_suffix(".log.json")
-        with atomic_path(log) as tmp:
-            tmp.write_text(json.dumps(state["history"], indent=1))
-    if world > 1:
-        # DDP sits in a reference cycle: without a collection it outlives the process group
-        # and its reducer is torn down during interpreter exit, which can abort the process.
-        del net
-        gc.collect()
-        dist.barrier()  # no rank goes on to read what rank 0 is still writing
-    return {"history": state["history"], "best_val": state["best_val"], "resumed": resume}
+            st["bad_epochs"] += 1
+            stop = stop or st["bad_epochs"] >= settings.early_stop
+        st["epoch"] += 1
+        st["step_in_epoch"] = 0
+        st["loss_sum"] = 0.0
+        if stop or st["epoch"] >= settings.epochs:
+            st["done"] = True
+        self.checkpoint()
+        return stop
+
+    def finish(self):
+        if not self.best_path.exists():  # no validation data: the last weights are "best"
+            self.save_best(float("nan"), self.state["epoch"])
+        if self.rank == 0:
+            with atomic_path(self.ckpt_path.with_suffix(".log.json")) as tmp:
+                tmp.write_text(json.dumps(self.state["history"], indent=1))
+        if self.world > 1:
+            # DDP sits in a reference cycle: without a collection it outlives the process group
+            # and its reducer is torn down during interpreter exit, which can abort the process.
+            del self.net
+            gc.collect()
+            dist.barrier()  # no rank goes on to read what rank 0 is still writing
