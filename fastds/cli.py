@@ -48,7 +48,14 @@ def _parser():
     p.add_argument("--fine-end", default="2007-05-15")
     p.add_argument("--native-days", type=int, default=3, help="days written as native files (-1: all)")
     p.add_argument("--seed", type=int, default=0)
+    _data_commands(sub)
+    _training_commands(sub)
+    _sampling_commands(sub)
+    _evaluation_commands(sub)
+    return ap
 
+
+def _data_commands(sub):
     p = sub.add_parser("prepare", help="raw files -> one cached store per region")
     _common(p)
     p.add_argument("--coarse", required=True, help="MERRA-2 files: folder, glob, or merged cube")
@@ -59,6 +66,8 @@ def _parser():
     p.add_argument("--variable", default="DUEXTTAU")
     p.add_argument("--allow-gaps", action="store_true", help="keep missing days as NaN instead of failing")
 
+
+def _training_commands(sub):
     p = sub.add_parser("pretrain", help="Stage A: temporal U-Net on the coarse record")
     _common(p)
     p.add_argument("--data", required=True, help="store from `fastds prepare`")
@@ -79,6 +88,8 @@ def _parser():
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
 
+
+def _sampling_commands(sub):
     p = sub.add_parser("sample", help="downscale a date range (rollout beyond the fine record)")
     _common(p)
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder")
@@ -102,6 +113,8 @@ def _parser():
     p.add_argument("--scheduler", default=None,
                    help="address of an existing dask.distributed scheduler (e.g. tcp://host:8786)")
 
+
+def _evaluation_commands(sub):
     p = sub.add_parser("evaluate", help="skill, variograms, ACF/PACF, lag curves, spectra, report")
     _common(p)
     p.add_argument("--pred", required=True, action="append", metavar="[NAME=]FILE.nc",
@@ -125,7 +138,6 @@ def _parser():
     p.add_argument("--out", default="fastds-demo", help="report folder (default ./fastds-demo)")
     p.add_argument("--quick", action="store_true", help="a reduced demo (tests, smoke runs)")
     p.add_argument("--seasons", default="2", help="comma-separated seasons to train (default 2 = MAM)")
-    return ap
 
 
 def _config(args):

@@ -19,7 +19,7 @@ from .data.store import open_store, prepare
 from .data.synthetic import TwinSpec, write_twin
 from .report import evaluate, format_table
 from .sampling.pipeline import sample
-from .training.stages import pretrain, train
+from .training.stages import default_chain, pretrain, train
 
 __all__ = ["run_demo"]
 
@@ -88,43 +88,9 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if quick:
-        spec = TwinSpec(coarse_start="2006-09-01", coarse_end="2007-08-31",
-                        fine_start="2007-01-15", fine_end="2007-05-15")
-        config = dataclasses.replace(
-            config,
-            data=dataclasses.replace(config.data, max_train_patches=1024, t_lag=6),
-            pretrain=dataclasses.replace(config.pretrain, epochs=2, widths=(8, 16, 16)),
-            train=dataclasses.replace(config.train, epochs=2, ddpm_epoch_factor=1, widths=(16, 32, 32)))
-        test_days, rollout_days, members = 4, 4, 2
-    else:
-        # the fine record ends in April so that the 30-day rollout stays in spring, the
-        # season the demo trains (a rollout into June would need a summer model)
-        spec = TwinSpec(fine_end="2007-04-30")
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, seasons=tuple(seasons)))
-    echo(f"[1/6] synthesising a twin region {spec.region.as_tuple()} "
-         f"(coarse {spec.coarse_start}..{spec.coarse_end}, fine {spec.fine_start}..{spec.fine_end})")
-    twin_dir = out / "twin"
-    if not (twin_dir / "fine_truth.nc").exists():
-        write_twin(twin_dir, spec, native_days=2)
-    echo("[2/6] preparing the store (readers check the native files, then the cubes are used)")
-    from .data.readers import open_coarse, open_fine
-    open_coarse(twin_dir / "coarse").load(), open_fine(twin_dir / "fine").load()
-    align = {} if config.data.align == "store" else {"align": config.data.align}
-    store_path = prepare(coarse=twin_dir / "coarse_daily.nc", fine=twin_dir / "fine_daily.nc",
-                         elevation=twin_dir / "elevation.nc", block=config.data.split_block,
-                         region=",".join(map(str, spec.region.as_tuple())), out=out / "store.zarr",
-                         **align)
-    run = out / "run"
-    echo(f"[3/6] Stage A: pretraining the temporal U-Net on the coarse record, seasons {seasons}")
-    pretrain(data=store_path, run=run, config=config, resume=True, progress=progress, device=device)
-    # the U-Net first: with train.mean="unet" the DDPM diffuses the U-Net's residual
-    for kind in ("unet", "ddpm", "vae"):
-        echo(f"[4/6] Stage C: training {kind} with the frozen transfer encoder "
-             f"({config.train.target} target)")
-        train(data=store_path, run=run, config=config, model=kind, resume=True, progress=progress,
-              device=device)
-
+    spec, config, (test_days, rollout_days, members) = _demo_setup(
+        config, quick, seasons, (test_days, rollout_days, members))
+    run, twin_dir, store_path = _demo_train(out, spec, config, seasons, device, progress, echo)
     st = open_store(store_path)
     in_season = season_of(st.times.month)
     ok = (st.ds["split"].values == 2) & pd.Index(in_season).isin(seasons) & (st.times >= st.times[config.data.t_lag])
@@ -150,9 +116,67 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
                        map_days=[held_out[0]])
     roll_metrics = evaluate(rolls, truth, out=out / "report-rollout", coarse=coarse, area="twin",
                             map_days=[end], record_end=record_end)
+    dist = {"held_out": variogram_distance(metrics), "rollout": variogram_distance(roll_metrics)}
+    md = _demo_text(out, metrics, roll_metrics, dist, _seam_lines(rolls, truth, cfg), rollout_days,
+                    record_end)
+    (out / "table.md").write_text(md)
+    echo("")
+    echo(md)
+    echo(f"Report: {out / 'report'} (maps, semivariograms, ACF/PACF, lag curves, spectra, Wasserstein, "
+         f"rank histograms); rollout: {out / 'report-rollout'} (per-lead R²/RMSE/sd in leads.png)")
+    return {"held_out": metrics, "rollout": roll_metrics, "variogram_distance": dist}
+
+
+def _demo_setup(config, quick, seasons, sizes):
+    """The twin's spec, the config and (test days, rollout days, members): reduced with ``quick``."""
+    if quick:
+        spec = TwinSpec(coarse_start="2006-09-01", coarse_end="2007-08-31",
+                        fine_start="2007-01-15", fine_end="2007-05-15")
+        config = dataclasses.replace(
+            config,
+            data=dataclasses.replace(config.data, max_train_patches=1024, t_lag=6),
+            pretrain=dataclasses.replace(config.pretrain, epochs=2, widths=(8, 16, 16)),
+            train=dataclasses.replace(config.train, epochs=2, ddpm_epoch_factor=1, widths=(16, 32, 32)))
+        sizes = (4, 4, 2)
+    else:
+        # the fine record ends in April so that the 30-day rollout stays in spring, the
+        # season the demo trains (a rollout into June would need a summer model)
+        spec = TwinSpec(fine_end="2007-04-30")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, seasons=tuple(seasons)))
+    return spec, config, sizes
+
+
+def _demo_train(out, spec, config, seasons, device, progress, echo):
+    """Twin, store, Stage A and Stage C (the default chain, then the VAE): (run, twin, store)."""
+    echo(f"[1/6] synthesising a twin region {spec.region.as_tuple()} "
+         f"(coarse {spec.coarse_start}..{spec.coarse_end}, fine {spec.fine_start}..{spec.fine_end})")
+    twin_dir = out / "twin"
+    if not (twin_dir / "fine_truth.nc").exists():
+        write_twin(twin_dir, spec, native_days=2)
+    echo("[2/6] preparing the store (readers check the native files, then the cubes are used)")
+    from .data.readers import open_coarse, open_fine
+    open_coarse(twin_dir / "coarse").load(), open_fine(twin_dir / "fine").load()
+    align = {} if config.data.align == "store" else {"align": config.data.align}
+    store_path = prepare(coarse=twin_dir / "coarse_daily.nc", fine=twin_dir / "fine_daily.nc",
+                         elevation=twin_dir / "elevation.nc", block=config.data.split_block,
+                         region=",".join(map(str, spec.region.as_tuple())), out=out / "store.zarr",
+                         **align)
+    run = out / "run"
+    echo(f"[3/6] Stage A: pretraining the temporal U-Net on the coarse record, seasons {seasons}")
+    pretrain(data=store_path, run=run, config=config, resume=True, progress=progress, device=device)
+    # the default chain (the U-Net first: the DDPM diffuses its residual), then the VAE
+    for kind in default_chain(config) + ["vae"]:
+        echo(f"[4/6] Stage C: training {kind} with the frozen transfer encoder "
+             f"({config.train.target} target)")
+        train(data=store_path, run=run, config=config, model=kind, resume=True, progress=progress,
+              device=device)
+    return run, twin_dir, store_path
+
+
+def _demo_text(out, metrics, roll_metrics, dist, seams, rollout_days, record_end) -> str:
+    """The demo's printed tables (Markdown)."""
     held_md, roll_md = format_table(pd.DataFrame(metrics["table"])), format_table(pd.DataFrame(roll_metrics["table"]))
     lead_md = (out / "report-rollout" / "leads.md").read_text()
-    dist = {"held_out": variogram_distance(metrics), "rollout": variogram_distance(roll_metrics)}
     text = ["Held-out days with true lags (lenient): per-day skill, mean (sd), log10 AOD unless noted",
             "", held_md, _ensemble_lines(metrics),
             f"Strict rollout of {rollout_days} days beyond the fine record (ends {record_end:%Y-%m-%d})",
@@ -161,14 +185,7 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
             "| days | " + " | ".join(dist["rollout"]) + " |", "|---" * (1 + len(dist["rollout"])) + "|"]
     for key in ("held_out", "rollout"):
         text.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in dist[key].values()) + " |")
-    seams = _seam_lines(rolls, truth, cfg)
     text += ["", "Seam statistic of the rollout, one member (gradient energy across kept-region borders "
              "over that elsewhere; 1: no seams):", "", "| " + " | ".join(seams) + " |",
              "|---" * len(seams) + "|", "| " + " | ".join(f"{v:.3f}" for v in seams.values()) + " |"]
-    md = "\n".join(text) + "\n"
-    (out / "table.md").write_text(md)
-    echo("")
-    echo(md)
-    echo(f"Report: {out / 'report'} (maps, semivariograms, ACF/PACF, lag curves, spectra, Wasserstein, "
-         f"rank histograms); rollout: {out / 'report-rollout'} (per-lead R²/RMSE/sd in leads.png)")
-    return {"held_out": metrics, "rollout": roll_metrics, "variogram_distance": dist}
+    return "\n".join(text) + "\n"

@@ -203,6 +203,43 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    preds, truth, coarse = _load_inputs(preds, truth, coarse, variable)
+    shared = _shared_days(preds, truth, same_days)
+    tables, metrics, leads = [], {"models": {}}, {}
+    for name, pred in preds.items():
+        common = pd.DatetimeIndex(shared if same_days else
+                                  np.intersect1d(pred.time.values, truth.time.values))
+        rows, entry, lead = _score_model(name, pred, truth, common, area=area, record_end=record_end,
+                                         curves=dict(variogram_days=variogram_days, max_km=max_km, bins=bins))
+        tables += rows
+        metrics["models"][name] = entry
+        if lead is not None:
+            leads[name] = lead
+    # the truth's own curves, on the days of the first model
+    first = next(iter(metrics["models"].values()))
+    days = pd.DatetimeIndex(first["days"])
+    metrics["truth"] = _curves(truth.sel(time=days), days, variogram_days=variogram_days,
+                               max_km=max_km, bins=bins)
+    if coarse is not None:
+        metrics.update(_wasserstein_entry(coarse, truth, area))
+    table = pd.concat(tables, ignore_index=True)
+    metrics["table"] = table.to_dict(orient="records")
+    if leads:
+        common = pd.DatetimeIndex(shared) if same_days else days
+        _write_leads(leads, truth.sel(time=common), record_end, metrics, out)
+    with atomic_path(out / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(format_table(table))
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1, default=float))
+    if plots:
+        _plots(preds, truth, coarse, metrics, out, map_days or list(days[:2]))
+    return metrics
+
+
+def _load_inputs(preds, truth, coarse, variable):
+    """Predictions {name: DataArray}, the truth and the coarse field (or None), loaded."""
     if not isinstance(preds, dict):
         preds = {"model": preds}
     preds = {k: load_field(v, variable) for k, v in preds.items()}
@@ -215,8 +252,11 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
     truth = load_field(truth, variable)
     if coarse is not None and not isinstance(coarse, xr.DataArray):
         coarse = load_field(coarse, variable)
+    return preds, truth, coarse
 
-    tables, metrics = [], {"models": {}}
+
+def _shared_days(preds, truth, same_days):
+    """The days every prediction shares with the truth (an error names a model with none)."""
     shared = truth.time.values
     for name, pred in preds.items():
         mine = np.intersect1d(pred.time.values, truth.time.values)
@@ -228,79 +268,71 @@ def evaluate(preds, truth, *, out, coarse=None, area="area", map_days=None, max_
     if same_days and len(shared) == 0:
         raise ValueError("evaluate: the predictions share no day with each other and the truth; "
                          "pass same_days=False to score each on its own days")
-    leads = {}
-    for name, pred in preds.items():
-        common = pd.DatetimeIndex(shared if same_days else
-                                  np.intersect1d(pred.time.values, truth.time.values))
-        p, t = pred.sel(time=common), truth.sel(time=common)
-        if p.sizes["lat"] != t.sizes["lat"] or p.sizes["lon"] != t.sizes["lon"]:
-            raise ValueError(f"evaluate: {name} grid {p.sizes['lat']}x{p.sizes['lon']} differs from the "
-                             f"truth's {t.sizes['lat']}x{t.sizes['lon']}")
-        t = t.assign_coords(lat=p.lat, lon=p.lon)
-        scores = day_scores(p, t)
-        phys = day_scores(p, t, space="physical")
-        tab = summarize(scores, area=area, model=name)
-        ptab = summarize(phys[["rmse", "mae"]].rename(columns={"rmse": "phys_rmse", "mae": "phys_mae"}),
-                         area=area, model=name)
-        tables.append(tab.merge(ptab, on=["model", "area", "season", "days"]))
-        ensemble = "member" in p.dims and p.sizes["member"] > 1
-        if ensemble:
-            one = p.isel(member=0)
-            tab1 = summarize(day_scores(one, t), area=area, model=f"{name}-member")
-            ptab1 = summarize(day_scores(one, t, space="physical")[["rmse", "mae"]].rename(
-                columns={"rmse": "phys_rmse", "mae": "phys_mae"}), area=area, model=f"{name}-member")
-            tables.append(tab1.merge(ptab1, on=["model", "area", "season", "days"]))
-        # curves (variogram, spectra, ACF) describe one realisation: member 0, not the mean
-        pm = p.isel(member=0) if "member" in p.dims else p
-        entry = {"days": [d.strftime("%Y-%m-%d") for d in common],
-                 "scores": scores.reset_index().astype({"time": str}).to_dict(orient="list"),
-                 **_curves(pm, common, variogram_days=variogram_days, max_km=max_km, bins=bins)}
-        if ensemble:
-            entry["ensemble"] = _ensemble_entry(p, t)
-        if record_end is not None:
-            leads[name] = lead_scores(p, t, record_end)
-            entry["leads"] = leads[name].reset_index().to_dict(orient="list")
-        metrics["models"][name] = entry
+    return shared
 
-    # the truth's own curves, on the days of the first model
-    first = next(iter(metrics["models"].values()))
-    days = pd.DatetimeIndex(first["days"])
-    metrics["truth"] = _curves(truth.sel(time=days), days, variogram_days=variogram_days,
-                               max_km=max_km, bins=bins)
-    if coarse is not None:
-        cd = pd.DatetimeIndex(np.intersect1d(coarse.time.values, truth.time.values))
-        if len(cd):
-            ones = np.ones(len(cd), bool)
-            xv, yv = coarse.sel(time=cd).values, truth.sel(time=cd).values
-            nx, ny = fit_minmax(xv, cd, ones), fit_minmax(yv, cd, ones)
-            seasons = season_of(cd.month)
-            xn = np.stack([nx.forward(xv[i], s) for i, s in enumerate(seasons)])
-            yn = np.stack([ny.forward(yv[i], s) for i, s in enumerate(seasons)])
-            w = wasserstein_by_day(xn, yn, cd)
-            metrics["wasserstein"] = {"by_day": w.tolist(), "days": [d.strftime("%Y-%m-%d") for d in cd],
-                                      "summary": summarize_wasserstein(w, area).to_dict(orient="records")}
-    table = pd.concat(tables, ignore_index=True)
-    metrics["table"] = table.to_dict(orient="records")
-    if leads:
-        lt = lead_table(leads)
-        common = pd.DatetimeIndex(shared) if same_days else pd.DatetimeIndex(first["days"])
-        ref = rollout_drift(truth.sel(time=common), record_end)["sd"]
-        lt["sd:truth"] = ref.reindex(lt.index).values
-        metrics["lead_table"] = lt.reset_index().to_dict(orient="list")
-        with atomic_path(out / "leads.csv") as tmp:
-            lt.to_csv(tmp)
-        with atomic_path(out / "leads.md") as tmp:
-            tmp.write_text(format_leads(lt) + "\nSpatial sd of log10 by lead (member 0; no truth needed):\n\n"
-                           + format_leads(lt, "sd"))
-    with atomic_path(out / "table.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(format_table(table))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=1, default=float))
-    if plots:
-        _plots(preds, truth, coarse, metrics, out, map_days or list(days[:2]))
-    return metrics
+
+def _score_model(name, pred, truth, common, *, area, record_end, curves):
+    """One model on ``common`` days: (table rows, metrics entry, per-lead scores or None)."""
+    p, t = pred.sel(time=common), truth.sel(time=common)
+    if p.sizes["lat"] != t.sizes["lat"] or p.sizes["lon"] != t.sizes["lon"]:
+        raise ValueError(f"evaluate: {name} grid {p.sizes['lat']}x{p.sizes['lon']} differs from the "
+                         f"truth's {t.sizes['lat']}x{t.sizes['lon']}")
+    t = t.assign_coords(lat=p.lat, lon=p.lon)
+    scores = day_scores(p, t)
+    rows = [_table_rows(p, scores, t, area, name)]
+    ensemble = "member" in p.dims and p.sizes["member"] > 1
+    if ensemble:
+        one = p.isel(member=0)
+        rows.append(_table_rows(one, day_scores(one, t), t, area, f"{name}-member"))
+    # curves (variogram, spectra, ACF) describe one realisation: member 0, not the mean
+    pm = p.isel(member=0) if "member" in p.dims else p
+    entry = {"days": [d.strftime("%Y-%m-%d") for d in common],
+             "scores": scores.reset_index().astype({"time": str}).to_dict(orient="list"),
+             **_curves(pm, common, **curves)}
+    if ensemble:
+        entry["ensemble"] = _ensemble_entry(p, t)
+    lead = None
+    if record_end is not None:
+        lead = lead_scores(p, t, record_end)
+        entry["leads"] = lead.reset_index().to_dict(orient="list")
+    return rows, entry, lead
+
+
+def _table_rows(p, scores, t, area, name):
+    """Log10 summary rows with the physical RMSE/MAE beside them."""
+    phys = day_scores(p, t, space="physical")[["rmse", "mae"]].rename(
+        columns={"rmse": "phys_rmse", "mae": "phys_mae"})
+    return summarize(scores, area=area, model=name).merge(
+        summarize(phys, area=area, model=name), on=["model", "area", "season", "days"])
+
+
+def _wasserstein_entry(coarse, truth, area) -> dict:
+    """Wasserstein domain similarity of the coarse and fine records on their shared days."""
+    cd = pd.DatetimeIndex(np.intersect1d(coarse.time.values, truth.time.values))
+    if not len(cd):
+        return {}
+    ones = np.ones(len(cd), bool)
+    xv, yv = coarse.sel(time=cd).values, truth.sel(time=cd).values
+    nx, ny = fit_minmax(xv, cd, ones), fit_minmax(yv, cd, ones)
+    seasons = season_of(cd.month)
+    xn = np.stack([nx.forward(xv[i], s) for i, s in enumerate(seasons)])
+    yn = np.stack([ny.forward(yv[i], s) for i, s in enumerate(seasons)])
+    w = wasserstein_by_day(xn, yn, cd)
+    return {"wasserstein": {"by_day": w.tolist(), "days": [d.strftime("%Y-%m-%d") for d in cd],
+                            "summary": summarize_wasserstein(w, area).to_dict(orient="records")}}
+
+
+def _write_leads(leads, truth, record_end, metrics, out):
+    """Per-lead table (with the truth's spatial sd) into ``metrics`` and leads.csv/.md."""
+    lt = lead_table(leads)
+    ref = rollout_drift(truth, record_end)["sd"]
+    lt["sd:truth"] = ref.reindex(lt.index).values
+    metrics["lead_table"] = lt.reset_index().to_dict(orient="list")
+    with atomic_path(out / "leads.csv") as tmp:
+        lt.to_csv(tmp)
+    with atomic_path(out / "leads.md") as tmp:
+        tmp.write_text(format_leads(lt) + "\nSpatial sd of log10 by lead (member 0; no truth needed):\n\n"
+                       + format_leads(lt, "sd"))
 
 
 def _plots(preds, truth, coarse, metrics, out, map_days):
@@ -313,6 +345,13 @@ def _plots(preds, truth, coarse, metrics, out, map_days):
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
         plt.close(fig)
 
+    _plot_maps(plt, save, preds, truth, coarse, map_days)
+    _plot_curves(plt, save, metrics)
+    _plot_distributions(plt, save, metrics)
+
+
+def _plot_maps(plt, save, preds, truth, coarse, map_days):
+    """One figure per map day: truth, coarse input, each model (member 0) and its error."""
     extent = [float(truth.lon.min()), float(truth.lon.max()), float(truth.lat.min()), float(truth.lat.max())]
     for day in map_days:
         day = pd.Timestamp(day)
@@ -350,6 +389,9 @@ def _plots(preds, truth, coarse, metrics, out, map_days):
         fig.suptitle(f"DUEXTTAU on {day:%Y-%m-%d} ({season_name(season_of(day.month))})")
         save(fig, f"map_{day:%Y%m%d}.png")
 
+
+def _plot_curves(plt, save, metrics):
+    """Semivariograms, spectra, ACF/PACF and lag curves: every model against the truth."""
     m = metrics["models"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     tv = metrics["truth"]["variogram"]
@@ -391,6 +433,10 @@ def _plots(preds, truth, coarse, metrics, out, map_days):
             ax.legend()
         save(fig, "lag_curves.png")
 
+
+def _plot_distributions(plt, save, metrics):
+    """Wasserstein by season, rollout scores by lead, rank histograms."""
+    m = metrics["models"]
     if "wasserstein" in metrics:
         w = pd.Series(metrics["wasserstein"]["by_day"], index=pd.DatetimeIndex(metrics["wasserstein"]["days"]))
         fig, ax = plt.subplots(figsize=(5.5, 4))

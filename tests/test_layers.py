@@ -102,3 +102,15 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path):
     """The walk finds imports inside functions, relative ones included."""
     tree = ast.parse("def f():\n    from ..training.stages import train\n")
     assert _imports(tree, ["fastds", "sampling"], {"fastds.training.stages"}) == {"fastds.training.stages"}
+
+
+def test_no_function_over_80_lines():
+    """Small functions (issue 24): a function that grows past 80 lines is split, not extended."""
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "\n".join(long)

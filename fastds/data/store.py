@@ -117,17 +117,7 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     xc = open_coarse(coarse, variable, region=region, allow_gaps=allow_gaps)
     yf = open_fine(fine, variable, region=region, allow_gaps=allow_gaps)
     _check_cover(xc, yf)
-    if elevation:
-        elev = open_elevation(elevation)
-        elev = elev.interp(lat=yf.lat, lon=yf.lon, method="nearest",
-                           kwargs={"fill_value": None}).astype(np.float32)
-        if elev.isnull().any():
-            raise DataError(f"prepare: elevation file {elevation} does not cover the fine region")
-        elev_note = str(elevation)
-    else:
-        elev = xr.zeros_like(yf.isel(time=0, drop=True)).astype(np.float32)
-        elev_note = "none (zeros)"
-
+    elev, elev_note = _elevation_on(elevation, yf)
     tc = pd.DatetimeIndex(xc.time.values)
     split_c = split_days(tc, val=val, test=test, seed=seed, block=block)
     split_f = split_c[tc.get_indexer(pd.DatetimeIndex(yf.time.values))]
@@ -142,6 +132,30 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     for v in ("coarse", "fine"):
         ds[v].attrs = {"units": xc.attrs.get("units", "1"), "long_name": variable}
         ds[v].encoding = {}
+    attrs = {"region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
+             "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
+             "fastds_store_version": STORE_VERSION}
+    notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, progress)
+    for note in notes:
+        warnings.warn(DataWarning(note), stacklevel=2)
+    return out
+
+
+def _elevation_on(elevation, yf):
+    """Elevation on the fine grid (float32) and a note of its source; zeros without a file."""
+    if not elevation:
+        return xr.zeros_like(yf.isel(time=0, drop=True)).astype(np.float32), "none (zeros)"
+    elev = open_elevation(elevation)
+    elev = elev.interp(lat=yf.lat, lon=yf.lon, method="nearest",
+                       kwargs={"fill_value": None}).astype(np.float32)
+    if elev.isnull().any():
+        raise DataError(f"prepare: elevation file {elevation} does not cover the fine region")
+    return elev, str(elevation)
+
+
+def _write_store(ds, out, attrs, tc, split_c, tf, split_f, progress) -> list:
+    """Write ``ds`` to ``out`` atomically, fit the normalisation on its training days and add
+    it to the attributes; returns the data warnings raised while reading."""
     with atomic_path(out, directory=True) as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
         if progress:
@@ -152,20 +166,13 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
             ds.to_zarr(str(tmp), mode="w", consolidated=False)
         written = xr.open_zarr(str(tmp), consolidated=False)
         norm_x = fit_minmax(written["coarse"].values, tc, split_c == 0)
-        norm_y = fit_minmax(written["fine"].values, yf.time.values, split_f == 0)
+        norm_y = fit_minmax(written["fine"].values, tf, split_f == 0)
         notes = sorted({str(w.message) for w in caught if issubclass(w.category, DataWarning)})
-        attrs = {
-            "norm_x": json.dumps(norm_x.to_dict()), "norm_y": json.dumps(norm_y.to_dict()),
-            "region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
-            "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
-            "warnings": json.dumps(notes), "fastds_store_version": STORE_VERSION,
-        }
         import zarr
         group = zarr.open_group(str(tmp), mode="r+")
-        group.attrs.update(attrs)
-    for note in notes:
-        warnings.warn(DataWarning(note), stacklevel=2)
-    return out
+        group.attrs.update({**attrs, "norm_x": json.dumps(norm_x.to_dict()),
+                            "norm_y": json.dumps(norm_y.to_dict()), "warnings": json.dumps(notes)})
+    return notes
 
 
 @dataclass

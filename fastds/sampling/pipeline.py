@@ -147,15 +147,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     data = str(Path(data).resolve())
     store = keep(("store", data), lambda: open_store(data, dask=not worker))
     days = _days(store, start, end)
-    attrs = {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
-             "mode": cfg.mode, "members": cfg.members, "member0": int(member0),
-             "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
-             "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
-             "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
-             "calibrate": int(cfg.calibrate), "calibrate_bands": int(cfg.calibrate_bands),
-             "lag_conditioning": int(cfg.lag_conditioning),
-             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
-             "antithetic": int(cfg.antithetic)}
+    attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
     # baselines as a user would compute them by hand
@@ -171,6 +163,19 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
                       out=out, attrs=attrs, finish=project, coarse_days=coarse_days,
                       progress=progress, desc=f"sample {model} {cfg.sampler}")
     return rollout.run(downscaler)
+
+
+def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
+    """The output's attributes: the request, also the signature its day files are kept under."""
+    return {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
+            "mode": cfg.mode, "members": cfg.members, "member0": int(member0),
+            "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
+            "stride": cfg.stride, "seed": cfg.seed, "consistency": int(cfg.consistency),
+            "fusion": cfg.fusion, "lag_history": cfg.lag_history, "precision": cfg.precision,
+            "calibrate": int(cfg.calibrate), "calibrate_bands": int(cfg.calibrate_bands),
+            "lag_conditioning": int(cfg.lag_conditioning),
+            "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
+            "antithetic": int(cfg.antithetic)}
 
 
 # a distributed worker's loaded state, kept between the units it runs (this process only)

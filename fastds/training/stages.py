@@ -237,10 +237,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     sampling pass: members drawn once unwidened, widened for every factor in INFLATIONS. The
     fair-CRPS and spread/skill curves and the raw (α = 1) spread/skill go under
     ``"calibration"``; a no-op (None) without usable validation days."""
-    from ..metrics.ensemble import calibrated_variance
-    from ..sampling.day import DayInputs, downscale_day
     from ..sampling.pipeline import _projection
-    from ..sampling.spread import band_split, widen_parts
+    from ..sampling.spread import widen_parts
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
         return None
@@ -256,42 +254,16 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     coarse = fd.store.coarse.values if cfg.consistency else None  # read once: both use it
     project = _projection(fd.store, coarse) if cfg.consistency else None
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
-    mean_z, res_z, truth = [], [], []
-    spread_b, err_b = 0.0, 0.0
-    for e in pick:
-        inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
-        z = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
-                          prediction=config.diffusion.prediction, members=members,
-                          seed=config.train.seed, day_key=int(e), device=device)
-        m = downscale_day(model.regression, inputs, kind="unet", cfg=cfg, device=device)[0]
-        mean_z.append(m)
-        res_z.append(z - m)
-        truth.append(fd.logy_at(e))
-        bands = band_split(z)                                   # (bands, members, H, W)
-        miss = band_split(z.mean(0) - fd.target_at(e))          # (bands, H, W)
-        spread_b = spread_b + np.array([calibrated_variance(b, pairs=pairs) for b in bands])
-        err_b = err_b + np.array([np.mean(b ** 2) for b in miss])
-    gains = np.sqrt(err_b / np.maximum(spread_b, 1e-12))
+    mean_z, res_z, truth, gains = _calibration_draws(model, fd, pick, cfg, config, members, pairs, device)
 
-    def scan(widened):
+    def scan(gains):
         """fair CRPS and spread/skill for every factor a: members = mean + base + a·spread."""
-        from ..metrics.proper import fair_crps
-        scores, ratios = [], []
-        for a in INFLATIONS:
-            crps, err2, var = [], [], []
-            for e, m, (base, spread), t in zip(pick, mean_z, widened, truth):
-                log = fd.anchor.inverse(m + base + a * spread, fd.mu_at(fd.cidx[e]), fd.season)
-                if project is not None:
-                    log = np.log10(np.maximum(project(10.0 ** log, coarse[fd.cidx[e]], fd.season), 1e-6))
-                crps.append(float(np.nanmean(fair_crps(log, t))))
-                err2.append(np.nanmean((log.mean(0) - t) ** 2))
-                var.append(calibrated_variance(log, pairs=pairs))
-            scores.append(float(np.mean(crps)))
-            ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
-        return scores, ratios
+        widened = [widen_parts(r, gains, antithetic=cfg.antithetic) for r in res_z]
+        days = [(fd.cidx[e], m, w, t) for e, m, w, t in zip(pick, mean_z, widened, truth)]
+        return _scan_factors(fd, days, project, coarse, pairs)
 
-    scores, ratios = scan([widen_parts(r, None, antithetic=cfg.antithetic) for r in res_z])
-    scores_b, ratios_b = scan([widen_parts(r, gains, antithetic=cfg.antithetic) for r in res_z])
+    scores, ratios = scan(None)
+    scores_b, ratios_b = scan(gains)
     best_a = float(INFLATIONS[int(np.argmin(scores))])
     best_ab = float(INFLATIONS[int(np.argmin(scores_b))])
     for key in ("model", "ema"):
@@ -308,6 +280,50 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
                                      "spacing": cfg.spacing, "projection": bool(cfg.consistency)}}
     save_checkpoint(best, ck)
     return ck["calibration"]
+
+
+def _calibration_draws(model, fd, pick, cfg, config, members, pairs, device):
+    """The shipped sampler's unwidened members on the calibration days: (U-Net means,
+    residuals (members, H, W), truths in log10, per-band gains matching spread to error)."""
+    from ..metrics.ensemble import calibrated_variance
+    from ..sampling.day import DayInputs, downscale_day
+    from ..sampling.spread import band_split
+    mean_z, res_z, truth = [], [], []
+    spread_b, err_b = 0.0, 0.0
+    for e in pick:
+        inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
+        z = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
+                          prediction=config.diffusion.prediction, members=members,
+                          seed=config.train.seed, day_key=int(e), device=device)
+        m = downscale_day(model.regression, inputs, kind="unet", cfg=cfg, device=device)[0]
+        mean_z.append(m)
+        res_z.append(z - m)
+        truth.append(fd.logy_at(e))
+        bands = band_split(z)                                   # (bands, members, H, W)
+        miss = band_split(z.mean(0) - fd.target_at(e))          # (bands, H, W)
+        spread_b = spread_b + np.array([calibrated_variance(b, pairs=pairs) for b in bands])
+        err_b = err_b + np.array([np.mean(b ** 2) for b in miss])
+    return mean_z, res_z, truth, np.sqrt(err_b / np.maximum(spread_b, 1e-12))
+
+
+def _scan_factors(fd, days, project, coarse, pairs):
+    """Fair CRPS and spread/skill (log10, projected as sampled) for every factor in
+    INFLATIONS; ``days``: (coarse index, mean, (base, spread), truth) per day."""
+    from ..metrics.ensemble import calibrated_variance
+    from ..metrics.proper import fair_crps
+    scores, ratios = [], []
+    for a in INFLATIONS:
+        crps, err2, var = [], [], []
+        for c, m, (base, spread), t in days:
+            log = fd.anchor.inverse(m + base + a * spread, fd.mu_at(c), fd.season)
+            if project is not None:
+                log = np.log10(np.maximum(project(10.0 ** log, coarse[c], fd.season), 1e-6))
+            crps.append(float(np.nanmean(fair_crps(log, t))))
+            err2.append(np.nanmean((log.mean(0) - t) ** 2))
+            var.append(calibrated_variance(log, pairs=pairs))
+        scores.append(float(np.mean(crps)))
+        ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
+    return scores, ratios
 
 
 def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS):
