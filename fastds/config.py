@@ -86,8 +86,11 @@ class TrainConfig:
     unet_loss: str = "l2"         # the U-Net's (and so the DDPM's regression mean's) loss:
                                   # "l2" (CorrDiff's regression: a mean, what R² and RMSE
                                   # reward) or "l1" (the paper's baseline: a median)
-    calibrate_spread: bool = True  # CorrDiff DDPM: after training, set the spread inflation to
-                                  # the validation-CRPS best within spread/skill 0.8-1.2
+    calibrate_spread: bool = True  # CorrDiff DDPM: after training, fit the spread widening (one
+                                  # α and per-band gains) by the fair CRPS on validation days
+    calibration_rollouts: int = 2  # then refine it by the fair CRPS of strict rollouts over this
+                                  # many validation blocks (members with their own histories,
+                                  # as sample runs them); 0: validation days with true lags only
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64

@@ -214,7 +214,10 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     gains = np.asarray(cal["band_gains"])
     assert gains.shape == (len(BAND_SIGMAS) + 1,) and (gains > 0).all() and np.isfinite(gains).all()
     assert cal["band_factor"] == cal["inflations"][int(np.argmin(cal["crps_fair_bands"]))]
-    np.testing.assert_allclose(best["ema"]["regression_bands"].numpy(), cal["band_factor"] * gains, rtol=1e-6)
+    # refined by strict rollouts over validation blocks: one factor on both widenings
+    f = cal["rollout_factor"]
+    assert cal["rollout_days"] > 0 and f == cal["inflations"][int(np.argmin(cal["rollout_crps_fair"]))]
+    np.testing.assert_allclose(best["ema"]["regression_bands"].numpy(), f * cal["band_factor"] * gains, rtol=1e-5)
     # calibration samples exactly as `sample` does with the run's settings: only the member
     # count, α itself, true lags and the eager loop may differ (fails if the two drift apart)
     shipped = calibration_sampler(dcfg)
@@ -223,9 +226,9 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
              if f.name not in own and getattr(shipped, f.name) != getattr(dcfg.sample, f.name)]
     assert not drift, drift
     for key in ("model", "ema"):
-        assert float(best[key]["regression_inflation"]) == pytest.approx(cal["inflation"])
+        assert float(best[key]["regression_inflation"]) == pytest.approx(f * cal["inflation"])
     from fastds.training.stages import load_trained
-    assert float(load_trained(run, 3)[0].regression_inflation) == pytest.approx(cal["inflation"])
+    assert float(load_trained(run, 3)[0].regression_inflation) == pytest.approx(f * cal["inflation"])
     with pytest.raises(ValueError, match="applies to ddpm/vae"):
         train(data=store_path, run=tmp_path / "other", config=dcfg, model="unet", progress=False)
     # the score itself: a perfect model (the truth as its prediction) would score 1; ours is a

@@ -121,6 +121,13 @@ class _FineBase:
             if self.season not in self.anchor.clim:
                 raise ValueError(f"the anchor has no statistics for season {self.season}")
 
+    def index_of(self, day) -> int:
+        """The fine-record index of ``day`` (an error names a day outside the record)."""
+        i = self.times.get_indexer([pd.Timestamp(day)])[0]
+        if i < 0:
+            raise KeyError(f"{pd.Timestamp(day):%Y-%m-%d} is not in the fine record")
+        return int(i)
+
     def logy_at(self, d):
         """log10 of fine day ``d``'s truth (H, W); NaN where the record has none."""
         return self.logy[d] if self.space == "residual" else to_log(self.store.fine.values[d]).astype(np.float32)
@@ -361,9 +368,3 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
 
 class FineDays(_FineBase):
     """Whole-day access for inference and evaluation (no patching); see FinePatches."""
-
-    def index_of(self, day) -> int:
-        i = self.times.get_indexer([pd.Timestamp(day)])[0]
-        if i < 0:
-            raise KeyError(f"{pd.Timestamp(day):%Y-%m-%d} is not in the fine record")
-        return int(i)

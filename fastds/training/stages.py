@@ -266,20 +266,70 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     scores_b, ratios_b = scan(gains)
     best_a = float(INFLATIONS[int(np.argmin(scores))])
     best_ab = float(INFLATIONS[int(np.argmin(scores_b))])
+    raw = int(np.argmin(np.abs(INFLATIONS - 1.0)))
+    cal = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
+           "spread_skill": ratios, "raw_spread_skill": ratios[raw],
+           "band_gains": gains.tolist(), "band_factor": best_ab,
+           "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
+           "days": [int(d) for d in pick], "members": members,
+           "sampler": {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
+                       "spacing": cfg.spacing, "projection": bool(cfg.consistency)}}
+    model.regression_inflation.fill_(best_a)
+    model.regression_bands = torch.tensor(best_ab * gains, dtype=torch.float32)
+    if config.train.calibration_rollouts > 0:
+        cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse, pairs, device))
+        model.regression_inflation.mul_(cal["rollout_factor"])
+        model.regression_bands.mul_(cal["rollout_factor"])
     for key in ("model", "ema"):
         if ck.get(key) is not None:
-            ck[key]["regression_inflation"] = torch.tensor(best_a)
-            ck[key]["regression_bands"] = torch.tensor(best_ab * gains, dtype=torch.float32)
-    raw = int(np.argmin(np.abs(INFLATIONS - 1.0)))
-    ck["calibration"] = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
-                         "spread_skill": ratios, "raw_spread_skill": ratios[raw],
-                         "band_gains": gains.tolist(), "band_factor": best_ab,
-                         "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
-                         "days": [int(d) for d in pick], "members": members,
-                         "sampler": {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
-                                     "spacing": cfg.spacing, "projection": bool(cfg.consistency)}}
+            ck[key]["regression_inflation"] = model.regression_inflation.detach().cpu().clone()
+            ck[key]["regression_bands"] = model.regression_bands.detach().cpu().clone()
+    ck["calibration"] = cal
     save_checkpoint(best, ck)
-    return ck["calibration"]
+    return cal
+
+
+def _rollout_factor(model, fd, val_set, config, members, project, coarse, pairs, device) -> dict:
+    """Refine a widening by strict rollouts, as ``sample`` runs them: over the longest
+    validation blocks (``train.calibration_rollouts``), every member rolls forward from the
+    block's true lag window with its own history, widened as it ships; then one factor f on
+    each day's widened spread is picked by the fair CRPS (log10, projected). Members that
+    roll out carry their own histories' divergence, which days with true lags do not show."""
+    from ..sampling.day import downscale_day
+    from ..sampling.downscalers import Season
+    from ..sampling.rollout import Rollout
+    from ..sampling.spread import widen_parts
+    cfg = dataclasses.replace(calibration_sampler(config, members), calibrate=True, mode="strict")
+    days = np.unique(val_set.days)
+    blocks = np.split(days, np.flatnonzero(np.diff(days) > 1) + 1)
+    blocks = sorted(blocks, key=len, reverse=True)[:config.train.calibration_rollouts]
+    record = []
+
+    class Recorder:  # the shipped DDPM, its per-member means kept beside each day
+        needs_lags = True
+
+        def season(self, s):
+            return Season(model, config, fd)
+
+        def day(self, ctx):
+            kw = dict(cfg=cfg, members=ctx.members, device=device)
+            z = downscale_day(model, ctx.inputs, kind="ddpm", T=config.diffusion.T,
+                              prediction=config.diffusion.prediction, seed=config.train.seed,
+                              day_key=ctx.day_key, **kw)
+            m = downscale_day(model.regression, ctx.inputs, kind="unet", **kw)
+            record.append((ctx.c, m, z - m, fd.logy_at(fd.index_of(ctx.day))))
+            return fd.to_physical(z, ctx.c)
+
+    by_day = type("CoarseDays", (), {"__getitem__": lambda self, d: coarse[fd.store.times_c.get_loc(d)]})
+    for block in blocks:
+        Rollout(store=fd.store, days=fd.times[block], cfg=cfg, coarse_days=by_day(),
+                finish=project).run(Recorder())
+    widened = [(c, m, widen_parts(r, None, antithetic=cfg.antithetic), t) for c, m, r, t in record]
+    scores, ratios = _scan_factors(fd, widened, project, coarse, pairs)
+    k = int(np.argmin(scores))
+    return {"rollout_factor": float(INFLATIONS[k]), "rollout_days": len(record),
+            "rollout_crps_fair": scores, "rollout_spread_skill": ratios,
+            "rollout_spread_skill_at_1": ratios[int(np.argmin(np.abs(INFLATIONS - 1.0)))]}
 
 
 def _calibration_draws(model, fd, pick, cfg, config, members, pairs, device):
