@@ -192,7 +192,8 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     # and lag noise sized from that U-Net's one-day errors
     dcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select="loss",
                                                               pushforward_source="unet",
-                                                              lag_noise_scale=0.5))
+                                                              lag_noise_scale=0.5,
+                                                              calibration_rollouts=1))
     train(data=store_path, run=run, config=dcfg, model="ddpm", progress=False)
     assert (run / "season3" / "ddpm.best.pt").exists()
     best = load_checkpoint(run / "season3" / "ddpm.best.pt")
