@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fastds.config import load_config
@@ -98,3 +99,54 @@ def test_killed_worker_resumes(run_all_seasons):
     assert "ds" in result, "the run did not complete after a worker was killed"
     np.testing.assert_array_equal(result["ds"]["DUEXTTAU"].values, want)
     print("peak RSS per worker (MB):", rss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["unet", "ddpm"])
+def test_fixed_cost_per_unit(benchmark, run_all_seasons, tmp_path, model):
+    """Fixed seconds per distributed unit (everything but sampling its days) against an
+    in-process request's start-up: a fresh ``sample`` of one day (load the run, the fine
+    days, fit the projection) and a worker's second unit (``worker=True``: that state kept
+    from its first unit), each minus the time spent inside the downscaler's days. Target:
+    the unit's fixed cost at most 0.2 of the start-up."""
+    import fastds.sampling.downscalers as D
+    import fastds.sampling.pipeline as P
+    from fastds.sampling.distributed import Unit, _run_unit
+    out, cfg = run_all_seasons
+    if model == "ddpm":
+        train(data=out / "s.zarr", run=out / "run", config=cfg, model="ddpm", season=1, resume=True,
+              progress=False)
+    inside = []
+    real = D.Network.day
+
+    def timed(self, ctx):
+        t = time.perf_counter()
+        try:
+            return real(self, ctx)
+        finally:
+            inside.append(time.perf_counter() - t)
+    D.Network.day = timed
+    c = dataclasses.replace(cfg.sample, mode="strict", members=2)
+    day = "2007-01-10"
+    try:
+        P.clear_worker_state()
+        t0 = time.perf_counter()
+        sample(run=out / "run", start=day, end=day, cfg=c, model=model, progress=False, cold_start=True)
+        startup = time.perf_counter() - t0 - sum(inside)
+        inside.clear()
+        kw = dict(sample=sample, run=str(out / "run"), folder=str(tmp_path), cfg=c, model=model,
+                  data=None, device="cpu", threads=None)
+        one = pd.Timestamp(day)
+        _run_unit(Unit(0, one, one, one, 0, 1, True), **kw)   # the worker's first unit
+        inside.clear()
+        t0 = time.perf_counter()
+        _run_unit(Unit(0, one, one, one, 1, 1, True), **kw)   # its second: the state is kept
+        unit = time.perf_counter() - t0 - sum(inside)
+    finally:
+        D.Network.day = real
+        P.clear_worker_state()
+    benchmark.group = f"fixed cost per distributed unit, {model}"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update({"startup_s": startup, "unit_fixed_s": unit, "ratio": unit / startup})
+    print(f"{model}: in-process start-up {startup:.2f} s, a worker's unit {unit:.3f} s "
+          f"(ratio {unit / startup:.3f}; target <= 0.2)")

@@ -50,7 +50,7 @@ def _inputs(t_lag, H, W, seed):
 
 def graphs_vs_eager(H=357, W=432):
     from fastds.config import load_config
-    from fastds.sampling import pipeline
+    from fastds.sampling import day as pipeline  # the graph cache lives with the day
     from fastds.sampling.pipeline import downscale_day
     cfg = load_config("tiny")
     for fusion in ("step", "final"):

@@ -247,7 +247,7 @@ def test_encoder_recompute_matches_cached(trained_run, store_path, test_days):
 def test_downscale_day_uses_cuda_graphs(trained_run, store_path, test_days):
     """On a GPU the day's batches replay captured graphs (DDIM with eta 0 draws no noise, so the
     graphed and eager days agree)."""
-    from fastds.sampling import pipeline as pipe
+    from fastds.sampling import day as pipe  # the graph cache lives with the day
     model, conf = load_trained(trained_run, 3, device="cuda")
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     eager = downscale_day(model, inp, cfg=dataclasses.replace(FAST, cuda_graphs=False), T=conf.diffusion.T,
