@@ -454,9 +454,13 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
           device="cpu", on_step=None) -> list[Path]:
     """Stage C: train the conditional DDPM (or a baseline: ``model="unet"`` / ``"vae"``) on
     fine patches of each season, with the frozen Stage-A encoder's features as conditioning
-    (unless ``config.train.transfer`` is false). Returns the best-checkpoint paths."""
+    (unless ``config.train.transfer`` is false). Returns the best-checkpoint paths. The run's
+    saved config becomes this one: ``sample`` then uses the settings the spread calibration
+    sampled with."""
     store = open_store(data)
     run = Path(run)
+    if (run / "run.json").exists():
+        write_run_meta(run, store, config)
     out = []
     for s in _seasons(store, config, season):
         d = config.data
