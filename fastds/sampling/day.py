@@ -159,48 +159,67 @@ def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key
         return _fused(model, inputs, patches, plans, gens, signs, cfg=cfg,
                       cache_conditioning=cache_conditioning, device=device, backend=backend,
                       progress=progress, graphs=graphs)
-    make = _PatchwiseGenerator(model, kind, cfg, plans, signs, graphs, backend, cache_conditioning, device)
-    return make(inputs, patches, gens, progress)
+    per_kind = _PATCH_KINDS[kind](model, cfg, plans, signs, graphs, backend, cache_conditioning, device)
+    return _patchwise(per_kind, inputs, patches, gens, progress)
 
 
-class _PatchwiseGenerator:
-    """``fusion="final"`` (and the U-Net/VAE): each patch generated on its own, batch by
-    batch, members inside a batch; then stitched per member."""
+def _patchwise(per_kind, inputs, patches: _Patches, gens, progress):
+    """``fusion="final"`` (and the U-Net/VAE): each patch generated on its own by the kind's
+    ``one``, batch by batch, members inside a batch; then stitched per member."""
+    n, members, device = len(patches.starts), len(gens), per_kind.device
+    shared_lags = inputs.lags.shape[0] == 1
+    t = patches.tile
+    x_T = [s * torch.randn((n, 1, t, t), generator=g, device=device)
+           for g, s in zip(gens, per_kind.signs)]
+    pieces = [[] for _ in range(members)]
+    for sl in _batches(n, per_kind.cfg.batch):
+        coarse, cov = patches.base[sl, :1], patches.base[sl, 1:]
+        lags = cond = None
+        for k, gen in enumerate(gens):
+            if lags is None or not shared_lags:
+                lags = patches.lags(inputs.lags[0 if shared_lags else k], sl, device)
+                # the conditioning, transfer features included, once per patch: every
+                # sampler step and every member that shares the lag window reuse it
+                cond = (per_kind.model.cond(coarse, cov, lags, _drop(per_kind.cfg, len(lags), device))
+                        if per_kind.cache else None)
+            pieces[k].append(per_kind.one(k, gen, x_T[k][sl], cond, coarse, cov, lags))
+        if progress is not None:
+            progress.update(members * (sl.stop - sl.start))
+    return np.stack([patches.stitch(torch.cat(p)[:, 0]) for p in pieces])
 
-    def __init__(self, model, kind, cfg, plans, signs, graphs, backend, cache_conditioning, device):
-        self.model, self.kind, self.cfg, self.plans, self.signs = model, kind, cfg, plans, signs
-        self.graphs, self.backend, self.cache, self.device = graphs, backend, cache_conditioning, device
 
-    def __call__(self, inputs, patches: _Patches, gens, progress):
-        n, members = len(patches.starts), len(gens)
-        shared_lags = inputs.lags.shape[0] == 1
-        t = patches.tile
-        x_T = [s * torch.randn((n, 1, t, t), generator=g, device=self.device)
-               for g, s in zip(gens, self.signs)]
-        pieces = [[] for _ in range(members)]
-        for sl in _batches(n, self.cfg.batch):
-            coarse, cov = patches.base[sl, :1], patches.base[sl, 1:]
-            lags = cond = None
-            for k, gen in enumerate(gens):
-                if lags is None or not shared_lags:
-                    lags = patches.lags(inputs.lags[0 if shared_lags else k], sl, self.device)
-                    # the conditioning, transfer features included, once per patch: every
-                    # sampler step and every member that shares the lag window reuse it
-                    cond = (self.model.cond(coarse, cov, lags, _drop(self.cfg, len(lags), self.device))
-                            if self.kind != "ddpm" or self.cache else None)
-                pieces[k].append(self.one(k, gen, x_T[k][sl], cond, coarse, cov, lags))
-            if progress is not None:
-                progress.update(members * (sl.stop - sl.start))
-        return np.stack([patches.stitch(torch.cat(p)[:, 0]) for p in pieces])
+class _UNetPatches:
+    """A deterministic network's patches: its prediction from the conditioning."""
+
+    def __init__(self, model, cfg, plans, signs, graphs, backend, cache_conditioning, device):
+        self.model, self.cfg, self.plans, self.signs = model, cfg, plans, signs
+        self.graphs, self.backend, self.device = graphs, backend, device
+        self.cache = True   # its conditioning is always computed once per patch
 
     def one(self, k, gen, x_T, cond, coarse, cov, lags):
         """One batch of member k's patches: (n, 1, tile, tile)."""
+        return self.model(None, None, cond)
+
+
+class _VAEPatches(_UNetPatches):
+    """A VAE's patches: one latent draw per member (negated for an antithetic partner)."""
+
+    def one(self, k, gen, x_T, cond, coarse, cov, lags):
+        z = self.signs[k] * torch.randn(self.model.net.latent_shape(cond), generator=gen, device=self.device)
+        return self.model.net.generate(cond, z)
+
+
+class _DiffusionPatches(_UNetPatches):
+    """A diffusion model's patches: the sampler's plan run from x_T, on a captured graph
+    when one is available, else eagerly (with the conditioning cached, or recomputed at
+    every step for the reference recipe)."""
+
+    def __init__(self, model, cfg, plans, signs, graphs, backend, cache_conditioning, device):
+        super().__init__(model, cfg, plans, signs, graphs, backend, cache_conditioning, device)
+        self.cache = cache_conditioning  # False: the reference recipe recomputes it every step
+
+    def one(self, k, gen, x_T, cond, coarse, cov, lags):
         model, cfg = self.model, self.cfg
-        if self.kind == "vae":
-            z = self.signs[k] * torch.randn(model.net.latent_shape(cond), generator=gen, device=self.device)
-            return model.net.generate(cond, z)
-        if self.kind == "unet":
-            return model(None, None, cond)
         if self.cache and self.graphs is not None:
             key = (tuple(x_T.shape), tuple(cond.shape), cfg.sampler, cfg.steps, cfg.eta, cfg.clip,
                    cfg.precision, self.signs[k])
@@ -218,6 +237,9 @@ class _PatchwiseGenerator:
             return model(x, t, model.cond(coarse, cov, lags, _drop(cfg, len(lags), self.device)))
         return run_plan(recompute, x_T, self.plans[k], cond=None, generator=gen,
                         clip=cfg.clip or None, backend=self.backend)
+
+
+_PATCH_KINDS = {"unet": _UNetPatches, "vae": _VAEPatches, "ddpm": _DiffusionPatches}
 
 
 def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_conditioning,
