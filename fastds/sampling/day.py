@@ -118,11 +118,12 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     """CorrDiff: the sample is the scaled, widened residual of a regression mean; stitching
     is linear, so mean and residual are stitched apart and added. The residual pass runs the
     same model (so captured graphs stay keyed to it), without the mean."""
-    res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device, **run)
+    patches = _Patches.of(inputs, cfg, device)  # one geometry for the residual and the mean
+    res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
+                    patches=patches, **run)
     alpha, gains = spread_widening(model, cfg)
     res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
     scale = float(model.regression_scale)
-    patches = _Patches.of(inputs, cfg, device)
     shared_lags = inputs.lags.shape[0] == 1
     for k in range(members):
         if k == 0 or not shared_lags:
@@ -142,9 +143,10 @@ def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
 
 
 def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key,
-              cache_conditioning, device, backend, progress, member0):
-    """The network's own field (no regression mean): (members, H, W)."""
-    patches = _Patches.of(inputs, cfg, device)
+              cache_conditioning, device, backend, progress, member0, patches=None):
+    """The network's own field (no regression mean): (members, H, W). ``patches``: the day's
+    geometry if the caller has built it already."""
+    patches = patches if patches is not None else _Patches.of(inputs, cfg, device)
     gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
                                device=device)
     plans = None

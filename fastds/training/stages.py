@@ -237,7 +237,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     sampling pass: members drawn once unwidened, widened for every factor in INFLATIONS. The
     fair-CRPS and spread/skill curves and the raw (α = 1) spread/skill go under
     ``"calibration"``; a no-op (None) without usable validation days."""
-    from ..sampling.pipeline import _projection
+    from ..sampling.pipeline import _CoarseDays, _projection
     from ..sampling.spread import widen_parts
     from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
@@ -251,7 +251,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     ck = load_checkpoint(best)
     model, _ = load_trained(best.parent.parent, int(ck["season"]), "ddpm", device=device)
     cfg = calibration_sampler(config, members)
-    coarse = fd.store.coarse.values if cfg.consistency else None  # read once: both use it
+    coarse_days = _CoarseDays(fd.store)  # the coarse cube read once, for every use below
+    coarse = coarse_days.values if cfg.consistency else None
     project = _projection(fd.store, coarse) if cfg.consistency else None
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
     mean_z, res_z, truth, gains = _calibration_draws(model, fd, pick, cfg, config, members, pairs, device)
@@ -277,7 +278,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     model.regression_inflation.fill_(best_a)
     model.regression_bands = torch.tensor(best_ab * gains, dtype=torch.float32)
     if config.train.calibration_rollouts > 0:
-        cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse, pairs, device))
+        cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs,
+                                   device))
         model.regression_inflation.mul_(cal["rollout_factor"])
         model.regression_bands.mul_(cal["rollout_factor"])
     for key in ("model", "ema"):
@@ -289,7 +291,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     return cal
 
 
-def _rollout_factor(model, fd, val_set, config, members, project, coarse, pairs, device) -> dict:
+def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device) -> dict:
     """Refine a widening by strict rollouts, as ``sample`` runs them: over the longest
     validation blocks (``train.calibration_rollouts``), every member rolls forward from the
     block's true lag window with its own history, widened as it ships; then one factor f on
@@ -320,12 +322,12 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse, pairs,
             record.append((ctx.c, m, z - m, fd.logy_at(fd.index_of(ctx.day))))
             return fd.to_physical(z, ctx.c)
 
-    by_day = type("CoarseDays", (), {"__getitem__": lambda self, d: coarse[fd.store.times_c.get_loc(d)]})
     for block in blocks:
-        Rollout(store=fd.store, days=fd.times[block], cfg=cfg, coarse_days=by_day(),
+        Rollout(store=fd.store, days=fd.times[block], cfg=cfg, coarse_days=coarse_days,
                 finish=project).run(Recorder())
     widened = [(c, m, widen_parts(r, None, antithetic=cfg.antithetic), t) for c, m, r, t in record]
-    scores, ratios = _scan_factors(fd, widened, project, coarse, pairs)
+    scores, ratios = _scan_factors(fd, widened, project, coarse_days.values if project is not None else None,
+                                   pairs)
     k = int(np.argmin(scores))
     return {"rollout_factor": float(INFLATIONS[k]), "rollout_days": len(record),
             "rollout_crps_fair": scores, "rollout_spread_skill": ratios,
