@@ -17,10 +17,11 @@ _PEERS = {}  # group -> the provider every other is also compared with (the best
 @pytest.fixture
 def record():
     def _record(benchmark, group, provider, nbytes=None, items=None, unit="items", median_s=None,
-                peer=False):
+                peer=False, extra=None):
         """``median_s`` overrides the timed median when the timed call stands for a part of
         the work (e.g. a subset of patches scaled to a whole day); the benchmark says so.
-        ``peer``: this provider is the group's same-work peer (ratios are printed to it)."""
+        ``peer``: this provider is the group's same-work peer (ratios are printed to it).
+        ``extra``: other measured figures, printed after the ratios (e.g. peak RSS)."""
         stats = benchmark.stats.stats if benchmark.stats else None
         if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
             return
@@ -28,7 +29,8 @@ def record():
             _PEERS[group] = provider
         _RESULTS[group][provider] = {"median_s": median_s if median_s is not None else stats.median,
                                      "min_s": stats.min, "iqr_s": stats.iqr, "rounds": stats.rounds,
-                                     "bytes": nbytes, "items": items, "unit": unit}
+                                     "bytes": nbytes, "items": items, "unit": unit,
+                                     "extra": dict(extra or {})}
     return _record
 
 
@@ -61,6 +63,8 @@ def pytest_terminal_summary(terminalreporter):
             peer = rows.get(_PEERS.get(group, ""))
             if peer and name != _PEERS[group]:
                 line += f"  vs {_PEERS[group]} {peer['median_s'] / r['median_s']:6.2f}x"
+            for k, v in r.get("extra", {}).items():
+                line += f"  {k} {v}"
             tr.write_line(line)
     out = Path(os.environ.get("FASTDS_BENCH_JSON", ".benchmarks/fastds_summary.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

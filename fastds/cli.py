@@ -65,6 +65,8 @@ def _data_commands(sub):
     p.add_argument("--out", required=True, help="store folder (e.g. area1.zarr)")
     p.add_argument("--variable", default="DUEXTTAU")
     p.add_argument("--allow-gaps", action="store_true", help="keep missing days as NaN instead of failing")
+    p.add_argument("--workers", type=int, default=0,
+                   help="read days in this many processes (0: threads; global native files want several)")
 
 
 def _training_commands(sub):
@@ -95,7 +97,9 @@ def _sampling_commands(sub):
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder")
     p.add_argument("--start", required=True)
     p.add_argument("--end", required=True)
-    p.add_argument("--out", required=True, help="output NetCDF (resumes if interrupted)")
+    p.add_argument("--out", required=True,
+                   help="output NetCDF, or Zarr (*.zarr: written day by day, readable while running); "
+                        "resumes if interrupted")
     p.add_argument("--members", type=int, default=None)
     p.add_argument("--mode", choices=["strict", "lenient"], default=None)
     p.add_argument("--model", default="ddpm",
@@ -181,7 +185,7 @@ def _run(args) -> int:
         align = {} if cfg.data.align == "store" else {"align": cfg.data.align}
         out = prepare(coarse=args.coarse, fine=args.fine, out=args.out, region=args.region,
                       elevation=args.elevation, variable=args.variable, block=cfg.data.split_block,
-                      allow_gaps=args.allow_gaps, progress=progress, **align)
+                      allow_gaps=args.allow_gaps, workers=args.workers, progress=progress, **align)
         print(f"store ready: {out}")
     elif args.cmd == "pretrain":
         from .training.stages import pretrain

@@ -14,6 +14,7 @@ from .data.transforms import fit_minmax
 from .metrics import (acf_pacf, crps, day_scores, lag_curves, power_spectrum, rank_histogram,
                       semivariogram, spread_skill, summarize, summarize_wasserstein,
                       wasserstein_by_day)
+from .sampling.output import open_output
 
 __all__ = ["rollout_drift", "evaluate", "format_table", "load_field"]
 
@@ -21,7 +22,7 @@ TABLE_SCORES = ("r2", "r2_nse", "rmse", "mae", "bias")
 
 
 def load_field(path_or_obj, variable="DUEXTTAU") -> xr.DataArray:
-    """A (time[, member], lat, lon) DataArray from a NetCDF path, a Dataset or a DataArray."""
+    """A (time[, member], lat, lon) DataArray from a NetCDF or Zarr path, a Dataset or a DataArray."""
     if isinstance(path_or_obj, xr.DataArray):
         return path_or_obj
     if isinstance(path_or_obj, xr.Dataset):
@@ -30,9 +31,9 @@ def load_field(path_or_obj, variable="DUEXTTAU") -> xr.DataArray:
     if not path.exists():
         raise FileNotFoundError(f"evaluate: {path} does not exist")
     try:
-        ds = xr.open_dataset(path)
+        ds = open_output(path)  # a Zarr a run is still writing: the days written so far
     except Exception as err:
-        raise ValueError(f"evaluate: cannot open {path} as NetCDF ({type(err).__name__})") from None
+        raise ValueError(f"evaluate: cannot open {path} as NetCDF or Zarr ({type(err).__name__})") from None
     if variable not in ds:
         raise ValueError(f"evaluate: {path} has no variable {variable!r} (has: {', '.join(map(str, ds.data_vars))})")
     return _with_pairs(ds, ds[variable].load())

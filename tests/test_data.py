@@ -278,3 +278,126 @@ def test_every_season_with_two_blocks_gets_validation_days():
     # longer records keep the plain fractions
     long = split_days(pd.date_range("2006-06-01", periods=92, freq="D"), val=0.2, test=0.1, block=1)
     assert (long == 1).sum() == round(0.2 * 92) and (long == 2).sum() == round(0.1 * 92)
+
+
+def _cube_ds(lat, lon, days, seed, name="DUEXTTAU"):
+    """A daily (time, lat, lon) Dataset with smooth positive values, any lon convention."""
+    rng = np.random.default_rng(seed)
+    t = pd.date_range("2006-06-01", periods=days, freq="D")
+    base = np.exp(np.sin(np.radians(lon))[None, None, :] + 0.1 * rng.standard_normal((days, lat.size, 1)))
+    vals = (0.1 * base * (1 + 0.01 * np.arange(lat.size))[None, :, None]).astype(np.float32)
+    return xr.Dataset({name: (("time", "lat", "lon"), vals)},
+                      coords={"time": t, "lat": lat, "lon": lon})
+
+
+def test_region_across_the_antimeridian(tmp_path):
+    """A box with lon_min > lon_max crosses 180: its data keep ascending longitudes past 180,
+    whatever the source's convention (here: coarse in -180..180, fine in 0..360), and the
+    whole prepare -> store path works on it."""
+    box = parse_region("10,12,170,-170")
+    assert box.crosses_antimeridian and box.lon_span == (170, 190)
+    assert box.overlaps(parse_region("10,12,-175,-160")) and not box.overlaps(AREAS["area1"])
+    with pytest.raises(ValueError, match="lon_min != lon_max"):
+        parse_region("10,12,5,5")
+    np.testing.assert_array_equal(box.lon_inside([175, -175, 0, 185, 160]), [True, True, False, True, False])
+
+    clon = np.arange(-180, 180, 0.625)
+    coarse = _cube_ds(np.arange(5, 17.01, 0.5), clon, 40, seed=1)
+    flon = np.arange(160, 200, 0.0625)  # 0..360: the seam of this source is not at 180
+    fine = _cube_ds(np.arange(9, 13, 0.0625), flon, 20, seed=2)
+    c = open_coarse(coarse, region=box)
+    f = open_fine(fine, region=box)
+    for da, src in ((c, coarse), (f, fine)):
+        assert np.all(np.diff(da.lon) > 0) and da.lon.min() < 180 < da.lon.max() < 190.5
+        # every value is the source's at the same longitude (mod 360)
+        src_lon = ((src.lon.values + 180) % 360) - 180
+        idx = [int(np.argmin(np.abs(src_lon - (((x + 180) % 360) - 180)))) for x in da.lon.values]
+        np.testing.assert_array_equal(da.values, src.DUEXTTAU.sel(lat=da.lat).values[:, :, idx])
+    assert float(f.lon.min()) == 170 and float(f.lon.max()) == 190  # edges included
+
+    out = prepare(coarse=coarse, fine=fine, region=box, out=tmp_path / "am.zarr", block=5)
+    st = open_store(out)
+    assert st.region.crosses_antimeridian and np.all(np.diff(st.fine.lon) > 0)
+    assert st.fine.shape == f.shape and np.isfinite(st.fine.values).all()
+    # the same data in another coarse convention (0..360) give the same store values
+    coarse360 = coarse.assign_coords(lon=np.where(clon < 0, clon + 360, clon)).sortby("lon")
+    out2 = prepare(coarse=coarse360, fine=fine, region=box, out=tmp_path / "am2.zarr", block=5)
+    np.testing.assert_array_equal(open_store(out2).coarse.values, st.coarse.values)
+
+
+def test_native_reads_only_the_region_hyperslab(twin, tmp_path, monkeypatch):
+    """A region is read as contiguous lon runs (two where it wraps the file's seam), never as
+    whole rows of the globe; values equal a whole read indexed afterwards."""
+    import fastds.data.readers as rd
+    write_twin(tmp_path, SPEC, twin=twin, native_days=1, cubes=False, lon_360=True)
+    sub = open_fine(tmp_path / "fine", region="25,26,45,46", min_valid_fraction=0)
+    first = sorted((tmp_path / "fine").glob("*.nc4"))[0]
+    with netCDF4.Dataset(first) as nc:
+        layout = rd._layout(nc["lat"][:], nc["lon"][:], rd.GRIDS["fine"], parse_region("25,26,45,46"),
+                            "fine", first, "t")
+        whole = np.asarray(nc["DUEXTTAU"][0], np.float64)
+    assert sum(b - a for a, b in layout.lon_runs) == sub.sizes["lon"] == layout.lon.size
+    np.testing.assert_array_equal(np.asarray(whole[layout.lat_slice][:, layout.lon_index]).shape[1],
+                                  sub.sizes["lon"])
+    # a seam inside the region: raw lon 0..360 and a box around 0 E -> two runs
+    lon360 = np.arange(0, 360, 0.625)
+    lay = rd._layout(np.arange(-10, 10.1, 0.5), lon360, rd.GRIDS["coarse"], parse_region("-5,5,-3,3"),
+                     "coarse", "x", "t")
+    assert len(lay.lon_runs) == 2 and np.all(np.diff(lay.lon) > 0)
+    np.testing.assert_allclose(((lon360[lay.lon_index] + 180) % 360) - 180, lay.lon)
+    # _read_var reads each run once: count the slices a fake variable is asked for
+    asked = []
+
+    class Var:
+        shape = (1, 41, lon360.size)
+        def set_auto_maskandscale(self, on): pass
+        def ncattrs(self): return []
+        def __getitem__(self, key):
+            asked.append(key[-1])
+            return np.broadcast_to(lon360, (1, 41, lon360.size))[key]
+
+    got = rd._read_var(type("NC", (), {"variables": {"V": Var()}})(), "V", lay, "x", "t")
+    assert all(isinstance(k, slice) for k in asked) and len(asked) == 2
+    np.testing.assert_array_equal(got[0, 0], lon360[lay.lon_index])
+
+
+def test_prepare_from_xarray_objects_equals_from_files(twin_dir, tmp_path):
+    kw = dict(elevation=twin_dir / "elevation.nc", region=BOX)
+    a = open_store(prepare(out=tmp_path / "a.zarr", coarse=twin_dir / "coarse_daily.nc",
+                           fine=twin_dir / "fine_daily.nc", **kw))
+    cds = xr.open_dataset(twin_dir / "coarse_daily.nc")
+    fda = xr.open_dataset(twin_dir / "fine_daily.nc")["DUEXTTAU"].load()
+    out = prepare(out=tmp_path / "b.zarr", coarse=cds, fine=fda, **kw)
+    b = open_store(out)
+    np.testing.assert_array_equal(a.coarse.values, b.coarse.values)
+    np.testing.assert_array_equal(a.fine.values, b.fine.values)
+    assert a.norm_y.to_dict() == b.norm_y.to_dict()
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    assert prepare(out=out, coarse=cds, fine=fda, **kw) == out  # same objects: cached
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="has no variable 'SSEXTTAU'"):
+        prepare(out=tmp_path / "c.zarr", coarse=cds, fine=fda, variable="SSEXTTAU", **kw)
+    with pytest.raises(DataError, match="expected \\(time, lat, lon\\)"):
+        prepare(out=tmp_path / "c.zarr", coarse=cds, fine=fda.isel(time=0), **kw)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_prepare_in_processes_equals_threads(twin_dir, tmp_path, capsys):
+    """workers=2 reads the native days in two processes (each its own HDF5): the same store,
+    bit for bit, the same recorded warnings (a worker's warnings come back), and a progress
+    bar counting days."""
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    for f in sorted((twin_dir / "fine").glob("*.nc4"))[:-3]:  # the last day lacks 3 steps
+        (fine / f.name).symlink_to(f)
+    kw = dict(coarse=twin_dir / "coarse", fine=fine, region=BOX, block=1)
+    with pytest.warns(DataWarning, match="expected valid time steps"):
+        a = open_store(prepare(out=tmp_path / "t.zarr", **kw))
+    with pytest.warns(DataWarning, match="expected valid time steps"):
+        b = open_store(prepare(out=tmp_path / "p.zarr", workers=2, progress=True, **kw))
+    np.testing.assert_array_equal(a.coarse.values, b.coarse.values)
+    np.testing.assert_array_equal(a.fine.values, b.fine.values)
+    assert a.ds.attrs["warnings"] == b.ds.attrs["warnings"] != "[]"
+    assert "days read" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be"):
+        prepare(out=tmp_path / "x.zarr", workers=-1, **kw)

@@ -166,6 +166,52 @@ def test_rollout_beyond_record_and_resume(trained_run, store_path, tmp_path):
     np.testing.assert_allclose(on_disk["DUEXTTAU"].values, full["DUEXTTAU"].values)
 
 
+def test_zarr_output_is_readable_while_running_and_resumes(trained_run, store_path, tmp_path):
+    """``--out x.zarr``: days land in the store as they finish (chunked by day, flagged
+    written), a reader mid-run sees exactly the finished days, a killed run resumes, and the
+    result equals the NetCDF output bit for bit; evaluate's loader reads it too."""
+    from fastds.report import load_field
+    from fastds.sampling.output import open_output
+    st = open_store(store_path)
+    start, end = st.times[-1] - pd.Timedelta(days=1), st.times[-1] + pd.Timedelta(days=3)
+    cfg = dataclasses.replace(FAST, mode="strict", seed=2, members=2)
+    nc = sample(run=trained_run, start=start, end=end, out=tmp_path / "a.nc", cfg=cfg, progress=False)
+
+    import fastds.sampling.downscalers as pipe
+    real, calls, seen = pipe.downscale_day, {"n": 0}, {}
+    out = tmp_path / "a.zarr"
+
+    def watched(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a reader opens the store while the run is on its third day
+            seen["mid"] = open_output(out).load()
+            seen["raw"] = xr.open_zarr(out, consolidated=False).load()
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    pipe.downscale_day = watched
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False)
+    finally:
+        pipe.downscale_day = real
+    mid, raw = seen["mid"], seen["raw"]
+    assert len(mid.time) == 2 and raw.attrs["complete"] == 0 and raw["written"].values.tolist() == [1, 1, 0, 0, 0]
+    np.testing.assert_array_equal(mid["DUEXTTAU"].values, nc["DUEXTTAU"].values[:2])
+    assert np.isnan(raw["DUEXTTAU"].values[2:]).all()
+    assert xr.open_zarr(out, consolidated=False)["DUEXTTAU"].chunks[0] == (1,) * 5
+    with pytest.raises(ValueError, match="different request"):
+        sample(run=trained_run, start=start, end=end, out=out, cfg=dataclasses.replace(cfg, seed=3),
+               progress=False)
+    z = sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False)
+    np.testing.assert_array_equal(z["DUEXTTAU"].values, nc["DUEXTTAU"].values)
+    assert z["DUEXTTAU"].dims == nc["DUEXTTAU"].dims and z["DUEXTTAU"].attrs == nc["DUEXTTAU"].attrs
+    assert xr.open_zarr(out, consolidated=False).attrs["complete"] == 1
+    assert not (tmp_path / "a.zarr.parts").exists()
+    np.testing.assert_array_equal(load_field(out).values, nc["DUEXTTAU"].values)
+
+
 def test_rollout_history_keeps_only_the_lag_window(tmp_path):
     """Memory of a long rollout: days older than the window leave memory but stay readable
     from their part files (a resumed run's days start there)."""

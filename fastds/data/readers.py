@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 from xarray.backends.locks import HDF5_LOCK, NETCDFC_LOCK, combine_locks
 
-from .regions import Region, parse_region
+from .regions import Region, parse_region, wrap_lon
 
 __all__ = ["DataError", "DataWarning", "open_coarse", "open_fine", "open_elevation",
            "GRIDS", "FILL_VALUE"]
@@ -114,6 +114,10 @@ def _check_lattice(values, step, origin, axis, grid, path, what):
             f"{grid.name} grid (multiples of {step} deg from {origin}); is this the right product?")
     if values.size > 1:
         d = np.abs(np.diff(np.sort(values)))
+        if axis == "lon":  # circular: one gap (the rest of the globe) is where a region ends
+            v = np.sort(values)
+            d = np.append(d, v[0] + 360.0 - v[-1])
+            d = np.delete(d, np.argmax(d))
         if not np.allclose(d, step, atol=1e-4):
             raise DataError(f"{what}: {path}: {axis} spacing {np.unique(d.round(5))[:4].tolist()} "
                             f"is not the {grid.name} spacing {step}")
@@ -121,17 +125,37 @@ def _check_lattice(values, step, origin, axis, grid, path, what):
 
 @dataclass
 class _Layout:
-    """How to turn a raw (…, lat, lon) array of one file into the normalised region."""
+    """How to turn a raw (…, lat, lon) array of one file into the normalised region: the
+    region's hyperslab is read as ``lat_slice`` by a few contiguous ``lon_runs`` (one, or two
+    where the region wraps around the file's longitude seam), and ``lon_perm`` puts the
+    columns read in ascending longitude."""
     lat_slice: slice
     lat_flip: bool
-    lon_index: np.ndarray
+    lon_runs: list
+    lon_perm: np.ndarray | None
     lat: np.ndarray
     lon: np.ndarray
     raw_shape: tuple
 
+    @property
+    def lon_index(self) -> np.ndarray:
+        """The raw longitude index of every output column."""
+        raw = np.concatenate([np.arange(a, b) for a, b in self.lon_runs])
+        return raw if self.lon_perm is None else raw[self.lon_perm]
+
+
+def _lon_runs(index: np.ndarray):
+    """Contiguous runs of raw longitude indices covering ``index``, and the permutation from
+    the columns read run after run to the order of ``index`` (None when it is the same)."""
+    raw = np.sort(index)
+    cuts = np.flatnonzero(np.diff(raw) != 1) + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(raw, cuts)]
+    perm = np.searchsorted(raw, index)
+    return runs, None if np.array_equal(perm, np.arange(perm.size)) else perm
+
 
 def _layout(lat_raw, lon_raw, grid: Grid, region: Region | None, kind, path, what) -> _Layout:
-    lon_wrapped = ((np.asarray(lon_raw, float) + 180.0) % 360.0) - 180.0
+    lon_wrapped = wrap_lon(lon_raw)
     lat_raw = np.asarray(lat_raw, float)
     _check_lattice(lat_raw, grid.dlat, grid.lat0, "lat", grid, path, what)
     _check_lattice(lon_wrapped, grid.dlon, grid.lon0, "lon", grid, path, what)
@@ -140,31 +164,36 @@ def _layout(lat_raw, lon_raw, grid: Grid, region: Region | None, kind, path, wha
     if region is None:
         lat_keep = np.arange(lat_asc.size)
         lon_order = np.argsort(lon_wrapped, kind="stable")
+        lon_out = lon_wrapped[lon_order]
     else:
         # Coarse cells are kept when they overlap the box (the fine region is then inside the
         # coarse one); fine pixels when their centre lies in it.
         pad_lat, pad_lon = (grid.dlat / 2, grid.dlon / 2) if kind == "coarse" else (0.0, 0.0)
         lat_keep = np.flatnonzero((lat_asc > region.lat_min - pad_lat - 1e-9)
                                   & (lat_asc < region.lat_max + pad_lat + 1e-9))
-        sel = np.flatnonzero((lon_wrapped > region.lon_min - pad_lon - 1e-9)
-                             & (lon_wrapped < region.lon_max + pad_lon + 1e-9))
-        lon_order = sel[np.argsort(lon_wrapped[sel], kind="stable")]
-        if lat_keep.size == 0 or lon_order.size == 0:
+        sel = np.flatnonzero(region.lon_inside(lon_wrapped, pad_lon))
+        if lat_keep.size == 0 or sel.size == 0:
             raise DataError(
                 f"{what}: {path} covers lat {lat_asc.min():.3f}..{lat_asc.max():.3f}, lon "
                 f"{lon_wrapped.min():.3f}..{lon_wrapped.max():.3f}, which does not overlap region "
                 f"{region.name} {region.as_tuple()}")
+        key = region.unwrap_lon(lon_wrapped[sel], pad_lon)
+        order = np.argsort(key, kind="stable")
+        lon_order, lon_out = sel[order], key[order]
     lo, hi = int(lat_keep[0]), int(lat_keep[-1]) + 1
     if flip:  # indices into the raw (descending) axis
         n = lat_raw.size
         lat_slice = slice(n - hi, n - lo)
     else:
         lat_slice = slice(lo, hi)
-    return _Layout(lat_slice, flip, lon_order, lat_asc[lo:hi].copy(), lon_wrapped[lon_order],
+    runs, perm = _lon_runs(lon_order)
+    return _Layout(lat_slice, flip, runs, perm, lat_asc[lo:hi].copy(), lon_out,
                    (lat_raw.size, lon_raw.size))
 
 
 def _read_var(nc, variable, layout: _Layout, path, what):
+    """The region of every time step of ``variable`` in one open file: (steps, lat, lon)
+    float64 in physical units, NaN where fill. Only the region's hyperslab is read."""
     if variable not in nc.variables:
         raise DataError(f"{what}: {path} has no variable {variable!r} (it has: "
                         f"{', '.join(sorted(nc.variables))})")
@@ -174,10 +203,12 @@ def _read_var(nc, variable, layout: _Layout, path, what):
         raise DataError(f"{what}: {path}: {variable} has grid {tuple(var.shape[-2:])}, but the first "
                         f"file had {layout.raw_shape}; mixed grids in one record")
     try:
-        raw = np.asarray(var[..., layout.lat_slice, :], dtype=np.float64)
+        parts = [np.asarray(var[..., layout.lat_slice, a:b], dtype=np.float64) for a, b in layout.lon_runs]
     except (OSError, RuntimeError, IndexError) as err:
         raise DataError(f"{what}: {path}: reading {variable} failed ({err}); truncated file?") from None
-    raw = raw[..., layout.lon_index]
+    raw = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    if layout.lon_perm is not None:
+        raw = raw[..., layout.lon_perm]
     if layout.lat_flip:
         raw = raw[..., ::-1, :]
     bad = ~np.isfinite(raw) | (np.abs(raw) >= _FILL_THRESHOLD)
@@ -191,28 +222,39 @@ def _read_var(nc, variable, layout: _Layout, path, what):
     return raw.reshape((-1,) + raw.shape[-2:])
 
 
-def _daily_mean(files, variable, layout, expected, min_valid, day, what):
-    """Mean over the time steps of one day's files; NaN where a pixel has no valid step."""
-    stack = []
+def _daily_mean(files, variable, layout, expected, min_valid, day, what, sink=None):
+    """Mean over the time steps of one day's files; NaN where a pixel has no valid step.
+
+    The sum and the count are accumulated file by file (the same additions, in the same
+    order, as a sum over the stacked steps), so memory is two region-sized arrays plus one
+    file's steps, not the whole day: 48 global G5NR steps would be 6 GB stacked.
+    ``sink``: a queue that takes the day's warning instead of ``warnings`` (a worker process's
+    warnings never reach the caller's filters; `prepare` passes one when it reads in processes)."""
+    total = np.zeros(layout.lat.shape + layout.lon.shape)
+    count = np.zeros(total.shape, np.int64)
+    steps = 0
     for f in files:
         with _NC_LOCK:
             nc = _open_nc(f, what)
             try:
-                stack.append(_read_var(nc, variable, layout, f, what))
+                data = _read_var(nc, variable, layout, f, what)
             finally:
                 nc.close()
-    data = np.concatenate(stack, axis=0)
-    valid = np.isfinite(data)
-    count = valid.sum(axis=0)
+        for step in data:
+            valid = np.isfinite(step)
+            total += np.where(valid, step, 0.0)
+            count += valid
+        steps += data.shape[0]
     frac = count.min() / expected if expected else 1.0
-    if data.shape[0] != expected or frac < min_valid:
-        warnings.warn(DataWarning(
-            f"{what}: {day}: only {int(count.min())} of {expected} expected valid time steps at "
-            f"some pixels ({data.shape[0]} steps in {len(files)} file(s): {files[0].name}...)"),
-            stacklevel=2)
+    if steps != expected or frac < min_valid:
+        note = (f"{what}: {day}: only {int(count.min())} of {expected} expected valid time steps at "
+                f"some pixels ({steps} steps in {len(files)} file(s): {files[0].name}...)")
+        if sink is not None:
+            sink.put(note)
+        else:
+            warnings.warn(DataWarning(note), stacklevel=2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, np.nansum(np.where(valid, data, 0.0), axis=0) / np.maximum(count, 1),
-                        np.nan)
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return mean.astype(np.float32)
 
 
@@ -226,7 +268,7 @@ def _gap_report(dates: pd.DatetimeIndex, what, source):
                         "supply them or pass allow_gaps=True to keep the gaps as NaN days")
 
 
-def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, what):
+def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, what, sink):
     rx = re.compile(grid.pattern)
     by_day: dict[pd.Timestamp, list[Path]] = {}
     seen: dict[tuple, Path] = {}
@@ -254,11 +296,11 @@ def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, wh
     first = by_day[dates[0]][0]
     with _NC_LOCK:
         return _native_array(by_day, dates, first, grid, kind, variable, region, min_valid,
-                             allow_gaps, files, what)
+                             allow_gaps, files, what, sink)
 
 
 def _native_array(by_day, dates, first, grid, kind, variable, region, min_valid, allow_gaps,
-                  files, what):
+                  files, what, sink):
     import dask
     import dask.array as dsa
     nc = _open_nc(first, what)
@@ -280,7 +322,7 @@ def _native_array(by_day, dates, first, grid, kind, variable, region, min_valid,
         if d in by_day:
             task = dask.delayed(_daily_mean, pure=True)(sorted(by_day[d]), variable, layout,
                                                         grid.steps_per_day, min_valid,
-                                                        f"{d:%Y-%m-%d}", what)
+                                                        f"{d:%Y-%m-%d}", what, sink)
             days.append(dsa.from_delayed(task, shape, dtype=np.float32))
         else:
             days.append(dsa.full(shape, np.nan, dtype=np.float32))
@@ -303,38 +345,60 @@ def _cube(path: Path, grid: Grid, kind, variable, region, allow_gaps, what):
         first = (str(err).splitlines() or [""])[0][:160]
         raise DataError(f"{what}: cannot open {path} as a NetCDF or Zarr cube ({type(err).__name__}: "
                         f"{first}); the file is {size} bytes: truncated or not NetCDF?") from None
-    if variable not in ds:
-        raise DataError(f"{what}: {path} has no variable {variable!r} (it has: "
-                        f"{', '.join(sorted(map(str, ds.data_vars)))})")
-    da = ds[variable]
+    return _from_xarray(ds, str(path), grid, kind, variable, region, allow_gaps, what)
+
+
+def _from_xarray(obj, source, grid: Grid, kind, variable, region, allow_gaps, what):
+    """A cube already opened (a file's, or a user's Dataset/DataArray from OPeNDAP,
+    earthaccess or their own pipeline): the region's daily (time, lat, lon) field."""
+    if isinstance(obj, xr.DataArray):
+        da = obj
+    elif variable not in obj:
+        raise DataError(f"{what}: {source} has no variable {variable!r} (it has: "
+                        f"{', '.join(sorted(map(str, obj.data_vars)))})")
+    else:
+        da = obj[variable]
     da = da.rename({k: v for k, v in (("latitude", "lat"), ("longitude", "lon")) if k in da.dims})
     if set(da.dims) != {"time", "lat", "lon"}:
-        raise DataError(f"{what}: {path}: {variable} has dims {da.dims}; expected (time, lat, lon)")
+        raise DataError(f"{what}: {source}: {variable} has dims {da.dims}; expected (time, lat, lon)")
+    if "lat" not in da.coords or "lon" not in da.coords or "time" not in da.coords:
+        raise DataError(f"{what}: {source}: {variable} needs time, lat and lon coordinates")
     da = da.transpose("time", "lat", "lon")
     times = pd.DatetimeIndex(da["time"].values)
     dup = times[times.duplicated()]
     if len(dup) and (times.normalize() == times).all():
-        raise DataError(f"{what}: {path}: duplicated day(s) {', '.join(f'{d:%Y-%m-%d}' for d in dup[:10])}")
+        raise DataError(f"{what}: {source}: duplicated day(s) {', '.join(f'{d:%Y-%m-%d}' for d in dup[:10])}")
     if not (times.normalize() == times).all() or times.normalize().duplicated().any():
         da = da.resample(time="1D").mean()  # a sub-daily cube: reduce it to daily means
-    layout = _layout(da["lat"].values, da["lon"].values, grid, region, kind, path, what)
-    lat_idx = np.arange(layout.raw_shape[0])[layout.lat_slice]
-    if layout.lat_flip:
-        lat_idx = lat_idx[::-1]
-    da = da.isel(lat=lat_idx, lon=layout.lon_index)
+    layout = _layout(da["lat"].values, da["lon"].values, grid, region, kind, source, what)
+    da = _region_of(da, layout)
     da = da.assign_coords(lat=layout.lat, lon=layout.lon, time=pd.DatetimeIndex(da["time"].values).normalize())
     da = da.where(np.isfinite(da) & (np.abs(da) < _FILL_THRESHOLD)).astype(np.float32)
     if not allow_gaps:
-        _gap_report(pd.DatetimeIndex(da["time"].values), what, str(path))
+        _gap_report(pd.DatetimeIndex(da["time"].values), what, source)
     da.name = variable
     da.attrs.update(grid=grid.name, source_files=1)
     return da
 
 
-def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps):
+def _region_of(da: xr.DataArray, layout: _Layout) -> xr.DataArray:
+    """The region's hyperslab of a lazy (…, lat, lon) array, as `_read_var` reads it."""
+    parts = [da.isel(lat=layout.lat_slice, lon=slice(a, b)) for a, b in layout.lon_runs]
+    da = parts[0] if len(parts) == 1 else xr.concat(parts, "lon")
+    if layout.lon_perm is not None:
+        da = da.isel(lon=layout.lon_perm)
+    return da.isel(lat=slice(None, None, -1)) if layout.lat_flip else da
+
+
+def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps, sink=None):
     what = f"open_{kind}({variable})"
     grid = GRIDS[kind]
     region = parse_region(region) if region is not None else None
+    if isinstance(paths, (xr.Dataset, xr.DataArray)):
+        da = _from_xarray(paths, f"the {type(paths).__name__} passed", grid, kind, variable,
+                          region, allow_gaps, what)
+        da.attrs.setdefault("units", "1")
+        return da
     files = _resolve(paths, what)
     native = [f for f in files if re.search(grid.pattern, f.name)]
     other_native = [f for f in files if re.search(GRIDS["fine" if kind == "coarse" else "coarse"].pattern, f.name)]
@@ -344,7 +408,7 @@ def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps):
     if len(files) == 1 and not native:
         da = _cube(files[0], grid, kind, variable, region, allow_gaps, what)
     else:
-        da = _native(files, grid, kind, variable, region, min_valid_fraction, allow_gaps, what)
+        da = _native(files, grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink)
     da.attrs.setdefault("units", "1")
     return da
 
@@ -355,7 +419,8 @@ def open_coarse(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=0
 
     Parameters
     ----------
-    paths : directory, glob, list of files, or one merged cube (NetCDF or Zarr). Native files
+    paths : directory, glob, list of files, one merged cube (NetCDF or Zarr), or an
+        ``xarray.Dataset`` / ``DataArray`` with (time, lat, lon). Native files
         are ``MERRA2_{stream}.tavg1_2d_aer_Nx.YYYYMMDD.nc4`` (also GES DISC ``.SUB.nc``
         subsets), 24 hourly means each; their mean is the day's value.
     variable : e.g. ``"DUEXTTAU"`` or ``"SUEXTTAU"``.

@@ -15,6 +15,7 @@ interrupted run leaves the previous store (or none) and a ``.tmp-*`` folder that
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -26,8 +27,8 @@ import pandas as pd
 import xarray as xr
 
 from .._io import atomic_path
-from .readers import GRIDS, DataError, DataWarning, _resolve, open_coarse, open_elevation, open_fine
-from .regions import Region, parse_region
+from .readers import GRIDS, DataError, DataWarning, _open, _resolve, open_elevation
+from .regions import Region, parse_region, wrap_lon
 from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
 
 __all__ = ["prepare", "open_store", "Store"]
@@ -36,6 +37,10 @@ STORE_VERSION = 1
 
 
 def _fingerprint(paths, what):
+    if isinstance(paths, (xr.Dataset, xr.DataArray)):
+        import dask.base
+        # dask's token covers the values (numpy-backed) or the graph that reads them (lazy)
+        return {"xarray": type(paths).__name__, "token": dask.base.tokenize(paths)}
     files = _resolve(paths, what)
     h = hashlib.sha256()
     for f in files:
@@ -50,15 +55,19 @@ def _fingerprint(paths, what):
     return {"files": len(files), "sha256": h.hexdigest()}
 
 
+def _box(da: xr.DataArray, grid) -> tuple:
+    """(lat0, lat1, lon0, lon1) of a region's cell edges; longitudes as the reader keeps them
+    (ascending, past 180 for a region across the antimeridian)."""
+    return (float(da.lat.min()) - grid.dlat / 2, float(da.lat.max()) + grid.dlat / 2,
+            float(da.lon.min()) - grid.dlon / 2, float(da.lon.max()) + grid.dlon / 2)
+
+
 def _check_cover(coarse: xr.DataArray, fine: xr.DataArray):
-    c, f = GRIDS["coarse"], GRIDS["fine"]
-    cbox = Region("coarse", float(coarse.lat.min()) - c.dlat / 2, float(coarse.lat.max()) + c.dlat / 2,
-                  float(coarse.lon.min()) - c.dlon / 2, float(coarse.lon.max()) + c.dlon / 2)
-    fbox = Region("fine", float(fine.lat.min()) - f.dlat / 2, float(fine.lat.max()) + f.dlat / 2,
-                  float(fine.lon.min()) - f.dlon / 2, float(fine.lon.max()) + f.dlon / 2)
-    if not cbox.overlaps(fbox):
-        raise DataError(f"prepare: the coarse region {cbox.as_tuple()} and the fine region "
-                        f"{fbox.as_tuple()} do not overlap; check --region and the input files")
+    cbox, fbox = _box(coarse, GRIDS["coarse"]), _box(fine, GRIDS["fine"])
+    if not (cbox[0] < fbox[1] and fbox[0] < cbox[1] and cbox[2] < fbox[3] and fbox[2] < cbox[3]):
+        raise DataError(f"prepare: the coarse region {tuple(round(v, 4) for v in cbox)} and the fine "
+                        f"region {tuple(round(v, 4) for v in fbox)} do not overlap; check --region "
+                        "and the input files")
     tf = pd.DatetimeIndex(fine.time.values)
     tc = pd.DatetimeIndex(coarse.time.values)
     missing = tf.difference(tc)
@@ -72,12 +81,13 @@ def _check_cover(coarse: xr.DataArray, fine: xr.DataArray):
 
 def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
             align="bilinear", val=0.2, test=0.1, seed=0, block=14, allow_gaps=False,
-            progress=False) -> Path:
+            workers=0, progress=False) -> Path:
     """Build the store for one region from raw files (see the module doc for its layout).
 
     Parameters
     ----------
-    coarse, fine : anything :func:`open_coarse` / :func:`open_fine` take.
+    coarse, fine : anything :func:`open_coarse` / :func:`open_fine` take: files, a folder, a
+        glob, a merged cube, or an ``xarray.Dataset`` / ``DataArray`` already open.
     out : the store folder (``*.zarr`` by convention).
     region : ``"area0"``, ``"area1"``, a box string, or a :class:`Region`.
     elevation : NetCDF with elevation (see :func:`open_elevation`), or None for zeros.
@@ -88,6 +98,10 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
         uses the same one. ``block`` days are assigned together (default 14: contiguous
         held-out blocks, and training targets whose lag window holds a test day are purged
         by the datasets); ``block=1`` is the reference code's day-level split.
+    workers : 0 reads days on dask threads in this process (native reads then take turns on
+        the one HDF5 lock); N > 0 reads and writes days in N processes, each with its own
+        HDF5 library: what global native files want (see ``bench/bench_ingest.py``).
+    progress : a progress bar per day read (native files) or per dask task (cubes).
 
     Returns the store path. Warnings about days with few valid hours are re-issued and
     kept in the store's ``warnings`` attribute.
@@ -113,9 +127,38 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
         raise ValueError(f"prepare: align must be one of {', '.join(ALIGN_METHODS)}, got {align!r}")
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"prepare: block must be a positive number of days, got {block!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ValueError(f"prepare: workers must be 0 (threads) or a number of processes, got {workers!r}")
 
-    xc = open_coarse(coarse, variable, region=region, allow_gaps=allow_gaps)
-    yf = open_fine(fine, variable, region=region, allow_gaps=allow_gaps)
+    with _notes_sink(workers) as sink:
+        xc = _open(coarse, "coarse", variable, region, 0.5, allow_gaps, sink)
+        yf = _open(fine, "fine", variable, region, 0.5, allow_gaps, sink)
+        _write_prepared(xc, yf, out=out, region=region, elevation=elevation, variable=variable,
+                        align=align, val=val, test=test, seed=seed, block=block,
+                        manifest=manifest, workers=workers, sink=sink, progress=progress)
+    return out
+
+
+def _mp_context():
+    """fork where the platform has it: workers start in milliseconds, and a user's script
+    needs no ``if __name__ == "__main__"`` guard (spawn re-imports the main module). The
+    readers' work in a child is netCDF4, numpy and zarr only, nothing that fork breaks."""
+    import multiprocessing
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+@contextlib.contextmanager
+def _notes_sink(workers):
+    """A queue the day readers of worker processes put their warnings in (None on threads)."""
+    if not workers:
+        yield None
+        return
+    with _mp_context().Manager() as manager:
+        yield manager.Queue()
+
+
+def _write_prepared(xc, yf, *, out, region, elevation, variable, align, val, test, seed, block,
+                    manifest, workers, sink, progress):
     _check_cover(xc, yf)
     elev, elev_note = _elevation_on(elevation, yf)
     tc = pd.DatetimeIndex(xc.time.values)
@@ -135,10 +178,9 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     attrs = {"region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
              "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
              "fastds_store_version": STORE_VERSION}
-    notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, progress)
+    notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, workers, sink, progress)
     for note in notes:
-        warnings.warn(DataWarning(note), stacklevel=2)
-    return out
+        warnings.warn(DataWarning(note), stacklevel=3)
 
 
 def _elevation_on(elevation, yf):
@@ -146,33 +188,89 @@ def _elevation_on(elevation, yf):
     if not elevation:
         return xr.zeros_like(yf.isel(time=0, drop=True)).astype(np.float32), "none (zeros)"
     elev = open_elevation(elevation)
-    elev = elev.interp(lat=yf.lat, lon=yf.lon, method="nearest",
-                       kwargs={"fill_value": None}).astype(np.float32)
+    # the elevation file is read in -180..180; a region across the antimeridian asks past 180
+    elev = elev.interp(lat=yf.lat, lon=xr.DataArray(wrap_lon(yf.lon.values), dims="lon"), method="nearest",
+                       kwargs={"fill_value": None}).assign_coords(lon=yf.lon).astype(np.float32)
     if elev.isnull().any():
         raise DataError(f"prepare: elevation file {elevation} does not cover the fine region")
     return elev, str(elevation)
 
 
-def _write_store(ds, out, attrs, tc, split_c, tf, split_f, progress) -> list:
+def _write_store(ds, out, attrs, tc, split_c, tf, split_f, workers, sink, progress) -> list:
     """Write ``ds`` to ``out`` atomically, fit the normalisation on its training days and add
     it to the attributes; returns the data warnings raised while reading."""
     with atomic_path(out, directory=True) as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
-        if progress:
-            from dask.diagnostics import ProgressBar
-            with ProgressBar(dt=1.0):
-                ds.to_zarr(str(tmp), mode="w", consolidated=False)
-        else:
-            ds.to_zarr(str(tmp), mode="w", consolidated=False)
+        _compute(ds.to_zarr(str(tmp), mode="w", consolidated=False, compute=False), workers, progress)
         written = xr.open_zarr(str(tmp), consolidated=False)
         norm_x = fit_minmax(written["coarse"].values, tc, split_c == 0)
         norm_y = fit_minmax(written["fine"].values, tf, split_f == 0)
-        notes = sorted({str(w.message) for w in caught if issubclass(w.category, DataWarning)})
+        notes = {str(w.message) for w in caught if issubclass(w.category, DataWarning)}
+        while sink is not None and not sink.empty():
+            notes.add(sink.get())
+        notes = sorted(notes)
         import zarr
         group = zarr.open_group(str(tmp), mode="r+")
         group.attrs.update({**attrs, "norm_x": json.dumps(norm_x.to_dict()),
                             "norm_y": json.dumps(norm_y.to_dict()), "warnings": json.dumps(notes)})
     return notes
+
+
+def _compute(write, workers, progress):
+    """Run the store's write graph: on the default scheduler (threads), or in ``workers``
+    processes (their day readers put warnings in `_notes_sink`'s queue)."""
+    import dask
+    if not workers:
+        with _DayProgress(progress):
+            dask.compute(write)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(int(workers), mp_context=_mp_context()) as pool, _DayProgress(progress):
+        # chunksize 1: dask batches 6 tasks per submission by default, which gave one worker
+        # six of a week's seven days
+        dask.compute(write, scheduler="processes", pool=pool, chunksize=1)
+
+
+def _is_day(key) -> bool:
+    """A task that reads a native day (fusion renames `_daily_mean-*` to `daily_mean-from-…`)."""
+    return "daily_mean" in str(key[0] if isinstance(key, tuple) else key)
+
+
+class _DayProgress:
+    """A tqdm bar over the days read from native files (see `_is_day`), or
+    over all tasks when the inputs are cubes; a no-op when ``enabled`` is False."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        from dask.callbacks import Callback
+        from tqdm.auto import tqdm
+        outer = self
+
+        class _CB(Callback):
+            def _start(self, dsk):
+                days = sum(map(_is_day, dsk))
+                outer.days = days > 0
+                outer.bar = tqdm(total=days or len(dsk), unit="day" if days else "task",
+                                 desc="prepare: days read" if days else "prepare")
+
+            def _posttask(self, key, result, dsk, state, id):
+                if not outer.days or _is_day(key):
+                    outer.bar.update()
+
+            def _finish(self, dsk, state, errored):
+                outer.bar.close()
+
+        self.cb = _CB()
+        self.cb.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.cb.__exit__(*exc)
 
 
 @dataclass

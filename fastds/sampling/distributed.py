@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .._io import atomic_path
 from ..config import SampleConfig
+from .output import open_output, write_output
 
 __all__ = ["Unit", "plan_units", "sample_distributed"]
 
@@ -152,13 +152,12 @@ def sample_distributed(*, run, start, end, out=None, cfg: SampleConfig = SampleC
     try:
         ds = _assemble(units, paths, cfg, opened)
         # streamed from the units' files a day at a time (dask): never the whole period in memory
-        with atomic_path(out) as tmp:
-            ds.to_netcdf(tmp, compute=False).compute(scheduler="synchronous")
+        write_output(ds, out)
     finally:
         for f in opened:
             f.close()
     shutil.rmtree(folder)
-    return xr.open_dataset(out)
+    return open_output(out)
 
 
 def _assemble(units, paths, cfg, opened) -> xr.Dataset:

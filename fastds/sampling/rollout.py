@@ -7,12 +7,15 @@ true fine days are used where the record has them; ``cold_start`` lets lag days 
 predicted take the model-free stand-in (the anchor μ). Each finished day is written
 atomically to ``OUT.parts/`` with the request's signature; a re-run skips the days found
 there (resume; a part that cannot be read is redone), and the NetCDF is assembled
-atomically at the end, a day at a time, so a long rollout's memory does not grow with it.
+atomically at the end, a day at a time, so a long rollout's memory does not grow with it;
+a Zarr ``out`` is filled day by day instead, readable while the run goes on
+(:mod:`fastds.sampling.output`).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from ..data.regions import season_of
 from ..data.store import Store
 from .day import DayInputs
 from .downscalers import DayContext
+from .output import DayStore, is_zarr, open_output, write_output
 
 __all__ = ["Rollout", "History", "dataset"]
 
@@ -120,11 +124,14 @@ class Rollout:
         from tqdm.auto import tqdm
         self._check_signature()
         history = History(self.parts)
+        sink = self._day_store()
         results, t_lag = [], 0
         bar = tqdm(total=len(self.days), desc=self.desc, disable=not self.progress, unit="day")
         for day in self.days:
             if day in history:
                 results.append(None if self.parts is not None else history[day])
+                if sink is not None and day not in sink.done:  # killed between part and store
+                    sink.put(day, history[day])
             else:
                 s = int(season_of(day.month))
                 state = downscaler.season(s)
@@ -139,6 +146,8 @@ class Rollout:
                     values = self.finish(values, ctx.coarse, s)
                 if self.parts is not None:
                     _write_part(self.parts, day, values, self.attrs)
+                    if sink is not None:
+                        sink.put(day, values)
                     history.keep(day, values, since=day - pd.Timedelta(days=t_lag))
                     results.append(None)
                 else:
@@ -146,7 +155,17 @@ class Rollout:
                     results.append(values)
             bar.update(1)
         bar.close()
-        return self._assemble(results)
+        return self._assemble(results, sink)
+
+    def _day_store(self):
+        """A Zarr output (``out`` ending in ``.zarr``) filled day by day, else None."""
+        if not is_zarr(self.out):
+            return None
+        import dask.array as dsa
+        shape = (len(self.days), self.members, self.store.ds["lat"].size, self.store.ds["lon"].size)
+        template = dataset(dsa.full(shape, np.nan, dtype=np.float32, chunks=(1,) + shape[1:]),
+                           self.days, self.store, self.members, self.attrs, self.member0)
+        return DayStore(self.out, template, self.attrs)
 
     def _check_signature(self):
         sig = self.parts / "signature.json" if self.parts is not None else None
@@ -185,10 +204,14 @@ class Rollout:
         c = store.times_c.get_loc(day)
         return DayInputs(fd.coarse_at(c), fd.covariates_at(day), lags[:1] if shared else lags)
 
-    def _assemble(self, results) -> xr.Dataset:
+    def _assemble(self, results, sink) -> xr.Dataset:
         store, days = self.store, self.days
         if self.out is None:
             return dataset(np.stack(results), days, store, self.members, self.attrs, self.member0)
+        if sink is not None:  # every day is in the Zarr already
+            ds = sink.close()
+            shutil.rmtree(self.parts, ignore_errors=True)
+            return ds
         # the file is written day by day from the parts (dask, one day per chunk): the whole
         # period is never in memory; the returned Dataset reads it lazily
         import dask
@@ -196,11 +219,7 @@ class Rollout:
         shape = (self.members, store.ds["lat"].size, store.ds["lon"].size)
         stack = dsa.stack([dsa.from_delayed(dask.delayed(np.load)(self.parts / f"{d:%Y%m%d}.npy"),
                                             shape, np.float32) for d in days])
-        with atomic_path(self.out) as tmp:
-            # this call's scheduler, not a process-wide setting (threads of a worker share it)
-            dataset(stack, days, store, self.members, self.attrs, self.member0).to_netcdf(
-                tmp, compute=False).compute(scheduler="synchronous")
-        for f in self.parts.glob("*"):
-            f.unlink()
-        self.parts.rmdir()
-        return xr.open_dataset(self.out)
+        # this call's scheduler, not a process-wide setting (threads of a worker share it)
+        write_output(dataset(stack, days, store, self.members, self.attrs, self.member0), self.out)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return open_output(self.out)
