@@ -401,3 +401,20 @@ def test_prepare_in_processes_equals_threads(twin_dir, tmp_path, capsys):
     assert "days read" in capsys.readouterr().err
     with pytest.raises(ValueError, match="workers must be"):
         prepare(out=tmp_path / "x.zarr", workers=-1, **kw)
+
+
+def test_cf_attributes_of_species_and_unknown_variables(twin_dir, tmp_path):
+    """A known species gets its CF standard name; any other variable keeps its own units and
+    long name and gets no standard_name (its NetCDF name is not a CF standard name)."""
+    from fastds.data.species import SPECIES, cf_attrs
+    a = cf_attrs("SSEXTTAU")
+    assert a["standard_name"].endswith("sea_salt_ambient_aerosol_particles") and a["units"] == "1"
+    assert all(s.startswith("atmosphere_optical_thickness_due_to") for _, s in SPECIES.values())
+    other = cf_attrs("MYVAR", units="kg m-2", long_name="my column load")
+    assert other == {"units": "kg m-2", "long_name": "my column load"}
+    assert "standard_name" not in cf_attrs("PM25")
+    ds = xr.open_dataset(twin_dir / "fine_daily.nc").rename({"DUEXTTAU": "MYVAR"}).load()
+    ds["MYVAR"].attrs = {"units": "kg m-2", "long_name": "my column load"}
+    cds = xr.open_dataset(twin_dir / "coarse_daily.nc").rename({"DUEXTTAU": "MYVAR"}).load()
+    st = open_store(prepare(out=tmp_path / "m.zarr", coarse=cds, fine=ds, region=BOX, variable="MYVAR"))
+    assert st.fine.attrs == {"units": "kg m-2", "long_name": "my column load"}

@@ -624,3 +624,20 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     np.testing.assert_allclose((odd[0] + odd[1]) / 2, mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose((odd[2] + odd[3]) / 2, mean, rtol=1e-5, atol=1e-5)
     assert np.abs(odd[0] - mean).mean() > 1e-3
+
+
+def test_write_output_zarr_and_netcdf_agree(tmp_path):
+    """The finished-output writer (the distributed path's) gives the same days in either
+    format, the Zarr chunked by day and flagged complete."""
+    from fastds.sampling.output import open_output, write_output
+    t = pd.date_range("2030-01-01", periods=3)
+    ds = xr.Dataset({"V": (("time", "member", "lat", "lon"), np.random.default_rng(0).random((3, 2, 4, 5), np.float32))},
+                    coords={"time": t, "member": [0, 1], "lat": np.arange(4.0), "lon": np.arange(5.0)})
+    write_output(ds.chunk({"time": 1}), tmp_path / "a.nc")
+    write_output(ds.chunk({"time": 2}), tmp_path / "a.zarr")
+    a, z = open_output(tmp_path / "a.nc"), open_output(tmp_path / "a.zarr")
+    xr.testing.assert_identical(a.load().assign_attrs(complete=1), z.load())
+    raw = xr.open_zarr(tmp_path / "a.zarr", consolidated=False)
+    assert raw.attrs["complete"] == 1 and raw["written"].values.tolist() == [1, 1, 1]
+    assert raw["V"].chunks[0] == (1, 1, 1)
+    assert not list(tmp_path.glob(".a.*tmp-*"))

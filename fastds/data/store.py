@@ -29,6 +29,7 @@ import xarray as xr
 from .._io import atomic_path
 from .readers import GRIDS, DataError, DataWarning, _open, _resolve, open_elevation
 from .regions import Region, parse_region, wrap_lon
+from .species import cf_attrs
 from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
 
 __all__ = ["prepare", "open_store", "Store"]
@@ -172,8 +173,8 @@ def _write_prepared(xc, yf, *, out, region, elevation, variable, align, val, tes
             "split_c": ("time_c", split_c),
             "split": ("time", split_f),
         })
-    for v in ("coarse", "fine"):
-        ds[v].attrs = {"units": xc.attrs.get("units", "1"), "long_name": variable}
+    for v, src in (("coarse", xc), ("fine", yf)):
+        ds[v].attrs = cf_attrs(variable, units=src.attrs.get("units"), long_name=src.attrs.get("long_name"))
         ds[v].encoding = {}
     attrs = {"region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
              "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
