@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 
 __all__ = ["BackendUnavailable", "capabilities", "report", "require", "needs_grad",
-           "triton_inference", "csrc_dir", "cpu_ext", "cuda_ext"]
+           "triton_inference", "csrc_dir", "cpu_ext", "cuda_ext", "bf16_native", "resolve_precision"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -137,11 +137,54 @@ def report() -> list[tuple[str, bool, str]]:
         detail = (f"{getattr(mod, '__version__', '?')}" + (f"; cannot run: {why}" if why else "")
                   if mod is not None else why)
         rows.append((label, mod is not None and why is None, detail))
+    for dev in ("cpu", "cuda"):
+        why = bf16_native(dev)
+        rows.append((f"native bf16 ({dev})", why is None, "precision=auto samples in bf16" if why is None
+                     else f"{why}: precision=auto samples in fp32"))
     for cap, runs in (("stitch backends", [b for b in ("cpu", "cuda", "cupy") if why_unavailable(b) is None]),
                       ("sampler-step backends", ["torch"] + [b for b in ("cpu", "cuda", "triton")
                                                                if why_unavailable(b) is None])):
         rows.append((cap, True, ", ".join(["ref"] + runs) if cap.startswith("stitch") else ", ".join(runs)))
     return rows
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_native(device_type: str) -> str | None:
+    """None when ``device_type`` ("cpu" or "cuda") runs bf16 matrix products in hardware,
+    else why not: on a CPU without AVX512-BF16 or AMX oneDNN emulates bf16 (slower than
+    fp32), and a GPU before Ampere has no bf16 tensor cores."""
+    if device_type == "cuda":
+        import torch
+        if not _cuda_available():
+            return "no CUDA device"
+        return None if torch.cuda.is_bf16_supported(including_emulation=False) else \
+            f"{torch.cuda.get_device_name()} has no native bf16"
+    if device_type != "cpu":
+        return f"no bf16 probe for device type {device_type!r}"
+    flags = _cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return "this CPU has neither AVX512-BF16 nor AMX-BF16 (or /proc/cpuinfo is unreadable)"
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_native` says the device has it, else
+    ``"fp32"``; ``"fp32"``/``"bf16"`` stay as asked."""
+    if precision != "auto":
+        return precision
+    import torch
+    return "bf16" if bf16_native(torch.device(device).type) is None else "fp32"
 
 
 def _interpreting():

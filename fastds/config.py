@@ -146,6 +146,8 @@ class SampleConfig:
                                   # the model (train.calibrate_spread: the CRPS-best calibrated one)
     calibrate_bands: bool = True  # with calibrate: one gain per spatial band (saved by the same
                                   # calibration) instead of one α for every scale
+    calibrate_to: str = "crps"    # the widening's common factor: "crps" (the fair-CRPS best on
+                                  # the validation days) or "spread" (validation spread/skill 1)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

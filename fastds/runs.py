@@ -132,4 +132,5 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
     model.load_state_dict(state)  # (older checkpoints: see ConditionalModel._load_from_state_dict)
     model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
+    model.calibration = ck.get("calibration")  # the spread calibration's curves (DDPM), or None
     return model.to(device).eval(), config

@@ -375,3 +375,43 @@ def test_widen_parts_match_widen():
         np.testing.assert_array_equal(widen(r, 1.5, antithetic=anti), inflate_residuals(r, 1.5, antithetic=anti))
     w = widen(r, gains=g, antithetic=True)
     np.testing.assert_allclose(w[0] + w[1], r[0] + r[1], atol=1e-12)  # pair means kept
+
+
+def test_calibrate_to_spread_moves_the_common_factor_to_spread_skill_one():
+    """``sample.calibrate_to="spread"``: the saved common factor (the fair-CRPS best) is
+    replaced by the factor at which the saved validation spread/skill curve crosses 1, for
+    the per-band gains and for the one-α widening; "crps" returns what was saved."""
+    import dataclasses as dc
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig
+    from fastds.sampling.day import spread_widening
+    infl = [1.0, 1.1, 1.2, 1.3]
+    model = SimpleNamespace(
+        regression_inflation=torch.tensor(1.3), regression_bands=torch.tensor([1.2, 2.4]),
+        calibration={"inflations": infl, "band_factor": 1.2, "spread_skill_bands": [0.8, 0.9, 1.1, 1.2],
+                     "inflation": 1.3, "spread_skill": [0.7, 0.8, 0.9, 1.0]})
+    cfg = SampleConfig()
+    a, g = spread_widening(model, cfg)
+    assert a == 1.0 and np.allclose(g, [1.2, 2.4])
+    a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread"))
+    assert a == 1.0 and np.allclose(g, np.array([1.2, 2.4]) * 1.15 / 1.2)  # 1 is halfway 1.1..1.2
+    a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread", calibrate_bands=False))
+    assert g is None and a == pytest.approx(1.3)
+    model.calibration = None  # a model saved without curves keeps its saved widening
+    assert np.allclose(spread_widening(model, dc.replace(cfg, calibrate_to="spread"))[1], [1.2, 2.4])
+    with pytest.raises(ValueError, match="calibrate_to"):
+        spread_widening(model, dc.replace(cfg, calibrate_to="median"))
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    """``sample.precision="auto"``: bf16 where the CPU has AVX512-BF16 or AMX-BF16 (a CUDA
+    device: native bf16), fp32 elsewhere, with the reason; explicit settings stay."""
+    from fastds import _backend
+    for flags, want in (({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), ({"avx2", "fma"}, "fp32")):
+        monkeypatch.setattr(_backend, "_cpu_flags", lambda flags=flags: set(flags))
+        _backend.bf16_native.cache_clear()
+        assert _backend.resolve_precision("auto", "cpu") == want
+        assert _backend.resolve_precision("fp32", "cpu") == "fp32"
+        assert _backend.resolve_precision("bf16", "cpu") == "bf16"
+    assert "AVX512-BF16" in _backend.bf16_native("cpu")
+    _backend.bf16_native.cache_clear()

@@ -28,7 +28,7 @@ from .spread import widen
 __all__ = ["DayInputs", "downscale_day", "member_draws", "inflate_residuals", "spread_widening",
            "PRECISIONS"]
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device has it natively (_backend.bf16_native)
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
 
@@ -102,13 +102,14 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    precision = _backend.resolve_precision(cfg.precision, device)
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,
                backend=backend, progress=progress, member0=member0)
     # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
     # back to the fp32 state, so updates, noise and stitching are unchanged
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                        enabled=cfg.precision == "bf16"):
+                        enabled=precision == "bf16"):
         if kind == "ddpm" and getattr(model, "regression", None) is not None:
             return _corrdiff(model, inputs, **run)
         return _generate(model, inputs, **run)
@@ -292,16 +293,36 @@ def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
     return widen(r, alpha, member0=member0, antithetic=antithetic)
 
 
+CALIBRATE_TO = ("crps", "spread")
+
+
 def spread_widening(model, cfg: SampleConfig):
     """(α, band gains or None) a CorrDiff DDPM's residual is widened by when sampling with
     ``cfg``: nothing without ``cfg.calibrate``; the per-band gains saved by the calibration
-    when ``cfg.calibrate_bands`` and the model has them; else its one inflation α."""
+    when ``cfg.calibrate_bands`` and the model has them; else its one inflation α.
+
+    ``cfg.calibrate_to="spread"`` replaces the saved common factor (the fair-CRPS best on the
+    validation days) by the one at which the validation spread/skill curve, saved with the
+    model, crosses 1 (linear interpolation between the scanned factors)."""
+    if cfg.calibrate_to not in CALIBRATE_TO:
+        raise ValueError(f"sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, got {cfg.calibrate_to!r}")
     if not cfg.calibrate or not hasattr(model, "regression_inflation"):
         return 1.0, None
     bands = getattr(model, "regression_bands", None)
-    if cfg.calibrate_bands and bands is not None and bands.numel() > 0:
-        return 1.0, bands.detach().cpu().double().numpy()
-    return float(model.regression_inflation), None
+    use_bands = cfg.calibrate_bands and bands is not None and bands.numel() > 0
+    alpha, gains = ((1.0, bands.detach().cpu().double().numpy()) if use_bands
+                    else (float(model.regression_inflation), None))
+    cal = getattr(model, "calibration", None)
+    if cfg.calibrate_to == "spread" and cal:
+        saved, ratios = (cal["band_factor"], cal["spread_skill_bands"]) if use_bands else \
+                        (cal["inflation"], cal["spread_skill"])
+        # the curve rises with the factor; np.interp clamps beyond the scanned range
+        factor = float(np.interp(1.0, ratios, cal["inflations"]))
+        if use_bands:
+            gains = gains * (factor / saved)
+        else:
+            alpha = factor
+    return alpha, gains
 
 
 def member_draws(seed, day_key, member0, members, *, antithetic=False, device="cpu"):

@@ -23,7 +23,7 @@ from ..data.store import Store, open_store
 from ..data.transforms import align_index
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import load_trained, sample_settings
-from .day import DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
+from .day import CALIBRATE_TO, DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULLS, NullStats, fit_null_stats
@@ -215,6 +215,9 @@ def _check(cfg: SampleConfig, model):
                          f"got {cfg.lag_history!r}")
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"sample: sample.fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
+    if cfg.calibrate_to not in CALIBRATE_TO:
+        raise ValueError(f"sample: sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, "
+                         f"got {cfg.calibrate_to!r}")
 
 
 def _days(store: Store, start, end) -> pd.DatetimeIndex:
