@@ -418,3 +418,31 @@ def test_cf_attributes_of_species_and_unknown_variables(twin_dir, tmp_path):
     cds = xr.open_dataset(twin_dir / "coarse_daily.nc").rename({"DUEXTTAU": "MYVAR"}).load()
     st = open_store(prepare(out=tmp_path / "m.zarr", coarse=cds, fine=ds, region=BOX, variable="MYVAR"))
     assert st.fine.attrs == {"units": "kg m-2", "long_name": "my column load"}
+
+
+def test_event_covariates(twin_dir, tmp_path):
+    """covariates='events': the bounded set plus the log10 coarse field's gradient magnitude
+    and its change since the day before, per coarse cell and interpolated like the field; a
+    patch's maps are the day's maps on its window (no edge of its own)."""
+    from fastds.data.datasets import FineDays
+    from fastds.data.transforms import COVARIATE_SETS, event_maps, to_log
+    st = open_store(prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
+                            fine=twin_dir / "fine_daily.nc", region=BOX))
+    fd = FineDays(st, season=3, t_lag=10, covariates="events")
+    t = st.times[20]
+    whole = fd.covariates_at(t)
+    assert whole.shape == (len(COVARIATE_SETS["events"]),) + fd.shape
+    win = (slice(5, 21), slice(7, 23))
+    np.testing.assert_array_equal(fd.covariates_at(t, win), whole[:, win[0], win[1]])
+    np.testing.assert_array_equal(whole[:7], FineDays(st, season=3, t_lag=10, covariates="bounded").covariates_at(t))
+    c = st.times_c.get_loc(t)
+    logc = to_log(st.coarse.values)
+    maps = event_maps(logc[c], logc[c - 1])
+    np.testing.assert_allclose(maps[1], logc[c] - logc[c - 1], atol=1e-6)
+    gy, gx = np.gradient(logc[c].astype(np.float64))
+    np.testing.assert_allclose(maps[0], np.hypot(gy, gx), rtol=1e-5)
+    assert np.all(event_maps(logc[0], None)[1] == 0)
+    with pytest.raises(ValueError, match="event maps"):
+        from fastds.data.transforms import covariate_maps
+        covariate_maps(np.zeros((4, 4)), np.arange(4.0), np.arange(4.0), lat_range=(0, 3), lon_range=(0, 3),
+                       elev_scale=1.0, time=t, day_index=0, day_scale=1.0, encoding="events")

@@ -10,7 +10,7 @@ from .regions import season_of
 
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
-           "covariate_maps", "COVARIATES", "COVARIATE_SETS", "year_scale", "split_days", "SPLITS",
+           "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
@@ -186,11 +186,28 @@ COVARIATE_SETS = {
     # bounded: the day as a point on the annual circle, the year clamped to the years the
     # fine record covers, so a rollout years out sees inputs from the training range
     "bounded": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year"),
+    # bounded plus what predicts where the fine field is uncertain (issue: event-aware spread):
+    # the log10 coarse field's gradient magnitude (plume edges) and its change since the day
+    # before (arriving or leaving events), both per coarse cell, interpolated like the field
+    "events": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year",
+               "coarse_grad", "coarse_change"),
 }
+EVENT_COVARIATES = ("coarse_grad", "coarse_change")
+
+
+def event_maps(log_today, log_before):
+    """The "events" covariates on the coarse grid, (2, h_c, w_c) float32: the gradient
+    magnitude of log10 coarse (log10 units per cell, central differences) and its change
+    from the day before (0 without one). NaN cells count as the floor's log."""
+    today = np.nan_to_num(np.asarray(log_today, np.float64), nan=np.log10(FLOOR))
+    grads = np.gradient(today) if min(today.shape) > 1 else [np.zeros_like(today)] * 2
+    change = (today - np.nan_to_num(np.asarray(log_before, np.float64), nan=np.log10(FLOOR))
+              if log_before is not None else np.zeros_like(today))
+    return np.stack([np.hypot(*grads), change]).astype(np.float32)
 
 
 def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, time, day_index,
-                   day_scale, encoding="paper", year_range=None):
+                   day_scale, encoding="paper", year_range=None, events=None):
     """Covariate channels on (a window of) the fine grid for one day.
 
     elevation : (h, w) metres; lat (h,), lon (w,) degrees; lat_range/lon_range: the region's
@@ -200,10 +217,20 @@ def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, tim
     [0, 1] over the region, season/4, day_index/day_scale, ``(year - 2000)/24``.
     ``"bounded"`` -> float32 (7, h, w): elevation, lat, lon, season as above, then
     sin and cos of 2π·day-of-year/365.25, and the normalised year clamped to ``year_range``
-    (first, last year of the fine record). The channel names are ``COVARIATE_SETS[encoding]``.
+    (first, last year of the fine record). ``"events"`` -> float32 (9, h, w): ``"bounded"``
+    then ``events`` (2, h, w), the day's :func:`event_maps` already on the window (required).
+    The channel names are ``COVARIATE_SETS[encoding]``.
     """
     if encoding not in COVARIATE_SETS:
         raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {encoding!r}")
+    if encoding == "events":
+        if events is None or np.shape(events) != (2,) + np.shape(elevation):
+            raise ValueError(f"covariates='events' needs the day's event maps (2, h, w), got "
+                             f"{None if events is None else np.shape(events)}")
+        base = covariate_maps(elevation, lat, lon, lat_range=lat_range, lon_range=lon_range,
+                              elev_scale=elev_scale, time=time, day_index=day_index,
+                              day_scale=day_scale, encoding="bounded", year_range=year_range)
+        return np.concatenate([base, np.asarray(events, np.float32)])
     h, w = elevation.shape
     lat_s = (np.asarray(lat) - lat_range[0]) / max(lat_range[1] - lat_range[0], 1e-9)
     lon_s = (np.asarray(lon) - lon_range[0]) / max(lon_range[1] - lon_range[0], 1e-9)
