@@ -86,7 +86,8 @@ def _batches(n, batch):
 @torch.no_grad()
 def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = SampleConfig(),
                   T=1000, prediction="sample", members=1, seed=0, day_key=0,
-                  cache_conditioning=True, device="cpu", backend="auto", progress=None, member0=0):
+                  cache_conditioning=True, device="cpu", backend="auto", progress=None, member0=0,
+                  parts=False):
     """One day, all members: the model-space field (members, H, W) (min-max or standardised
     residual, as the model was trained).
 
@@ -98,7 +99,9 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     does not depend on which other days were sampled before it; ``member0`` numbers the
     members from there (a worker sampling members k.. of an ensemble draws what the whole
     ensemble would). ``cache_conditioning=False`` recomputes the transfer features at every
-    sampler step (the reference code's recipe, kept for benchmarks).
+    sampler step (the reference code's recipe, kept for benchmarks). ``parts=True`` (a
+    CorrDiff DDPM): ``(means, residuals)``, each (members, H, W), whose sum is the field
+    returned otherwise: the spread calibration needs both, and the mean is then computed once.
     """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
@@ -111,14 +114,18 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                         enabled=precision == "bf16"):
         if kind == "ddpm" and getattr(model, "regression", None) is not None:
-            return _corrdiff(model, inputs, **run)
+            means, res = _corrdiff(model, inputs, **run)
+            return (means, res) if parts else means + res
+        if parts:
+            raise ValueError("downscale_day: parts=True needs a DDPM with a regression mean (CorrDiff)")
         return _generate(model, inputs, **run)
 
 
 def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     """CorrDiff: the sample is the scaled, widened residual of a regression mean; stitching
-    is linear, so mean and residual are stitched apart and added. The residual pass runs the
-    same model (so captured graphs stay keyed to it), without the mean."""
+    is linear, so mean and residual are stitched apart (and added by the caller): (means,
+    scaled residuals), each (members, H, W). The residual pass runs the same model (so
+    captured graphs stay keyed to it), without the mean."""
     patches = _Patches.of(inputs, cfg, device)  # one geometry for the residual and the mean
     res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
                     patches=patches, **run)
@@ -126,11 +133,13 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
     scale = float(model.regression_scale)
     shared_lags = inputs.lags.shape[0] == 1
+    means = np.empty_like(res)
     for k in range(members):
         if k == 0 or not shared_lags:
             mean = _stitched_mean(model, inputs, patches, cfg, 0 if shared_lags else k, device)
-        res[k] = mean + scale * res[k]
-    return res
+        means[k] = mean
+        res[k] = scale * res[k]
+    return means, res
 
 
 def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):

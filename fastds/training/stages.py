@@ -314,11 +314,11 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, p
             return Season(model, config, fd)
 
         def day(self, ctx):
-            kw = dict(cfg=cfg, members=ctx.members, device=device)
-            z = downscale_day(model, ctx.inputs, kind="ddpm", T=config.diffusion.T,
-                              prediction=config.diffusion.prediction, seed=config.train.seed,
-                              day_key=ctx.day_key, **kw)
-            m = downscale_day(model.regression, ctx.inputs, kind="unet", **kw)
+            m, res = downscale_day(model, ctx.inputs, kind="ddpm", T=config.diffusion.T,
+                                   prediction=config.diffusion.prediction, seed=config.train.seed,
+                                   day_key=ctx.day_key, cfg=cfg, members=ctx.members, device=device,
+                                   parts=True)
+            z = m + res
             record.append((ctx.c, m, z - m, fd.logy_at(fd.index_of(ctx.day))))
             return fd.to_physical(z, ctx.c)
 
@@ -344,10 +344,11 @@ def _calibration_draws(model, fd, pick, cfg, config, members, pairs, device):
     spread_b, err_b = 0.0, 0.0
     for e in pick:
         inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
-        z = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
-                          prediction=config.diffusion.prediction, members=members,
-                          seed=config.train.seed, day_key=int(e), device=device)
-        m = downscale_day(model.regression, inputs, kind="unet", cfg=cfg, device=device)[0]
+        means, res = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
+                                   prediction=config.diffusion.prediction, members=members,
+                                   seed=config.train.seed, day_key=int(e), device=device, parts=True)
+        z = means + res
+        m = means[0]  # true lags: every member shares the day's mean
         mean_z.append(m)
         res_z.append(z - m)
         truth.append(fd.logy_at(e))
