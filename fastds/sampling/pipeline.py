@@ -253,7 +253,10 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     Fitted once and cached in ``run/nulls/``. Where the season has no validation day whose lag
     window lies in the fine record, its training days stand in, with a warning."""
     import warnings
-    path = Path(run) / "nulls" / f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}.npz"
+    from .. import _backend
+    # keyed by what changes the U-Net's residuals: projection, patch geometry, arithmetic
+    prec = _backend.resolve_precision(cfg.precision, device)
+    path = Path(run) / "nulls" / f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}_{prec}.npz"
     if path.exists():
         return NullStats.load(path)
     _, conf = load_trained(run, season, "unet", device=device)
