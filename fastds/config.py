@@ -122,6 +122,8 @@ class SampleConfig:
     tile: int = 16
     halo: int = 4
     stride: int = 2
+    mean_stride: int = 0          # CorrDiff: the regression mean's patch stride (0: ``stride``);
+                                  # tile - 2*halo tiles the image with the kept regions once
     batch: int = 1024             # patches per denoiser call
     members: int = 1
     mode: str = "strict"          # "strict" or "lenient"

@@ -16,7 +16,9 @@ from fastds.training.stages import load_trained
 
 from conftest import TRITON_DEVICE, requires_cuda, requires_triton, requires_triton_run, run_aot
 
-FAST = SampleConfig(sampler="ddim", steps=10, tile=16, halo=4, stride=8, batch=256)
+# fp32: several tests compare with a reference computed in fp32 (precision="auto" would
+# sample in bf16 on a CPU that has it)
+FAST = SampleConfig(sampler="ddim", steps=10, tile=16, halo=4, stride=8, batch=256, precision="fp32")
 
 
 def _r2_per_day(pred, truth):
@@ -67,7 +69,8 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     model, conf = load_trained(trained_run, 3)
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
     sub = DayInputs(inp.coarse[:, :24, :24], inp.covariates[:, :24, :24], inp.lags[..., :24, :24])
-    cfg = dataclasses.replace(FAST, tile=24, stride=8, calibrate_bands=False)
+    # "crps": the saved α itself (the default moves the common factor to spread/skill 1)
+    cfg = dataclasses.replace(FAST, tile=24, stride=8, calibrate_bands=False, calibrate_to="crps")
     got = downscale_day(model, sub, cfg=cfg, T=conf.diffusion.T, prediction=conf.diffusion.prediction,
                         seed=4)
     # the same computation written out for one whole-image patch: the U-Net mean plus the
@@ -94,6 +97,27 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
     res = (model.regression_scale * x0)[0, 0].numpy()
     want_b = model.regression_mean(*args)[0, 0].numpy() + filter_bands(res[None], gains)[0]
     np.testing.assert_allclose(banded[0], want_b, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_stride_changes_only_the_mean(trained_run, store_path, test_days):
+    """``sample.mean_stride``: the CorrDiff mean on its own (sparser) patch geometry; the
+    residual is the same draw, the mean is the U-Net's on those patches, and the default
+    (0) is the sampler's own stride, bit for bit."""
+    model, conf = load_trained(trained_run, 3)
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4, members=2, parts=True)
+    m0, r0 = downscale_day(model, inp, cfg=FAST, **kw)
+    m1, r1 = downscale_day(model, inp, cfg=dataclasses.replace(FAST, mean_stride=FAST.stride), **kw)
+    np.testing.assert_array_equal(m0, m1)
+    m8, r8 = downscale_day(model, inp, cfg=dataclasses.replace(FAST, mean_stride=8 if FAST.stride != 8 else 4), **kw)
+    np.testing.assert_array_equal(r0, r8)
+    assert not np.array_equal(m0, m8)
+    unet = downscale_day(model.regression, inp, kind="unet",
+                         cfg=dataclasses.replace(FAST, stride=8 if FAST.stride != 8 else 4))[0]
+    np.testing.assert_array_equal(m8[0], unet)
+    assert np.corrcoef(m0[0].ravel(), m8[0].ravel())[0, 1] > 0.99
+    with pytest.raises(ValueError, match="parts=True"):
+        downscale_day(model.regression, inp, kind="unet", cfg=FAST, parts=True)
 
 
 def test_few_step_samplers_match_ddpm_statistics(trained_run, store_path, test_days):

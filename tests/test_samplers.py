@@ -390,9 +390,10 @@ def test_calibrate_to_spread_moves_the_common_factor_to_spread_skill_one():
         regression_inflation=torch.tensor(1.3), regression_bands=torch.tensor([1.2, 2.4]),
         calibration={"inflations": infl, "band_factor": 1.2, "spread_skill_bands": [0.8, 0.9, 1.1, 1.2],
                      "inflation": 1.3, "spread_skill": [0.7, 0.8, 0.9, 1.0]})
-    cfg = SampleConfig()
+    cfg = SampleConfig(calibrate_to="crps")
     a, g = spread_widening(model, cfg)
     assert a == 1.0 and np.allclose(g, [1.2, 2.4])
+    assert SampleConfig().calibrate_to == "spread"  # the shipped default
     a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread"))
     assert a == 1.0 and np.allclose(g, np.array([1.2, 2.4]) * 1.15 / 1.2)  # 1 is halfway 1.1..1.2
     a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread", calibrate_bands=False))

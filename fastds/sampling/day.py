@@ -12,6 +12,7 @@ scaled residual sample: :mod:`fastds.sampling.spread`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,10 +134,13 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
     scale = float(model.regression_scale)
     shared_lags = inputs.lags.shape[0] == 1
+    # the deterministic mean needs no overlap for texture: a sparser geometry is cheaper
+    mpatches = (patches if cfg.mean_stride in (0, cfg.stride)
+                else _Patches.of(inputs, dataclasses.replace(cfg, stride=cfg.mean_stride), device))
     means = np.empty_like(res)
     for k in range(members):
         if k == 0 or not shared_lags:
-            mean = _stitched_mean(model, inputs, patches, cfg, 0 if shared_lags else k, device)
+            mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
         means[k] = mean
         res[k] = scale * res[k]
     return means, res
