@@ -115,7 +115,6 @@ def test_mean_stride_changes_only_the_mean(trained_run, store_path, test_days):
     unet = downscale_day(model.regression, inp, kind="unet",
                          cfg=dataclasses.replace(FAST, stride=8 if FAST.stride != 8 else 4))[0]
     np.testing.assert_array_equal(m8[0], unet)
-    assert np.corrcoef(m0[0].ravel(), m8[0].ravel())[0, 1] > 0.99
     with pytest.raises(ValueError, match="parts=True"):
         downscale_day(model.regression, inp, kind="unet", cfg=FAST, parts=True)
 
@@ -605,8 +604,9 @@ def test_antithetic_members(trained_run, store_path, test_days, fusion):
     model, conf = load_trained(trained_run, 3)
     unet, _ = load_trained(trained_run, 3, kind="unet")
     inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    # calibrate_to="crps": the widening is the saved α the test sets (not the spread/skill-1 factor)
     cfg = dataclasses.replace(FAST, sampler="ddpm", steps=10, halo=2, stride=8, fusion=fusion,
-                              calibrate_bands=False)
+                              calibrate_bands=False, calibrate_to="crps")
     kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, members=4, seed=2)
     raw = dataclasses.replace(cfg, calibrate=False)
     plain = downscale_day(model, inp, cfg=dataclasses.replace(raw, antithetic=False), **{**kw, "members": 2})
