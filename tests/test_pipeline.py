@@ -151,6 +151,28 @@ def test_ensemble_members_and_determinism(trained_run, test_days):
     assert not np.allclose(c["DUEXTTAU"].values, a["DUEXTTAU"].values)
 
 
+def _killed_on_day(n, run, before=None):
+    """``run()`` with the day sampler interrupted (KeyboardInterrupt) on its n-th day;
+    ``before(k)`` is called as day k starts."""
+    import fastds.sampling.downscalers as pipe
+    real, calls = pipe.downscale_day, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if before is not None:
+            before(calls["n"])
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    pipe.downscale_day = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        pipe.downscale_day = real
+
+
 def test_rollout_beyond_record_and_resume(trained_run, store_path, tmp_path):
     st = open_store(store_path)
     end_rec = st.times[-1]
@@ -161,23 +183,8 @@ def test_rollout_beyond_record_and_resume(trained_run, store_path, tmp_path):
     assert np.isfinite(full["DUEXTTAU"].values).all() and (full["DUEXTTAU"].values > 0).all()
     assert full["DUEXTTAU"].attrs["units"] == "1" and full.attrs["Conventions"] == "CF-1.8"
 
-    import fastds.sampling.downscalers as pipe
-    real = pipe.downscale_day
-    calls = {"n": 0}
-
-    def dies_on_day_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     out = tmp_path / "resumed.nc"
-    pipe.downscale_day = dies_on_day_4
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False)
-    finally:
-        pipe.downscale_day = real
+    _killed_on_day(4, lambda: sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False))
     parts = sorted((tmp_path / "resumed.nc.parts").glob("*.npy"))
     assert not out.exists() and len(parts) == 3
     # a day file cut short (a copy interrupted, a full disk) is sampled again, not fatal
@@ -200,25 +207,15 @@ def test_zarr_output_is_readable_while_running_and_resumes(trained_run, store_pa
     cfg = dataclasses.replace(FAST, mode="strict", seed=2, members=2)
     nc = sample(run=trained_run, start=start, end=end, out=tmp_path / "a.nc", cfg=cfg, progress=False)
 
-    import fastds.sampling.downscalers as pipe
-    real, calls, seen = pipe.downscale_day, {"n": 0}, {}
-    out = tmp_path / "a.zarr"
+    out, seen = tmp_path / "a.zarr", {}
 
-    def watched(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # a reader opens the store while the run is on its third day
+    def reader(day):
+        if day == 3:  # a reader opens the store while the run is on its third day
             seen["mid"] = open_output(out).load()
             seen["raw"] = xr.open_zarr(out, consolidated=False).load()
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
 
-    pipe.downscale_day = watched
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False)
-    finally:
-        pipe.downscale_day = real
+    _killed_on_day(4, lambda: sample(run=trained_run, start=start, end=end, out=out, cfg=cfg, progress=False),
+                   before=reader)
     mid, raw = seen["mid"], seen["raw"]
     assert len(mid.time) == 2 and raw.attrs["complete"] == 0 and raw["written"].values.tolist() == [1, 1, 0, 0, 0]
     np.testing.assert_array_equal(mid["DUEXTTAU"].values, nc["DUEXTTAU"].values[:2])
