@@ -29,6 +29,8 @@ FILL_VALUE = 1e15
 # only serialise our reads among themselves: that was prepare's intermittent "HDF error".
 # The lock is not reentrant: nothing called while holding it may take it again.
 _NC_LOCK = combine_locks([NETCDFC_LOCK, HDF5_LOCK])
+# A day whose worst pixel has fewer valid steps than this share of the expected is reported.
+MIN_VALID_FRACTION = 0.5
 # Values at or above this are fill even where a file forgot to declare _FillValue.
 _FILL_THRESHOLD = 1e14
 
@@ -397,8 +399,15 @@ def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps, sink=No
     if isinstance(paths, (xr.Dataset, xr.DataArray)):
         da = _from_xarray(paths, f"the {type(paths).__name__} passed", grid, kind, variable,
                           region, allow_gaps, what)
-        da.attrs.setdefault("units", "1")
-        return da
+    else:
+        da = _from_paths(paths, grid, kind, variable, region, min_valid_fraction, allow_gaps,
+                         what, sink)
+    da.attrs.setdefault("units", "1")
+    return da
+
+
+def _from_paths(paths, grid: Grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink):
+    """Files (native, or one merged cube): their region's daily (time, lat, lon) field."""
     files = _resolve(paths, what)
     native = [f for f in files if re.search(grid.pattern, f.name)]
     other_native = [f for f in files if re.search(GRIDS["fine" if kind == "coarse" else "coarse"].pattern, f.name)]
@@ -406,14 +415,11 @@ def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps, sink=No
         raise DataError(f"{what}: {other_native[0]} is a {'G5NR' if kind == 'coarse' else 'MERRA-2'} "
                         f"file; open_{kind} expects {grid.name} data")
     if len(files) == 1 and not native:
-        da = _cube(files[0], grid, kind, variable, region, allow_gaps, what)
-    else:
-        da = _native(files, grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink)
-    da.attrs.setdefault("units", "1")
-    return da
+        return _cube(files[0], grid, kind, variable, region, allow_gaps, what)
+    return _native(files, grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink)
 
 
-def open_coarse(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=0.5,
+def open_coarse(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=MIN_VALID_FRACTION,
                 allow_gaps=False) -> xr.DataArray:
     """Daily MERRA-2 field ``(time, lat, lon)`` from native files or a merged daily cube.
 
@@ -437,7 +443,7 @@ def open_coarse(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=0
     return _open(paths, "coarse", variable, region, min_valid_fraction, allow_gaps)
 
 
-def open_fine(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=0.5,
+def open_fine(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=MIN_VALID_FRACTION,
               allow_gaps=False) -> xr.DataArray:
     """Daily G5NR field ``(time, lat, lon)`` on the 0.0625° grid; same contract as
     :func:`open_coarse`. Native files are ``c1440_NR.inst30mn_2d_aer1_Nx.YYYYMMDD_HHMMz.nc4``,

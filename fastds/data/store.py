@@ -27,7 +27,7 @@ import pandas as pd
 import xarray as xr
 
 from .._io import atomic_path
-from .readers import GRIDS, DataError, DataWarning, _open, _resolve, open_elevation
+from .readers import GRIDS, MIN_VALID_FRACTION, DataError, DataWarning, _open, _resolve, open_elevation
 from .regions import Region, parse_region, wrap_lon
 from .species import cf_attrs
 from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
@@ -132,8 +132,8 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
         raise ValueError(f"prepare: workers must be 0 (threads) or a number of processes, got {workers!r}")
 
     with _notes_sink(workers) as sink:
-        xc = _open(coarse, "coarse", variable, region, 0.5, allow_gaps, sink)
-        yf = _open(fine, "fine", variable, region, 0.5, allow_gaps, sink)
+        xc = _open(coarse, "coarse", variable, region, MIN_VALID_FRACTION, allow_gaps, sink)
+        yf = _open(fine, "fine", variable, region, MIN_VALID_FRACTION, allow_gaps, sink)
         _write_prepared(xc, yf, out=out, region=region, elevation=elevation, variable=variable,
                         align=align, val=val, test=test, seed=seed, block=block,
                         manifest=manifest, workers=workers, sink=sink, progress=progress)
@@ -222,11 +222,11 @@ def _compute(write, workers, progress):
     processes (their day readers put warnings in `_notes_sink`'s queue)."""
     import dask
     if not workers:
-        with _DayProgress(progress):
+        with _day_progress(progress):
             dask.compute(write)
         return
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(int(workers), mp_context=_mp_context()) as pool, _DayProgress(progress):
+    with ProcessPoolExecutor(int(workers), mp_context=_mp_context()) as pool, _day_progress(progress):
         # chunksize 1: dask batches 6 tasks per submission by default, which gave one worker
         # six of a week's seven days
         dask.compute(write, scheduler="processes", pool=pool, chunksize=1)
@@ -237,41 +237,29 @@ def _is_day(key) -> bool:
     return "daily_mean" in str(key[0] if isinstance(key, tuple) else key)
 
 
-class _DayProgress:
-    """A tqdm bar over the days read from native files (see `_is_day`), or
-    over all tasks when the inputs are cubes; a no-op when ``enabled`` is False."""
+def _day_progress(enabled):
+    """A tqdm bar over the days read from native files (see `_is_day`), or over all tasks
+    when the inputs are cubes (a dask callback); a null context when not ``enabled``."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
 
-    def __init__(self, enabled):
-        self.enabled = enabled
+    class DayBar(Callback):
+        def _start(self, dsk):
+            days = sum(map(_is_day, dsk))
+            self.days = days > 0
+            self.bar = tqdm(total=days or len(dsk), unit="day" if days else "task",
+                            desc="prepare: days read" if days else "prepare")
 
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        from dask.callbacks import Callback
-        from tqdm.auto import tqdm
-        outer = self
+        def _posttask(self, key, result, dsk, state, id):
+            if not self.days or _is_day(key):
+                self.bar.update()
 
-        class _CB(Callback):
-            def _start(self, dsk):
-                days = sum(map(_is_day, dsk))
-                outer.days = days > 0
-                outer.bar = tqdm(total=days or len(dsk), unit="day" if days else "task",
-                                 desc="prepare: days read" if days else "prepare")
+        def _finish(self, dsk, state, errored):
+            self.bar.close()
 
-            def _posttask(self, key, result, dsk, state, id):
-                if not outer.days or _is_day(key):
-                    outer.bar.update()
-
-            def _finish(self, dsk, state, errored):
-                outer.bar.close()
-
-        self.cb = _CB()
-        self.cb.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.cb.__exit__(*exc)
+    return DayBar()
 
 
 @dataclass

@@ -73,6 +73,8 @@ class DayStore:
     def __init__(self, out, template: xr.Dataset, signature: dict):
         self.out = Path(out)
         self.var = next(iter(template.data_vars))
+        self.dims = template[self.var].dims
+        self.day_shape = template[self.var].shape[1:]
         self.days = pd.DatetimeIndex(template["time"].values)
         sig = json.dumps(signature, sort_keys=True, default=str)
         if self.out.exists():
@@ -94,19 +96,12 @@ class DayStore:
         """Write one day's ``values`` ([member,] lat, lon), then flag it written."""
         i = self.days.get_loc(day)
         region = {"time": slice(i, i + 1)}
-        arr = np.asarray(values, np.float32)
-        dims = ("time", "member", "lat", "lon") if arr.ndim == 3 else ("time", "lat", "lon")
-        if arr.ndim == 3 and "member" not in self._dims():
-            arr, dims = arr[0], ("time", "lat", "lon")
-        xr.Dataset({self.var: (dims, arr[None])}).to_zarr(self.out, region=region, consolidated=False)
+        # one member without a member dim: (1, lat, lon) -> (lat, lon), as the template has it
+        arr = np.asarray(values, np.float32).reshape(self.day_shape)
+        xr.Dataset({self.var: (self.dims, arr[None])}).to_zarr(self.out, region=region, consolidated=False)
         xr.Dataset({"written": ("time", np.ones(1, np.int8))}).to_zarr(self.out, region=region,
                                                                       consolidated=False)
         self.done.add(day)
-
-    def _dims(self):
-        if not hasattr(self, "_vdims"):
-            self._vdims = xr.open_zarr(self.out, consolidated=False)[self.var].dims
-        return self._vdims
 
     def close(self) -> xr.Dataset:
         import zarr

@@ -211,6 +211,7 @@ def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
 
 
 INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
+RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of α = 1 (no widening)
 CALIBRATED = (0.8, 1.2)  # the band a calibrated ensemble's spread/skill should fall in
 CALIBRATION_MEMBERS = 8
 
@@ -267,9 +268,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     scores_b, ratios_b = scan(gains)
     best_a = float(INFLATIONS[int(np.argmin(scores))])
     best_ab = float(INFLATIONS[int(np.argmin(scores_b))])
-    raw = int(np.argmin(np.abs(INFLATIONS - 1.0)))
     cal = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
-           "spread_skill": ratios, "raw_spread_skill": ratios[raw],
+           "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
            "band_gains": gains.tolist(), "band_factor": best_ab,
            "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
            "days": [int(d) for d in pick], "members": members,
@@ -331,7 +331,7 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, p
     k = int(np.argmin(scores))
     return {"rollout_factor": float(INFLATIONS[k]), "rollout_days": len(record),
             "rollout_crps_fair": scores, "rollout_spread_skill": ratios,
-            "rollout_spread_skill_at_1": ratios[int(np.argmin(np.abs(INFLATIONS - 1.0)))]}
+            "rollout_spread_skill_at_1": ratios[RAW]}
 
 
 def _calibration_draws(model, fd, pick, cfg, config, members, pairs, device):
