@@ -63,7 +63,10 @@ def _data_commands(sub):
     p.add_argument("--elevation", help="NetCDF with elevation (lat, lon)")
     p.add_argument("--region", required=True, help="area0, area1 or LAT_MIN,LAT_MAX,LON_MIN,LON_MAX")
     p.add_argument("--out", required=True, help="store folder (e.g. area1.zarr)")
-    p.add_argument("--variable", default="DUEXTTAU")
+    p.add_argument("--variable", default="DUEXTTAU", help="the species to prepare (default DUEXTTAU)")
+    p.add_argument("--variables", default=None, metavar="A,B,...",
+                   help="several species at once, e.g. DUEXTTAU,SSEXTTAU,SUEXTTAU (each normalised "
+                        "on its own; every input file must hold them all)")
     p.add_argument("--allow-gaps", action="store_true", help="keep missing days as NaN instead of failing")
     p.add_argument("--workers", type=int, default=0,
                    help="read days in this many processes (0: threads; global native files want several)")
@@ -76,6 +79,8 @@ def _training_commands(sub):
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4], help="one season (default: data.seasons)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--variable", default=None,
+                   help="the species to train on, in a store of several (sets data.variable)")
 
     p = sub.add_parser("train", help="Stage C: conditional DDPM (or a baseline)")
     _common(p)
@@ -89,6 +94,8 @@ def _training_commands(sub):
                         "the DDPM around it)")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--variable", default=None,
+                   help="the species, in a store of several (default: the run's; sets data.variable)")
 
 
 def _sampling_commands(sub):
@@ -142,6 +149,9 @@ def _evaluation_commands(sub):
     p.add_argument("--out", default="fastds-demo", help="report folder (default ./fastds-demo)")
     p.add_argument("--quick", action="store_true", help="a reduced demo (tests, smoke runs)")
     p.add_argument("--seasons", default="2", help="comma-separated seasons to train (default 2 = MAM)")
+    p.add_argument("--species", action="store_true",
+                   help="the multivariate run: three correlated species and their total, one model each, "
+                        "scored per species, together and summed (default out: fastds-demo-species)")
 
 
 def _config(args):
@@ -152,7 +162,10 @@ def _config(args):
     if args.cmd == "sample" and not args.preset:
         from .runs import run_config
         return load_config(None, args.config, args.set, base=run_config(args.run))
-    return load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
+    cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
+    if getattr(args, "variable", None) and args.cmd in ("pretrain", "train"):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, variable=args.variable))
+    return cfg
 
 
 def _benchmark(args) -> int:
@@ -184,7 +197,8 @@ def _run(args) -> int:
         from .data.store import prepare
         align = {} if cfg.data.align == "store" else {"align": cfg.data.align}
         out = prepare(coarse=args.coarse, fine=args.fine, out=args.out, region=args.region,
-                      elevation=args.elevation, variable=args.variable, block=cfg.data.split_block,
+                      elevation=args.elevation, variable=args.variable, variables=args.variables,
+                      block=cfg.data.split_block,
                       allow_gaps=args.allow_gaps, workers=args.workers, progress=progress, **align)
         print(f"store ready: {out}")
     elif args.cmd == "pretrain":
@@ -218,10 +232,14 @@ def _run(args) -> int:
         print(format_table(pd.DataFrame(m["table"])), end="")
         print(f"report written to {args.out}")
     elif args.cmd == "demo":
-        from .demo import run_demo
+        from .demo import run_demo, run_species_demo
         seasons = tuple(int(s) for s in args.seasons.split(","))
-        run_demo(out=args.out, config=cfg, quick=args.quick, seasons=seasons, device=args.device,
-                 progress=progress, echo=print)
+        if args.species:
+            run_species_demo(out=args.out if args.out != "fastds-demo" else "fastds-demo-species", config=cfg,
+                             quick=args.quick, seasons=seasons, device=args.device, progress=progress, echo=print)
+        else:
+            run_demo(out=args.out, config=cfg, quick=args.quick, seasons=seasons, device=args.device,
+                     progress=progress, echo=print)
     return 0
 
 

@@ -34,6 +34,7 @@ class DataConfig:
     split_block: int = 14         # prepare: contiguous split blocks in days (1: reference)
     seasons: tuple = (1, 2, 3, 4)
     max_train_patches: int = 0    # 0: all; else a seeded subset per epoch (CPU demos)
+    variable: str = ""            # the store's species to train on ("": its only one)
 
 
 @dataclass(frozen=True)

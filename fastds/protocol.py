@@ -67,6 +67,8 @@ class ProtocolConfig:
     block: int = 7                       # moving-block length, days
     reps: int = 2000                     # bootstrap replicates
     reference: str = "ddpm"              # paired differences: reference minus each other model
+    cross_models: tuple = ("ddpm", "unet", "clim")  # species twins: models whose species are
+                                         # scored together (correlation bias, summed total)
     # named variants: a model with sample-setting overrides, e.g. {"ddpm-raw": {"model":
     # "ddpm", "calibrate": False}}; list their names in ``models`` like any model
     variants: dict = field(default_factory=dict)
@@ -153,13 +155,15 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
 def _twin_store(case: TwinCase, cache: Path, config):
     from .data.store import prepare
     from .data.synthetic import TwinSpec, write_twin
-    spec = TwinSpec(**case.spec)  # one twin per case, shared by its training seeds
+    # one twin per case, shared by its training seeds (TOML lists become the spec's tuples)
+    spec = TwinSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in case.spec.items()})
     tdir = cache / case.name
     if not (tdir / "twin" / "fine_truth.nc").exists():
         write_twin(tdir / "twin", spec, native_days=0)
     store = prepare(coarse=tdir / "twin/coarse_daily.nc", fine=tdir / "twin/fine_daily.nc",
                     elevation=tdir / "twin/elevation.nc", block=config.data.split_block,
-                    region=",".join(map(str, spec.region.as_tuple())), out=tdir / "store.zarr")
+                    region=",".join(map(str, spec.region.as_tuple())), out=tdir / "store.zarr",
+                    variables=spec.variables)
     return spec, store, tdir
 
 
@@ -184,73 +188,170 @@ def _score_rollout(pred, truth_log, thresholds, cells, by):
     return pd.DataFrame(rows)
 
 
-def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dict:
-    """Run (or resume) the protocol into ``out``; returns the results dict (also written to
-    ``out/results.json`` and ``out/results.md``)."""
+@dataclass
+class _Case:
+    """One twin, seed and variable of the protocol: where its files are and how it is named
+    in the scores (``label``: the twin's name, ``name:VARIABLE`` for a species twin)."""
+    cfg: ProtocolConfig
+    name: str
+    spec: object
+    variable: str
+    seed: int
+    tdir: Path
+    sdir: Path
+
+    @property
+    def species(self) -> bool:
+        return bool(self.spec.species)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.variable}" if self.species else self.name
+
+    @property
+    def run(self) -> Path:
+        return self.tdir / (f"run-seed{self.seed}-{self.variable}" if self.species else f"run-seed{self.seed}")
+
+    def score_path(self, start, length, model) -> Path:
+        stem = f"{self.name}-{self.variable}" if self.species else self.name
+        return self.sdir / f"{stem}_s{self.seed}_{start:%Y%m%d}_{length}d_{model}.csv"
+
+    def pred_path(self, start, length, model, variable=None) -> Path:
+        """Where a species twin keeps a rollout's fields for the cross-species scores."""
+        return self.tdir / "preds" / f"s{self.seed}_{start:%Y%m%d}_{length}d_{variable or self.variable}_{model}.nc"
+
+    def periods(self):
+        runs = [(pd.Timestamp(a), self.cfg.rollout_days) for a in self.cfg.starts]
+        if self.cfg.reconstruction:
+            runs.append((pd.Timestamp(self.cfg.reconstruction[0]), int(self.cfg.reconstruction[1])))
+        return runs
+
+
+def _references(case: _Case, variable, days):
+    """What a rollout of ``variable`` on ``days`` is scored against: the truth's log10, its
+    90th/99th percentiles over the days, the coarse cells and the log10 coarse on the fine grid."""
     import xarray as xr
 
-    from .config import load_config
     from .data.transforms import align_index
+    truth = xr.open_dataset(case.tdir / "twin/fine_truth.nc")[variable]
+    coarse = xr.open_dataset(case.tdir / "twin/coarse_daily.nc")[variable]
+    lat, lon = truth.lat.values, truth.lon.values
+    cells = (align_index(coarse.lat.values, lat, method="nearest"),
+             align_index(coarse.lon.values, lon, method="nearest"))
+    truth_log = np.log10(np.maximum(truth.sel(time=days), 1e-6)).load()
+    thresholds = {"q90": float(np.quantile(truth_log.values, 0.9)),
+                  "q99": float(np.quantile(truth_log.values, 0.99))}
+    by = np.log10(np.maximum(coarse.sel(time=days), 1e-6)).isel(
+        lat=xr.DataArray(cells[0], dims="lat"), lon=xr.DataArray(cells[1], dims="lon"))
+    return truth_log, thresholds, cells, by.assign_coords(lat=lat, lon=lon)
+
+
+def _labelled(frame, case: _Case, start, length, model, label=None):
+    frame.insert(0, "model", model)
+    frame.insert(0, "start", f"{start:%Y-%m-%d}+{length}d")
+    frame.insert(0, "seed", case.seed)
+    frame.insert(0, "twin", label or case.label)
+    return frame
+
+
+def _rollouts(case: _Case, config, progress, echo) -> list:
+    """Every model's strict rollouts of one case, scored (cached per rollout and model); a
+    species twin also keeps the fields of ``cfg.cross_models`` for the cross-species scores."""
     from .sampling.pipeline import sample
+    cfg, frames = case.cfg, []
+    for start, length in case.periods():
+        days = pd.date_range(start, periods=length, freq="D")
+        refs = None
+        for name in cfg.models:
+            settings = dict(cfg.variants.get(name, {}))
+            model = settings.pop("model", name)
+            path = case.score_path(start, length, name)
+            keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
+            if path.exists() and (keep is None or keep.exists()):
+                frames.append(pd.read_csv(path, parse_dates=["time"]))
+                continue
+            ensemble = model in ("ddpm",) or model.startswith("unet+")
+            scfg = dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
+                                       seed=case.seed, burn_in=cfg.burn_in, **settings)
+            ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
+                        model=model, progress=progress, cold_start=True)
+            pred = ds[case.variable].sel(time=days)
+            if "member" not in pred.dims:
+                pred = pred.expand_dims(member=1, axis=1)
+            pred = pred.transpose("time", "member", "lat", "lon")
+            if keep is not None:
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(keep) as tmp:
+                    pred.load().to_netcdf(tmp)
+            refs = refs or _references(case, case.variable, days)
+            frame = _labelled(_score_rollout(pred, *refs), case, start, length, name)
+            with atomic_path(path) as tmp:
+                frame.to_csv(tmp, index=False)
+            frames.append(frame)
+            echo(f"protocol: {case.label} seed {case.seed} start {start:%Y-%m-%d} {name}: "
+                 f"CRPS {frame.crps_fair.mean():.4f}, R² {frame.r2_mean.mean():.3f}")
+    return frames
+
+
+def _cross_species(case: _Case) -> tuple[list, list]:
+    """A species twin's cross-species scores, per rollout and model of ``cfg.cross_models``:
+    the inter-species correlation bias (:func:`~fastds.metrics.species.correlation_bias`) and,
+    where the twin has a total, the summed species' ensemble (member by member) scored as a
+    model ``NAME-sum`` of the total, beside the model trained on the total alone."""
+    import xarray as xr
+
+    from .metrics.species import correlation_bias
+    spec, cfg = case.spec, case.cfg
+    truth = xr.open_dataset(case.tdir / "twin/fine_truth.nc")
+    frames, rows = [], []
+    total = dataclasses.replace(case, variable=spec.total) if spec.total else None
+    for start, length in case.periods():
+        days = pd.date_range(start, periods=length, freq="D")
+        for name in cfg.cross_models:
+            preds = {v: xr.open_dataarray(case.pred_path(start, length, name, v)).load() for v in spec.species}
+            cb = correlation_bias(preds, {v: truth[v].sel(time=days) for v in spec.species})
+            rows.append(cb.assign(twin=case.name, seed=case.seed, start=f"{start:%Y-%m-%d}+{length}d", model=name))
+            if total is None:
+                continue
+            path = total.score_path(start, length, f"{name}-sum")
+            if path.exists():
+                frames.append(pd.read_csv(path, parse_dates=["time"]))
+                continue
+            summed = sum(preds[v] for v in spec.species).transpose("time", "member", "lat", "lon")
+            frame = _labelled(_score_rollout(summed, *_references(total, spec.total, days)), total,
+                              start, length, f"{name}-sum")
+            with atomic_path(path) as tmp:
+                frame.to_csv(tmp, index=False)
+            frames.append(frame)
+    return frames, rows
+
+
+def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dict:
+    """Run (or resume) the protocol into ``out``; returns the results dict (also written to
+    ``out/results.json`` and ``out/results.md``). A twin with several species trains one run
+    per species (and one on their total) and adds the cross-species scores."""
+    from .config import load_config
     out = Path(out)
     cache, sdir = out / "cache", out / "scores"
     sdir.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for case in cfg.twins:
+    frames, cross = [], []
+    for twin in cfg.twins:
         for seed in cfg.seeds:
             config = load_config(cfg.preset, overrides=list(cfg.overrides) + [
                 f"data.seasons={list(cfg.seasons)}", f"pretrain.seed={seed}", f"train.seed={seed}"])
-            spec, store, tdir = _twin_store(case, cache, config)
-            run = tdir / f"run-seed{seed}"
-            echo(f"protocol: {case.name} seed {seed}: training (cached in {run})")
-            _trained(store, run, config, progress)
-            truth = xr.open_dataset(tdir / "twin/fine_truth.nc")[spec.variable]
-            coarse = xr.open_dataset(tdir / "twin/coarse_daily.nc")[spec.variable]
-            lat, lon = truth.lat.values, truth.lon.values
-            cells = (align_index(coarse.lat.values, lat, method="nearest"),
-                     align_index(coarse.lon.values, lon, method="nearest"))
-            runs = [(pd.Timestamp(a), cfg.rollout_days) for a in cfg.starts]
-            if cfg.reconstruction:
-                runs.append((pd.Timestamp(cfg.reconstruction[0]), int(cfg.reconstruction[1])))
-            for start, length in runs:
-                days = pd.date_range(start, periods=length, freq="D")
-                truth_log = np.log10(np.maximum(truth.sel(time=days), 1e-6)).load()
-                # thresholds: the truth's 90th/99th percentiles over this rollout's days
-                thresholds = {"q90": float(np.quantile(truth_log.values, 0.9)),
-                              "q99": float(np.quantile(truth_log.values, 0.99))}
-                by = np.log10(np.maximum(coarse.sel(time=days), 1e-6)).isel(
-                    lat=xr.DataArray(cells[0], dims="lat"), lon=xr.DataArray(cells[1], dims="lon"))
-                by = by.assign_coords(lat=lat, lon=lon)
-                for name in cfg.models:
-                    settings = dict(cfg.variants.get(name, {}))
-                    model = settings.pop("model", name)
-                    path = sdir / f"{case.name}_s{seed}_{start:%Y%m%d}_{length}d_{name}.csv"
-                    if path.exists():
-                        frames.append(pd.read_csv(path, parse_dates=["time"]))
-                        continue
-                    ensemble = model in ("ddpm",) or model.startswith("unet+")
-                    scfg = dataclasses.replace(config.sample, mode="strict",
-                                               members=cfg.members if ensemble else 1,
-                                               seed=seed, burn_in=cfg.burn_in, **settings)
-                    first = start - pd.Timedelta(days=cfg.burn_in)
-                    ds = sample(run=run, start=first, end=days[-1], cfg=scfg, model=model,
-                                progress=progress, cold_start=True)
-                    pred = ds[spec.variable].sel(time=days)
-                    if "member" not in pred.dims:
-                        pred = pred.expand_dims(member=1, axis=1)
-                    pred = pred.transpose("time", "member", "lat", "lon")
-                    frame = _score_rollout(pred, truth_log, thresholds, cells, by)
-                    frame.insert(0, "model", name)
-                    frame.insert(0, "start", f"{start:%Y-%m-%d}+{length}d")
-                    frame.insert(0, "seed", seed)
-                    frame.insert(0, "twin", case.name)
-                    with atomic_path(path) as tmp:
-                        frame.to_csv(tmp, index=False)
-                    frames.append(frame)
-                    echo(f"protocol: {case.name} seed {seed} start {start:%Y-%m-%d} {name}: "
-                         f"CRPS {frame.crps_fair.mean():.4f}, R² {frame.r2_mean.mean():.3f}")
+            spec, store, tdir = _twin_store(twin, cache, config)
+            for variable in spec.variables:
+                case = _Case(cfg, twin.name, spec, variable, seed, tdir, sdir)
+                vconfig = (dataclasses.replace(config, data=dataclasses.replace(config.data, variable=variable))
+                           if case.species else config)
+                echo(f"protocol: {case.label} seed {seed}: training (cached in {case.run})")
+                _trained(store, case.run, vconfig, progress)
+                frames += _rollouts(case, vconfig, progress, echo)
+            if spec.species:
+                f, c = _cross_species(_Case(cfg, twin.name, spec, spec.species[0], seed, tdir, sdir))
+                frames, cross = frames + f, cross + c
     scores = pd.concat(frames, ignore_index=True)
-    return _write_results(cfg, scores, out)
+    return _write_results(cfg, scores, out, pd.concat(cross, ignore_index=True) if cross else None)
 
 
 def _markdown(df: pd.DataFrame, fmt="{:.4f}") -> str:
@@ -263,7 +364,18 @@ def _markdown(df: pd.DataFrame, fmt="{:.4f}") -> str:
     return "\n".join(lines)
 
 
-def _write_results(cfg, scores, out):
+def _cross_tables(cross: pd.DataFrame):
+    """Cross-species summaries: per twin, model and pair the mean correlations and bias over
+    rollouts and seeds; and per twin and model the mean over pairs of |bias| (the target:
+    within 0.1) and of the pixelwise |bias|."""
+    per_pair = cross.groupby(["twin", "model", "pair"])[["corr_truth", "corr_pred", "bias", "abs_bias"]].mean()
+    overall = per_pair.assign(abs_mean_bias=per_pair["bias"].abs()).groupby(["twin", "model"])[
+        ["abs_mean_bias", "abs_bias"]].mean().rename(columns={"abs_mean_bias": "mean |bias| over pairs",
+                                                              "abs_bias": "mean pixelwise |bias|"})
+    return per_pair, overall
+
+
+def _write_results(cfg, scores, out, cross=None):
     summary = scores.groupby(["twin", "model"])[[c for c in HEADLINE if c in scores]].mean()
     spectrum = scores.groupby(["twin", "model"])[[c for c in scores if c.startswith("spectrum_ratio")]].mean()
     reliability = scores.groupby(["twin", "model"])[[c for c in scores if c.startswith("spread_error")]].mean()
@@ -275,6 +387,10 @@ def _write_results(cfg, scores, out):
                "spectrum_ratio": spectrum.reset_index().to_dict(orient="records"),
                "spread_error_by_coarse_quintile": reliability.reset_index().to_dict(orient="records"),
                "paired": {t: d.to_dict(orient="records") for t, d in diffs.items()}}
+    if cross is not None:
+        per_pair, overall = _cross_tables(cross)
+        results["species_correlation"] = per_pair.reset_index().to_dict(orient="records")
+        results["species_correlation_overall"] = overall.reset_index().to_dict(orient="records")
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, default=str))
     lines = [f"# Protocol results ({cfg.tier} tier)", "",
@@ -294,6 +410,10 @@ def _write_results(cfg, scores, out):
             d = d.assign(interval=[f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(d.low, d.high)])
             lines += [_markdown(d[["metric", "model", "days", "diff", "interval", "verdict"]],
                                 "{:+.4f}"), ""]
+    if cross is not None:
+        lines += ["## Cross-species", "", "Inter-species correlation (per pixel over a rollout's days, "
+                  "log10; a prediction's map is the mean of its members' maps), prediction − truth:", "",
+                  _markdown(overall, "{:.3f}"), "", _markdown(per_pair, "{:+.3f}"), ""]
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return results

@@ -247,6 +247,8 @@ def _load_inputs(preds, truth, coarse, variable):
     if isinstance(truth, (str, Path)) and Path(truth).is_dir():
         from .data.store import open_store
         st = open_store(truth)
+        if len(st.variables) > 1:
+            st = st.select(variable)
         truth = st.fine.load()
         if coarse is None:
             coarse = st.coarse.rename({"time_c": "time", "lat_c": "lat", "lon_c": "lon"})

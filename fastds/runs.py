@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_config", "sample_settings", "load_checkpoint", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_variable", "run_config", "sample_settings", "load_checkpoint", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -39,6 +39,13 @@ def write_run_meta(run, store, config: Config):
         tmp.write_text(json.dumps(meta, indent=1))
     with atomic_path(run / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
+
+
+def run_variable(run) -> str | None:
+    """The species a run was trained on (its ``run.json``); None for a run folder without one
+    (the store then must hold a single species)."""
+    meta = Path(run) / "run.json"
+    return json.loads(meta.read_text()).get("variable") if meta.exists() else None
 
 
 def run_config(run) -> Config:

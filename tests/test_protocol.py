@@ -73,3 +73,31 @@ def test_paired_differences_verdicts():
     d = paired_differences(pd.DataFrame(rows), reference="ddpm", reps=200).set_index(["metric", "model"])
     assert d.loc[("crps_fair", "null"), "verdict"] == "ddpm better"
     assert d.loc[("crps_fair", "same"), "verdict"] == "tie"
+
+
+def test_species_protocol_scores_each_species_and_the_species_together(tmp_path):
+    """A twin of two species and their total: one run per variable, each scored under
+    ``twin:VARIABLE``; the cross-species correlation bias per model; the species' sum scored
+    as ``NAME-sum`` of the total beside the total-only model; and a resume samples nothing."""
+    twin = TwinCase("sp", {"coarse_start": "2005-01-01", "coarse_end": "2005-12-31",
+                           "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 5,
+                           "species": ["DUEXTTAU", "SSEXTTAU"], "total": "TOTEXTTAU"})
+    cfg = ProtocolConfig(tier="toy", twins=(twin,), seeds=(0,), seasons=(3,), starts=("2005-08-27",),
+                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "clim"),
+                         cross_models=("ddpm", "clim"), overrides=TEST_OVERRIDES, reps=100)
+    run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    groups = {(r["twin"], r["model"]) for r in saved["summary"]}
+    assert groups == {("sp:DUEXTTAU", "ddpm"), ("sp:DUEXTTAU", "clim"), ("sp:SSEXTTAU", "ddpm"),
+                      ("sp:SSEXTTAU", "clim"), ("sp:TOTEXTTAU", "ddpm"), ("sp:TOTEXTTAU", "clim"),
+                      ("sp:TOTEXTTAU", "ddpm-sum"), ("sp:TOTEXTTAU", "clim-sum")}
+    assert {p["model"] for p in saved["paired"]["sp:TOTEXTTAU"]} == {"clim", "ddpm-sum", "clim-sum"}
+    pairs = saved["species_correlation"]
+    assert {(r["model"], r["pair"]) for r in pairs} == {("ddpm", "DUEXTTAU~SSEXTTAU"), ("clim", "DUEXTTAU~SSEXTTAU")}
+    assert all(-1 <= r["corr_truth"] <= 1 and -2 <= r["bias"] <= 2 for r in pairs)
+    assert "## Cross-species" in (tmp_path / "results.md").read_text()
+    for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"):
+        assert (tmp_path / f"cache/sp/run-seed0-{v}/run.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")}
+    run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")} == stamps

@@ -2,13 +2,19 @@
 
 Store layout (Zarr, written to a temporary folder and renamed into place)::
 
-    coarse      (time_c, lat_c, lon_c) float32  daily coarse field, physical units
-    fine        (time, lat, lon)       float32  daily fine field over the fine record
+    coarse      (species, time_c, lat_c, lon_c) float32  daily coarse fields, physical units
+    fine        (species, time, lat, lon)       float32  daily fine fields over the fine record
     elevation   (lat, lon)             float32  metres (zeros when none was given)
     split_c     (time_c)               int8     0 train, 1 val, 2 test (by target day)
     split       (time)                 int8     the same split at the fine days
-    attrs: norm_x, norm_y (per-season min/max of log10, train days), region, variable,
-           align, manifest (inputs and settings), warnings (days with few valid hours)
+    attrs: variables (the species, in order), species_attrs (each one's units, long name and
+           CF standard name), norm_x, norm_y ({species: per-season min/max of log10, train
+           days}), region, align, manifest (inputs and settings), warnings (days with few
+           valid hours)
+
+One species is one variable (``DUEXTTAU``, ``SSEXTTAU``, ...), chunked on its own, so a
+single-species consumer reads only its own. Stores of version 1 (one variable, no species
+dim) still open.
 
 Re-running with the same inputs and settings returns at once (the manifest matches); an
 interrupted run leaves the previous store (or none) and a ``.tmp-*`` folder that is ignored.
@@ -16,6 +22,7 @@ interrupted run leaves the previous store (or none) and a ``.tmp-*`` folder that
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -34,7 +41,7 @@ from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
 
 __all__ = ["prepare", "open_store", "Store"]
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 def _fingerprint(paths, what):
@@ -80,7 +87,23 @@ def _check_cover(coarse: xr.DataArray, fine: xr.DataArray):
                         f"{', '.join(f'{d:%Y-%m-%d}' for d in missing[:5])}")
 
 
-def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
+def _variable_list(variable, variables) -> tuple:
+    """The species to prepare: ``variables`` (a sequence, or a comma-separated string) or
+    ``variable``; a name given twice or an empty one is an error that names it."""
+    if variables is None:
+        variables = [variable]
+    elif isinstance(variables, str):
+        variables = variables.split(",")
+    names = [str(v).strip() for v in variables]
+    if not names or any(not v for v in names):
+        raise ValueError(f"prepare: variables must be non-empty names, got {list(variables)!r}")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise ValueError(f"prepare: variable {twice[0]} is named twice in variables={names}")
+    return tuple(names)
+
+
+def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU", variables=None,
             align="bilinear", val=0.2, test=0.1, seed=0, block=14, allow_gaps=False,
             workers=0, progress=False) -> Path:
     """Build the store for one region from raw files (see the module doc for its layout).
@@ -92,6 +115,10 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     out : the store folder (``*.zarr`` by convention).
     region : ``"area0"``, ``"area1"``, a box string, or a :class:`Region`.
     elevation : NetCDF with elevation (see :func:`open_elevation`), or None for zeros.
+    variable, variables : the species to prepare: one name, or several (``variables``, a list
+        or ``"DUEXTTAU,SSEXTTAU"``), each with its own normalisation and CF attributes. Every
+        input must hold every species (a missing one is an error naming the file and the
+        variable; nothing is written).
     align : coarse -> fine alignment the datasets use unless a config names another:
         ``"bilinear"`` (default), ``"nearest"`` (the reference code) or ``"conservative"``
         (see :func:`~fastds.data.transforms.align_index`).
@@ -108,12 +135,13 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
     kept in the store's ``warnings`` attribute.
     """
     region = parse_region(region)
+    names = _variable_list(variable, variables)
     out = Path(out)
     manifest = {
         "version": STORE_VERSION, "coarse": _fingerprint(coarse, "prepare --coarse"),
         "fine": _fingerprint(fine, "prepare --fine"),
         "elevation": _fingerprint(elevation, "prepare --elevation") if elevation else None,
-        "region": [region.name, *region.as_tuple()], "variable": variable, "align": align,
+        "region": [region.name, *region.as_tuple()], "variables": list(names), "align": align,
         "split": {"val": val, "test": test, "seed": seed, "block": block},
         "allow_gaps": allow_gaps,
     }
@@ -132,11 +160,28 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU",
         raise ValueError(f"prepare: workers must be 0 (threads) or a number of processes, got {workers!r}")
 
     with _notes_sink(workers) as sink:
-        xc = _open(coarse, "coarse", variable, region, MIN_VALID_FRACTION, allow_gaps, sink)
-        yf = _open(fine, "fine", variable, region, MIN_VALID_FRACTION, allow_gaps, sink)
-        _write_prepared(xc, yf, out=out, region=region, elevation=elevation, variable=variable,
+        xc = _species(coarse, "coarse", names, region, allow_gaps, sink)
+        yf = _species(fine, "fine", names, region, allow_gaps, sink)
+        _write_prepared(xc, yf, out=out, region=region, elevation=elevation,
                         align=align, val=val, test=test, seed=seed, block=block,
                         manifest=manifest, workers=workers, sink=sink, progress=progress)
+    return out
+
+
+def _species(paths, kind, names, region, allow_gaps, sink) -> xr.DataArray:
+    """The inputs' daily fields of every species, stacked on a leading ``species`` dim (lazy);
+    each species' units and long name go in the ``species_attrs`` attribute."""
+    fields = [_open(paths, kind, v, region, MIN_VALID_FRACTION, allow_gaps, sink) for v in names]
+    for v, da in zip(names[1:], fields[1:]):
+        for dim in ("time", "lat", "lon"):
+            if da[dim].size != fields[0][dim].size or not np.array_equal(da[dim].values, fields[0][dim].values):
+                raise DataError(f"prepare: the {kind} {v} is on other {dim} values than {names[0]} "
+                                f"({da[dim].size} vs {fields[0][dim].size}); every species must share "
+                                "the days and the grid")
+    out = xr.concat([da.drop_attrs() for da in fields], dim=pd.Index(list(names), name="species"),
+                    coords="minimal", compat="override", join="override")
+    out.attrs["species_attrs"] = {v: {a: da.attrs[a] for a in ("units", "long_name") if a in da.attrs}
+                                  for v, da in zip(names, fields)}
     return out
 
 
@@ -158,7 +203,7 @@ def _notes_sink(workers):
         yield manager.Queue()
 
 
-def _write_prepared(xc, yf, *, out, region, elevation, variable, align, val, test, seed, block,
+def _write_prepared(xc, yf, *, out, region, elevation, align, val, test, seed, block,
                     manifest, workers, sink, progress):
     _check_cover(xc, yf)
     elev, elev_note = _elevation_on(elevation, yf)
@@ -167,16 +212,19 @@ def _write_prepared(xc, yf, *, out, region, elevation, variable, align, val, tes
     split_f = split_c[tc.get_indexer(pd.DatetimeIndex(yf.time.values))]
     ds = xr.Dataset(
         {
-            "coarse": xc.rename({"time": "time_c", "lat": "lat_c", "lon": "lon_c"}).chunk({"time_c": 256}),
-            "fine": yf.chunk({"time": 16}),
+            "coarse": xc.rename({"time": "time_c", "lat": "lat_c", "lon": "lon_c"}).chunk({"species": 1, "time_c": 256}),
+            "fine": yf.chunk({"species": 1, "time": 16}),
             "elevation": elev.drop_vars([c for c in elev.coords if c not in ("lat", "lon")]).load(),
             "split_c": ("time_c", split_c),
             "split": ("time", split_f),
         })
-    for v, src in (("coarse", xc), ("fine", yf)):
-        ds[v].attrs = cf_attrs(variable, units=src.attrs.get("units"), long_name=src.attrs.get("long_name"))
+    names = [str(v) for v in xc["species"].values]
+    species_attrs = {v: cf_attrs(v, **yf.attrs["species_attrs"][v]) for v in names}
+    for v in ("coarse", "fine"):
+        ds[v].attrs = {}
         ds[v].encoding = {}
-    attrs = {"region": json.dumps([region.name, *region.as_tuple()]), "variable": variable,
+    attrs = {"region": json.dumps([region.name, *region.as_tuple()]), "variables": json.dumps(names),
+             "variable": names[0], "species_attrs": json.dumps(species_attrs),
              "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
              "fastds_store_version": STORE_VERSION}
     notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, workers, sink, progress)
@@ -187,7 +235,7 @@ def _write_prepared(xc, yf, *, out, region, elevation, variable, align, val, tes
 def _elevation_on(elevation, yf):
     """Elevation on the fine grid (float32) and a note of its source; zeros without a file."""
     if not elevation:
-        return xr.zeros_like(yf.isel(time=0, drop=True)).astype(np.float32), "none (zeros)"
+        return xr.zeros_like(yf.isel(time=0, species=0, drop=True)).astype(np.float32), "none (zeros)"
     elev = open_elevation(elevation)
     # the elevation file is read in -180..180; a region across the antimeridian asks past 180
     elev = elev.interp(lat=yf.lat, lon=xr.DataArray(wrap_lon(yf.lon.values), dims="lon"), method="nearest",
@@ -204,16 +252,20 @@ def _write_store(ds, out, attrs, tc, split_c, tf, split_f, workers, sink, progre
         warnings.simplefilter("always", DataWarning)
         _compute(ds.to_zarr(str(tmp), mode="w", consolidated=False, compute=False), workers, progress)
         written = xr.open_zarr(str(tmp), consolidated=False)
-        norm_x = fit_minmax(written["coarse"].values, tc, split_c == 0)
-        norm_y = fit_minmax(written["fine"].values, tf, split_f == 0)
+        names = [str(v) for v in written["species"].values]
+        # one species at a time: memory is one species' record, not all of them
+        norm_x = {v: fit_minmax(written["coarse"].sel(species=v).values, tc, split_c == 0).to_dict()
+                  for v in names}
+        norm_y = {v: fit_minmax(written["fine"].sel(species=v).values, tf, split_f == 0).to_dict()
+                  for v in names}
         notes = {str(w.message) for w in caught if issubclass(w.category, DataWarning)}
         while sink is not None and not sink.empty():
             notes.add(sink.get())
         notes = sorted(notes)
         import zarr
         group = zarr.open_group(str(tmp), mode="r+")
-        group.attrs.update({**attrs, "norm_x": json.dumps(norm_x.to_dict()),
-                            "norm_y": json.dumps(norm_y.to_dict()), "warnings": json.dumps(notes)})
+        group.attrs.update({**attrs, "norm_x": json.dumps(norm_x),
+                            "norm_y": json.dumps(norm_y), "warnings": json.dumps(notes)})
     return notes
 
 
@@ -264,22 +316,56 @@ def _day_progress(enabled):
 
 @dataclass
 class Store:
-    """An opened store: lazy arrays plus the parameters every stage needs."""
+    """An opened store: lazy arrays plus the parameters every stage needs.
+
+    A store holds one or several species (``variables``); the single-field consumers
+    (datasets, training, sampling) see the selected one, ``variable`` (:meth:`select`): its
+    ``coarse`` (time_c, lat_c, lon_c), ``fine`` (time, lat, lon), ``norm_x``/``norm_y`` and
+    ``attrs`` (units, long name, CF standard name). A store of one species selects it."""
     path: Path
     ds: xr.Dataset
-    norm_x: MinMax
-    norm_y: MinMax
     region: Region
-    variable: str
     align: str
+    variables: tuple
+    norms_x: dict
+    norms_y: dict
+    species_attrs: dict
+    variable: str | None = None
+
+    def select(self, variable) -> "Store":
+        """This store with ``variable`` selected (an error names the species it holds)."""
+        if variable not in self.variables:
+            raise DataError(f"store {self.path} has no variable {variable!r}; it holds "
+                            f"{', '.join(self.variables)}")
+        return dataclasses.replace(self, variable=variable)
+
+    def _selected(self) -> str:
+        if self.variable is None:
+            raise DataError(f"store {self.path} holds {len(self.variables)} species "
+                            f"({', '.join(self.variables)}); choose one: open_store(..., variable=...), "
+                            "data.variable in the run's config, or --variable")
+        return self.variable
+
+    @property
+    def norm_x(self) -> MinMax:
+        return self.norms_x[self._selected()]
+
+    @property
+    def norm_y(self) -> MinMax:
+        return self.norms_y[self._selected()]
+
+    @property
+    def attrs(self) -> dict:
+        """The selected species' ``units``, ``long_name`` and (where CF has one) ``standard_name``."""
+        return dict(self.species_attrs[self._selected()])
 
     @property
     def coarse(self) -> xr.DataArray:
-        return self.ds["coarse"]
+        return self.ds["coarse"].sel(species=self._selected(), drop=True).assign_attrs(self.attrs)
 
     @property
     def fine(self) -> xr.DataArray:
-        return self.ds["fine"]
+        return self.ds["fine"].sel(species=self._selected(), drop=True).assign_attrs(self.attrs)
 
     @property
     def elevation(self) -> xr.DataArray:
@@ -294,9 +380,11 @@ class Store:
         return pd.DatetimeIndex(self.ds["time"].values)
 
 
-def open_store(path, *, dask=True) -> Store:
+def open_store(path, *, dask=True, variable=None) -> Store:
     """Open a store written by :func:`prepare`; a clear error if ``path`` is not one.
 
+    ``variable`` selects one species (see :class:`Store`); None selects the only one of a
+    single-species store and none of a multi-species store.
     ``dask=False`` reads arrays lazily without dask (zarr directly, on first access): what a
     task inside a dask worker wants, where a dask read would become nested tasks on the
     cluster (or need a process-wide scheduler setting)."""
@@ -311,6 +399,20 @@ def open_store(path, *, dask=True) -> Store:
         raise DataError(f"{path} is a Zarr store but not a complete fastds store (no norm_x); "
                         "re-run `fastds prepare`")
     name, *box = json.loads(ds.attrs["region"])
-    return Store(path, ds, MinMax.from_dict(json.loads(ds.attrs["norm_x"])),
-                 MinMax.from_dict(json.loads(ds.attrs["norm_y"])), Region(name, *box),
-                 ds.attrs["variable"], ds.attrs["align"])
+    norm_x, norm_y = json.loads(ds.attrs["norm_x"]), json.loads(ds.attrs["norm_y"])
+    if "species" in ds.dims:
+        names = tuple(json.loads(ds.attrs["variables"]))
+        species_attrs = json.loads(ds.attrs["species_attrs"])
+    else:  # version 1: one variable, no species dim
+        names = (ds.attrs["variable"],)
+        species_attrs = {names[0]: {k: v for k, v in ds["fine"].attrs.items()
+                                    if k in ("units", "long_name", "standard_name")}}
+        ds = ds.assign(coarse=ds["coarse"].expand_dims(species=list(names)),
+                       fine=ds["fine"].expand_dims(species=list(names)))
+        norm_x, norm_y = {names[0]: norm_x}, {names[0]: norm_y}
+    store = Store(path, ds, Region(name, *box), ds.attrs["align"], names,
+                  {v: MinMax.from_dict(norm_x[v]) for v in names},
+                  {v: MinMax.from_dict(norm_y[v]) for v in names}, species_attrs)
+    if variable is not None:
+        return store.select(variable)
+    return store.select(names[0]) if len(names) == 1 else store

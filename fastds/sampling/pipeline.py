@@ -22,7 +22,7 @@ from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..data.transforms import align_index
 from ..models.norm import KERNEL_BACKENDS
-from ..runs import load_trained, sample_settings
+from ..runs import load_trained, run_variable, sample_settings
 from .day import CALIBRATE_TO, DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
 from .fusion import FUSIONS
@@ -145,7 +145,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
         data = json.loads(meta_path.read_text())["store"]
     keep = _kept if worker else (lambda key, build: build())
     data = str(Path(data).resolve())
-    store = keep(("store", data), lambda: open_store(data, dask=not worker))
+    variable = run_variable(run)
+    store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
     attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data), lambda: _CoarseDays(store))

@@ -91,7 +91,7 @@ def dataset(values, days, store: Store, members, attrs, member0=0) -> xr.Dataset
                               "lat": store.ds["lat"].values, "lon": store.ds["lon"].values})
     if members == 1 and member0 == 0:
         da = da.isel(member=0, drop=True)
-    src = store.ds["fine"].attrs
+    src = store.attrs
     da.attrs = cf_attrs(store.variable, units=src.get("units"), long_name=src.get("long_name"))
     da.attrs["long_name"] += ", downscaled by fastds"
     if attrs.get("antithetic") and "member" in da.dims:

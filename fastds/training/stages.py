@@ -23,7 +23,8 @@ from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
-from ..runs import fine_days, fine_kwargs, load_checkpoint, load_trained, model_for, season_dir, write_run_meta
+from ..runs import (fine_days, fine_kwargs, load_checkpoint, load_trained, model_for, run_variable, season_dir,
+                    write_run_meta)
 from .loop import FitSettings, fit
 
 __all__ = ["pretrain", "train", "default_chain", "season_dir", "load_trained", "fine_days"]
@@ -59,7 +60,7 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
     data : a store path; run : the run folder; season : one season (1..4) or None for all in
     ``config.data.seasons`` that the fine record has. Returns the best-checkpoint paths.
     """
-    store = open_store(data)
+    store = open_store(data, variable=config.data.variable or None)
     write_run_meta(run, store, config)
     out = []
     for s in _seasons(store, config, season):
@@ -392,7 +393,7 @@ def recalibrate(run, *, season=None, device="cpu") -> dict:
     run = Path(run)
     meta = json.loads((run / "run.json").read_text())
     config = config_from_toml((run / "config.toml").read_text())
-    store = open_store(meta["store"])
+    store = open_store(meta["store"], variable=meta.get("variable"))
     out = {}
     for s in _seasons(store, config, season):
         best = season_dir(run, s) / "ddpm.best.pt"
@@ -460,8 +461,13 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     (unless ``config.train.transfer`` is false). Returns the best-checkpoint paths. The run's
     saved config becomes this one: ``sample`` then uses the settings the spread calibration
     sampled with."""
-    store = open_store(data)
     run = Path(run)
+    # the species the run was pretrained on, unless the config names one
+    trained_on = run_variable(run)
+    if trained_on and config.data.variable and config.data.variable != trained_on:
+        raise ValueError(f"train: run {run} was pretrained on {trained_on}, not data.variable="
+                         f"{config.data.variable}; use another run folder for another species")
+    store = open_store(data, variable=config.data.variable or trained_on)
     if (run / "run.json").exists():
         write_run_meta(run, store, config)
     out = []
