@@ -22,7 +22,8 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["fastds/_C.", "fastds/_csrc/stitch.h", "fastds/_csrc/stitch_cuda.cu", "fastds/_csrc/step.h",
         "fastds/configs/tiny.toml", "fastds/configs/protocol_quick.toml",
-        "fastds/configs/protocol_full.toml", "fastds/kernels/sampler_step.py"]
+        "fastds/configs/protocol_full.toml", "fastds/configs/protocol_species.toml",
+        "fastds/kernels/sampler_step.py"]
 missing = [n for n in need if not any(x.startswith(n) for x in names)]
 assert not missing, f"the wheel lacks {missing}"
 print("wheel-check: wheel holds", len(names), "files; CUDA extension:",

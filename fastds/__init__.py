@@ -8,6 +8,8 @@ Public API (everything else is internal and may change):
 - ``prepare``: raw files -> a cached store per region
 - ``pretrain``, ``train``: Stage A and Stage C (DDPM or a baseline)
 - ``sample``: a trained run and dates -> fine-grid Dataset (rollout, ensembles)
+- ``sample_species``: one run per species of a multi-species store -> one Dataset, a data
+  variable per species
 - ``evaluate``: predictions vs truth -> table, metrics JSON, plots
 - ``run_protocol``, ``load_protocol``: the locked evaluation protocol (``fastds benchmark``):
   twins x seeds x rollouts, every model (null ensembles included) on the same days, proper
@@ -24,7 +26,7 @@ from .stitch import StitchPlan, plan_patches, stitch
 __version__ = "0.2.0"
 
 __all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "StitchPlan", "open_coarse",
-           "open_fine", "prepare", "pretrain", "train", "sample", "evaluate", "load_config",
+           "open_fine", "prepare", "pretrain", "train", "sample", "sample_species", "evaluate", "load_config",
            "run_protocol", "load_protocol", "__version__"]
 
 _LAZY = {
@@ -34,6 +36,7 @@ _LAZY = {
     "pretrain": ("fastds.training.stages", "pretrain"),
     "train": ("fastds.training.stages", "train"),
     "sample": ("fastds.sampling.pipeline", "sample"),
+    "sample_species": ("fastds.sampling.pipeline", "sample_species"),
     "evaluate": ("fastds.report", "evaluate"),
     "load_config": ("fastds.config", "load_config"),
     "run_protocol": ("fastds.protocol", "run_protocol"),

@@ -101,7 +101,15 @@ def _training_commands(sub):
 def _sampling_commands(sub):
     p = sub.add_parser("sample", help="downscale a date range (rollout beyond the fine record)")
     _common(p)
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder")
+    p.add_argument("--run", "--run-dir", dest="runs", required=True, action="append",
+                   help="run folder; repeat it with one run per species (a store of several species) "
+                        "to write one output holding every species")
+    p.add_argument("--species-noise", choices=["shared", "independent"], default="shared",
+                   help="with one run per species: member k of every species starts from the same "
+                        "latents (shared) or each species from its own (independent)")
+    p.add_argument("--species-total", default=None, metavar="VARIABLE",
+                   help="with one run per species: scale them to add up to this variable of the store "
+                        "(e.g. TOTEXTTAU) and write their sum too")
     p.add_argument("--start", required=True)
     p.add_argument("--end", required=True)
     p.add_argument("--out", required=True,
@@ -161,7 +169,7 @@ def _config(args):
     from .config import load_config
     if args.cmd == "sample" and not args.preset:
         from .runs import run_config
-        return load_config(None, args.config, args.set, base=run_config(args.run))
+        return load_config(None, args.config, args.set, base=run_config(args.runs[0]))
     cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
     if getattr(args, "variable", None) and args.cmd in ("pretrain", "train"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, variable=args.variable))
@@ -216,9 +224,13 @@ def _run(args) -> int:
         from .sampling.pipeline import sample
         sc = cfg.sample
         sc = dataclasses.replace(sc, members=args.members or sc.members, mode=args.mode or sc.mode)
-        ds = sample(run=args.run, start=args.start, end=args.end, out=args.out, cfg=sc, model=args.model,
-                    data=args.data, device=args.device, progress=progress, workers=args.workers,
-                    scheduler=args.scheduler)
+        kw = dict(start=args.start, end=args.end, out=args.out, cfg=sc, model=args.model, data=args.data,
+                  device=args.device, progress=progress, workers=args.workers, scheduler=args.scheduler)
+        if len(args.runs) > 1:
+            from .sampling.pipeline import sample_species
+            ds = sample_species(runs=args.runs, noise=args.species_noise, total=args.species_total, **kw)
+        else:
+            ds = sample(run=args.runs[0], **kw)
         print(f"wrote {args.out}: {dict(ds.sizes)}")
     elif args.cmd == "evaluate":
         from .report import evaluate, format_table

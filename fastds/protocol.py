@@ -38,6 +38,7 @@ ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target
     "twcrps_q90": -1, "twcrps_q99": -1, "brier_q90": -1, "brier_q99": -1, "fss_q90": 1,
     "fss_q99": 1, "rmse_mean": -1, "mae_mean": -1, "r2_mean": 1, "ralsd": -1,
 }
+SPECIES_SEED_STRIDE = 7919  # seed offset between species with independent latents (a prime)
 HEADLINE = ("crps_fair", "energy_p4", "variogram_p4", "twcrps_q90", "r2_mean", "rmse_mean",
             "mae_mean", "bias_mean", "spread_skill", "ralsd")
 
@@ -87,7 +88,7 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     names = {f.name for f in dataclasses.fields(ProtocolConfig)}
     bad = sorted(set(raw) - names - {"twin"})
     from .config import SampleConfig
-    fields = {f.name for f in dataclasses.fields(SampleConfig)} | {"model"}
+    fields = {f.name for f in dataclasses.fields(SampleConfig)} | {"model", "species_independent"}
     for vname, v in raw.get("variants", {}).items():
         unknown = sorted(set(v) - fields)
         if unknown:
@@ -265,6 +266,10 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
         for name in cfg.models:
             settings = dict(cfg.variants.get(name, {}))
             model = settings.pop("model", name)
+            # species runs draw the same latents (one seed) unless a variant asks each species
+            # for its own (a seed offset by the species' position)
+            offset = SPECIES_SEED_STRIDE * case.spec.variables.index(case.variable) \
+                if settings.pop("species_independent", False) else 0
             path = case.score_path(start, length, name)
             keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
             if path.exists() and (keep is None or keep.exists()):
@@ -272,7 +277,7 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
                 continue
             ensemble = model in ("ddpm",) or model.startswith("unet+")
             scfg = dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
-                                       seed=case.seed, burn_in=cfg.burn_in, **settings)
+                                       seed=case.seed + offset, burn_in=cfg.burn_in, **settings)
             ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
                         model=model, progress=progress, cold_start=True)
             pred = ds[case.variable].sel(time=days)

@@ -181,24 +181,112 @@ def test_species_correlation_is_xarray_corr_of_log_fields_per_member(rng):
         correlation_bias({"A": da["A"], "C": da["B"]}, da)
 
 
-def test_a_species_of_a_multi_species_store_trains_and_samples_under_its_own_name(twin_dir, tmp_path, tiny_config):
+@pytest.fixture(scope="module")
+def species_runs(twin_dir, tmp_path_factory, tiny_config):
+    """A store of the twin's species and two runs (sea salt, sulfate): Stage A and the U-Net."""
+    import dataclasses
+
+    from fastds.training.stages import pretrain, train
+    root = tmp_path_factory.mktemp("species-runs")
+    store = prepare(out=root / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
+                    fine=twin_dir / "fine_daily.nc", region=BOX, variables=SPEC.variables)
+    runs = {}
+    for v in ("SSEXTTAU", "SUEXTTAU"):
+        cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, variable=v))
+        pretrain(data=store, run=root / v, config=cfg, progress=False)
+        # the run remembers its species: train needs no data.variable
+        train(data=store, run=root / v, config=tiny_config, model="unet", progress=False)
+        runs[v] = root / v
+    return store, runs
+
+
+def test_a_species_of_a_multi_species_store_trains_and_samples_under_its_own_name(species_runs, tmp_path,
+                                                                                  tiny_config):
     import dataclasses
 
     from fastds.sampling.pipeline import sample
     from fastds.training.stages import pretrain, train
-    store = prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
-                    fine=twin_dir / "fine_daily.nc", region=BOX, variables=SPEC.variables)
+    store, runs = species_runs
     with pytest.raises(DataError, match="choose one"):
         pretrain(data=store, run=tmp_path / "r0", config=tiny_config, progress=False)
-    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, variable="SSEXTTAU"))
-    run = tmp_path / "run"
-    pretrain(data=store, run=run, config=cfg, progress=False)
-    # the run remembers its species: train needs no data.variable, and refuses another one
-    train(data=store, run=run, config=tiny_config, model="unet", progress=False)
     other = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, variable="DUEXTTAU"))
     with pytest.raises(ValueError, match="pretrained on SSEXTTAU"):
-        train(data=store, run=run, config=other, model="unet", progress=False)
-    ds = sample(run=run, start="2005-08-20", end="2005-08-21", model="unet", members=1, mode="lenient")
+        train(data=store, run=runs["SSEXTTAU"], config=other, model="unet", progress=False)
+    ds = sample(run=runs["SSEXTTAU"], start="2005-08-20", end="2005-08-21", model="unet", members=1,
+                mode="lenient")
     assert list(ds.data_vars) == ["SSEXTTAU"]
     assert "sea_salt" in ds["SSEXTTAU"].attrs["standard_name"]
     assert pd.DatetimeIndex(ds.time.values)[0] == pd.Timestamp("2005-08-20")
+
+
+def test_sample_species_writes_one_variable_per_species_equal_to_each_run(species_runs, tmp_path):
+    from fastds.cli import main
+    from fastds.sampling.pipeline import sample, sample_species
+    _, runs = species_runs
+    kw = dict(start="2005-08-20", end="2005-08-22", model="unet", members=1, mode="lenient")
+    out = tmp_path / "both.nc"
+    ds = sample_species(runs=list(runs.values()), out=out, **kw)
+    assert sorted(ds.data_vars) == ["SSEXTTAU", "SUEXTTAU"] and ds.attrs["species"] == "SSEXTTAU,SUEXTTAU"
+    assert not (tmp_path / "both.nc.species").exists()
+    for v, run in runs.items():
+        one = sample(run=run, **kw)[v]
+        np.testing.assert_array_equal(ds[v].values, one.values)
+        assert ds[v].attrs["standard_name"] == one.attrs["standard_name"]
+    with pytest.raises(ValueError, match="two runs are of SSEXTTAU"):
+        sample_species(runs=[runs["SSEXTTAU"], runs["SSEXTTAU"]], **kw)
+    # the CLI: --run once per species, one Zarr output
+    z = tmp_path / "both.zarr"
+    assert main(["sample", "--run", str(runs["SSEXTTAU"]), "--run", str(runs["SUEXTTAU"]), "--start",
+                 "2005-08-20", "--end", "2005-08-22", "--model", "unet", "--members", "1", "--mode",
+                 "lenient", "--out", str(z), "--quiet"]) == 0
+    got = xr.open_zarr(z, consolidated=False)
+    for v in runs:
+        np.testing.assert_array_equal(got[v].values, ds[v].values)
+
+
+def test_species_latents_are_shared_or_independent_as_asked(species_runs):
+    """A null ensemble's noise shows the latents: shared, member k of every species draws the
+    same standard normal field; independent, the first species draws as before and the
+    others their own."""
+    from fastds.sampling.pipeline import sample_species
+    _, runs = species_runs
+    kw = dict(start="2005-08-20", end="2005-08-21", model="unet+iid", members=2, mode="lenient")
+    shared = sample_species(runs=list(runs.values()), **kw)
+    indep = sample_species(runs=list(runs.values()), noise="independent", **kw)
+    np.testing.assert_array_equal(shared["SSEXTTAU"].values, indep["SSEXTTAU"].values)
+    assert not np.allclose(shared["SUEXTTAU"].values, indep["SUEXTTAU"].values)
+    unet = sample_species(runs=list(runs.values()), **{**kw, "model": "unet", "members": 1})
+
+    def z(ds, v):  # the standardised noise of member 0, day 0
+        r = np.log10(ds[v].isel(time=0, member=0).values) - np.log10(unet[v].isel(time=0).values)
+        return (r - r.mean()) / r.std()
+    assert np.corrcoef(z(shared, "SSEXTTAU").ravel(), z(shared, "SUEXTTAU").ravel())[0, 1] > 0.99
+    assert abs(np.corrcoef(z(indep, "SSEXTTAU").ravel(), z(indep, "SUEXTTAU").ravel())[0, 1]) < 0.1
+    with pytest.raises(ValueError, match="noise must be one of"):
+        sample_species(runs=list(runs.values()), noise="joint", **kw)
+
+
+def test_species_scaled_to_their_total_keep_their_ratios_and_meet_its_cells(species_runs):
+    from fastds.sampling.consistency import cell_means
+    from fastds.sampling.pipeline import _projection, sample_species
+    store, runs = species_runs
+    kw = dict(start="2005-08-20", end="2005-08-21", model="unet+iid", members=2, mode="lenient")
+    raw = sample_species(runs=list(runs.values()), **kw)
+    ds = sample_species(runs=list(runs.values()), total="TOTEXTTAU", **kw)
+    assert sorted(ds.data_vars) == ["SSEXTTAU", "SUEXTTAU", "TOTEXTTAU"] and ds.attrs["total"] == "TOTEXTTAU"
+    assert "SSEXTTAU, SUEXTTAU" in ds["TOTEXTTAU"].attrs["long_name"]
+    np.testing.assert_allclose(ds["TOTEXTTAU"], ds["SSEXTTAU"] + ds["SUEXTTAU"], rtol=1e-5)
+    # the species keep their ratio at every pixel
+    np.testing.assert_allclose(ds["SSEXTTAU"] / ds["SUEXTTAU"], raw["SSEXTTAU"] / raw["SUEXTTAU"], rtol=1e-4)
+    # and their sum meets the total's cell targets, every day and member
+    st = open_store(store, variable="TOTEXTTAU")
+    proj = _projection(st)
+    n = int(np.prod(proj.shape_c))
+    for i, day in enumerate(pd.DatetimeIndex(ds.time.values)):
+        target = proj.target(st.coarse.sel(time_c=day).values, 3).ravel()
+        got = cell_means(ds["TOTEXTTAU"].isel(time=i).values, proj.ids, proj.weights, n)
+        np.testing.assert_allclose(got, np.broadcast_to(target, got.shape), rtol=1e-4)
+    with pytest.raises(ValueError, match="also one of the runs' species"):
+        sample_species(runs=list(runs.values()), total="SSEXTTAU", **kw)
+    with pytest.raises(DataError, match="has no variable 'NOPE'"):
+        sample_species(runs=list(runs.values()), total="NOPE", **kw)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..data.transforms import align_index, cell_of, season_fit_days, upsample
 
-__all__ = ["CoarseProjection", "fit_projection", "cell_means"]
+__all__ = ["CoarseProjection", "fit_projection", "cell_means", "to_total"]
 
 
 def _cells(lat, lon, lat_c, lon_c):
@@ -110,3 +110,20 @@ def fit_projection(fine, coarse, times, train_mask, *, lat, lon, lat_c, lon_c,
     if smooth:
         interp = (align_index(lat_c, lat, method="bilinear"), align_index(lon_c, lon, method="bilinear"))
     return CoarseProjection(ids, w, shape_c, ratio, interp)
+
+
+def to_total(values, coarse_total, season, projection: CoarseProjection):
+    """Several species of one day made to sum to the total's coarse constraint.
+
+    values (S, ..., H, W) physical; coarse_total (h_c, w_c) the day's coarse total;
+    ``projection`` the total's (fitted on the total's fine and coarse records). Every species
+    is multiplied by the one smooth factor that projects their sum onto the total's cells, so
+    the species keep their ratios at every pixel, and the sum's cell means equal the total's
+    targets (``projection.target(coarse_total, season)``). Returns the same shape and dtype.
+    """
+    values = np.asarray(values)
+    total = values.sum(0, dtype=np.float64)
+    target = projection(total, coarse_total, season)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factor = np.where(total > 0, target / total, 1.0)
+    return (values * factor).astype(values.dtype)

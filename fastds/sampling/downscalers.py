@@ -132,12 +132,12 @@ def interp_field(coarse, iy, ix):
 
 
 class Interp:
-    """Bilinear interpolation of log10 coarse."""
+    """Interpolation of log10 coarse (bilinear unless ``method`` names another alignment)."""
     needs_lags = False
 
-    def __init__(self, store: Store):
-        self.iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method="bilinear")
-        self.ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method="bilinear")
+    def __init__(self, store: Store, method="bilinear"):
+        self.iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method=method)
+        self.ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method=method)
 
     def season(self, s):
         return None

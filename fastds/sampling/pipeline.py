@@ -20,16 +20,16 @@ import xarray as xr
 from ..config import SampleConfig
 from ..data.regions import season_of
 from ..data.store import Store, open_store
-from ..data.transforms import align_index
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import load_trained, run_variable, sample_settings
 from .day import CALIBRATE_TO, DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULLS, NullStats, fit_null_stats
+from .output import is_zarr, open_output, write_output
 from .rollout import Rollout
 
-__all__ = ["sample", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS", "member_draws",
+__all__ = ["sample", "sample_species", "downscale_day", "DayInputs", "interpolate_coarse", "MODELS", "member_draws",
            "inflate_residuals", "spread_widening", "clear_worker_state"]
 
 MODES = ("strict", "lenient")
@@ -38,13 +38,12 @@ LAG_HISTORIES = ("member", "mean")
 
 def interpolate_coarse(store: Store, days, *, method="bilinear") -> xr.DataArray:
     """The interpolation baseline: the coarse field on the fine grid, (time, lat, lon), physical."""
-    iy = align_index(store.ds["lat_c"].values, store.ds["lat"].values, method=method)
-    ix = align_index(store.ds["lon_c"].values, store.ds["lon"].values, method=method)
+    it = Interp(store, method=method)  # the rollout's `interp`, whole period at once
     days = pd.DatetimeIndex(days)
     idx = store.times_c.get_indexer(days)
     if (idx < 0).any():
         raise KeyError(f"no coarse data for {days[idx < 0][0]:%Y-%m-%d}")
-    vals = interp_field(store.coarse.values[idx], iy, ix)
+    vals = interp_field(store.coarse.values[idx], it.iy, it.ix)
     return xr.DataArray(vals, dims=("time", "lat", "lon"),
                         coords={"time": days, "lat": store.ds["lat"].values, "lon": store.ds["lon"].values},
                         name=store.variable)
@@ -79,6 +78,107 @@ class _CoarseDays:
 
     def __getitem__(self, day):
         return self.values[self.store.times_c.get_loc(day)]
+
+
+SPECIES_NOISE = ("shared", "independent")
+SPECIES_SEED_STRIDE = 7919  # seed offset between species with independent latents (a prime)
+
+
+def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **kwargs) -> xr.Dataset:
+    """Several species at once: each of ``runs`` (one per species of a multi-species store,
+    each trained on its own: see ``data.variable``) sampled by :func:`sample` over the same
+    days with the same settings, then merged into one Dataset with one data variable per
+    species ``VAR(time[, member], lat, lon)``, each with its own CF attributes.
+
+    With ``out``, each species is written to ``OUT.species/`` first (resumable as any
+    output; a finished species is not sampled again), then ``out`` is written atomically
+    and the folder removed. ``kwargs``: what :func:`sample` takes (``cfg``, ``model``,
+    ``members=...``, ...); ``cfg`` None uses each run's own saved settings.
+
+    ``noise``: the species' separate models draw their latents from one seed (``"shared"``:
+    member k of every species starts from the same noise) or each from its own
+    (``"independent"``: the seed offset by the species' position). Neither is a joint model;
+    the species protocol tier measures which keeps the inter-species correlation.
+
+    ``total``: a variable of the store the species must add up to (e.g. ``"TOTEXTTAU"``):
+    each day and member, every species is scaled by the one smooth factor that projects
+    their sum onto the total's coarse cells (:func:`~fastds.sampling.consistency.to_total`),
+    and the sum is written too, as ``total``. Without it each species keeps its own
+    projection and nothing ties them."""
+    if noise not in SPECIES_NOISE:
+        raise ValueError(f"sample_species: noise must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
+    runs = [Path(r) for r in runs]
+    names = [run_variable(r) for r in runs]
+    if None in names:
+        raise ValueError(f"sample_species: {runs[names.index(None)]} has no run.json naming its species; "
+                         "is it a fastds run folder?")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise ValueError(f"sample_species: two runs are of {twice[0]}; give one run per species")
+    parts = Path(out).with_name(Path(out).name + ".species") if out is not None else None
+    done = []
+    for k, (run, name) in enumerate(zip(runs, names)):
+        sub = parts / (f"{name}.zarr" if is_zarr(out) else f"{name}.nc") if parts is not None else None
+        if sub is not None and sub.exists() and (not is_zarr(sub) or _complete(sub)):
+            done.append(open_output(sub))
+            continue
+        settings = dict(kwargs)
+        if noise == "independent":
+            cfg = sample_settings(run, settings.pop("cfg", None),
+                                  **{f: settings.pop(f) for f in list(settings) if f in _SAMPLE_FIELDS})
+            settings["cfg"] = dataclasses.replace(cfg, seed=cfg.seed + SPECIES_SEED_STRIDE * k)
+        done.append(sample(run=run, start=start, end=end, out=sub, **settings))
+    merged = xr.merge([d[[n]] for d, n in zip(done, names)], combine_attrs="drop_conflicts")
+    merged.attrs["species"] = ",".join(names)
+    if total is not None:
+        merged = _sum_to_total(merged, names, total, runs, kwargs.get("data"))
+    if out is None:
+        return merged
+    write_output(merged, out)
+    import shutil
+    shutil.rmtree(parts, ignore_errors=True)
+    return open_output(out)
+
+
+_SAMPLE_FIELDS = {f.name for f in dataclasses.fields(SampleConfig)}
+
+
+def _sum_to_total(merged, names, total, runs, data) -> xr.Dataset:
+    """``merged``'s species scaled day by day to sum to ``total``'s coarse constraint (lazy,
+    one day a task), with the sum added as ``total``."""
+    from ..data.species import cf_attrs
+    from .consistency import to_total
+    if total in names:
+        raise ValueError(f"sample_species: total={total} is also one of the runs' species; the total is "
+                         "their sum, not a run")
+    stores = {str(data)} if data is not None else {json.loads((Path(r) / "run.json").read_text())["store"]
+                                                   for r in runs}
+    if len(stores) > 1:
+        raise ValueError(f"sample_species: the runs come from different stores ({', '.join(sorted(stores))}); "
+                         "total= needs one store holding the species and their total")
+    store = open_store(stores.pop(), variable=total)
+    proj, coarse_days = _projection(store), _CoarseDays(store)
+    days = pd.DatetimeIndex(merged.time.values)
+    coarse = xr.DataArray(np.stack([coarse_days[d] for d in days]), dims=("time", "lat_c", "lon_c"))
+    season = xr.DataArray(season_of(days.month), dims="time")
+    stacked = xr.concat([merged[v] for v in names], pd.Index(list(names), name="species"))
+    core = [d for d in stacked.dims if d != "time"]
+    fixed = xr.apply_ufunc(lambda v, c, s: to_total(v, c, int(s), proj), stacked, coarse, season,
+                           input_core_dims=[core, ["lat_c", "lon_c"], []], output_core_dims=[core],
+                           vectorize=True, dask="parallelized", output_dtypes=[np.float32])
+    out = merged.copy()
+    dims = merged[names[0]].dims
+    for v in names:
+        out[v] = fixed.sel(species=v, drop=True).transpose(*dims).assign_attrs(merged[v].attrs)
+    attrs = cf_attrs(total, **{k: store.attrs[k] for k in ("units", "long_name") if k in store.attrs})
+    attrs["long_name"] += f", the sum of the downscaled {', '.join(names)}"
+    out[total] = fixed.sum("species").transpose(*dims).astype(np.float32).assign_attrs(attrs)
+    out.attrs["total"] = total
+    return out
+
+
+def _complete(zarr_out) -> bool:
+    return bool(xr.open_zarr(zarr_out, consolidated=False).attrs.get("complete"))
 
 
 BASELINES = ("interp", "clim", "anchor")
@@ -149,10 +249,10 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
     attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
-    coarse_days = keep(("coarse", data), lambda: _CoarseDays(store))
+    coarse_days = keep(("coarse", data, variable), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
     # baselines as a user would compute them by hand
-    project = (keep(("projection", data), lambda: _projection(store, coarse_days.values))
+    project = (keep(("projection", data, variable), lambda: _projection(store, coarse_days.values))
                if cfg.consistency and (model not in BASELINES or cfg.project_baselines) else None)
     # a downscaler does not depend on the member count or the segments of a request
     key = ("downscaler", model, str(run.resolve()), data, str(device), backend, cache_conditioning,
