@@ -89,9 +89,10 @@ def _training_commands(sub):
     # its own --run-path), so multi-process training spells it out
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run folder (after pretrain); spell it --run-dir under torchrun")
-    p.add_argument("--model", default=None, choices=["ddpm", "unet", "vae"],
+    p.add_argument("--model", default=None, choices=["ddpm", "unet", "vae", "distill"],
                    help="one model (default: what the default sampler needs: the U-Net, then "
-                        "the DDPM around it)")
+                        "the DDPM around it); distill: a few-step student of the trained DDPM "
+                        "(train.distill_steps network evaluations)")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--variable", default=None,
@@ -118,7 +119,7 @@ def _sampling_commands(sub):
     p.add_argument("--members", type=int, default=None)
     p.add_argument("--mode", choices=["strict", "lenient"], default=None)
     p.add_argument("--model", default="ddpm",
-                   choices=["ddpm", "unet", "vae", "unet+iid", "unet+grf", "unet+resample",
+                   choices=["ddpm", "distill", "unet", "vae", "unet+iid", "unet+grf", "unet+resample",
                             "interp", "clim", "anchor"],
                    help="a trained model; a null ensemble on the trained U-Net (unet+iid, "
                         "unet+grf, unet+resample: its validation bias removed, plus noise of its "

@@ -95,6 +95,10 @@ class TrainConfig:
                                   # histories, as sample runs them). Off: on the protocol's
                                   # development days (plume twin, 2 blocks) it tied on CRPS and
                                   # energy and moved rollout spread/skill from 1.13 to 1.18
+    distill_steps: int = 1        # train --model distill: the student's network evaluations per
+                                  # sample (DDIM, trailing spacing, deterministic), trained to end
+                                  # where the run's DDPM sampler ends from the same latents
+    distill_epochs: int = 0       # the student's epochs (0: train.epochs)
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64

@@ -168,10 +168,12 @@ def _twin_store(case: TwinCase, cache: Path, config):
     return spec, store, tdir
 
 
-def _trained(store, run: Path, config, progress):
+def _trained(store, run: Path, config, progress, distill=False):
+    """Stage A, the U-Net and the DDPM of a run (cached), and its distilled student when a
+    model of the protocol samples one."""
     from .training.stages import pretrain, train
     pretrain(data=store, run=run, config=config, resume=True, progress=progress)
-    for kind in ("unet", "ddpm"):
+    for kind in ("unet", "ddpm") + (("distill",) if distill else ()):
         train(data=store, run=run, config=config, model=kind, resume=True, progress=progress)
 
 
@@ -275,7 +277,7 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
             if path.exists() and (keep is None or keep.exists()):
                 frames.append(pd.read_csv(path, parse_dates=["time"]))
                 continue
-            ensemble = model in ("ddpm",) or model.startswith("unet+")
+            ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
             scfg = dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
                                        seed=case.seed + offset, burn_in=cfg.burn_in, **settings)
             ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
@@ -350,7 +352,8 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
                 vconfig = (dataclasses.replace(config, data=dataclasses.replace(config.data, variable=variable))
                            if case.species else config)
                 echo(f"protocol: {case.label} seed {seed}: training (cached in {case.run})")
-                _trained(store, case.run, vconfig, progress)
+                _trained(store, case.run, vconfig, progress,
+                         distill=any(cfg.variants.get(m, {}).get("model", m) == "distill" for m in cfg.models))
                 frames += _rollouts(case, vconfig, progress, echo)
             if spec.species:
                 f, c = _cross_species(_Case(cfg, twin.name, spec, spec.species[0], seed, tdir, sdir))

@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_variable", "run_config", "sample_settings", "load_checkpoint", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_variable", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -95,13 +95,23 @@ def fine_days(store, config: Config, season, *, anchor: Anchor | None = None) ->
     return FineDays(store, season=season, anchor=anchor, **fine_kwargs(config))
 
 
+def distill_settings(cfg: SampleConfig, config: Config) -> SampleConfig:
+    """The sampler a distilled student runs (``kind="distill"``): deterministic DDIM with
+    trailing spacing over ``config.train.distill_steps`` network evaluations, the grid it was
+    trained on; every other setting (members, fusion, widening, ...) as ``cfg``."""
+    return dataclasses.replace(cfg, sampler="ddim", steps=int(config.train.distill_steps), spacing="trailing",
+                               eta=0.0)
+
+
 def model_for(kind, config: Config, run, season):
     """An untrained ``kind`` network as ``config`` builds it, its frozen Stage-A encoder loaded
-    from the run (and, for the CorrDiff DDPM, an untrained U-Net mean attached)."""
+    from the run (and, for the CorrDiff DDPM, an untrained U-Net mean attached). A distilled
+    student (``"distill"``) is a DDPM network."""
     from .models.conditional import build_model
     tcfg = config.train
     transfer_widths = config.pretrain.widths if tcfg.transfer else None
     torch.manual_seed(tcfg.seed)
+    kind = "ddpm" if kind == "distill" else kind
     model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
                         transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
                         prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,

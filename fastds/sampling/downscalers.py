@@ -26,7 +26,7 @@ from ..config import SampleConfig
 from ..data.store import Store
 from ..data.transforms import align_index, upsample
 from ..models.blocks import set_kernel_backend
-from ..runs import fine_days, load_trained, run_config
+from ..runs import distill_settings, fine_days, load_trained, run_config
 from .day import DayInputs, downscale_day
 from .nulls import NullStats, draw_null, null_rng
 
@@ -67,7 +67,8 @@ class DayContext:
 
 
 class Network:
-    """A trained network of the run (``unet``, ``vae``, ``ddpm``)."""
+    """A trained network of the run (``unet``, ``vae``, ``ddpm``, or ``distill``: the DDPM's
+    few-step student)."""
     needs_lags = True
 
     def __init__(self, kind, *, run, store: Store, cfg: SampleConfig, device="cpu", backend="auto",
@@ -91,7 +92,11 @@ class Network:
 
     def day(self, ctx: DayContext) -> np.ndarray:
         st = ctx.state
-        z = downscale_day(st.model, ctx.inputs, kind=self.kind, cfg=self.cfg, T=st.config.diffusion.T,
+        # a distilled student is a DDPM network run on the few-step grid it was trained for
+        kind, cfg = self.kind, self.cfg
+        if kind == "distill":
+            kind, cfg = "ddpm", distill_settings(cfg, st.config)
+        z = downscale_day(st.model, ctx.inputs, kind=kind, cfg=cfg, T=st.config.diffusion.T,
                           prediction=st.config.diffusion.prediction, members=ctx.members,
                           seed=self.cfg.seed, day_key=ctx.day_key,
                           cache_conditioning=self.cache_conditioning, device=self.device,

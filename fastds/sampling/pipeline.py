@@ -21,7 +21,7 @@ from ..config import SampleConfig
 from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
-from ..runs import load_trained, run_variable, sample_settings
+from ..runs import distill_settings, load_trained, run_config, run_variable, sample_settings
 from .day import CALIBRATE_TO, DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
 from .fusion import FUSIONS
@@ -182,7 +182,7 @@ def _complete(zarr_out) -> bool:
 
 
 BASELINES = ("interp", "clim", "anchor")
-MODELS = ("ddpm", "unet", "vae") + NULLS + BASELINES
+MODELS = ("ddpm", "distill", "unet", "vae") + NULLS + BASELINES
 
 
 def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model="ddpm",
@@ -248,7 +248,9 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     variable = run_variable(run)
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
-    attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
+    # a distilled student runs its own few-step grid: the output says which
+    attrs = _attrs(distill_settings(cfg, run_config(run)) if model == "distill" else cfg, run=run, model=model,
+                   member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data, variable), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
     # baselines as a user would compute them by hand

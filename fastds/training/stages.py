@@ -23,8 +23,8 @@ from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
-from ..runs import (fine_days, fine_kwargs, load_checkpoint, load_trained, model_for, run_variable, season_dir,
-                    write_run_meta)
+from ..runs import (distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained, model_for,
+                    run_variable, season_dir, write_run_meta)
 from .loop import FitSettings, fit
 
 __all__ = ["pretrain", "train", "default_chain", "season_dir", "load_trained", "fine_days"]
@@ -41,6 +41,8 @@ def _model_settings(model, tc) -> dict:
     """What differs per model in Stage C: only the DDPM keeps an EMA, and it may train longer."""
     if tc.ddpm_epoch_factor < 1:
         raise ValueError(f"train.ddpm_epoch_factor must be >= 1, got {tc.ddpm_epoch_factor}")
+    if model == "distill":
+        return {"ema": tc.ema, "epochs": tc.distill_epochs or tc.epochs}
     if model != "ddpm":
         return {"ema": 0.0}
     return {"ema": tc.ema, "epochs": tc.epochs * tc.ddpm_epoch_factor}
@@ -85,6 +87,65 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
             desc=f"pretrain season {s}")
         out.append(ckpt.with_suffix(".best.pt"))
     return out
+
+
+def _network_and_loss(model, config: Config, run, season, train_set, val_set, device):
+    """The network ``train`` fits and its loss: a fresh one (the CorrDiff DDPM with its U-Net
+    mean attached), or, for ``"distill"``, a student started from the run's trained DDPM."""
+    if model == "distill":
+        teacher, _ = load_trained(run, season, "ddpm", device=device)
+        student = model_for("distill", config, run, season)
+        # the teacher's EMA weights, mean, residual scale and widening: the student diffuses
+        # the same residual, so all but its network stay as the teacher had them
+        student.load_state_dict(teacher.state_dict())
+        student.anchor = teacher.anchor
+        return student, _distill_loss(teacher, config)
+    net = model_for(model, config, run, season)
+    if net.regression is not None:
+        _attach_regression(net, run, season, train_set, config, val_set)
+    return net, _loss_for(model, config)
+
+
+def _distill_loss(teacher, config: Config):
+    """Trajectory distillation of the run's DDPM sampler into ``train.distill_steps`` network
+    evaluations (Luhman & Luhman 2021, multistep on the student's DDIM grid).
+
+    Per batch: latents x_T, the teacher's sample x̂0 from them with the run's sampler (its
+    ``[sample]`` sampler, steps and spacing; no gradient); then the student, at each time τ_k
+    of its grid (trailing spacing), sees the point its own deterministic DDIM trajectory
+    reaches if every earlier step returned x̂0 (x_T at τ_1, then √ᾱ x̂0 + √(1−ᾱ) ε̂ with ε̂ the
+    noise x_T implies) and learns to predict x̂0 there (MSE on x0, whatever the network's
+    parameterisation). A perfect student reproduces the teacher's sample from the same x_T."""
+    from ..runs import distill_settings
+    from ..sampling.samplers import alpha_bar_for, make_plan, run_plan
+    sc, d = config.sample, config.diffusion
+    if int(config.train.distill_steps) < 1:
+        raise ValueError(f"train.distill_steps must be >= 1, got {config.train.distill_steps}")
+    teacher_plan = make_plan(sc.sampler, T=d.T, steps=sc.steps, prediction=d.prediction, eta=sc.eta,
+                             spacing=sc.spacing)
+    st = distill_settings(sc, config)
+    taus = make_plan(st.sampler, T=d.T, steps=st.steps, prediction=d.prediction, eta=0.0,
+                     spacing=st.spacing).timesteps
+    ab = alpha_bar_for(d.T)
+    diffusion = Diffusion(d.T, d.prediction, d.schedule)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def distill(m, b, gen):
+        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+        x_T = torch.randn(b["target"].shape, generator=gen, device="cpu", dtype=cond.dtype).to(cond.device)
+        with torch.no_grad():
+            noise = torch.Generator(device=cond.device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+            x0 = run_plan(teacher, x_T, teacher_plan, cond=cond.detach(), generator=noise, clip=sc.clip or None)
+            eps = (x_T - float(np.sqrt(ab[taus[0]])) * x0) / float(np.sqrt(1 - ab[taus[0]]))
+        loss = 0.0
+        for k, tau in enumerate(taus):
+            x = x_T if k == 0 else float(np.sqrt(ab[tau])) * x0 + float(np.sqrt(1 - ab[tau])) * eps
+            t = torch.full((x.shape[0],), int(tau), dtype=torch.long, device=x.device)
+            pred = diffusion.predict_x0(m(x, t, cond), x, t)
+            loss = loss + torch.mean((pred.float() - x0.float()) ** 2) / len(taus)
+        return loss
+    return distill
 
 
 def _attach_regression(model, run, season, train_set, config: Config, val_set=None):
@@ -218,7 +279,7 @@ CALIBRATION_MEMBERS = 8
 
 
 def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", days=8,
-                     members=CALIBRATION_MEMBERS):
+                     members=CALIBRATION_MEMBERS, kind="ddpm"):
     """Fit a trained CorrDiff DDPM's spread widening on validation days with true lag
     windows free of test days, with the ensemble that ships, and save it in ``best``.
 
@@ -251,8 +312,8 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
         return None
     pick = pick[np.linspace(0, len(pick) - 1, min(days, len(pick))).round().astype(int)]
     ck = load_checkpoint(best)
-    model, _ = load_trained(best.parent.parent, int(ck["season"]), "ddpm", device=device)
-    cfg = calibration_sampler(config, members)
+    model, _ = load_trained(best.parent.parent, int(ck["season"]), kind, device=device)
+    cfg = calibration_sampler(config, members, kind)
     coarse_days = _CoarseDays(fd.store)  # the coarse cube read once, for every use below
     coarse = coarse_days.values if cfg.consistency else None
     project = _projection(fd.store, coarse) if cfg.consistency else None
@@ -280,7 +341,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     model.regression_bands = torch.tensor(best_ab * gains, dtype=torch.float32)
     if config.train.calibration_rollouts > 0:
         cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs,
-                                   device))
+                                   device, kind))
         model.regression_inflation.mul_(cal["rollout_factor"])
         model.regression_bands.mul_(cal["rollout_factor"])
     for key in ("model", "ema"):
@@ -292,7 +353,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     return cal
 
 
-def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device) -> dict:
+def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
     """Refine a widening by strict rollouts, as ``sample`` runs them: over the longest
     validation blocks (``train.calibration_rollouts``), every member rolls forward from the
     block's true lag window with its own history, widened as it ships; then one factor f on
@@ -302,7 +363,7 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, p
     from ..sampling.downscalers import Season
     from ..sampling.rollout import Rollout
     from ..sampling.spread import widen_parts
-    cfg = dataclasses.replace(calibration_sampler(config, members), calibrate=True, mode="strict")
+    cfg = dataclasses.replace(calibration_sampler(config, members, kind), calibrate=True, mode="strict")
     days = np.unique(val_set.days)
     blocks = np.split(days, np.flatnonzero(np.diff(days) > 1) + 1)
     blocks = sorted(blocks, key=len, reverse=True)[:config.train.calibration_rollouts]
@@ -380,11 +441,13 @@ def _scan_factors(fd, days, project, coarse, pairs):
     return scores, ratios
 
 
-def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS):
+def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS, kind="ddpm"):
     """The sampler settings spread calibration samples with: the run's own (what ``sample``
-    uses by default), one day at a time with true lags, α = 1."""
-    return dataclasses.replace(config.sample, members=members, calibrate=False, mode="lenient",
-                               cuda_graphs=False, segments=1)
+    uses by default; a distilled student's grid for ``kind="distill"``), one day at a time
+    with true lags, α = 1."""
+    cfg = dataclasses.replace(config.sample, members=members, calibrate=False, mode="lenient",
+                              cuda_graphs=False, segments=1)
+    return distill_settings(cfg, config) if kind == "distill" else cfg
 
 
 def recalibrate(run, *, season=None, device="cpu") -> dict:
@@ -499,20 +562,18 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             # sized from the errors a rollout will feed back (after set_alternative, so the
             # U-Net's when it is the pushforward source)
             lag_noise = train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
-        net = model_for(model, config, run, s)
-        if net.regression is not None:
-            _attach_regression(net, run, s, train_set, config, val_set)
+        net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device)
         select = None
         if tc.select not in ("loss", "rollout"):
             raise ValueError(f"train.select must be 'loss' or 'rollout', got {tc.select!r}")
         # the rollout score is a deterministic model's; the DDPM's rollout skill is its mean's,
         # the U-Net selected this way, so the DDPM keeps the loss
-        if tc.select == "rollout" and model != "ddpm":
+        if tc.select == "rollout" and model not in ("ddpm", "distill"):
             def rollout_select(m, fd=train_set, val_days=val_set.days):  # lower is better
                 return -rollout_score(m, fd, val_days, config, device)
             select = rollout_select
         ckpt = season_dir(run, s) / f"{model}.pt"
-        fit(net, _loss_for(model, config), train_set, val_set,
+        fit(net, loss_fn, train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(model, tc)),
             ckpt_path=ckpt,
             extra_state={"kind": model, "season": s, "config": to_toml(config),
@@ -522,6 +583,6 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             resume=resume, progress=progress, device=device, on_step=on_step,
             desc=f"train {model} season {s}", select=select)
         if net.regression is not None and config.train.calibrate_spread:
-            calibrate_spread(ckpt.with_suffix(".best.pt"), train_set, val_set, config, device)
+            calibrate_spread(ckpt.with_suffix(".best.pt"), train_set, val_set, config, device, kind=model)
         out.append(ckpt.with_suffix(".best.pt"))
     return out
