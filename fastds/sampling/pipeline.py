@@ -248,9 +248,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     variable = run_variable(run)
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
-    # a distilled student runs its own few-step grid: the output says which
-    attrs = _attrs(distill_settings(cfg, run_config(run)) if model == "distill" else cfg, run=run, model=model,
-                   member0=member0, cold_start=cold_start)
+    attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data, variable), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
     # baselines as a user would compute them by hand
@@ -270,6 +268,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
 
 def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
     """The output's attributes: the request, also the signature its day files are kept under."""
+    if model == "distill":  # a distilled student runs its own few-step grid: the output says which
+        cfg = distill_settings(cfg, run_config(run))
     return {"run": str(run), "model": model, "sampler": cfg.sampler, "steps": cfg.steps,
             "mode": cfg.mode, "members": cfg.members, "member0": int(member0),
             "cold_start": int(cold_start), "tile": cfg.tile, "halo": cfg.halo,
