@@ -245,14 +245,15 @@ def _run(args) -> int:
         print(format_table(pd.DataFrame(m["table"])), end="")
         print(f"report written to {args.out}")
     elif args.cmd == "demo":
-        from .demo import run_demo, run_species_demo
+        from . import demo
         seasons = tuple(int(s) for s in args.seasons.split(","))
         if args.species:
-            run_species_demo(out=args.out if args.out != "fastds-demo" else "fastds-demo-species", config=cfg,
-                             quick=args.quick, seasons=seasons, device=args.device, progress=progress, echo=print)
+            demo.run_species_demo(out=args.out if args.out != "fastds-demo" else "fastds-demo-species",
+                                  config=cfg, quick=args.quick, seasons=seasons, device=args.device,
+                                  progress=progress, echo=print, species=demo.DEMO_SPECIES)
         else:
-            run_demo(out=args.out, config=cfg, quick=args.quick, seasons=seasons, device=args.device,
-                     progress=progress, echo=print)
+            demo.run_demo(out=args.out, config=cfg, quick=args.quick, seasons=seasons, device=args.device,
+                          progress=progress, echo=print)
     return 0
 
 

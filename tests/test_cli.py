@@ -137,3 +137,23 @@ def test_demo_quick(capsys, tmp_path):
               "report-rollout/leads.md"):
         assert (tmp_path / "demo" / f).exists(), f
     assert list((tmp_path / "demo" / "report").glob("map_*.png"))
+
+
+@pytest.mark.slow
+def test_demo_species_quick(capsys, tmp_path, monkeypatch):
+    """``fastds demo --species``: one store of the species and their total, a run each, scored
+    per species, together and summed (two species here, to keep it short)."""
+    import json
+
+    import fastds.demo
+    monkeypatch.setattr(fastds.demo, "DEMO_SPECIES", ("DUEXTTAU", "SSEXTTAU"))
+    code, out, err = run(capsys, "demo", "--species", "--quick", "--out", str(tmp_path / "d"), "--quiet")
+    assert code == 0, err
+    assert "| SSEXTTAU | ddpm |" in out and "| TOTEXTTAU | clim |" in out
+    assert "| ddpm | DUEXTTAU~SSEXTTAU |" in out and "| ddpm-sum |" in out
+    res = json.loads((tmp_path / "d" / "species.json").read_text())
+    assert set(res["per_species"]) == {"DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"}
+    assert set(res["total"]) == {"ddpm", "ddpm-sum", "unet", "unet-sum", "clim", "clim-sum"}
+    for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"):
+        assert (tmp_path / "d" / f"run-{v}" / "run.json").exists()
+        assert (tmp_path / "d" / f"rollout_{v}_ddpm.nc").exists()
