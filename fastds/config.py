@@ -165,6 +165,9 @@ class SampleConfig:
     antithetic: bool = True       # members in ± pairs (the odd member negates every latent and
                                   # noise draw of the even one): a lower-variance ensemble mean
     seed: int = 0
+    latent_mix: tuple = ()        # x_T = sum_j w_j z_j, z_j drawn from the member's generator of
+                                  # seed + 7919 j ((): z_0 alone). Species sampled by separate
+                                  # runs get correlated latents this way (sample_species "coupled")
 
 
 @dataclass(frozen=True)

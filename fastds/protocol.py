@@ -38,7 +38,6 @@ ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target
     "twcrps_q90": -1, "twcrps_q99": -1, "brier_q90": -1, "brier_q99": -1, "fss_q90": 1,
     "fss_q99": 1, "rmse_mean": -1, "mae_mean": -1, "r2_mean": 1, "ralsd": -1,
 }
-SPECIES_SEED_STRIDE = 7919  # seed offset between species with independent latents (a prime)
 HEADLINE = ("crps_fair", "energy_p4", "variogram_p4", "twcrps_q90", "r2_mean", "rmse_mean",
             "mae_mean", "bias_mean", "spread_skill", "ralsd")
 
@@ -88,7 +87,7 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     names = {f.name for f in dataclasses.fields(ProtocolConfig)}
     bad = sorted(set(raw) - names - {"twin"})
     from .config import SampleConfig
-    fields = {f.name for f in dataclasses.fields(SampleConfig)} | {"model", "species_independent"}
+    fields = {f.name for f in dataclasses.fields(SampleConfig)} | {"model", "species_noise"}
     for vname, v in raw.get("variants", {}).items():
         unknown = sorted(set(v) - fields)
         if unknown:
@@ -268,10 +267,7 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
         for name in cfg.models:
             settings = dict(cfg.variants.get(name, {}))
             model = settings.pop("model", name)
-            # species runs draw the same latents (one seed) unless a variant asks each species
-            # for its own (a seed offset by the species' position)
-            offset = SPECIES_SEED_STRIDE * case.spec.variables.index(case.variable) \
-                if settings.pop("species_independent", False) else 0
+            settings.update(_species_noise(case, settings.pop("species_noise", "shared"), config, days))
             path = case.score_path(start, length, name)
             keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
             if path.exists() and (keep is None or keep.exists()):
@@ -279,7 +275,7 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
                 continue
             ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
             scfg = dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
-                                       seed=case.seed + offset, burn_in=cfg.burn_in, **settings)
+                                       burn_in=cfg.burn_in, **{"seed": case.seed, **settings})
             ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
                         model=model, progress=progress, cold_start=True)
             pred = ds[case.variable].sel(time=days)
@@ -298,6 +294,24 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
             echo(f"protocol: {case.label} seed {case.seed} start {start:%Y-%m-%d} {name}: "
                  f"CRPS {frame.crps_fair.mean():.4f}, R² {frame.r2_mean.mean():.3f}")
     return frames
+
+
+def _species_noise(case: _Case, noise, config, days) -> dict:
+    """Sample settings that give a species twin's separate runs their latents: ``shared``
+    (one seed: nothing to change), ``independent`` (the seed offset by the species'
+    position) or ``coupled`` (correlated as the species' validation residuals, see
+    :func:`~fastds.sampling.pipeline.species_latent_mix`). The total's run is not a species:
+    it keeps the shared latents."""
+    from .sampling.pipeline import SPECIES_NOISE, SPECIES_SEED_STRIDE, species_latent_mix
+    if noise not in SPECIES_NOISE:
+        raise ValueError(f"protocol: species_noise must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
+    if noise == "shared" or not case.species or case.variable not in case.spec.species:
+        return {}
+    k = case.spec.species.index(case.variable)
+    if noise == "independent":
+        return {"seed": case.seed + SPECIES_SEED_STRIDE * k}
+    runs = [dataclasses.replace(case, variable=v).run for v in case.spec.species]
+    return {"latent_mix": species_latent_mix(runs, config.sample, days)[k]}
 
 
 def _cross_species(case: _Case) -> tuple[list, list]:
@@ -347,13 +361,14 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
             config = load_config(cfg.preset, overrides=list(cfg.overrides) + [
                 f"data.seasons={list(cfg.seasons)}", f"pretrain.seed={seed}", f"train.seed={seed}"])
             spec, store, tdir = _twin_store(twin, cache, config)
-            for variable in spec.variables:
-                case = _Case(cfg, twin.name, spec, variable, seed, tdir, sdir)
-                vconfig = (dataclasses.replace(config, data=dataclasses.replace(config.data, variable=variable))
-                           if case.species else config)
+            cases = [_Case(cfg, twin.name, spec, v, seed, tdir, sdir) for v in spec.variables]
+            configs = [dataclasses.replace(config, data=dataclasses.replace(config.data, variable=c.variable))
+                       if c.species else config for c in cases]
+            for case, vconfig in zip(cases, configs):  # every run first: coupled species need them all
                 echo(f"protocol: {case.label} seed {seed}: training (cached in {case.run})")
                 _trained(store, case.run, vconfig, progress,
                          distill=any(cfg.variants.get(m, {}).get("model", m) == "distill" for m in cfg.models))
+            for case, vconfig in zip(cases, configs):
                 frames += _rollouts(case, vconfig, progress, echo)
             if spec.species:
                 f, c = _cross_species(_Case(cfg, twin.name, spec, spec.species[0], seed, tdir, sdir))

@@ -83,17 +83,23 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path)
                            "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 5,
                            "species": ["DUEXTTAU", "SSEXTTAU"], "total": "TOTEXTTAU"})
     cfg = ProtocolConfig(tier="toy", twins=(twin,), seeds=(0,), seasons=(3,), starts=("2005-08-27",),
-                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "clim"),
-                         cross_models=("ddpm", "clim"), overrides=TEST_OVERRIDES, reps=100)
+                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "ddpm-coupled", "clim"),
+                         cross_models=("ddpm", "ddpm-coupled", "clim"), overrides=TEST_OVERRIDES, reps=100,
+                         variants={"ddpm-coupled": {"model": "ddpm", "species_noise": "coupled"}})
     run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     groups = {(r["twin"], r["model"]) for r in saved["summary"]}
-    assert groups == {("sp:DUEXTTAU", "ddpm"), ("sp:DUEXTTAU", "clim"), ("sp:SSEXTTAU", "ddpm"),
-                      ("sp:SSEXTTAU", "clim"), ("sp:TOTEXTTAU", "ddpm"), ("sp:TOTEXTTAU", "clim"),
-                      ("sp:TOTEXTTAU", "ddpm-sum"), ("sp:TOTEXTTAU", "clim-sum")}
-    assert {p["model"] for p in saved["paired"]["sp:TOTEXTTAU"]} == {"clim", "ddpm-sum", "clim-sum"}
+    models = {"ddpm", "ddpm-coupled", "clim"}
+    assert groups == {(f"sp:{v}", m) for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU") for m in models} | \
+        {("sp:TOTEXTTAU", f"{m}-sum") for m in models}
+    assert {p["model"] for p in saved["paired"]["sp:TOTEXTTAU"]} == \
+        {"ddpm-coupled", "clim", "ddpm-sum", "ddpm-coupled-sum", "clim-sum"}
     pairs = saved["species_correlation"]
-    assert {(r["model"], r["pair"]) for r in pairs} == {("ddpm", "DUEXTTAU~SSEXTTAU"), ("clim", "DUEXTTAU~SSEXTTAU")}
+    assert {(r["model"], r["pair"]) for r in pairs} == {(m, "DUEXTTAU~SSEXTTAU") for m in models}
+    # the coupled variant: the first species as the shared default, the second on its own latents
+    du = {r["model"]: r["crps_fair"] for r in saved["summary"] if r["twin"] == "sp:DUEXTTAU"}
+    ss = {r["model"]: r["crps_fair"] for r in saved["summary"] if r["twin"] == "sp:SSEXTTAU"}
+    assert du["ddpm-coupled"] == du["ddpm"] and ss["ddpm-coupled"] != ss["ddpm"]
     assert all(-1 <= r["corr_truth"] <= 1 and -2 <= r["bias"] <= 2 for r in pairs)
     assert "## Cross-species" in (tmp_path / "results.md").read_text()
     for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from fastds.data.readers import DataError
@@ -290,3 +291,47 @@ def test_species_scaled_to_their_total_keep_their_ratios_and_meet_its_cells(spec
         sample_species(runs=list(runs.values()), total="SSEXTTAU", **kw)
     with pytest.raises(DataError, match="has no variable 'NOPE'"):
         sample_species(runs=list(runs.values()), total="NOPE", **kw)
+
+
+def test_coupled_latents_take_the_species_residual_correlation(species_runs):
+    """``noise="coupled"``: species k draws x_T = Σ_j L[k, j] z_j with L the Cholesky factor of
+    the species' validation-residual correlation; the first species keeps its own latents."""
+    from fastds.config import SampleConfig
+    from fastds.sampling.pipeline import null_stats, sample_species, species_latent_mix
+    store, runs = species_runs
+    days = pd.date_range("2005-08-20", "2005-08-21")
+    mix = species_latent_mix(list(runs.values()), SampleConfig(), days)
+    assert mix[0] == (1.0,) and len(mix[1]) == 2
+    banks = [null_stats(r, open_store(store, variable=v), 3, SampleConfig()).bank.ravel() for v, r in runs.items()]
+    c = np.corrcoef(banks[0], banks[1])[0, 1]
+    assert 0.05 < abs(c) < 0.99
+    assert mix[1][0] == pytest.approx(c, abs=1e-6) and mix[1][0] ** 2 + mix[1][1] ** 2 == pytest.approx(1, abs=1e-6)
+    ds = sample_species(runs=list(runs.values()), noise="coupled", start="2005-08-20", end="2005-08-21",
+                        model="unet", members=1, mode="lenient")
+    assert set(ds.data_vars) == {"SSEXTTAU", "SUEXTTAU"}
+
+
+def test_latent_mix_draws_the_weighted_sum_of_the_member_streams():
+    from fastds.sampling.day import LATENT_STREAM_STRIDE, _Latents, member_draws
+    lat = _Latents((0.6, 0.8), seed=3, day_key=5, member0=2, members=2, antithetic=True, device="cpu")
+    gens, signs = member_draws(3, 5, 2, 2, antithetic=True)
+    other, _ = member_draws(3 + LATENT_STREAM_STRIDE, 5, 2, 2, antithetic=True)
+    got = lat.draw(1, (2, 1, 4, 4), gens[1], signs[1])
+    g0, g1 = member_draws(3, 5, 2, 2, antithetic=True)[0][1], other[1]
+    want = signs[1] * (0.6 * torch.randn((2, 1, 4, 4), generator=g0) + 0.8 * torch.randn((2, 1, 4, 4), generator=g1))
+    assert torch.equal(got, want)
+    # no mix: the member's own draw, as before
+    plain = _Latents((), seed=3, day_key=5, member0=2, members=2, antithetic=True, device="cpu")
+    g = member_draws(3, 5, 2, 2, antithetic=True)[0][0]
+    assert torch.equal(plain.draw(0, (3,), g, 1.0), torch.randn((3,), generator=member_draws(3, 5, 2, 2, antithetic=True)[0][0]))
+
+
+def test_a_unit_latent_mix_samples_exactly_the_default(trained_run):
+    from fastds.sampling.pipeline import sample
+    kw = dict(start="2005-08-20", end="2005-08-21", members=2, mode="lenient")
+    a = sample(run=trained_run, **kw)["DUEXTTAU"].values
+    b = sample(run=trained_run, latent_mix=(1.0,), **kw)
+    np.testing.assert_array_equal(a, b["DUEXTTAU"].values)
+    assert b.attrs["latent_mix"] == "[1.0]"
+    c = sample(run=trained_run, latent_mix=(0.0, 1.0), **kw)["DUEXTTAU"].values
+    assert not np.allclose(a, c)

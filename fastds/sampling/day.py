@@ -156,6 +156,9 @@ def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
     return patches.stitch(torch.cat(parts)[:, 0])
 
 
+LATENT_STREAM_STRIDE = 7919  # seed offset between the latent streams of ``sample.latent_mix``
+
+
 def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key,
               cache_conditioning, device, backend, progress, member0, patches=None):
     """The network's own field (no regression mean): (members, H, W). ``patches``: the day's
@@ -163,6 +166,7 @@ def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key
     patches = patches if patches is not None else _Patches.of(inputs, cfg, device)
     gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
                                device=device)
+    latents = _Latents(cfg.latent_mix, seed, day_key, member0, members, cfg.antithetic, device)
     plans = None
     if kind == "ddpm":
         plan = make_plan(cfg.sampler, T=T, steps=cfg.steps, prediction=prediction, eta=cfg.eta,
@@ -174,19 +178,40 @@ def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key
     if kind == "ddpm" and cfg.fusion == "step":
         return _fused(model, inputs, patches, plans, gens, signs, cfg=cfg,
                       cache_conditioning=cache_conditioning, device=device, backend=backend,
-                      progress=progress, graphs=graphs)
+                      progress=progress, graphs=graphs, latents=latents)
     per_kind = _PATCH_KINDS[kind](model, cfg, plans, signs, graphs, backend, cache_conditioning, device)
-    return _patchwise(per_kind, inputs, patches, gens, progress)
+    return _patchwise(per_kind, inputs, patches, gens, progress, latents)
 
 
-def _patchwise(per_kind, inputs, patches: _Patches, gens, progress):
+class _Latents:
+    """x_T of each member: ``signs[k] * randn`` from the member's generator, or with
+    ``sample.latent_mix`` w the sum over j of w_j · randn from the member's generator of
+    stream j (seed + LATENT_STREAM_STRIDE·j; stream 0 is the member's own generator, which
+    then goes on to draw the trajectory's noise)."""
+
+    def __init__(self, mix, seed, day_key, member0, members, antithetic, device):
+        self.mix = tuple(float(w) for w in mix)
+        self.streams = [member_draws(seed + LATENT_STREAM_STRIDE * j, day_key, member0, members,
+                                     antithetic=antithetic, device=device)[0]
+                        for j in range(1, len(self.mix))]
+        self.device = device
+
+    def draw(self, k, shape, gen, sign):
+        x = torch.randn(shape, generator=gen, device=self.device)
+        if self.mix:
+            x = self.mix[0] * x
+            for w, stream in zip(self.mix[1:], self.streams):
+                x = x + w * torch.randn(shape, generator=stream[k], device=self.device)
+        return sign * x
+
+
+def _patchwise(per_kind, inputs, patches: _Patches, gens, progress, latents: _Latents):
     """``fusion="final"`` (and the U-Net/VAE): each patch generated on its own by the kind's
     ``one``, batch by batch, members inside a batch; then stitched per member."""
     n, members, device = len(patches.starts), len(gens), per_kind.device
     shared_lags = inputs.lags.shape[0] == 1
     t = patches.tile
-    x_T = [s * torch.randn((n, 1, t, t), generator=g, device=device)
-           for g, s in zip(gens, per_kind.signs)]
+    x_T = [latents.draw(k, (n, 1, t, t), g, s) for k, (g, s) in enumerate(zip(gens, per_kind.signs))]
     pieces = [[] for _ in range(members)]
     for sl in _batches(n, per_kind.cfg.batch):
         coarse, cov = patches.base[sl, :1], patches.base[sl, 1:]
@@ -259,7 +284,7 @@ _PATCH_KINDS = {"unet": _UNetPatches, "vae": _VAEPatches, "ddpm": _DiffusionPatc
 
 
 def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_conditioning,
-           device, backend, progress, graphs=None):
+           device, backend, progress, graphs=None, latents: _Latents):
     """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
     unfused sampler's result."""
@@ -279,7 +304,7 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
             # reuse it), or, for the reference recipe, recomputed at every step
             cond = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
                     if cache_conditioning else cond_of)
-        x_T = signs[k] * torch.randn((1, 1, H, W), generator=gen, device=device)
+        x_T = latents.draw(k, (1, 1, H, W), gen, signs[k])
         if graphs is not None and cache_conditioning:
             # the whole step (every patch batch, the blend, the fused update) in one graph per
             # geometry; the day's conditioning is copied into its static buffer

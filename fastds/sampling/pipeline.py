@@ -22,7 +22,8 @@ from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import distill_settings, load_trained, run_config, run_variable, sample_settings
-from .day import CALIBRATE_TO, DayInputs, downscale_day, inflate_residuals, member_draws, spread_widening
+from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, inflate_residuals, member_draws,
+                  spread_widening)
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULLS, NullStats, fit_null_stats
@@ -80,8 +81,9 @@ class _CoarseDays:
         return self.values[self.store.times_c.get_loc(day)]
 
 
-SPECIES_NOISE = ("shared", "independent")
-SPECIES_SEED_STRIDE = 7919  # seed offset between species with independent latents (a prime)
+SPECIES_NOISE = ("shared", "independent", "coupled")
+# independent species: seed offset by the species' position, the latent streams' stride
+SPECIES_SEED_STRIDE = LATENT_STREAM_STRIDE
 
 
 def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **kwargs) -> xr.Dataset:
@@ -96,9 +98,11 @@ def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **
     ``members=...``, ...); ``cfg`` None uses each run's own saved settings.
 
     ``noise``: the species' separate models draw their latents from one seed (``"shared"``:
-    member k of every species starts from the same noise) or each from its own
-    (``"independent"``: the seed offset by the species' position). Neither is a joint model;
-    the species protocol tier measures which keeps the inter-species correlation.
+    member k of every species starts from the same noise), each from its own
+    (``"independent"``: the seed offset by the species' position), or correlated as the
+    species' U-Net residuals are on validation days (``"coupled"``: a Gaussian copula on the
+    latents, see :func:`species_latent_mix`). None is a joint model; the species protocol
+    tier measures which keeps the inter-species correlation.
 
     ``total``: a variable of the store the species must add up to (e.g. ``"TOTEXTTAU"``):
     each day and member, every species is scaled by the one smooth factor that projects
@@ -116,17 +120,21 @@ def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **
     if twice:
         raise ValueError(f"sample_species: two runs are of {twice[0]}; give one run per species")
     parts = Path(out).with_name(Path(out).name + ".species") if out is not None else None
-    done = []
+    done, mix = [], None
     for k, (run, name) in enumerate(zip(runs, names)):
         sub = parts / (f"{name}.zarr" if is_zarr(out) else f"{name}.nc") if parts is not None else None
         if sub is not None and sub.exists() and (not is_zarr(sub) or _complete(sub)):
             done.append(open_output(sub))
             continue
         settings = dict(kwargs)
-        if noise == "independent":
+        if noise != "shared":
             cfg = sample_settings(run, settings.pop("cfg", None),
                                   **{f: settings.pop(f) for f in list(settings) if f in _SAMPLE_FIELDS})
-            settings["cfg"] = dataclasses.replace(cfg, seed=cfg.seed + SPECIES_SEED_STRIDE * k)
+            if noise == "coupled" and mix is None:
+                mix = species_latent_mix(runs, cfg, _days_of(start, end), data=kwargs.get("data"),
+                                         device=kwargs.get("device", "cpu"))
+            settings["cfg"] = (dataclasses.replace(cfg, seed=cfg.seed + SPECIES_SEED_STRIDE * k)
+                               if noise == "independent" else dataclasses.replace(cfg, latent_mix=mix[k]))
         done.append(sample(run=run, start=start, end=end, out=sub, **settings))
     merged = xr.merge([d[[n]] for d, n in zip(done, names)], combine_attrs="drop_conflicts")
     merged.attrs["species"] = ",".join(names)
@@ -141,6 +149,37 @@ def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **
 
 
 _SAMPLE_FIELDS = {f.name for f in dataclasses.fields(SampleConfig)}
+
+
+def _days_of(start, end):
+    return pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="D")
+
+
+def species_latent_mix(runs, cfg: SampleConfig, days, *, data=None, device="cpu") -> list[tuple]:
+    """Latent weights that correlate separate species' samplers as their residuals correlate.
+
+    The species' U-Net residual fields on the store's validation days (the null ensembles'
+    bank, :func:`null_stats`, for the seasons of ``days``; the same days for every species of
+    one store) give the inter-species correlation matrix C (pooled over days and pixels);
+    species k then draws x_T = Σ_j L[k, j] z_j with L the Cholesky factor of C and z_j the
+    latent streams of ``sample.latent_mix``, so cov(x_T of k, x_T of l) = C[k, l] and each
+    keeps unit variance. Returns one weight tuple per run, in order."""
+    seasons = sorted(set(season_of(pd.DatetimeIndex(days).month).tolist()))
+    banks = []
+    for run in runs:
+        variable = run_variable(run)
+        path = data or json.loads((Path(run) / "run.json").read_text())["store"]
+        store = open_store(path, variable=variable)
+        plain = dataclasses.replace(cfg, latent_mix=())
+        banks.append(np.concatenate([null_stats(run, store, s, plain, data=data, device=device).bank.ravel()
+                                     for s in seasons]))
+    if len({b.size for b in banks}) > 1:
+        raise ValueError("species_latent_mix: the runs' validation residuals differ in size; are the runs "
+                         "of one store?")
+    C = np.corrcoef(np.stack(banks))
+    L = np.linalg.cholesky(C + 1e-9 * np.eye(len(C)))  # jitter: species that co-vary perfectly
+    L /= np.linalg.norm(L, axis=1, keepdims=True)       # unit-variance latents (the jitter's 1e-9 off)
+    return [tuple(float(w) for w in row[:k + 1]) for k, row in enumerate(L)]
 
 
 def _sum_to_total(merged, names, total, runs, data) -> xr.Dataset:
@@ -279,7 +318,8 @@ def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
             "calibrate": int(cfg.calibrate), "calibrate_bands": int(cfg.calibrate_bands),
             "lag_conditioning": int(cfg.lag_conditioning),
             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
-            "antithetic": int(cfg.antithetic)}
+            "antithetic": int(cfg.antithetic),
+            **({"latent_mix": json.dumps([round(float(w), 6) for w in cfg.latent_mix])} if cfg.latent_mix else {})}
 
 
 # a distributed worker's loaded state, kept between the units it runs (this process only)

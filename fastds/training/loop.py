@@ -197,7 +197,8 @@ def fit(model: nn.Module, loss_fn, train_set, val_set, *, settings: FitSettings,
     t = _Trainer(model, loss_fn, settings=settings, ckpt_path=ckpt_path, extra_state=extra_state,
                  progress=progress, device=device, desc=desc, select=select)
     if resume and t.ckpt_path.exists() and t.resume():
-        return {"history": t.state["history"], "resumed": True, "best_val": t.state["best_val"]}
+        return {"history": t.state["history"], "resumed": True, "best_val": t.state["best_val"],
+                "already_done": True}
     t.wrap()
     model.train()
     stop = False

@@ -573,7 +573,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                 return -rollout_score(m, fd, val_days, config, device)
             select = rollout_select
         ckpt = season_dir(run, s) / f"{model}.pt"
-        fit(net, loss_fn, train_set, val_set,
+        done = fit(net, loss_fn, train_set, val_set,
             settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(model, tc)),
             ckpt_path=ckpt,
             extra_state={"kind": model, "season": s, "config": to_toml(config),
@@ -582,7 +582,10 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                          "lag_noise": float(lag_noise)},
             resume=resume, progress=progress, device=device, on_step=on_step,
             desc=f"train {model} season {s}", select=select)
-        if net.regression is not None and config.train.calibrate_spread:
-            calibrate_spread(ckpt.with_suffix(".best.pt"), train_set, val_set, config, device, kind=model)
+        best = ckpt.with_suffix(".best.pt")
+        # a resumed run that had finished keeps its calibration (recalibrate() refits one)
+        calibrated = done.get("already_done") and load_checkpoint(best).get("calibration") is not None
+        if net.regression is not None and config.train.calibrate_spread and not calibrated:
+            calibrate_spread(best, train_set, val_set, config, device, kind=model)
         out.append(ckpt.with_suffix(".best.pt"))
     return out
