@@ -200,7 +200,8 @@ def run_species_demo(*, out="fastds-demo-species", config: Config, quick=False, 
                      total="TOTEXTTAU", rollout_days=30, members=8) -> dict:
     """``fastds demo --species``: several correlated species of the twin and their total in
     one store; one run per species and one on the total (each the default chain, U-Net then
-    DDPM); a strict rollout beyond the fine record for each; scored per species (ensemble
+    DDPM); a strict rollout beyond the fine record for each (the species' DDPMs with shared
+    latents, the default, and with coupled ones: ``ddpm-coupled``); scored per species (ensemble
     mean R², fair CRPS, spread/skill against ``clim`` and the U-Net), together (inter-species
     correlation bias of the members' maps) and summed (the species' member-by-member sum of
     the total against the model trained on the total alone). Returns the tables as a dict
@@ -220,20 +221,30 @@ def run_species_demo(*, out="fastds-demo-species", config: Config, quick=False, 
     st = open_store(store_path)
     start = st.times[-1] + pd.Timedelta(days=1)
     days = pd.date_range(start, periods=rollout_days, freq="D")
-    rolls = {}
-    for i, v in enumerate(spec.variables):
+    runs = {v: out / f"run-{v}" for v in spec.variables}
+    for i, (v, run) in enumerate(runs.items()):
         echo(f"[2/4] {v} ({i + 1}/{len(spec.variables)}): pretraining, then the U-Net and the DDPM")
         vconf = dataclasses.replace(config, data=dataclasses.replace(config.data, variable=v))
-        run = out / f"run-{v}"
         pretrain(data=store_path, run=run, config=vconf, resume=True, progress=progress, device=device)
         for kind in default_chain(vconf):
             train(data=store_path, run=run, config=vconf, model=kind, resume=True, progress=progress, device=device)
-        echo(f"[3/4] {v}: a {rollout_days}-day strict rollout beyond the fine record (ddpm {members} members, unet, clim)")
-        rolls[v] = {kind: sample(run=run, start=days[0], end=days[-1], out=out / f"rollout_{v}_{kind}.nc",
-                                 cfg=dataclasses.replace(config.sample, mode="strict",
-                                                         members=members if kind == "ddpm" else 1),
-                                 model=kind, device=device, progress=progress)[v]
-                    for kind in ("ddpm", "unet", "clim")}
+    # the species' DDPMs with latents correlated as their validation residuals (the total's
+    # run is not a species: its own latents)
+    from .sampling.pipeline import species_latent_mix
+    mix = dict(zip(spec.species, species_latent_mix([runs[v] for v in spec.species], config.sample, days)))
+    rolls = {}
+    for v, run in runs.items():
+        echo(f"[3/4] {v}: a {rollout_days}-day strict rollout beyond the fine record (ddpm {members} members "
+             "with shared and with coupled latents, unet, clim)")
+        rolls[v] = {}
+        for name, kind, extra in (("ddpm", "ddpm", {}), ("ddpm-coupled", "ddpm", {"latent_mix": mix.get(v, ())}),
+                                  ("unet", "unet", {}), ("clim", "clim", {})):
+            if name == "ddpm-coupled" and v not in mix:  # the total's run: nothing to couple
+                rolls[v][name] = rolls[v]["ddpm"]
+                continue
+            cfg = dataclasses.replace(config.sample, mode="strict", members=members if kind == "ddpm" else 1, **extra)
+            rolls[v][name] = sample(run=run, start=days[0], end=days[-1], out=out / f"rollout_{v}_{name}.nc",
+                                    cfg=cfg, model=kind, device=device, progress=progress)[v]
     echo("[4/4] scoring each species, the species together, and their sum against the total-only model")
     truth = xr.open_dataset(twin_dir / "fine_truth.nc")
     result = _species_scores(spec, rolls, truth, days)
@@ -268,10 +279,10 @@ def _species_scores(spec, rolls, truth, days) -> dict:
                    for v in spec.variables}
     cross = {k: correlation_bias({v: with_member[v][k] for v in spec.species},
                                  {v: truth[v].sel(time=days) for v in spec.species}).to_dict(orient="records")
-             for k in ("ddpm", "unet", "clim")}
+             for k in ("ddpm", "ddpm-coupled", "unet", "clim")}
     summed = {}
     if spec.total:
-        for k in ("ddpm", "unet", "clim"):
+        for k in ("ddpm", "ddpm-coupled", "unet", "clim"):
             s = sum(with_member[v][k] for v in spec.species)
             summed[f"{k}-sum"] = _ensemble_scores(s, truth[spec.total])
             summed[k] = per[spec.total][k]

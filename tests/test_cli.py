@@ -153,7 +153,8 @@ def test_demo_species_quick(capsys, tmp_path, monkeypatch):
     assert "| ddpm | DUEXTTAU~SSEXTTAU |" in out and "| ddpm-sum |" in out
     res = json.loads((tmp_path / "d" / "species.json").read_text())
     assert set(res["per_species"]) == {"DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"}
-    assert set(res["total"]) == {"ddpm", "ddpm-sum", "unet", "unet-sum", "clim", "clim-sum"}
+    assert set(res["total"]) == {f"{m}{x}" for m in ("ddpm", "ddpm-coupled", "unet", "clim") for x in ("", "-sum")}
+    assert "| ddpm-coupled | DUEXTTAU~SSEXTTAU |" in out
     for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"):
         assert (tmp_path / "d" / f"run-{v}" / "run.json").exists()
         assert (tmp_path / "d" / f"rollout_{v}_ddpm.nc").exists()
