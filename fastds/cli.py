@@ -105,10 +105,10 @@ def _sampling_commands(sub):
     p.add_argument("--run", "--run-dir", dest="runs", required=True, action="append",
                    help="run folder; repeat it with one run per species (a store of several species) "
                         "to write one output holding every species")
-    p.add_argument("--species-noise", choices=["shared", "independent", "coupled"], default="shared",
-                   help="with one run per species: member k of every species starts from the same "
-                        "latents (shared), each species from its own (independent), or from latents "
-                        "correlated as the species' validation residuals are (coupled)")
+    p.add_argument("--species-noise", choices=["shared", "independent", "coupled"], default="coupled",
+                   help="with one run per species: latents correlated as the species' validation "
+                        "residuals are (coupled, the default), the same latents for member k of every "
+                        "species (shared), or each species its own (independent)")
     p.add_argument("--species-total", default=None, metavar="VARIABLE",
                    help="with one run per species: scale them to add up to this variable of the store "
                         "(e.g. TOTEXTTAU) and write their sum too")

@@ -200,8 +200,9 @@ def run_species_demo(*, out="fastds-demo-species", config: Config, quick=False, 
                      total="TOTEXTTAU", rollout_days=30, members=8) -> dict:
     """``fastds demo --species``: several correlated species of the twin and their total in
     one store; one run per species and one on the total (each the default chain, U-Net then
-    DDPM); a strict rollout beyond the fine record for each (the species' DDPMs with shared
-    latents, the default, and with coupled ones: ``ddpm-coupled``); scored per species (ensemble
+    DDPM); a strict rollout beyond the fine record for each (the species' DDPMs each sampled on
+    its own, i.e. with shared latents, and with coupled ones, ``ddpm-coupled``, what
+    ``sample_species`` does by default); scored per species (ensemble
     mean R², fair CRPS, spread/skill against ``clim`` and the U-Net), together (inter-species
     correlation bias of the members' maps) and summed (the species' member-by-member sum of
     the total against the model trained on the total alone). Returns the tables as a dict

@@ -252,11 +252,11 @@ def test_species_latents_are_shared_or_independent_as_asked(species_runs):
     from fastds.sampling.pipeline import sample_species
     _, runs = species_runs
     kw = dict(start="2005-08-20", end="2005-08-21", model="unet+iid", members=2, mode="lenient")
-    shared = sample_species(runs=list(runs.values()), **kw)
+    shared = sample_species(runs=list(runs.values()), noise="shared", **kw)
     indep = sample_species(runs=list(runs.values()), noise="independent", **kw)
     np.testing.assert_array_equal(shared["SSEXTTAU"].values, indep["SSEXTTAU"].values)
     assert not np.allclose(shared["SUEXTTAU"].values, indep["SUEXTTAU"].values)
-    unet = sample_species(runs=list(runs.values()), **{**kw, "model": "unet", "members": 1})
+    unet = sample_species(runs=list(runs.values()), noise="shared", **{**kw, "model": "unet", "members": 1})
 
     def z(ds, v):  # the standardised noise of member 0, day 0
         r = np.log10(ds[v].isel(time=0, member=0).values) - np.log10(unet[v].isel(time=0).values)

@@ -86,7 +86,7 @@ SPECIES_NOISE = ("shared", "independent", "coupled")
 SPECIES_SEED_STRIDE = LATENT_STREAM_STRIDE
 
 
-def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **kwargs) -> xr.Dataset:
+def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, **kwargs) -> xr.Dataset:
     """Several species at once: each of ``runs`` (one per species of a multi-species store,
     each trained on its own: see ``data.variable``) sampled by :func:`sample` over the same
     days with the same settings, then merged into one Dataset with one data variable per
@@ -97,12 +97,14 @@ def sample_species(*, runs, start, end, out=None, noise="shared", total=None, **
     and the folder removed. ``kwargs``: what :func:`sample` takes (``cfg``, ``model``,
     ``members=...``, ...); ``cfg`` None uses each run's own saved settings.
 
-    ``noise``: the species' separate models draw their latents from one seed (``"shared"``:
-    member k of every species starts from the same noise), each from its own
-    (``"independent"``: the seed offset by the species' position), or correlated as the
-    species' U-Net residuals are on validation days (``"coupled"``: a Gaussian copula on the
-    latents, see :func:`species_latent_mix`). None is a joint model; the species protocol
-    tier measures which keeps the inter-species correlation.
+    ``noise``: the species' separate models draw latents correlated as the species' U-Net
+    residuals are on validation days (``"coupled"``, the default: a Gaussian copula on the
+    latents, see :func:`species_latent_mix`), from one seed (``"shared"``: member k of every
+    species starts from the same noise) or each from its own (``"independent"``: the seed
+    offset by the species' position). None is a joint model. On the species protocol tier
+    (reported days and a development start) only ``coupled`` keeps the inter-species
+    correlation within 0.1 of the truth's (−0.05 / −0.04; shared +0.29, independent −0.25)
+    and the summed species calibrated (spread/skill 1.00 / 0.97).
 
     ``total``: a variable of the store the species must add up to (e.g. ``"TOTEXTTAU"``):
     each day and member, every species is scaled by the one smooth factor that projects
