@@ -113,6 +113,8 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
     projection and nothing ties them."""
     if noise not in SPECIES_NOISE:
         raise ValueError(f"sample_species: noise must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
+    if noise == "coupled" and kwargs.get("model", "ddpm") not in ("ddpm", "distill"):
+        noise = "shared"  # only a diffusion sampler draws x_T: nothing to couple (and no residual fit)
     runs = [Path(r) for r in runs]
     names = [run_variable(r) for r in runs]
     if None in names:
