@@ -267,15 +267,15 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
         for name in cfg.models:
             settings = dict(cfg.variants.get(name, {}))
             model = settings.pop("model", name)
-            settings.update(_species_noise(case, settings.pop("species_noise", "shared"), config, days))
+            latents = _species_latents(case, settings.pop("species_noise", "shared"), days)
             path = case.score_path(start, length, name)
             keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
             if path.exists() and (keep is None or keep.exists()):
                 frames.append(pd.read_csv(path, parse_dates=["time"]))
                 continue
             ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
-            scfg = dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
-                                       burn_in=cfg.burn_in, **{"seed": case.seed, **settings})
+            scfg = latents(dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
+                                               burn_in=cfg.burn_in, **{"seed": case.seed, **settings}))
             ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
                         model=model, progress=progress, cold_start=True)
             pred = ds[case.variable].sel(time=days)
@@ -296,22 +296,18 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
     return frames
 
 
-def _species_noise(case: _Case, noise, config, days) -> dict:
-    """Sample settings that give a species twin's separate runs their latents: ``shared``
-    (one seed: nothing to change), ``independent`` (the seed offset by the species'
-    position) or ``coupled`` (correlated as the species' validation residuals, see
-    :func:`~fastds.sampling.pipeline.species_latent_mix`). The total's run is not a species:
-    it keeps the shared latents."""
-    from .sampling.pipeline import SPECIES_NOISE, SPECIES_SEED_STRIDE, species_latent_mix
-    if noise not in SPECIES_NOISE:
-        raise ValueError(f"protocol: species_noise must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
-    if noise == "shared" or not case.species or case.variable not in case.spec.species:
-        return {}
-    k = case.spec.species.index(case.variable)
-    if noise == "independent":
-        return {"seed": case.seed + SPECIES_SEED_STRIDE * k}
+def _species_latents(case: _Case, noise, days):
+    """A function ``cfg -> cfg`` giving a species twin's run its latents under ``noise``, as
+    ``sample_species`` does (:func:`~fastds.sampling.pipeline.species_latents`; the coupling
+    is fitted only when a rollout is sampled). The total's run is not a species: it keeps
+    the shared latents."""
+    from .sampling.pipeline import species_latents
     runs = [dataclasses.replace(case, variable=v).run for v in case.spec.species]
-    return {"latent_mix": species_latent_mix(runs, config.sample, days)[k]}
+    apply = species_latents(noise, runs, days, what="protocol: species_noise")
+    if not case.species or case.variable not in case.spec.species:
+        return lambda cfg: cfg
+    k = case.spec.species.index(case.variable)
+    return lambda cfg: apply(k, cfg)
 
 
 def _cross_species(case: _Case) -> tuple[list, list]:

@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_variable", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -39,6 +39,15 @@ def write_run_meta(run, store, config: Config):
         tmp.write_text(json.dumps(meta, indent=1))
     with atomic_path(run / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
+
+
+def run_store(run, what="sample") -> str:
+    """The store path a run was trained on (its ``run.json``); an error naming the file when
+    ``run`` is not a run folder."""
+    meta = Path(run) / "run.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{what}: {meta} is missing; is {run} a fastds run folder?")
+    return json.loads(meta.read_text())["store"]
 
 
 def run_variable(run) -> str | None:

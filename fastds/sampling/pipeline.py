@@ -21,7 +21,7 @@ from ..config import SampleConfig
 from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
-from ..runs import distill_settings, load_trained, run_config, run_variable, sample_settings
+from ..runs import distill_settings, load_trained, run_config, run_store, run_variable, sample_settings
 from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, inflate_residuals, member_draws,
                   spread_widening)
 from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
@@ -111,11 +111,11 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
     their sum onto the total's coarse cells (:func:`~fastds.sampling.consistency.to_total`),
     and the sum is written too, as ``total``. Without it each species keeps its own
     projection and nothing ties them."""
-    if noise not in SPECIES_NOISE:
-        raise ValueError(f"sample_species: noise must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
+    runs = [Path(r) for r in runs]
+    latents = species_latents(noise, runs, _days_of(start, end), data=kwargs.get("data"),
+                              device=kwargs.get("device", "cpu"), what="sample_species: noise")
     if noise == "coupled" and kwargs.get("model", "ddpm") not in ("ddpm", "distill"):
         noise = "shared"  # only a diffusion sampler draws x_T: nothing to couple (and no residual fit)
-    runs = [Path(r) for r in runs]
     names = [run_variable(r) for r in runs]
     if None in names:
         raise ValueError(f"sample_species: {runs[names.index(None)]} has no run.json naming its species; "
@@ -124,7 +124,7 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
     if twice:
         raise ValueError(f"sample_species: two runs are of {twice[0]}; give one run per species")
     parts = Path(out).with_name(Path(out).name + ".species") if out is not None else None
-    done, mix = [], None
+    done = []
     for k, (run, name) in enumerate(zip(runs, names)):
         sub = parts / (f"{name}.zarr" if is_zarr(out) else f"{name}.nc") if parts is not None else None
         if sub is not None and sub.exists() and (not is_zarr(sub) or _complete(sub)):
@@ -134,11 +134,7 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
         if noise != "shared":
             cfg = sample_settings(run, settings.pop("cfg", None),
                                   **{f: settings.pop(f) for f in list(settings) if f in _SAMPLE_FIELDS})
-            if noise == "coupled" and mix is None:
-                mix = species_latent_mix(runs, cfg, _days_of(start, end), data=kwargs.get("data"),
-                                         device=kwargs.get("device", "cpu"))
-            settings["cfg"] = (dataclasses.replace(cfg, seed=cfg.seed + SPECIES_SEED_STRIDE * k)
-                               if noise == "independent" else dataclasses.replace(cfg, latent_mix=mix[k]))
+            settings["cfg"] = latents(k, cfg)
         done.append(sample(run=run, start=start, end=end, out=sub, **settings))
     merged = xr.merge([d[[n]] for d, n in zip(done, names)], combine_attrs="drop_conflicts")
     merged.attrs["species"] = ",".join(names)
@@ -159,6 +155,26 @@ def _days_of(start, end):
     return pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="D")
 
 
+def species_latents(noise, runs, days, *, data=None, device="cpu", what="species noise"):
+    """How species k of ``runs`` draws its latents under ``noise`` (see :func:`sample_species`):
+    a function ``(k, cfg) -> cfg``. ``independent`` offsets the seed by the species' position;
+    ``coupled`` sets ``latent_mix`` from :func:`species_latent_mix`, fitted on first use (with
+    that call's settings) and kept for the other species; ``shared`` changes nothing."""
+    if noise not in SPECIES_NOISE:
+        raise ValueError(f"{what} must be one of {', '.join(SPECIES_NOISE)}, got {noise!r}")
+    mix = []
+
+    def apply(k, cfg: SampleConfig) -> SampleConfig:
+        if noise == "independent":
+            return dataclasses.replace(cfg, seed=cfg.seed + SPECIES_SEED_STRIDE * k)
+        if noise == "coupled":
+            if not mix:
+                mix.extend(species_latent_mix(runs, cfg, days, data=data, device=device))
+            return dataclasses.replace(cfg, latent_mix=mix[k])
+        return cfg
+    return apply
+
+
 def species_latent_mix(runs, cfg: SampleConfig, days, *, data=None, device="cpu") -> list[tuple]:
     """Latent weights that correlate separate species' samplers as their residuals correlate.
 
@@ -172,7 +188,7 @@ def species_latent_mix(runs, cfg: SampleConfig, days, *, data=None, device="cpu"
     banks = []
     for run in runs:
         variable = run_variable(run)
-        path = data or json.loads((Path(run) / "run.json").read_text())["store"]
+        path = data or run_store(run, "species_latent_mix")
         store = open_store(path, variable=variable)
         plain = dataclasses.replace(cfg, latent_mix=())
         banks.append(np.concatenate([null_stats(run, store, s, plain, data=data, device=device).bank.ravel()
@@ -189,13 +205,11 @@ def species_latent_mix(runs, cfg: SampleConfig, days, *, data=None, device="cpu"
 def _sum_to_total(merged, names, total, runs, data) -> xr.Dataset:
     """``merged``'s species scaled day by day to sum to ``total``'s coarse constraint (lazy,
     one day a task), with the sum added as ``total``."""
-    from ..data.species import cf_attrs
     from .consistency import to_total
     if total in names:
         raise ValueError(f"sample_species: total={total} is also one of the runs' species; the total is "
                          "their sum, not a run")
-    stores = {str(data)} if data is not None else {json.loads((Path(r) / "run.json").read_text())["store"]
-                                                   for r in runs}
+    stores = {str(data)} if data is not None else {run_store(r, "sample_species") for r in runs}
     if len(stores) > 1:
         raise ValueError(f"sample_species: the runs come from different stores ({', '.join(sorted(stores))}); "
                          "total= needs one store holding the species and their total")
@@ -213,7 +227,7 @@ def _sum_to_total(merged, names, total, runs, data) -> xr.Dataset:
     dims = merged[names[0]].dims
     for v in names:
         out[v] = fixed.sel(species=v, drop=True).transpose(*dims).assign_attrs(merged[v].attrs)
-    attrs = cf_attrs(total, **{k: store.attrs[k] for k in ("units", "long_name") if k in store.attrs})
+    attrs = store.attrs  # the total's units, long name and CF standard name
     attrs["long_name"] += f", the sum of the downscaled {', '.join(names)}"
     out[total] = fixed.sum("species").transpose(*dims).astype(np.float32).assign_attrs(attrs)
     out.attrs["total"] = total
@@ -282,10 +296,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
                                   progress=progress, unit_sampler=sample)
     _check(cfg, model)
     if data is None:
-        meta_path = run / "run.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"sample: {meta_path} is missing; is {run} a fastds run folder?")
-        data = json.loads(meta_path.read_text())["store"]
+        data = run_store(run)
     keep = _kept if worker else (lambda key, build: build())
     data = str(Path(data).resolve())
     variable = run_variable(run)

@@ -24,7 +24,6 @@ import xarray as xr
 
 from .._io import atomic_path
 from ..data.regions import season_of
-from ..data.species import cf_attrs
 from ..data.store import Store
 from .day import DayInputs
 from .downscalers import DayContext
@@ -91,8 +90,7 @@ def dataset(values, days, store: Store, members, attrs, member0=0) -> xr.Dataset
                               "lat": store.ds["lat"].values, "lon": store.ds["lon"].values})
     if members == 1 and member0 == 0:
         da = da.isel(member=0, drop=True)
-    src = store.attrs
-    da.attrs = cf_attrs(store.variable, units=src.get("units"), long_name=src.get("long_name"))
+    da.attrs = store.attrs  # the species' units, long name and CF standard name (a copy)
     da.attrs["long_name"] += ", downscaled by fastds"
     if attrs.get("antithetic") and "member" in da.dims:
         da.attrs["antithetic"] = 1  # members in ± pairs: evaluate scores them as such

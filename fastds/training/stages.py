@@ -116,7 +116,6 @@ def _distill_loss(teacher, config: Config):
     reaches if every earlier step returned x̂0 (x_T at τ_1, then √ᾱ x̂0 + √(1−ᾱ) ε̂ with ε̂ the
     noise x_T implies) and learns to predict x̂0 there (MSE on x0, whatever the network's
     parameterisation). A perfect student reproduces the teacher's sample from the same x_T."""
-    from ..runs import distill_settings
     from ..sampling.samplers import alpha_bar_for, make_plan, run_plan
     sc, d = config.sample, config.diffusion
     if int(config.train.distill_steps) < 1:
