@@ -15,10 +15,20 @@ conditioning cached; fp32), one member. Each other provider changes one factor o
 - ``shipped_ref_patches``: the reference geometry (tile 16, stride 2);
 - ``shipped_ddpm200``: 200 DDPM steps instead of 5 DDIM steps.
 
+The distilled student (``train --model distill``) is a DDPM network of the same shape sampled
+by deterministic DDIM with trailing spacing over ``train.distill_steps`` evaluations
+(``runs.distill_settings``): ``distill1`` / ``distill1_bf16`` / ``distill1_bf16_pair`` at one
+step. Ensembles as the protocol scores them (8 members, bf16): ``shipped_bf16_8`` and
+``distill1_bf16_8``. Networks are untrained and of the tiny preset's shapes: the time of a day
+does not depend on the weights.
+
 Every provider is timed ``FASTDS_E2E_ROUNDS`` times (default 5) after one warm-up day
 (a long reconstruction runs at the steady state); the summary prints median, min and IQR.
 The reference takes about 1.5 hours a day here and runs ``FASTDS_E2E_REF_ROUNDS`` times
-(default: the same 5) without a warm-up day; ``-k "not ref"`` leaves it out.
+(default: the same 5) without a warm-up day, last; to leave it out, name the other
+providers' test ids (``-k "not ref"`` would drop ``shipped_ref_patches`` too).
+``FASTDS_E2E_SLOW_ROUNDS`` (default: the same 5) sets the rounds of the two providers of
+several minutes a day (``SLOW``), also without a warm-up day.
 """
 import dataclasses
 import os
@@ -46,9 +56,11 @@ REF = SampleConfig(sampler="ddpm", steps=200, tile=16, halo=4, stride=2, batch=2
 FAST = dataclasses.replace(load_config("tiny").sample, members=1, precision="fp32")
 FAST_BF16 = dataclasses.replace(FAST, precision="bf16")
 FAST_BF16_10 = dataclasses.replace(FAST_BF16, steps=10)
+# the one-step student's sampler, as runs.distill_settings builds it
+STUDENT = dataclasses.replace(FAST, sampler="ddim", steps=1, spacing="trailing", eta=0.0)
+STUDENT_BF16 = dataclasses.replace(STUDENT, precision="bf16")
 # provider -> (sample config, members, conditioning cached)
 ABLATION = {
-    "ref": (REF, 1, False),
     "shipped": (FAST, 1, True),
     "shipped_bf16": (FAST_BF16, 1, True),
     "shipped_compile": (dataclasses.replace(FAST, compile=True), 1, True),
@@ -59,7 +71,17 @@ ABLATION = {
     "shipped_final": (dataclasses.replace(FAST, fusion="final"), 1, True),
     "shipped_ref_patches": (dataclasses.replace(FAST, tile=16, halo=4, stride=2), 1, True),
     "shipped_ddpm200": (dataclasses.replace(FAST, sampler="ddpm", steps=200), 1, True),
+    "shipped_bf16_8": (FAST_BF16, 8, True),
+    "distill1": (STUDENT, 1, True),
+    "distill1_bf16": (STUDENT_BF16, 1, True),
+    "distill1_bf16_pair": (STUDENT_BF16, 2, True),
+    "distill1_bf16_8": (STUDENT_BF16, 8, True),
+    "ref": (REF, 1, False),  # last: about 1.5 hours a round here
 }
+# providers of several minutes a day (the reference's patches, 200 steps): their own round
+# count, no warm-up day (a first call's set-up is under a second of several minutes)
+SLOW = {"shipped_ref_patches", "shipped_ddpm200"}
+SLOW_ROUNDS = int(os.environ.get("FASTDS_E2E_SLOW_ROUNDS", str(ROUNDS)))
 
 
 def _inputs(t_lag):
@@ -89,8 +111,8 @@ def test_seconds_per_day(benchmark, record, provider):
     benchmark.group = "seconds per downscaled Area-1 day (357x432), tiny model: ablation"
     benchmark.pedantic(lambda: downscale_day(model, inp, cfg=run, prediction=cfg.diffusion.prediction,
                                              members=members, cache_conditioning=cache),
-                       rounds=REF_ROUNDS if provider == "ref" else ROUNDS, iterations=1,
-                       warmup_rounds=0 if provider == "ref" else 1)
+                       rounds=REF_ROUNDS if provider == "ref" else SLOW_ROUNDS if provider in SLOW else ROUNDS,
+                       iterations=1, warmup_rounds=0 if provider == "ref" or provider in SLOW else 1)
     record(benchmark, benchmark.group, provider, items=1, unit="days", peer=provider == "ref")
 
 

@@ -96,3 +96,21 @@ def test_the_student_samples_on_its_own_grid_through_the_rollout(distilled):
     t = sample(run=run, **{**kw, "model": "ddpm"})["DUEXTTAU"].values
     assert not np.allclose(v, t)
     assert distill_settings(config.sample, config).steps == 2
+
+
+def test_recalibrate_refits_the_student_with_its_own_sampler(distilled):
+    """``recalibrate(model="distill")`` refits the student's widening with the student's
+    grid and leaves the teacher's calibration alone; a non-diffusion model is refused."""
+    from fastds.training.stages import recalibrate
+    run, config, _ = distilled
+    teacher_cal = load_checkpoint(season_dir(run, 3) / "ddpm.best.pt")["calibration"]
+    before = load_checkpoint(season_dir(run, 3) / "distill.best.pt")["calibration"]
+    out = recalibrate(run, season=3, model="distill")
+    after = load_checkpoint(season_dir(run, 3) / "distill.best.pt")["calibration"]
+    assert after["sampler"]["sampler"] == "ddim" and after["sampler"]["steps"] == 2
+    assert out[3]["inflation"] == pytest.approx(after["inflation"])
+    # the same student, data and seeds: the refit reproduces the fit made at training time
+    assert after["inflation"] == pytest.approx(before["inflation"])
+    assert load_checkpoint(season_dir(run, 3) / "ddpm.best.pt")["calibration"] == teacher_cal
+    with pytest.raises(ValueError, match="model='unet'"):
+        recalibrate(run, season=3, model="unet")

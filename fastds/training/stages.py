@@ -449,20 +449,24 @@ def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS, kind="ddpm"
     return distill_settings(cfg, config) if kind == "distill" else cfg
 
 
-def recalibrate(run, *, season=None, device="cpu") -> dict:
-    """Re-run :func:`calibrate_spread` on a trained run's DDPM (each season, or ``season``)
-    with the run's saved config, without retraining: {season: calibration}."""
+def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
+    """Re-run :func:`calibrate_spread` on a trained run's DDPM, or its distilled student
+    (``model="distill"``, with the student's own sampler), for each season or ``season``, with
+    the run's saved config and without retraining: {season: calibration}."""
+    if model not in ("ddpm", "distill"):
+        raise ValueError(f"recalibrate: model={model!r}: only a diffusion model is widened "
+                         "('ddpm' or 'distill')")
     run = Path(run)
     meta = json.loads((run / "run.json").read_text())
     config = config_from_toml((run / "config.toml").read_text())
     store = open_store(meta["store"], variable=meta.get("variable"))
     out = {}
     for s in _seasons(store, config, season):
-        best = season_dir(run, s) / "ddpm.best.pt"
+        best = season_dir(run, s) / f"{model}.best.pt"
         if not best.exists():
-            raise FileNotFoundError(f"recalibrate: {best} is missing: run `fastds train --model ddpm` first")
+            raise FileNotFoundError(f"recalibrate: {best} is missing: run `fastds train --model {model}` first")
         train_set, val_set = training_sets(store, s, config)
-        out[s] = calibrate_spread(best, train_set, val_set, config, device)
+        out[s] = calibrate_spread(best, train_set, val_set, config, device, kind=model)
     return out
 
 
