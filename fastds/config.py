@@ -98,7 +98,13 @@ class TrainConfig:
     distill_steps: int = 1        # train --model distill: the student's network evaluations per
                                   # sample (DDIM, trailing spacing, deterministic), trained to end
                                   # where the run's DDPM sampler ends from the same latents
-    distill_epochs: int = 0       # the student's epochs (0: train.epochs)
+    distill_epochs: int = 0       # the student's epochs (0: train.epochs); per round, progressive
+    distill_method: str = "trajectory"  # "trajectory": the student learns the run's sampler's
+                                  # sample from the same latents (one training); "progressive"
+                                  # (Salimans & Ho 2022): rounds that each halve a DDIM grid,
+                                  # from distill_teacher_steps down to distill_steps
+    distill_teacher_steps: int = 8  # progressive: the DDPM's DDIM steps the first round halves
+                                  # (distill_steps x a power of 2)
     lr: float = 1e-4
     weight_decay: float = 1e-4    # AdamW, trainable parameters only (Eq. 3)
     batch: int = 64

@@ -120,7 +120,7 @@ def model_for(kind, config: Config, run, season):
     tcfg = config.train
     transfer_widths = config.pretrain.widths if tcfg.transfer else None
     torch.manual_seed(tcfg.seed)
-    kind = "ddpm" if kind == "distill" else kind
+    kind = "ddpm" if kind.startswith("distill") else kind  # a student, or a progressive round's
     model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
                         transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
                         prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,

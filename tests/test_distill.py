@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastds.runs import distill_settings, load_checkpoint, load_trained, season_dir
-from fastds.training.stages import _distill_loss, training_sets
+from fastds.training.distill import trajectory_loss as _distill_loss
+from fastds.training.stages import training_sets
 
 
 def _batch(trained_run, store_path, config, n=8):
@@ -114,3 +115,74 @@ def test_recalibrate_refits_the_student_with_its_own_sampler(distilled):
     assert load_checkpoint(season_dir(run, 3) / "ddpm.best.pt")["calibration"] == teacher_cal
     with pytest.raises(ValueError, match="model='unet'"):
         recalibrate(run, season=3, model="unet")
+
+
+def test_progressive_rounds_halve_the_grid_down_to_the_student(tiny_config):
+    from fastds.training.distill import distill_rounds
+
+    def rounds(first, steps):
+        return distill_rounds(dataclasses.replace(tiny_config, train=dataclasses.replace(
+            tiny_config.train, distill_teacher_steps=first, distill_steps=steps)))
+    assert rounds(8, 1) == [(8, 4), (4, 2), (2, 1)]
+    assert rounds(8, 2) == [(8, 4), (4, 2)]
+    assert rounds(2, 1) == [(2, 1)]
+    for first, steps in ((6, 1), (1, 1), (8, 8), (12, 4)):
+        with pytest.raises(ValueError, match="distill_teacher_steps"):
+            rounds(first, steps)
+    with pytest.raises(ValueError, match="distill_steps must be >= 1"):
+        rounds(8, 0)
+
+
+def test_progressive_target_is_where_one_student_step_meets_two_teacher_steps():
+    """The target x̃ puts the student's one deterministic DDIM step (t -> end) exactly where
+    the teacher's two (t -> mid -> end) land, for any teacher; a teacher whose x̂0 is the same
+    everywhere is its own one-step student (x̃ = that x̂0)."""
+    from fastds.training.distill import _ddim, progressive_target
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 1, 6, 7, generator=g, dtype=torch.float64)
+    ab_t = torch.tensor([0.01, 0.2, 0.5, 1e-4, 0.3], dtype=torch.float64).view(-1, 1, 1, 1)
+    ab_mid = torch.tensor([0.3, 0.5, 0.8, 0.2, 0.6], dtype=torch.float64).view(-1, 1, 1, 1)
+    ab_end = torch.tensor([0.7, 1.0, 0.95, 1.0, 0.9], dtype=torch.float64).view(-1, 1, 1, 1)
+
+    def teacher(x, which):  # any nonlinear x̂0, different at the two times
+        return torch.tanh(x) * 0.5 + 0.1 * which + 0.2 * x ** 2
+
+    target = progressive_target(teacher, z, ab_t, ab_mid, ab_end)
+    mid = _ddim(z, teacher(z, 0), ab_t, ab_mid)
+    two_steps = _ddim(mid, teacher(mid, 1), ab_mid, ab_end)
+    torch.testing.assert_close(_ddim(z, target, ab_t, ab_end), two_steps, rtol=1e-9, atol=1e-9)
+    c = torch.randn(5, 1, 6, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(progressive_target(lambda x, i: c, z, ab_t, ab_mid, ab_end), c,
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_progressive_distillation_trains_round_by_round(trained_run, store_path, tiny_config, tmp_path):
+    """``distill_method="progressive"``: the DDPM on 4 DDIM steps, a 2-step round
+    (``distill-r0``), then the 1-step student (``distill``) from it; each round starts from its
+    teacher and keeps the DDPM's frozen parts; the student samples on its own grid."""
+    from fastds.sampling.pipeline import sample
+    from fastds.training.stages import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = dataclasses.replace(tiny_config, train=dataclasses.replace(
+        tiny_config.train, distill_method="progressive", distill_teacher_steps=4, distill_steps=1,
+        distill_epochs=1))
+    train(data=store_path, run=run, config=config, model="distill", progress=False)
+    r0 = load_checkpoint(season_dir(run, 3) / "distill-r0.best.pt")
+    final = load_checkpoint(season_dir(run, 3) / "distill.best.pt")
+    assert r0["kind"] == "distill-r0" and final["kind"] == "distill"
+    assert final["calibration"]["sampler"]["steps"] == 1
+    teacher, _ = load_trained(run, 3, "ddpm")
+    middle, _ = load_trained(run, 3, "distill-r0")
+    student, _ = load_trained(run, 3, "distill")
+    ts, ms, ss = teacher.state_dict(), middle.state_dict(), student.state_dict()
+    frozen = [k for k in ts if k.startswith(("transfer.", "regression.")) or k == "regression_scale"]
+    assert frozen and all(torch.equal(ts[k], ss[k]) and torch.equal(ts[k], ms[k]) for k in frozen)
+    nets = [k for k in ts if k.startswith("net.")]
+    assert any(not torch.equal(ts[k], ms[k]) for k in nets) and any(not torch.equal(ms[k], ss[k]) for k in nets)
+    v = sample(run=run, start="2005-08-20", end="2005-08-20", members=2, mode="lenient",
+               model="distill")["DUEXTTAU"].values
+    assert np.isfinite(v).all() and (v > 0).all()
+    with pytest.raises(ValueError, match="train.distill_method"):
+        train(data=store_path, run=run, progress=False, model="distill", config=dataclasses.replace(
+            config, train=dataclasses.replace(config.train, distill_method="consistency")))

@@ -25,6 +25,7 @@ from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained, model_for,
                     run_variable, season_dir, write_run_meta)
+from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 
 __all__ = ["pretrain", "train", "default_chain", "season_dir", "load_trained", "fine_days"]
@@ -41,7 +42,7 @@ def _model_settings(model, tc) -> dict:
     """What differs per model in Stage C: only the DDPM keeps an EMA, and it may train longer."""
     if tc.ddpm_epoch_factor < 1:
         raise ValueError(f"train.ddpm_epoch_factor must be >= 1, got {tc.ddpm_epoch_factor}")
-    if model == "distill":
+    if model.startswith("distill"):  # a student, or a progressive round's
         return {"ema": tc.ema, "epochs": tc.distill_epochs or tc.epochs}
     if model != "ddpm":
         return {"ema": 0.0}
@@ -89,62 +90,39 @@ def pretrain(*, data, run, config: Config, season=None, resume=False, progress=T
     return out
 
 
-def _network_and_loss(model, config: Config, run, season, train_set, val_set, device):
+def _network_and_loss(model, config: Config, run, season, train_set, val_set, device, fit_round=None):
     """The network ``train`` fits and its loss: a fresh one (the CorrDiff DDPM with its U-Net
-    mean attached), or, for ``"distill"``, a student started from the run's trained DDPM."""
-    if model == "distill":
-        teacher, _ = load_trained(run, season, "ddpm", device=device)
-        student = model_for("distill", config, run, season)
-        # the teacher's EMA weights, mean, residual scale and widening: the student diffuses
-        # the same residual, so all but its network stay as the teacher had them
-        student.load_state_dict(teacher.state_dict())
-        student.anchor = teacher.anchor
-        return student, _distill_loss(teacher, config)
-    net = model_for(model, config, run, season)
-    if net.regression is not None:
-        _attach_regression(net, run, season, train_set, config, val_set)
-    return net, _loss_for(model, config)
+    mean attached), or, for ``"distill"``, a student started from its teacher: the run's
+    trained DDPM, or with ``train.distill_method = "progressive"`` the student of the
+    previous round, each round but the last fitted here by ``fit_round(kind, net, loss)``
+    (checkpoints ``distill-r{i}``, resumable like any fit)."""
+    if model != "distill":
+        net = model_for(model, config, run, season)
+        if net.regression is not None:
+            _attach_regression(net, run, season, train_set, config, val_set)
+        return net, _loss_for(model, config)
+    method = config.train.distill_method
+    if method not in DISTILL_METHODS:
+        raise ValueError(f"train.distill_method must be one of {', '.join(DISTILL_METHODS)}, got {method!r}")
+    teacher, _ = load_trained(run, season, "ddpm", device=device)
+    rounds = distill_rounds(config) if method == "progressive" else []
+    for i, (steps, _) in enumerate(rounds[:-1]):
+        student = _student_of(teacher, config, run, season)
+        fit_round(f"distill-r{i}", student, progressive_loss(teacher, config, steps))
+        teacher, _ = load_trained(run, season, f"distill-r{i}", device=device)
+    student = _student_of(teacher, config, run, season)
+    if rounds:
+        return student, progressive_loss(teacher, config, rounds[-1][0])
+    return student, trajectory_loss(teacher, config)
 
 
-def _distill_loss(teacher, config: Config):
-    """Trajectory distillation of the run's DDPM sampler into ``train.distill_steps`` network
-    evaluations (Luhman & Luhman 2021, multistep on the student's DDIM grid).
-
-    Per batch: latents x_T, the teacher's sample x̂0 from them with the run's sampler (its
-    ``[sample]`` sampler, steps and spacing; no gradient); then the student, at each time τ_k
-    of its grid (trailing spacing), sees the point its own deterministic DDIM trajectory
-    reaches if every earlier step returned x̂0 (x_T at τ_1, then √ᾱ x̂0 + √(1−ᾱ) ε̂ with ε̂ the
-    noise x_T implies) and learns to predict x̂0 there (MSE on x0, whatever the network's
-    parameterisation). A perfect student reproduces the teacher's sample from the same x_T."""
-    from ..sampling.samplers import alpha_bar_for, make_plan, run_plan
-    sc, d = config.sample, config.diffusion
-    if int(config.train.distill_steps) < 1:
-        raise ValueError(f"train.distill_steps must be >= 1, got {config.train.distill_steps}")
-    teacher_plan = make_plan(sc.sampler, T=d.T, steps=sc.steps, prediction=d.prediction, eta=sc.eta,
-                             spacing=sc.spacing)
-    st = distill_settings(sc, config)
-    taus = make_plan(st.sampler, T=d.T, steps=st.steps, prediction=d.prediction, eta=0.0,
-                     spacing=st.spacing).timesteps
-    ab = alpha_bar_for(d.T)
-    diffusion = Diffusion(d.T, d.prediction, d.schedule)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def distill(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-        x_T = torch.randn(b["target"].shape, generator=gen, device="cpu", dtype=cond.dtype).to(cond.device)
-        with torch.no_grad():
-            noise = torch.Generator(device=cond.device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
-            x0 = run_plan(teacher, x_T, teacher_plan, cond=cond.detach(), generator=noise, clip=sc.clip or None)
-            eps = (x_T - float(np.sqrt(ab[taus[0]])) * x0) / float(np.sqrt(1 - ab[taus[0]]))
-        loss = 0.0
-        for k, tau in enumerate(taus):
-            x = x_T if k == 0 else float(np.sqrt(ab[tau])) * x0 + float(np.sqrt(1 - ab[tau])) * eps
-            t = torch.full((x.shape[0],), int(tau), dtype=torch.long, device=x.device)
-            pred = diffusion.predict_x0(m(x, t, cond), x, t)
-            loss = loss + torch.mean((pred.float() - x0.float()) ** 2) / len(taus)
-        return loss
-    return distill
+def _student_of(teacher, config: Config, run, season):
+    """A student started from its teacher: the EMA weights, mean, residual scale and widening
+    (the student diffuses the same residual, so all but its network stay the teacher's)."""
+    student = model_for("distill", config, run, season)
+    student.load_state_dict(teacher.state_dict())
+    student.anchor = teacher.anchor
+    return student
 
 
 def _attach_regression(model, run, season, train_set, config: Config, val_set=None):
@@ -565,7 +543,21 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             # sized from the errors a rollout will feed back (after set_alternative, so the
             # U-Net's when it is the pushforward source)
             lag_noise = train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
-        net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device)
+        def fit_as(kind, net, loss_fn, select=None, s=s, train_set=train_set, val_set=val_set,
+                   lag_noise=lag_noise):
+            ckpt = season_dir(run, s) / f"{kind}.pt"
+            return ckpt, fit(
+                net, loss_fn, train_set, val_set,
+                settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(kind, tc)),
+                ckpt_path=ckpt,
+                extra_state={"kind": kind, "season": s, "config": to_toml(config),
+                             "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
+                             "anchor": train_set.anchor.to_dict() if train_set.anchor else None,
+                             "lag_noise": float(lag_noise)},
+                resume=resume, progress=progress, device=device, on_step=on_step,
+                desc=f"train {kind} season {s}", select=select)
+
+        net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device, fit_round=fit_as)
         select = None
         if tc.select not in ("loss", "rollout"):
             raise ValueError(f"train.select must be 'loss' or 'rollout', got {tc.select!r}")
@@ -575,16 +567,7 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
             def rollout_select(m, fd=train_set, val_days=val_set.days):  # lower is better
                 return -rollout_score(m, fd, val_days, config, device)
             select = rollout_select
-        ckpt = season_dir(run, s) / f"{model}.pt"
-        done = fit(net, loss_fn, train_set, val_set,
-            settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(model, tc)),
-            ckpt_path=ckpt,
-            extra_state={"kind": model, "season": s, "config": to_toml(config),
-                         "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
-                         "anchor": train_set.anchor.to_dict() if train_set.anchor else None,
-                         "lag_noise": float(lag_noise)},
-            resume=resume, progress=progress, device=device, on_step=on_step,
-            desc=f"train {model} season {s}", select=select)
+        ckpt, done = fit_as(model, net, loss_fn, select)
         best = ckpt.with_suffix(".best.pt")
         # a resumed run that had finished keeps its calibration (recalibrate() refits one)
         calibrated = done.get("already_done") and load_checkpoint(best).get("calibration") is not None
