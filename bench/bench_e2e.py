@@ -15,6 +15,10 @@ conditioning cached; fp32), one member. Each other provider changes one factor o
 - ``shipped_ref_patches``: the reference geometry (tile 16, stride 2);
 - ``shipped_ddpm200``: 200 DDPM steps instead of 5 DDIM steps.
 
+``ref_10steps`` and ``ref_20steps``: the reference's whole day with 10 and 20 of its 200
+steps (each step is the same work, so the day is linear in steps: a line through the two
+gives the 200-step day where an hour and a half is not available).
+
 The distilled student (``train --model distill``) is a DDPM network of the same shape sampled
 by deterministic DDIM with trailing spacing over ``train.distill_steps`` evaluations
 (``runs.distill_settings``): ``distill1`` / ``distill1_bf16`` / ``distill1_bf16_pair`` at one
@@ -76,11 +80,16 @@ ABLATION = {
     "distill1_bf16": (STUDENT_BF16, 1, True),
     "distill1_bf16_pair": (STUDENT_BF16, 2, True),
     "distill1_bf16_8": (STUDENT_BF16, 8, True),
+    # the reference's whole day at 10 and 20 of its 200 steps: every step does the same work
+    # (all 35,948 patches through the network and the conditioning), so the day is linear in
+    # the steps; the two give its slope and intercept when the full day cannot be timed
+    "ref_10steps": (dataclasses.replace(REF, steps=10), 1, False),
+    "ref_20steps": (dataclasses.replace(REF, steps=20), 1, False),
     "ref": (REF, 1, False),  # last: about 1.5 hours a round here
 }
 # providers of several minutes a day (the reference's patches, 200 steps): their own round
 # count, no warm-up day (a first call's set-up is under a second of several minutes)
-SLOW = {"shipped_ref_patches", "shipped_ddpm200"}
+SLOW = {"shipped_ref_patches", "shipped_ddpm200", "ref_10steps", "ref_20steps"}
 SLOW_ROUNDS = int(os.environ.get("FASTDS_E2E_SLOW_ROUNDS", str(ROUNDS)))
 
 
