@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["pool", "pool_cells", "fair_crps", "energy_score", "variogram_score", "tw_crps",
            "brier", "fss", "power_spectrum_ratio", "ralsd", "spread_error_by_bin",
-           "day_scores_ensemble", "VARIOGRAM_PIXELS"]
+           "independent_sets", "day_scores_ensemble", "VARIOGRAM_PIXELS"]
 
 VARIOGRAM_PIXELS = 800  # the variogram score is O(M·D²): unpooled fields use this many pixels
 
@@ -131,46 +131,71 @@ def ralsd(field, truth, *, cell_px=8):
     return float(np.sqrt(np.mean((10 * np.log10(pf[fine] / pt[fine])) ** 2)))
 
 
-def spread_error_by_bin(ens, obs, by, *, bins=5):
+def spread_error_by_bin(ens, obs, by, *, bins=5, pairs=False):
     """Spread-error reliability: pixels binned by the quantiles of ``by`` (e.g. the
-    interpolated coarse field), per bin the ensemble's spread sqrt(mean variance · (M+1)/M)
-    over the RMSE of its mean. ens (M, ...), obs and by (...) -> (bins,) ratios (1 is
-    reliable; it should hold in every bin, not only on average)."""
-    M = ens.shape[0]
+    interpolated coarse field), per bin the spread a calibrated ensemble's mean would have
+    (:func:`~fastds.metrics.ensemble.calibrated_variance`: (M+1)/M · mean variance, or its
+    antithetic-pair form with ``pairs``) over the RMSE of its mean. ens (M, ...), obs and by
+    (...) -> (bins,) ratios (1 is reliable; it should hold in every bin, not only on average)."""
+    from .ensemble import calibrated_variance
     edges = np.quantile(by, np.linspace(0, 1, bins + 1))
     which = np.clip(np.digitize(by, edges[1:-1]), 0, bins - 1)
-    var, err = ens.var(axis=0, ddof=1), (ens.mean(axis=0) - obs) ** 2
+    err = (ens.mean(axis=0) - obs) ** 2
     out = np.full(bins, np.nan)
     for b in range(bins):
         m = which == b
         if m.any():
-            out[b] = np.sqrt((M + 1) / M * var[m].mean()) / np.sqrt(err[m].mean())
+            out[b] = np.sqrt(calibrated_variance(ens[:, m], pairs=pairs)) / np.sqrt(err[m].mean())
     return out
 
 
+def independent_sets(ens, pairs=False):
+    """The ensemble's sets of independent members: [ens] for independent members; for
+    antithetic pairs (members (0, 1), (2, 3), ... negatively correlated, ``sample.antithetic``)
+    the even and the odd members, each independent. A fair estimator is unbiased on each
+    set, not on the pairs together: the pairs' negative correlation widens the members'
+    mutual distances and would lower a fair CRPS or energy score by about a twentieth at
+    M = 8 (``tests/test_proper_scores.py``). ens (M, ...) -> list of (M', ...)."""
+    if not pairs:
+        return [ens]
+    if ens.shape[0] < 4 or ens.shape[0] % 2:
+        raise ValueError(f"pairs=True needs an even number of members >= 4, got {ens.shape[0]}")
+    return [ens[0::2], ens[1::2]]
+
+
 def day_scores_ensemble(ens, obs, *, thresholds, cells=None, pools=(1, 4, 16), by=None,
-                        cell_px=8, fss_window=5, seed=0):
+                        cell_px=8, fss_window=5, seed=0, pairs=False):
     """Every proper score of one day, on log10 fields: ens (M, H, W), obs (H, W) -> dict of
     floats. ``thresholds`` {"q90": t, "q99": t} in log10 (the truth's percentiles over the
     evaluated days); ``cells`` (iy (H,), ix (W,)) adds the coarse-cell pooling; ``by`` (H, W)
     adds spread-error by its quintiles (``spread_error_q1..q5``). Unpooled variogram scores
-    use a fixed random subset of :data:`VARIOGRAM_PIXELS` pixels (``seed``)."""
+    use a fixed random subset of :data:`VARIOGRAM_PIXELS` pixels (``seed``). ``pairs``: the
+    members are antithetic pairs; the fair CRPS, energy score and twCRPS are then the mean of
+    their values on the even and on the odd members (:func:`independent_sets`), and the
+    spread the pairs' calibrated form (the variogram and Brier scores have no cross-member
+    term and score every member either way)."""
+    from .ensemble import calibrated_variance
     ens, obs = np.asarray(ens, float), np.asarray(obs, float)
-    out = {"crps_fair": float(fair_crps(ens, obs).mean())}
+    sets = independent_sets(ens, pairs)
+
+    def fair(score, *args):  # a fair score, over the independent sets
+        return float(np.mean([np.mean(score(e, *args)) for e in sets]))
+
+    out = {"crps_fair": fair(fair_crps, obs)}
     for k in pools:
-        e, o = pool(ens, k), pool(obs, k)
-        e2, o2 = e.reshape(e.shape[0], -1), o.ravel()
-        out[f"energy_p{k}"] = energy_score(e2, o2)
+        o2 = pool(obs, k).ravel()
+        out[f"energy_p{k}"] = fair(lambda e: energy_score(pool(e, k).reshape(e.shape[0], -1), o2))
+        e2 = pool(ens, k).reshape(ens.shape[0], -1)
         if o2.size > VARIOGRAM_PIXELS:
             pick = np.random.default_rng(seed).choice(o2.size, VARIOGRAM_PIXELS, replace=False)
             e2, o2 = e2[:, pick], o2[pick]
         out[f"variogram_p{k}"] = variogram_score(e2, o2)
     if cells is not None:
-        e, o = pool_cells(ens, *cells), pool_cells(obs, *cells)
-        out["energy_cell"] = energy_score(e, o)
-        out["variogram_cell"] = variogram_score(e, o)
+        o = pool_cells(obs, *cells)
+        out["energy_cell"] = fair(lambda e: energy_score(pool_cells(e, *cells), o))
+        out["variogram_cell"] = variogram_score(pool_cells(ens, *cells), o)
     for name, t in thresholds.items():
-        out[f"twcrps_{name}"] = float(tw_crps(ens, obs, t).mean())
+        out[f"twcrps_{name}"] = fair(tw_crps, obs, t)
         out[f"brier_{name}"] = float(brier(ens, obs, t).mean())
         out[f"fss_{name}"] = fss(ens[0], obs, t, fss_window)
     ratio = power_spectrum_ratio(ens[0], obs, cell_px=cell_px)
@@ -181,11 +206,9 @@ def day_scores_ensemble(ens, obs, *, thresholds, cells=None, pools=(1, 4, 16), b
     out["mae_mean"] = float(np.abs(mean - obs).mean())
     out["bias_mean"] = float((mean - obs).mean())
     out["r2_mean"] = float(np.corrcoef(mean.ravel(), obs.ravel())[0, 1] ** 2)
-    M = ens.shape[0]
-    if M > 1:
-        out["spread_skill"] = float(np.sqrt((M + 1) / M * ens.var(axis=0, ddof=1).mean())
-                                    / max(out["rmse_mean"], 1e-12))
+    if ens.shape[0] > 1:
+        out["spread_skill"] = float(np.sqrt(calibrated_variance(ens, pairs=pairs)) / max(out["rmse_mean"], 1e-12))
         if by is not None:
-            for i, r in enumerate(spread_error_by_bin(ens, obs, by)):
+            for i, r in enumerate(spread_error_by_bin(ens, obs, by, pairs=pairs)):
                 out[f"spread_error_q{i + 1}"] = float(r)
     return out
