@@ -77,6 +77,16 @@ def test_null_models_sample_like_the_unet(trained_run, store_path):
         resid = got - (unet - stats.bias)
         assert resid.std() == pytest.approx(stats.sd, rel=0.15), kind
         assert not np.allclose(got[:, 0], got[:, 1]), "members differ"
+        # antithetic pairs (the default, as the DDPM's): the odd member adds the negated field
+        assert cfg.antithetic
+        np.testing.assert_allclose(resid[:, 1], -resid[:, 0], atol=1e-4)
+        np.testing.assert_allclose(resid[:, 3], -resid[:, 2], atol=1e-4)
+        assert not np.allclose(resid[:, 2], resid[:, 0])
+        # independent members: member 0 draws the same, member 1 a field of its own
+        ind = np.log10(sample(run=trained_run, start=days[0], end=days[-1], model=kind,
+                              cfg=dataclasses.replace(cfg, antithetic=False), progress=False)["DUEXTTAU"].values)
+        np.testing.assert_allclose(ind[:, 0], got[:, 0], atol=1e-6)
+        assert not np.allclose(ind[:, 1] - (unet[:, 1] - stats.bias), -resid[:, 0], atol=1e-3)
 
 
 def test_null_without_a_unet_says_which_command(tmp_path, trained_run):

@@ -363,6 +363,12 @@ def spread_widening(model, cfg: SampleConfig):
     return alpha, gains
 
 
+def member_draw(member: int, *, antithetic=False) -> tuple[int, float]:
+    """(draw, sign) of a member: its own draw, or with ``antithetic`` its pair's (members
+    (0, 1), (2, 3), ...), negated for the odd one."""
+    return (member // 2, -1.0 if member % 2 else 1.0) if antithetic else (member, 1.0)
+
+
 def member_draws(seed, day_key, member0, members, *, antithetic=False, device="cpu"):
     """Each member's latent generator and sign: ([torch.Generator], [±1.0]).
 
@@ -374,8 +380,7 @@ def member_draws(seed, day_key, member0, members, *, antithetic=False, device="c
     """
     gens, signs = [], []
     for k in range(members):
-        m = int(member0) + k
-        draw, sign = (m // 2, -1.0 if m % 2 else 1.0) if antithetic else (m, 1.0)
+        draw, sign = member_draw(int(member0) + k, antithetic=antithetic)
         gens.append(torch.Generator(device=device).manual_seed(
             int(seed) * 1_000_003 + draw * 10_007 + int(day_key)))
         signs.append(sign)

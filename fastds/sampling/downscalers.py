@@ -27,7 +27,7 @@ from ..data.store import Store
 from ..data.transforms import align_index, upsample
 from ..models.blocks import set_kernel_backend
 from ..runs import distill_settings, fine_days, load_trained, run_config
-from .day import DayInputs, downscale_day
+from .day import DayInputs, downscale_day, member_draw
 from .nulls import NullStats, draw_null, null_rng
 
 __all__ = ["Season", "DayContext", "Network", "Null", "Interp", "Clim", "Anchor", "interp_field"]
@@ -107,7 +107,9 @@ class Network:
 class Null:
     """A null ensemble (``unet+iid``, ``unet+grf``, ``unet+resample``): the U-Net's days, in
     log10 with its validation bias removed, plus one residual field per member drawn with the
-    statistics ``stats_for(season)`` returns (fitted once per season)."""
+    statistics ``stats_for(season)`` returns (fitted once per season). With
+    ``sample.antithetic`` the members come in pairs as the DDPM's do (the odd member adds the
+    negated field of its pair), so both ensembles' means average their noise alike."""
     needs_lags = True
 
     def __init__(self, kind, unet: Network, stats_for):
@@ -125,8 +127,9 @@ class Null:
         stats = self.stats[s]
         logs = np.log10(np.maximum(values, 1e-6)) - stats.bias
         for k in range(len(logs)):
-            logs[k] += draw_null(self.kind, stats, logs.shape[1:],
-                                 null_rng(self.unet.cfg.seed, ctx.member0 + k, ctx.day_key, self.kind))
+            draw, sign = member_draw(ctx.member0 + k, antithetic=self.unet.cfg.antithetic)
+            logs[k] += sign * draw_null(self.kind, stats, logs.shape[1:],
+                                        null_rng(self.unet.cfg.seed, draw, ctx.day_key, self.kind))
         return (10.0 ** logs).astype(np.float32)
 
 
