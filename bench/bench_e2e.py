@@ -28,7 +28,8 @@ does not depend on the weights.
 
 Every provider is timed ``FASTDS_E2E_ROUNDS`` times (default 5) after one warm-up day
 (a long reconstruction runs at the steady state); the summary prints median, min and IQR.
-The reference takes about 1.5 hours a day here and runs ``FASTDS_E2E_REF_ROUNDS`` times
+The reference takes about an hour a day here (3,340 s from its whole day at 10 and 20
+steps, ``ref_10steps``/``ref_20steps``) and runs ``FASTDS_E2E_REF_ROUNDS`` times
 (default: the same 5) without a warm-up day, last; to leave it out, name the other
 providers' test ids (``-k "not ref"`` would drop ``shipped_ref_patches`` too).
 ``FASTDS_E2E_SLOW_ROUNDS`` (default: the same 5) sets the rounds of the two providers of
@@ -85,7 +86,7 @@ ABLATION = {
     # the steps; the two give its slope and intercept when the full day cannot be timed
     "ref_10steps": (dataclasses.replace(REF, steps=10), 1, False),
     "ref_20steps": (dataclasses.replace(REF, steps=20), 1, False),
-    "ref": (REF, 1, False),  # last: about 1.5 hours a round here
+    "ref": (REF, 1, False),  # last: about an hour a round here
 }
 # providers of several minutes a day (the reference's patches, 200 steps): their own round
 # count, no warm-up day (a first call's set-up is under a second of several minutes)
