@@ -121,11 +121,12 @@ def format_leads(lt: pd.DataFrame, metric="r2") -> str:
 
 def _ensemble_entry(p, t):
     """Ensemble statistics of (time, member, lat, lon) against (time, lat, lon); members in
-    antithetic pairs (the sample's ``antithetic`` attribute) get the pair-aware spread/skill."""
+    antithetic pairs (the sample's ``antithetic`` attribute) get the pair-aware CRPS and
+    spread/skill."""
     pairs = bool(p.attrs.get("antithetic", 0)) and p.sizes["member"] >= 4 and p.sizes["member"] % 2 == 0
     lp, lt = _log(p.transpose("time", "member", ...).values), _log(t.transpose("time", ...).values)
     sd_ratio = [np.nanstd(lp[i, 0]) / np.nanstd(lt[i]) for i in range(lt.shape[0])]
-    c = crps(p, t)
+    c = crps(p, t, pairs=pairs)
     return {"members": int(p.sizes["member"]), "crps": c.tolist(), "crps_mean": float(np.mean(c)),
             "spread_skill": float(spread_skill(p, t, pairs=pairs)), "antithetic": pairs,
             "rank_histogram": rank_histogram(p, t).tolist(),

@@ -166,3 +166,29 @@ def test_rollout_drift_sees_a_trend_without_truth():
     z = rollout_drift(pred, "2007-04-30", reference=ref_may)
     assert z["sd_z"].iloc[-1] > 3 > abs(z["sd_z"].iloc[0])
     assert np.isnan(rollout_drift(pred, "2007-04-30", reference=ref)["sd_z"]).all()
+
+
+def test_crps_of_antithetic_pairs_leaves_out_their_own_distances(rng):
+    """Brute force: with ``pairs`` the spread term is (M-1)/M times the mean distance over
+    members of different pairs. On pairs ± z around the truth's mean (N(0, 1) in log10) it
+    has the expectation of M independent members' CRPS, 1.128 (1 - (M-1)/(2M)) = 0.635 at
+    M = 8; scored as independent members the pairs read about 0.60."""
+    T, M, H, W = 3, 8, 60, 60
+    z = rng.normal(size=(T, M // 2, H, W))
+    logp = np.stack([s * z[:, k] for k in range(M // 2) for s in (1, -1)], axis=1)
+    logt = rng.normal(size=(T, H, W))
+    p, t = _da(10 ** logp, member=True), _da(10 ** logt)
+    got = crps(p, t, pairs=True)
+    d = np.abs(logp[:, :, None] - logp[:, None])           # (T, M, M, H, W)
+    cross = np.ones((M, M), bool)
+    np.fill_diagonal(cross, False)
+    for k in range(0, M, 2):
+        cross[k, k + 1] = cross[k + 1, k] = False
+    brute = (np.abs(logp - logt[:, None]).mean(1)
+             - 0.5 * (M - 1) / M * d[:, cross].mean(1)).mean((1, 2))
+    np.testing.assert_allclose(got, brute, rtol=1e-10)
+    want = 2 / np.sqrt(np.pi) * (1 - (M - 1) / (2 * M))
+    assert abs(got.mean() - want) < 0.01
+    assert crps(p, t).mean() < want - 0.02
+    with pytest.raises(ValueError, match="even number of members >= 4"):
+        crps(p.isel(member=slice(0, 3)), t, pairs=True)
