@@ -180,10 +180,10 @@ def _score_rollout(pred, truth_log, thresholds, cells, by):
     """Per-day proper scores of a rollout: pred (time, member, lat, lon) physical, the truth's
     log10 on those days, the exceedance thresholds, the coarse cells and the log10 coarse
     field on the fine grid (for spread/error by quintile) -> one row per day."""
+    from .metrics.ensemble import antithetic_pairs
     from .metrics.proper import day_scores_ensemble
-    M = pred.sizes["member"]
     # antithetic members are scored as pairs (their fair scores on the even and the odd set)
-    pairs = bool(pred.attrs.get("antithetic")) and M >= 4 and M % 2 == 0
+    pairs = antithetic_pairs(pred)
     rows = []
     for i, day in enumerate(pd.DatetimeIndex(pred.time.values)):
         ens = np.log10(np.maximum(pred.isel(time=i).values, 1e-6))  # (member, lat, lon)

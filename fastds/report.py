@@ -14,6 +14,7 @@ from .data.transforms import fit_minmax
 from .metrics import (acf_pacf, crps, day_scores, lag_curves, power_spectrum, rank_histogram,
                       semivariogram, spread_skill, summarize, summarize_wasserstein,
                       wasserstein_by_day)
+from .metrics.ensemble import antithetic_pairs
 from .sampling.output import open_output
 
 __all__ = ["rollout_drift", "evaluate", "format_table", "load_field"]
@@ -123,7 +124,7 @@ def _ensemble_entry(p, t):
     """Ensemble statistics of (time, member, lat, lon) against (time, lat, lon); members in
     antithetic pairs (the sample's ``antithetic`` attribute) get the pair-aware CRPS and
     spread/skill."""
-    pairs = bool(p.attrs.get("antithetic", 0)) and p.sizes["member"] >= 4 and p.sizes["member"] % 2 == 0
+    pairs = antithetic_pairs(p)
     lp, lt = _log(p.transpose("time", "member", ...).values), _log(t.transpose("time", ...).values)
     sd_ratio = [np.nanstd(lp[i, 0]) / np.nanstd(lt[i]) for i in range(lt.shape[0])]
     c = crps(p, t, pairs=pairs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-__all__ = ["crps", "spread_skill", "calibrated_variance", "rank_histogram"]
+__all__ = ["crps", "spread_skill", "calibrated_variance", "rank_histogram", "antithetic_pairs"]
 
 
 def _arrays(pred: xr.DataArray, truth: xr.DataArray, space):
@@ -14,6 +14,13 @@ def _arrays(pred: xr.DataArray, truth: xr.DataArray, space):
     if space == "log10":
         p, t = np.log10(np.maximum(p, 1e-6)), np.log10(np.maximum(t, 1e-6))
     return p.reshape(p.shape[0], p.shape[1], -1), t.reshape(t.shape[0], -1)
+
+
+def antithetic_pairs(pred: xr.DataArray) -> bool:
+    """Whether an output's members are scored as antithetic pairs: it carries the sample's
+    ``antithetic`` flag and an even number of members, at least 4 (member, ...)."""
+    M = pred.sizes.get("member", 1)
+    return bool(pred.attrs.get("antithetic", 0)) and M >= 4 and M % 2 == 0
 
 
 def crps(pred, truth, *, space="log10", pairs=False):
