@@ -23,8 +23,9 @@ The distilled student (``train --model distill``) is a DDPM network of the same 
 by deterministic DDIM with trailing spacing over ``train.distill_steps`` evaluations
 (``runs.distill_settings``): ``distill1`` / ``distill1_bf16`` / ``distill1_bf16_pair`` at one
 step. Ensembles as the protocol scores them (8 members, bf16): ``shipped_bf16_8`` and
-``distill1_bf16_8``. Networks are untrained and of the tiny preset's shapes: the time of a day
-does not depend on the weights.
+``distill1_bf16_8``; ``distill1_bf16_4``: the student's smallest ensemble the protocol scores
+as pairs (two antithetic pairs). Networks are untrained and of the tiny preset's shapes: the
+time of a day does not depend on the weights.
 
 Every provider is timed ``FASTDS_E2E_ROUNDS`` times (default 5) after one warm-up day
 (a long reconstruction runs at the steady state); the summary prints median, min and IQR.
@@ -80,6 +81,8 @@ ABLATION = {
     "distill1": (STUDENT, 1, True),
     "distill1_bf16": (STUDENT_BF16, 1, True),
     "distill1_bf16_pair": (STUDENT_BF16, 2, True),
+    # two antithetic pairs: the smallest ensemble the protocol scores as pairs
+    "distill1_bf16_4": (STUDENT_BF16, 4, True),
     "distill1_bf16_8": (STUDENT_BF16, 8, True),
     # the reference's whole day at 10 and 20 of its 200 steps: every step does the same work
     # (all 35,948 patches through the network and the conditioning), so the day is linear in

@@ -261,42 +261,57 @@ def _labelled(frame, case: _Case, start, length, model, label=None):
 
 def _rollouts(case: _Case, config, progress, echo) -> list:
     """Every model's strict rollouts of one case, scored (cached per rollout and model); a
-    species twin also keeps the fields of ``cfg.cross_models`` for the cross-species scores."""
-    from .sampling.pipeline import sample
+    species twin also keeps the fields of ``cfg.cross_models`` for the cross-species scores.
+    A kept field whose scores are missing (an interrupted run, or scores removed to re-score
+    with changed scoring code) is scored again without sampling it again."""
+    import xarray as xr
     cfg, frames = case.cfg, []
     for start, length in case.periods():
         days = pd.date_range(start, periods=length, freq="D")
         refs = None
         for name in cfg.models:
-            settings = dict(cfg.variants.get(name, {}))
-            model = settings.pop("model", name)
-            latents = _species_latents(case, settings.pop("species_noise", "shared"), days)
             path = case.score_path(start, length, name)
             keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
             if path.exists() and (keep is None or keep.exists()):
                 frames.append(pd.read_csv(path, parse_dates=["time"]))
                 continue
-            ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
-            scfg = latents(dataclasses.replace(config.sample, mode="strict", members=cfg.members if ensemble else 1,
-                                               burn_in=cfg.burn_in, **{"seed": case.seed, **settings}))
-            ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1], cfg=scfg,
-                        model=model, progress=progress, cold_start=True)
-            pred = ds[case.variable].sel(time=days)
-            if "member" not in pred.dims:
-                pred = pred.expand_dims(member=1, axis=1)
-            pred = pred.transpose("time", "member", "lat", "lon")
-            if keep is not None:
+            if keep is not None and keep.exists():
+                pred = xr.open_dataarray(keep).load()
+            else:
+                pred = _sample_rollout(case, config, name, start, days, progress)
+            if keep is not None and not keep.exists():
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(keep) as tmp:
                     pred.load().to_netcdf(tmp)
             refs = refs or _references(case, case.variable, days)
             frame = _labelled(_score_rollout(pred, *refs), case, start, length, name)
+            frame["members"] = pred.sizes["member"]
             with atomic_path(path) as tmp:
                 frame.to_csv(tmp, index=False)
             frames.append(frame)
             echo(f"protocol: {case.label} seed {case.seed} start {start:%Y-%m-%d} {name}: "
                  f"CRPS {frame.crps_fair.mean():.4f}, R² {frame.r2_mean.mean():.3f}")
     return frames
+
+
+def _sample_rollout(case: _Case, config, name, start, days, progress):
+    """One model's (or variant's) cold-started strict rollout over ``days``: (time, member,
+    lat, lon). An ensemble has ``cfg.members`` members unless its variant sets ``members``."""
+    from .sampling.pipeline import sample
+    cfg = case.cfg
+    settings = dict(cfg.variants.get(name, {}))
+    model = settings.pop("model", name)
+    latents = _species_latents(case, settings.pop("species_noise", "shared"), days)
+    ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
+    kw = {"mode": "strict", "members": cfg.members if ensemble else 1, "burn_in": cfg.burn_in,
+          "seed": case.seed, **settings}
+    ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1],
+                cfg=latents(dataclasses.replace(config.sample, **kw)), model=model,
+                progress=progress, cold_start=True)
+    pred = ds[case.variable].sel(time=days)
+    if "member" not in pred.dims:
+        pred = pred.expand_dims(member=1, axis=1)
+    return pred.transpose("time", "member", "lat", "lon")
 
 
 def _species_latents(case: _Case, noise, days):

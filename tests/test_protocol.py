@@ -3,6 +3,7 @@ of its bootstrap intervals."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import TEST_OVERRIDES
@@ -45,15 +46,19 @@ def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
                             "plumes": 4})
     cfg = ProtocolConfig(tier="toy", twins=(twin,), seeds=(0,), seasons=(3,), starts=("2005-08-27",),
                          rollout_days=3, burn_in=2, members=2,
-                         models=("ddpm", "unet", "unet+iid", "interp"), overrides=TEST_OVERRIDES,
-                         reps=100)
+                         models=("ddpm", "ddpm-m4", "unet", "unet+iid", "interp"), overrides=TEST_OVERRIDES,
+                         reps=100, variants={"ddpm-m4": {"model": "ddpm", "members": 4}})
     res = run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["tier"] == "toy" and res["days"] == 3
     models = {r["model"] for r in saved["summary"]}
-    assert models == {"ddpm", "unet", "unet+iid", "interp"}
+    assert models == {"ddpm", "ddpm-m4", "unet", "unet+iid", "interp"}
     pairs = saved["paired"]["toy"]
-    assert {p["model"] for p in pairs} == {"unet", "unet+iid", "interp"}
+    assert {p["model"] for p in pairs} == {"ddpm-m4", "unet", "unet+iid", "interp"}
+    # a variant may set its own ensemble size; the scores record each rollout's
+    members = {m: set(pd.read_csv(next((tmp_path / "scores").glob(f"*_{m}.csv"))).members)
+               for m in ("ddpm", "ddpm-m4", "unet", "interp")}
+    assert members == {"ddpm": {2}, "ddpm-m4": {4}, "unet": {1}, "interp": {1}}
     assert all(p["low"] <= p["diff"] <= p["high"] for p in pairs)
     assert "Paired differences ddpm" in (tmp_path / "results.md").read_text()
     # resume: every rollout's scores are cached, so a second run samples nothing
@@ -63,7 +68,6 @@ def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
 
 
 def test_paired_differences_verdicts():
-    import pandas as pd
     rows = []
     rng = np.random.default_rng(3)
     for day in range(40):
@@ -75,7 +79,7 @@ def test_paired_differences_verdicts():
     assert d.loc[("crps_fair", "same"), "verdict"] == "tie"
 
 
-def test_species_protocol_scores_each_species_and_the_species_together(tmp_path):
+def test_species_protocol_scores_each_species_and_the_species_together(tmp_path, monkeypatch):
     """A twin of two species and their total: one run per variable, each scored under
     ``twin:VARIABLE``; the cross-species correlation bias per model; the species' sum scored
     as ``NAME-sum`` of the total beside the total-only model; and a resume samples nothing."""
@@ -107,3 +111,15 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")}
     run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")} == stamps
+    # scores removed (e.g. to re-score after a change to the scoring code) are made again
+    # from the kept fields, without sampling anything
+    import fastds.sampling.pipeline as pipeline
+    score = next((tmp_path / "scores").glob("sp-SSEXTTAU_*_ddpm-coupled.csv"))
+    before = pd.read_csv(score)
+    score.unlink()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+    monkeypatch.setattr(pipeline, "sample", no_sampling)
+    run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
+    pd.testing.assert_frame_equal(pd.read_csv(score), before)
