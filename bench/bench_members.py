@@ -37,6 +37,8 @@ def _model(config):
     torch.manual_seed(0)
     model = build_model("ddpm", **kw)
     model.set_regression(build_model("unet", **kw))
+    # trained runs load Stage A's encoder into both networks: so here
+    model.regression.transfer.load_state_dict(model.transfer.state_dict())
     return model.eval()
 
 

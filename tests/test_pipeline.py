@@ -119,6 +119,43 @@ def test_mean_stride_changes_only_the_mean(trained_run, store_path, test_days):
         downscale_day(model.regression, inp, kind="unet", cfg=FAST, parts=True)
 
 
+def test_shared_conditioning_computes_the_mean_from_the_samplers_conditioning(
+        trained_run, store_path, test_days, monkeypatch):
+    """Mean on the residual's geometry, regression with the DDPM's transfer weights (as
+    training leaves them: both Stage A's): each member's transfer features are computed once
+    and the mean comes from the step-fused sampler's own conditioning, equal bit for bit to
+    the mean computed apart; with other transfer weights the mean is computed apart."""
+    import copy
+
+    import fastds.models.transfer as transfer_mod
+    model, conf = load_trained(trained_run, 3)
+    assert model.shares_conditioning()
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    rng = np.random.default_rng(0)
+    own = DayInputs(inp.coarse, inp.covariates,
+                    np.concatenate([inp.lags, inp.lags + 0.05 * rng.standard_normal(inp.lags.shape).astype(np.float32)]))
+    cfg = dataclasses.replace(FAST, fusion="step", mean_stride=0)
+    kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4, members=2, parts=True)
+    calls = []
+    forward = transfer_mod.TransferEncoder.forward
+    monkeypatch.setattr(transfer_mod.TransferEncoder, "forward",
+                        lambda self, lags: calls.append(self) or forward(self, lags))
+    m_shared, r_shared = downscale_day(model, own, cfg=cfg, **kw)
+    assert calls and all(c is model.transfer for c in calls)  # the regression's never ran
+    calls.clear()
+    monkeypatch.setattr(type(model), "shares_conditioning", lambda self: False)
+    m_apart, r_apart = downscale_day(model, own, cfg=cfg, **kw)
+    assert any(c is model.regression.transfer for c in calls)
+    np.testing.assert_array_equal(m_shared, m_apart)
+    np.testing.assert_array_equal(r_shared, r_apart)
+    assert not np.array_equal(m_shared[0], m_shared[1])  # each member's own lags, its own mean
+    monkeypatch.undo()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.regression.transfer.parameters()).add_(1.0)
+    assert not other.shares_conditioning()
+
+
 def test_few_step_samplers_match_ddpm_statistics(trained_run, store_path, test_days):
     """Few-step samplers draw from the same distribution as 100-step DDPM (mean and sd of the
     members), and the two deterministic ODE solvers agree with each other from the same x_T."""
@@ -558,6 +595,7 @@ class _WithNetwork(torch.nn.Module):
         super().__init__()
         self.inner, self.regression, self.regression_scale = inner, inner.regression, inner.regression_scale
         self.regression_mean, self.fn = inner.regression_mean, fn
+        self.shares_conditioning, self.regression_mean_of = inner.shares_conditioning, inner.regression_mean_of
 
     def cond(self, *a):
         return self.inner.cond(*a)

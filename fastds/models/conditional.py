@@ -96,6 +96,26 @@ class ConditionalModel(nn.Module):
         self.regression.eval()
         return self.regression(None, None, self.regression.cond(coarse, covariates, lags, drop))
 
+    def shares_conditioning(self) -> bool:
+        """True when this model's conditioning tensor is also its regression's: both carry
+        frozen transfer encoders with equal weights (Stage A's, loaded into each) and the same
+        lag channels, so ``cond(...)`` computed once serves the regression mean too
+        (:meth:`regression_mean_of`) and the transfer features of a lag window are computed
+        once, not twice. Compared each call: cheap next to one network call."""
+        reg = self.regression
+        if reg is None or self.transfer is None or reg.transfer is None \
+                or reg.lag_channels != self.lag_channels:
+            return False
+        a, b = self.transfer.state_dict(), reg.transfer.state_dict()
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+    @torch.no_grad()
+    def regression_mean_of(self, cond):
+        """The regression mean (B, 1, h, w) from this model's own conditioning tensor ``cond``
+        (B, C, h, w); valid only where :meth:`shares_conditioning` is True."""
+        self.regression.eval()
+        return self.regression(None, None, cond)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.regression is not None:

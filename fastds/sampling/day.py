@@ -126,24 +126,38 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     """CorrDiff: the sample is the scaled, widened residual of a regression mean; stitching
     is linear, so mean and residual are stitched apart (and added by the caller): (means,
     scaled residuals), each (members, H, W). The residual pass runs the same model (so
-    captured graphs stay keyed to it), without the mean."""
+    captured graphs stay keyed to it), without the mean.
+
+    Where the mean has the residual's patch geometry and the regression shares the model's
+    conditioning (:meth:`~fastds.models.conditional.ConditionalModel.shares_conditioning`:
+    the same frozen transfer weights), the step-fused sampler hands each member's
+    conditioning to the mean as it computes it: a lag window's transfer features are
+    computed once, not once for each network."""
     patches = _Patches.of(inputs, cfg, device)  # one geometry for the residual and the mean
+    shared_lags = inputs.lags.shape[0] == 1
+    same_geometry = cfg.mean_stride in (0, cfg.stride)
+    means, on_cond = None, None
+    if same_geometry and cfg.fusion == "step" and run["cache_conditioning"] and model.shares_conditioning():
+        means = np.empty((members,) + tuple(patches.shape), np.float32)
+
+        def on_cond(k, cond):
+            parts = [model.regression_mean_of(cond[sl]) for sl in _batches(len(cond), cfg.batch)]
+            means[k:] = patches.stitch(torch.cat(parts)[:, 0])  # members after k share it until their own
     res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
-                    patches=patches, **run)
+                    patches=patches, on_cond=on_cond, **run)
     alpha, gains = spread_widening(model, cfg)
     res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
     scale = float(model.regression_scale)
-    shared_lags = inputs.lags.shape[0] == 1
-    # the deterministic mean needs no overlap for texture: a sparser geometry is cheaper
-    mpatches = (patches if cfg.mean_stride in (0, cfg.stride)
-                else _Patches.of(inputs, dataclasses.replace(cfg, stride=cfg.mean_stride), device))
-    means = np.empty_like(res)
-    for k in range(members):
-        if k == 0 or not shared_lags:
-            mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
-        means[k] = mean
-        res[k] = scale * res[k]
-    return means, res
+    if means is None:
+        # the deterministic mean needs no overlap for texture: a sparser geometry is cheaper
+        mpatches = patches if same_geometry else \
+            _Patches.of(inputs, dataclasses.replace(cfg, stride=cfg.mean_stride), device)
+        means = np.empty_like(res)
+        for k in range(members):
+            if k == 0 or not shared_lags:
+                mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
+            means[k] = mean
+    return means, scale * res
 
 
 def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
@@ -160,9 +174,11 @@ LATENT_STREAM_STRIDE = 7919  # seed offset between the latent streams of ``sampl
 
 
 def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key,
-              cache_conditioning, device, backend, progress, member0, patches=None):
+              cache_conditioning, device, backend, progress, member0, patches=None, on_cond=None):
     """The network's own field (no regression mean): (members, H, W). ``patches``: the day's
-    geometry if the caller has built it already."""
+    geometry if the caller has built it already. ``on_cond(k, cond)``: called by the
+    step-fused sampler with each conditioning tensor (N, C, tile, tile) it computes, from
+    member k on (see :func:`_corrdiff`)."""
     patches = patches if patches is not None else _Patches.of(inputs, cfg, device)
     gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
                                device=device)
@@ -178,7 +194,7 @@ def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key
     if kind == "ddpm" and cfg.fusion == "step":
         return _fused(model, inputs, patches, plans, gens, signs, cfg=cfg,
                       cache_conditioning=cache_conditioning, device=device, backend=backend,
-                      progress=progress, graphs=graphs, latents=latents)
+                      progress=progress, graphs=graphs, latents=latents, on_cond=on_cond)
     per_kind = _PATCH_KINDS[kind](model, cfg, plans, signs, graphs, backend, cache_conditioning, device)
     return _patchwise(per_kind, inputs, patches, gens, progress, latents)
 
@@ -284,7 +300,7 @@ _PATCH_KINDS = {"unet": _UNetPatches, "vae": _VAEPatches, "ddpm": _DiffusionPatc
 
 
 def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_conditioning,
-           device, backend, progress, graphs=None, latents: _Latents):
+           device, backend, progress, graphs=None, latents: _Latents, on_cond=None):
     """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
     unfused sampler's result."""
@@ -304,6 +320,8 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
             # reuse it), or, for the reference recipe, recomputed at every step
             cond = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
                     if cache_conditioning else cond_of)
+            if on_cond is not None and cache_conditioning:
+                on_cond(k, cond)
         x_T = latents.draw(k, (1, 1, H, W), gen, signs[k])
         if graphs is not None and cache_conditioning:
             # the whole step (every patch batch, the blend, the fused update) in one graph per
