@@ -16,11 +16,22 @@ def _arrays(pred: xr.DataArray, truth: xr.DataArray, space):
     return p.reshape(p.shape[0], p.shape[1], -1), t.reshape(t.shape[0], -1)
 
 
+def pairable(members: int) -> bool:
+    """The one rule for scoring members as antithetic pairs: an even number, at least 4 (the
+    even and the odd members then each hold two or more independent ones)."""
+    return members >= 4 and members % 2 == 0
+
+
+def check_pairs(members: int, what: str) -> None:
+    """A ValueError naming ``what`` unless ``members`` members can be scored as pairs."""
+    if not pairable(members):
+        raise ValueError(f"{what}: pairs=True needs an even number of members >= 4, got {members}")
+
+
 def antithetic_pairs(pred: xr.DataArray) -> bool:
     """Whether an output's members are scored as antithetic pairs: it carries the sample's
-    ``antithetic`` flag and an even number of members, at least 4 (member, ...)."""
-    M = pred.sizes.get("member", 1)
-    return bool(pred.attrs.get("antithetic", 0)) and M >= 4 and M % 2 == 0
+    ``antithetic`` flag and a number of members that is :func:`pairable` (member, ...)."""
+    return bool(pred.attrs.get("antithetic", 0)) and pairable(pred.sizes.get("member", 1))
 
 
 def crps(pred, truth, *, space="log10", pairs=False):
@@ -40,8 +51,7 @@ def crps(pred, truth, *, space="log10", pairs=False):
     total = (2 * (2 * i - M - 1) * s).sum(1)  # sum over ordered pairs of |x_i - x_j|
     if not pairs:
         return np.nanmean(term1 - total / (M * M) / 2, axis=1)
-    if M < 4 or M % 2:
-        raise ValueError(f"crps: pairs=True needs an even number of members >= 4, got {M}")
+    check_pairs(M, "crps")
     within = 2 * np.abs(p[:, 0::2] - p[:, 1::2]).sum(1)
     cross = (total - within) / (M * (M - 2))
     return np.nanmean(term1 - (M - 1) / M * cross / 2, axis=1)
@@ -72,8 +82,7 @@ def calibrated_variance(p, *, pairs=False, axis=0):
     M = p.shape[0]
     if not pairs:
         return (M + 1) / M * np.nanmean(p.var(0, ddof=1))
-    if M < 4 or M % 2:
-        raise ValueError(f"spread_skill: pairs=True needs an even number of members >= 4, got {M}")
+    check_pairs(M, "spread_skill")
     var = 0.5 * (p[0::2].var(0, ddof=1) + p[1::2].var(0, ddof=1))
     pm = 0.5 * (p[0::2] + p[1::2])
     return np.nanmean(var) + np.nanmean(pm.var(0, ddof=1)) / (M // 2)

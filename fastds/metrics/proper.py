@@ -158,8 +158,8 @@ def independent_sets(ens, pairs=False):
     M = 8 (``tests/test_proper_scores.py``). ens (M, ...) -> list of (M', ...)."""
     if not pairs:
         return [ens]
-    if ens.shape[0] < 4 or ens.shape[0] % 2:
-        raise ValueError(f"pairs=True needs an even number of members >= 4, got {ens.shape[0]}")
+    from .ensemble import check_pairs
+    check_pairs(ens.shape[0], "independent_sets")
     return [ens[0::2], ens[1::2]]
 
 

@@ -112,10 +112,10 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
     and the sum is written too, as ``total``. Without it each species keeps its own
     projection and nothing ties them."""
     runs = [Path(r) for r in runs]
-    latents = species_latents(noise, runs, _days_of(start, end), data=kwargs.get("data"),
-                              device=kwargs.get("device", "cpu"), what="sample_species: noise")
     if noise == "coupled" and kwargs.get("model", "ddpm") not in ("ddpm", "distill"):
         noise = "shared"  # only a diffusion sampler draws x_T: nothing to couple (and no residual fit)
+    latents = species_latents(noise, runs, _days_of(start, end), data=kwargs.get("data"),
+                              device=kwargs.get("device", "cpu"), what="sample_species: noise")
     names = [run_variable(r) for r in runs]
     if None in names:
         raise ValueError(f"sample_species: {runs[names.index(None)]} has no run.json naming its species; "
