@@ -279,10 +279,10 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
                 pred = xr.open_dataarray(keep).load()
             else:
                 pred = _sample_rollout(case, config, name, start, days, progress)
-            if keep is not None and not keep.exists():
-                keep.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(keep) as tmp:
-                    pred.load().to_netcdf(tmp)
+                if keep is not None:
+                    keep.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(keep) as tmp:
+                        pred.load().to_netcdf(tmp)
             refs = refs or _references(case, case.variable, days)
             frame = _labelled(_score_rollout(pred, *refs), case, start, length, name)
             frame["members"] = pred.sizes["member"]
