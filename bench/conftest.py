@@ -58,6 +58,9 @@ def pytest_terminal_summary(terminalreporter):
                 # also writes the patches back moves more than the copy does)
                 scale = r["bytes"] / copy["bytes"] if r["bytes"] and copy["bytes"] else 1.0
                 line += f"  of memcpy bandwidth {scale * copy['median_s'] / r['median_s']:5.2f}"
+            floor = rows.get("read_kept")  # reading the kept rows alone (bench_stitch)
+            if floor and name not in ("read_kept", "memcpy"):
+                line += f"  of read_kept {floor['median_s'] / r['median_s']:5.2f}"
             if loop and name not in ("numpy_loop", "memcpy"):
                 line += f"  vs numpy_loop {loop['median_s'] / r['median_s']:6.1f}x"
             peer = rows.get(_PEERS.get(group, ""))
