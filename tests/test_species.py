@@ -68,9 +68,15 @@ def test_single_variable_twin_is_unchanged_by_the_species_option():
     np.testing.assert_array_equal(a["fine_truth"].values, b["fine_truth"].values)
 
 
-def test_prepare_several_species_from_native_files(twin, twin_dir, tmp_path):
+def test_prepare_several_species_from_native_files(twin, twin_dir, tmp_path, monkeypatch):
+    from fastds.data import readers
+    opened, real = [], readers._open_nc
+    monkeypatch.setattr(readers, "_open_nc", lambda path, what: opened.append(path) or real(path, what))
     out = prepare(coarse=twin_dir / "coarse_daily.nc", fine=twin_dir / "fine", region=BOX,
                   out=tmp_path / "s.zarr", variables=SPEC.variables, allow_gaps=True, block=1)
+    # every native file is opened once for all four species (the first once more, for the grid)
+    files = sorted((twin_dir / "fine").glob("*.nc4"))
+    assert sorted(opened) == sorted(files + files[:1])
     st = open_store(out)
     assert st.variables == SPEC.variables and st.variable is None
     with pytest.raises(DataError, match="holds 4 species .*choose one"):

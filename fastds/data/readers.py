@@ -224,37 +224,43 @@ def _read_var(nc, variable, layout: _Layout, path, what):
     return raw.reshape((-1,) + raw.shape[-2:])
 
 
-def _daily_mean(files, variable, layout, expected, min_valid, day, what, sink=None):
-    """Mean over the time steps of one day's files; NaN where a pixel has no valid step.
+def _daily_mean(files, variables, layout, expected, min_valid, day, what, sink=None):
+    """Mean over the time steps of one day's files, per variable: (V, lat, lon) float32 for
+    the V names in ``variables``; NaN where a pixel has no valid step.
 
-    The sum and the count are accumulated file by file (the same additions, in the same
-    order, as a sum over the stacked steps), so memory is two region-sized arrays plus one
-    file's steps, not the whole day: 48 global G5NR steps would be 6 GB stacked.
+    Each file is opened once for all the variables (several species in one file cost one
+    open and one metadata read per file, not one per species). The sum and the count are
+    accumulated file by file (the same additions, in the same order, as a sum over the
+    stacked steps), so memory is two region-sized arrays per variable plus one file's steps,
+    not the whole day: 48 global G5NR steps would be 6 GB stacked.
     ``sink``: a queue that takes the day's warning instead of ``warnings`` (a worker process's
     warnings never reach the caller's filters; `prepare` passes one when it reads in processes)."""
-    total = np.zeros(layout.lat.shape + layout.lon.shape)
+    total = np.zeros((len(variables),) + layout.lat.shape + layout.lon.shape)
     count = np.zeros(total.shape, np.int64)
-    steps = 0
+    steps = np.zeros(len(variables), np.int64)
     for f in files:
         with _NC_LOCK:
             nc = _open_nc(f, what)
             try:
-                data = _read_var(nc, variable, layout, f, what)
+                data = [_read_var(nc, v, layout, f, what) for v in variables]
             finally:
                 nc.close()
-        for step in data:
-            valid = np.isfinite(step)
-            total += np.where(valid, step, 0.0)
-            count += valid
-        steps += data.shape[0]
-    frac = count.min() / expected if expected else 1.0
-    if steps != expected or frac < min_valid:
-        note = (f"{what}: {day}: only {int(count.min())} of {expected} expected valid time steps at "
-                f"some pixels ({steps} steps in {len(files)} file(s): {files[0].name}...)")
-        if sink is not None:
-            sink.put(note)
-        else:
-            warnings.warn(DataWarning(note), stacklevel=2)
+        for k, block in enumerate(data):
+            for step in block:
+                valid = np.isfinite(step)
+                total[k] += np.where(valid, step, 0.0)
+                count[k] += valid
+            steps[k] += block.shape[0]
+    for k, v in enumerate(variables):
+        frac = count[k].min() / expected if expected else 1.0
+        if steps[k] != expected or frac < min_valid:
+            name = f" {v}" if len(variables) > 1 else ""
+            note = (f"{what}: {day}:{name} only {int(count[k].min())} of {expected} expected valid time "
+                    f"steps at some pixels ({steps[k]} steps in {len(files)} file(s): {files[0].name}...)")
+            if sink is not None:
+                sink.put(note)
+            else:
+                warnings.warn(DataWarning(note), stacklevel=2)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return mean.astype(np.float32)
@@ -270,7 +276,9 @@ def _gap_report(dates: pd.DatetimeIndex, what, source):
                         "supply them or pass allow_gaps=True to keep the gaps as NaN days")
 
 
-def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, what, sink):
+def _native(files, grid: Grid, kind, variables, region, min_valid, allow_gaps, what, sink):
+    """One lazy (time, lat, lon) DataArray per name in ``variables``, all read by the same
+    day tasks (a day's files are opened once for every variable)."""
     rx = re.compile(grid.pattern)
     by_day: dict[pd.Timestamp, list[Path]] = {}
     seen: dict[tuple, Path] = {}
@@ -297,42 +305,44 @@ def _native(files, grid: Grid, kind, variable, region, min_valid, allow_gaps, wh
         _gap_report(dates, what, f"{len(files)} native files")
     first = by_day[dates[0]][0]
     with _NC_LOCK:
-        return _native_array(by_day, dates, first, grid, kind, variable, region, min_valid,
-                             allow_gaps, files, what, sink)
+        return _native_arrays(by_day, dates, first, grid, kind, variables, region, min_valid,
+                              allow_gaps, files, what, sink)
 
 
-def _native_array(by_day, dates, first, grid, kind, variable, region, min_valid, allow_gaps,
-                  files, what, sink):
+def _native_arrays(by_day, dates, first, grid, kind, variables, region, min_valid, allow_gaps,
+                   files, what, sink):
     import dask
     import dask.array as dsa
     nc = _open_nc(first, what)
     try:
-        if variable not in nc.variables:
-            raise DataError(f"{what}: {first} has no variable {variable!r} (it has: "
-                            f"{', '.join(sorted(nc.variables))})")
+        for variable in variables:
+            if variable not in nc.variables:
+                raise DataError(f"{what}: {first} has no variable {variable!r} (it has: "
+                                f"{', '.join(sorted(nc.variables))})")
         lat_name = _coord_name(nc.variables, ("lat", "latitude"), first, what)
         lon_name = _coord_name(nc.variables, ("lon", "longitude"), first, what)
         layout = _layout(nc.variables[lat_name][:], nc.variables[lon_name][:], grid, region,
                          kind, first, what)
-        attrs = {a: nc.variables[variable].getncattr(a) for a in ("units", "long_name")
-                 if a in nc.variables[variable].ncattrs()}
+        attrs = [{a: nc.variables[v].getncattr(a) for a in ("units", "long_name")
+                  if a in nc.variables[v].ncattrs()} for v in variables]
     finally:
         nc.close()
-    shape = (layout.lat.size, layout.lon.size)
+    shape = (len(variables), layout.lat.size, layout.lon.size)
     days = []
     for d in pd.date_range(dates.min(), dates.max(), freq="D") if allow_gaps else dates:
         if d in by_day:
-            task = dask.delayed(_daily_mean, pure=True)(sorted(by_day[d]), variable, layout,
+            task = dask.delayed(_daily_mean, pure=True)(sorted(by_day[d]), tuple(variables), layout,
                                                         grid.steps_per_day, min_valid,
                                                         f"{d:%Y-%m-%d}", what, sink)
             days.append(dsa.from_delayed(task, shape, dtype=np.float32))
         else:
             days.append(dsa.full(shape, np.nan, dtype=np.float32))
-    data = dsa.stack(days)
+    data = dsa.stack(days)  # (time, V, lat, lon): every variable's slice depends on one day task
     times = pd.date_range(dates.min(), dates.max(), freq="D") if allow_gaps else dates
-    return xr.DataArray(data, dims=("time", "lat", "lon"),
-                        coords={"time": times, "lat": layout.lat, "lon": layout.lon},
-                        name=variable, attrs={**attrs, "grid": grid.name, "source_files": len(files)})
+    return [xr.DataArray(data[:, k], dims=("time", "lat", "lon"),
+                         coords={"time": times, "lat": layout.lat, "lon": layout.lon},
+                         name=v, attrs={**a, "grid": grid.name, "source_files": len(files)})
+            for k, (v, a) in enumerate(zip(variables, attrs))]
 
 
 def _cube(path: Path, grid: Grid, kind, variable, region, allow_gaps, what):
@@ -393,21 +403,29 @@ def _region_of(da: xr.DataArray, layout: _Layout) -> xr.DataArray:
 
 
 def _open(paths, kind, variable, region, min_valid_fraction, allow_gaps, sink=None):
-    what = f"open_{kind}({variable})"
+    return _open_many(paths, kind, (variable,), region, min_valid_fraction, allow_gaps, sink)[0]
+
+
+def _open_many(paths, kind, variables, region, min_valid_fraction, allow_gaps, sink=None) -> list:
+    """One daily (time, lat, lon) DataArray per name in ``variables`` (lazy). Native files
+    are read once for all of them; a cube or an xarray object is opened per variable."""
     grid = GRIDS[kind]
     region = parse_region(region) if region is not None else None
+    what = f"open_{kind}({','.join(variables)})"
     if isinstance(paths, (xr.Dataset, xr.DataArray)):
-        da = _from_xarray(paths, f"the {type(paths).__name__} passed", grid, kind, variable,
-                          region, allow_gaps, what)
+        das = [_from_xarray(paths, f"the {type(paths).__name__} passed", grid, kind, v,
+                            region, allow_gaps, f"open_{kind}({v})") for v in variables]
     else:
-        da = _from_paths(paths, grid, kind, variable, region, min_valid_fraction, allow_gaps,
-                         what, sink)
-    da.attrs.setdefault("units", "1")
-    return da
+        das = _from_paths(paths, grid, kind, variables, region, min_valid_fraction, allow_gaps,
+                          what, sink)
+    for da in das:
+        da.attrs.setdefault("units", "1")
+    return das
 
 
-def _from_paths(paths, grid: Grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink):
-    """Files (native, or one merged cube): their region's daily (time, lat, lon) field."""
+def _from_paths(paths, grid: Grid, kind, variables, region, min_valid_fraction, allow_gaps, what, sink):
+    """Files (native, or one merged cube): their region's daily (time, lat, lon) field per
+    name in ``variables``."""
     files = _resolve(paths, what)
     native = [f for f in files if re.search(grid.pattern, f.name)]
     other_native = [f for f in files if re.search(GRIDS["fine" if kind == "coarse" else "coarse"].pattern, f.name)]
@@ -415,8 +433,8 @@ def _from_paths(paths, grid: Grid, kind, variable, region, min_valid_fraction, a
         raise DataError(f"{what}: {other_native[0]} is a {'G5NR' if kind == 'coarse' else 'MERRA-2'} "
                         f"file; open_{kind} expects {grid.name} data")
     if len(files) == 1 and not native:
-        return _cube(files[0], grid, kind, variable, region, allow_gaps, what)
-    return _native(files, grid, kind, variable, region, min_valid_fraction, allow_gaps, what, sink)
+        return [_cube(files[0], grid, kind, v, region, allow_gaps, f"open_{kind}({v})") for v in variables]
+    return _native(files, grid, kind, variables, region, min_valid_fraction, allow_gaps, what, sink)
 
 
 def open_coarse(paths, variable="DUEXTTAU", *, region=None, min_valid_fraction=MIN_VALID_FRACTION,

@@ -34,7 +34,7 @@ import pandas as pd
 import xarray as xr
 
 from .._io import atomic_path
-from .readers import GRIDS, MIN_VALID_FRACTION, DataError, DataWarning, _open, _resolve, open_elevation
+from .readers import GRIDS, MIN_VALID_FRACTION, DataError, DataWarning, _open_many, _resolve, open_elevation
 from .regions import Region, parse_region, wrap_lon
 from .species import cf_attrs
 from .transforms import ALIGN_METHODS, MinMax, fit_minmax, split_days
@@ -171,7 +171,7 @@ def prepare(*, coarse, fine, out, region, elevation=None, variable="DUEXTTAU", v
 def _species(paths, kind, names, region, allow_gaps, sink) -> xr.DataArray:
     """The inputs' daily fields of every species, stacked on a leading ``species`` dim (lazy);
     each species' units and long name go in the ``species_attrs`` attribute."""
-    fields = [_open(paths, kind, v, region, MIN_VALID_FRACTION, allow_gaps, sink) for v in names]
+    fields = _open_many(paths, kind, names, region, MIN_VALID_FRACTION, allow_gaps, sink)
     for v, da in zip(names[1:], fields[1:]):
         for dim in ("time", "lat", "lon"):
             if da[dim].size != fields[0][dim].size or not np.array_equal(da[dim].values, fields[0][dim].values):
