@@ -88,6 +88,11 @@ class TrainConfig:
     unet_loss: str = "l2"         # the U-Net's (and so the DDPM's regression mean's) loss:
                                   # "l2" (CorrDiff's regression: a mean, what R² and RMSE
                                   # reward) or "l1" (the paper's baseline: a median)
+    oof_folds: int = 0            # CorrDiff DDPM: > 1 diffuses out-of-fold residuals: K extra
+                                  # U-Nets, each fitted without one fold of the training days
+                                  # (blocks of 14 days dealt in turn), give each training day a
+                                  # mean that never saw it, so the residual learnt is the size a
+                                  # sample meets on new days (0: the run's U-Net, in-sample)
     calibrate_spread: bool = True  # CorrDiff DDPM: after training, fit the spread widening (one
                                   # α and per-band gains) by the fair CRPS on validation days
     calibration_rollouts: int = 0  # > 0: then refine it by the fair CRPS of strict rollouts over

@@ -4,6 +4,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +263,87 @@ def test_checkpoints_from_before_spread_calibration_still_load():
     state["regression_bands"] = torch.tensor([1.5, 1.2, 1.0, 0.9, 0.8])
     fresh.load_state_dict(state)
     assert fresh.regression_bands.tolist() == pytest.approx([1.5, 1.2, 1.0, 0.9, 0.8])
+
+
+def test_out_of_fold_days_are_blocks_dealt_in_turn():
+    from fastds.training.oof import fold_of_days
+    days = np.array([3, 4, 5, 20, 21, 40, 41, 42, 70, 71])
+    fold = fold_of_days(days, 80, 2, block=10)
+    # blocks 0, 2, 4, 7 of the training days -> folds 0, 1, 0, 1; other days -1
+    assert fold[[3, 4, 5]].tolist() == [0, 0, 0] and fold[[20, 21]].tolist() == [1, 1]
+    assert fold[[40, 41, 42]].tolist() == [0, 0, 0] and fold[[70, 71]].tolist() == [1, 1]
+    assert (fold[np.setdiff1d(np.arange(80), days)] == -1).all()
+    with pytest.raises(ValueError, match="oof_folds must be 0 .off. or at least 2"):
+        fold_of_days(days, 80, 1)
+    with pytest.raises(ValueError, match="only 4 block.s. of 10 days; use fewer folds"):
+        fold_of_days(days, 80, 5, block=10)
+
+
+def test_out_of_fold_means_take_each_items_fold_unet_and_the_run_unet_elsewhere():
+    from fastds.training.oof import OOFMeans, fit_fold_means
+
+    class Const(torch.nn.Module):  # a "U-Net" whose mean is its number everywhere
+        def __init__(self, v):
+            super().__init__()
+            self.v = v
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def cond(self, coarse, cov, lags, drop):
+            return coarse
+
+        def forward(self, x, t, cond):
+            return torch.full_like(cond[:, :1], float(self.v))
+
+    class Run:  # the DDPM side: its regression mean is the run's U-Net's (-1 here)
+        regression = True
+
+        def regression_mean(self, coarse, cov, lags, drop):
+            return torch.full_like(coarse[:, :1], -1.0)
+
+    fold = np.array([-1, 0, 1, 0, -1])
+    oof = OOFMeans(fold, [Const(10), Const(11)])
+    b = {"day": torch.tensor([1, 2, 0, 3, 2, 4]), "target": torch.zeros(6, 1, 2, 2),
+         "coarse": torch.zeros(6, 1, 2, 2), "covariates": torch.zeros(6, 3, 2, 2),
+         "lags": torch.zeros(6, 4, 2, 2)}
+    got = oof(Run(), b)[:, 0, 0, 0].tolist()
+    assert got == [10, 11, -1, 10, 11, -1]
+    assert all(not p.requires_grad for n in oof.nets for p in n.parameters())
+
+    class Set:  # what fit_fold_means reads of a FinePatches
+        def __init__(self):
+            self.days, self.times = np.arange(10, 66), np.arange(70)
+    seen = {}
+
+    def fit_fold(k, net, subset):
+        seen[k] = subset.days
+        return f"fold{k}"
+    res = fit_fold_means(Set(), 2, fit_fold, lambda: Const(0), lambda net, path: setattr(net, "v", path))
+    for k in (0, 1):  # U-Net k never sees a day of fold k, and sees every other training day
+        assert not np.isin(seen[k], np.flatnonzero(res.fold == k)).any()
+        assert set(seen[k]) | set(np.flatnonzero(res.fold == k)) == set(range(10, 66))
+    assert [n.v for n in res.nets] == ["fold0", "fold1"]
+
+
+def test_ddpm_trains_on_out_of_fold_means(trained_run, store_path, tiny_config, tmp_path, monkeypatch):
+    """``train.oof_folds = 2``: two fold U-Nets are fitted next to the run's, and the DDPM's
+    loss takes every training item's mean from the fold U-Net that never saw its day."""
+    import dataclasses
+    import shutil
+
+    from fastds.training import oof as oof_mod
+    from fastds.training.stages import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in (run / "season3").glob("ddpm*"):
+        f.unlink()
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
+        tiny_config.train, oof_folds=2, epochs=1, calibrate_spread=False))
+    calls, real = [], oof_mod.OOFMeans.__call__
+    monkeypatch.setattr(oof_mod.OOFMeans, "__call__",
+                        lambda self, m, b: calls.append(self.fold[b["day"]]) or real(self, m, b))
+    train(data=store_path, run=run, config=cfg, model="ddpm", progress=False)
+    s3 = run / "season3"
+    assert (s3 / "unet-fold0.best.pt").exists() and (s3 / "unet-fold1.best.pt").exists()
+    assert (s3 / "ddpm.best.pt").exists()
+    folds = torch.cat(calls)
+    assert (folds >= 0).any() and (folds == -1).any()  # training items in folds, validation not

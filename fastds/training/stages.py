@@ -27,6 +27,7 @@ from ..runs import (distill_settings, fine_days, fine_kwargs, load_checkpoint, l
                     run_variable, season_dir, write_run_meta)
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
+from .oof import fit_fold_means
 
 __all__ = ["pretrain", "train", "default_chain", "season_dir", "load_trained", "fine_days"]
 
@@ -448,7 +449,10 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
     return out
 
 
-def _loss_for(kind, config: Config):
+def _loss_for(kind, config: Config, oof=None):
+    """``kind``'s training loss ``(model, batch, generator) -> scalar``. ``oof``: an
+    :class:`~fastds.training.oof.OOFMeans` giving the CorrDiff DDPM each item's
+    out-of-fold mean instead of the run's U-Net's."""
     diffusion = Diffusion(config.diffusion.T, config.diffusion.prediction, config.diffusion.schedule)
     beta = config.train.vae_beta
     if config.train.unet_loss not in ("l1", "l2"):
@@ -458,7 +462,8 @@ def _loss_for(kind, config: Config):
     def ddpm(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         target = b["target"]
-        mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+        mean = (oof(m, b) if oof is not None and m.regression is not None
+                else m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop")))
         if mean is not None:  # CorrDiff: diffuse the scaled residual of the regression
             target = (target - mean) / m.regression_scale
         return diffusion.loss(m, target, cond, generator=gen)
@@ -489,6 +494,41 @@ def training_sets(store, season, config: Config):
                           anchor=train_set.anchor, seed=tc.seed + 1, pushforward=tc.pushforward,
                           cond_dropout=tc.cond_dropout, **fine_kwargs(config))
     return train_set, val_set
+
+
+def _select_for(kind, config: Config, train_set, val_set, device):
+    """How ``fit`` picks the best checkpoint: None (the validation loss), or, with
+    ``train.select = "rollout"``, for a deterministic model, minus the R² of strict rollouts
+    over the validation blocks. The DDPM's rollout skill is its mean's (the U-Net, selected
+    this way), so it keeps the loss."""
+    if config.train.select not in ("loss", "rollout"):
+        raise ValueError(f"train.select must be 'loss' or 'rollout', got {config.train.select!r}")
+    if config.train.select != "rollout" or kind in ("ddpm", "distill"):
+        return None
+
+    def rollout_select(m, fd=train_set, val_days=val_set.days):  # lower is better
+        return -rollout_score(m, fd, val_days, config, device)
+    return rollout_select
+
+
+def _oof_means(config: Config, run, season, train_set, val_set, fit_as, device):
+    """The K fold U-Nets of ``train.oof_folds`` (checkpoints ``unet-fold{k}``, resumable),
+    fitted and selected as the run's U-Net is, each without its fold's training days."""
+    if config.train.mean != "unet":
+        raise ValueError("train.oof_folds needs train.mean='unet' (out-of-fold U-Net means)")
+    select = _select_for("unet", config, train_set, val_set, device)
+
+    def fit_fold(k, net, subset):
+        ckpt, _ = fit_as(f"unet-fold{k}", net, _loss_for("unet", config), select, train_set=subset)
+        return ckpt.with_suffix(".best.pt")
+
+    def load_best(net, path):
+        ck = load_checkpoint(path)
+        net.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+        net.to(device)
+
+    return fit_fold_means(train_set, config.train.oof_folds, fit_fold,
+                          lambda: model_for("unet", config, run, season), load_best)
 
 
 def default_chain(config: Config) -> list[str]:
@@ -558,16 +598,9 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                 desc=f"train {kind} season {s}", select=select)
 
         net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device, fit_round=fit_as)
-        select = None
-        if tc.select not in ("loss", "rollout"):
-            raise ValueError(f"train.select must be 'loss' or 'rollout', got {tc.select!r}")
-        # the rollout score is a deterministic model's; the DDPM's rollout skill is its mean's,
-        # the U-Net selected this way, so the DDPM keeps the loss
-        if tc.select == "rollout" and model not in ("ddpm", "distill"):
-            def rollout_select(m, fd=train_set, val_days=val_set.days):  # lower is better
-                return -rollout_score(m, fd, val_days, config, device)
-            select = rollout_select
-        ckpt, done = fit_as(model, net, loss_fn, select)
+        if model == "ddpm" and net.regression is not None and tc.oof_folds:
+            loss_fn = _loss_for(model, config, _oof_means(config, run, s, train_set, val_set, fit_as, device))
+        ckpt, done = fit_as(model, net, loss_fn, _select_for(model, config, train_set, val_set, device))
         best = ckpt.with_suffix(".best.pt")
         # a resumed run that had finished keeps its calibration (recalibrate() refits one)
         calibrated = done.get("already_done") and load_checkpoint(best).get("calibration") is not None
