@@ -125,27 +125,32 @@ def block_bootstrap_ci(diffs, groups=None, *, block=7, reps=2000, size=0.95, see
 def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -> pd.DataFrame:
     """Per metric and model: mean(reference − model) over the shared days with its 95 %
     moving-block interval, and whether the reference is better (interval beyond 0 in the
-    metric's good direction). ``scores``: one row per (twin, seed, start, day, model)."""
+    metric's good direction). ``scores``: one row per (twin, seed, start, day, model).
+
+    The bootstrap's unit is the day: training seeds rolled out over the same days share
+    those days' weather, so their differences are averaged per (twin, start, day) first
+    (bootstrapping seeds as if independent rollouts would narrow the interval by up to
+    sqrt(seeds)); ``days`` counts the distinct days."""
     key = ["twin", "seed", "start", "time"]
     ref = scores[scores.model == reference].set_index(key)
     rows = []
     for model in sorted(set(scores.model) - {reference}):
         other = scores[scores.model == model].set_index(key)
         both = ref.index.intersection(other.index)
-        ids = pd.DataFrame(list(both), columns=key)
-        groups = (ids.twin.astype(str) + "/" + ids.seed.astype(str) + "/" + ids.start.astype(str)).to_numpy()
         for metric in ORIENT:
             if metric not in ref or metric not in other:
                 continue
-            d = (ref.loc[both, metric] - other.loc[both, metric]).to_numpy(float)
-            ok = np.isfinite(d)
-            if ok.sum() < 2:
+            d = ref.loc[both, metric].astype(float) - other.loc[both, metric].astype(float)
+            d = d[np.isfinite(d)].groupby(level=["twin", "start", "time"]).mean()
+            if len(d) < 2:
                 continue
-            mean, lo, hi = block_bootstrap_ci(d[ok], groups[ok], block=block, reps=reps)
+            groups = (d.index.get_level_values("twin").astype(str) + "/"
+                      + d.index.get_level_values("start").astype(str)).to_numpy()
+            mean, lo, hi = block_bootstrap_ci(d.to_numpy(float), groups, block=block, reps=reps)
             sign = ORIENT[metric]
             better = (sign < 0 and hi < 0) or (sign > 0 and lo > 0)
             worse = (sign < 0 and lo > 0) or (sign > 0 and hi < 0)
-            rows.append({"metric": metric, "model": model, "days": int(ok.sum()), "diff": mean,
+            rows.append({"metric": metric, "model": model, "days": len(d), "diff": mean,
                          "low": lo, "high": hi,
                          "verdict": f"{reference} better" if better else (f"{reference} worse" if worse else "tie")})
     return pd.DataFrame(rows)

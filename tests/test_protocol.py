@@ -79,6 +79,27 @@ def test_paired_differences_verdicts():
     assert d.loc[("crps_fair", "same"), "verdict"] == "tie"
 
 
+def test_seeds_on_the_same_days_are_one_day_each_in_the_interval():
+    """Three training seeds scored on the same days whose differences agree carry no more
+    information than one seed: the interval is the one-seed interval, not sqrt(3) narrower;
+    where the seeds differ, the day's difference is their mean."""
+    rng = np.random.default_rng(5)
+    diff = 0.01 + 0.02 * rng.normal(size=60)
+    rows = []
+    for seed in range(3):
+        for day in range(60):
+            start = "a" if day < 30 else "b"
+            for model, v in (("ddpm", 0.1 + diff[day]), ("null", 0.1)):
+                rows.append({"twin": "t", "seed": seed, "start": start, "time": day % 30, "model": model,
+                             "crps_fair": v + (0.003 * seed if model == "ddpm" else 0.0)})
+    df = pd.DataFrame(rows)
+    one = paired_differences(df[df.seed == 1], reference="ddpm", reps=500).set_index("metric").loc["crps_fair"]
+    three = paired_differences(df, reference="ddpm", reps=500).set_index("metric").loc["crps_fair"]
+    assert three["days"] == one["days"] == 60
+    np.testing.assert_allclose([three["diff"], three["low"], three["high"]],
+                               [one["diff"], one["low"], one["high"]], rtol=1e-9, atol=1e-12)
+
+
 def test_species_protocol_scores_each_species_and_the_species_together(tmp_path, monkeypatch):
     """A twin of two species and their total: one run per variable, each scored under
     ``twin:VARIABLE``; the cross-species correlation bias per model; the species' sum scored
