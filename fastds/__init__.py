@@ -7,6 +7,8 @@ Public API (everything else is internal and may change):
 - ``open_coarse``, ``open_fine``: NASA files or merged cubes -> daily DataArray (time, lat, lon)
 - ``prepare``: raw files -> a cached store per region
 - ``pretrain``, ``train``: Stage A and Stage C (DDPM or a baseline)
+- ``train_joint``: one model of several species as the channels of one field, over their
+  runs' U-Nets (sampled by ``sample(run=..., model="joint")``)
 - ``sample``: a trained run and dates -> fine-grid Dataset (rollout, ensembles)
 - ``sample_species``: one run per species of a multi-species store -> one Dataset, a data
   variable per species
@@ -26,7 +28,7 @@ from .stitch import StitchPlan, plan_patches, stitch
 __version__ = "0.2.0"
 
 __all__ = ["BackendUnavailable", "capabilities", "plan_patches", "stitch", "StitchPlan", "open_coarse",
-           "open_fine", "prepare", "pretrain", "train", "sample", "sample_species", "evaluate", "load_config",
+           "open_fine", "prepare", "pretrain", "train", "train_joint", "sample", "sample_species", "evaluate", "load_config",
            "run_protocol", "load_protocol", "__version__"]
 
 _LAZY = {
@@ -35,6 +37,7 @@ _LAZY = {
     "prepare": ("fastds.data.store", "prepare"),
     "pretrain": ("fastds.training.stages", "pretrain"),
     "train": ("fastds.training.stages", "train"),
+    "train_joint": ("fastds.training.joint", "train_joint"),
     "sample": ("fastds.sampling.pipeline", "sample"),
     "sample_species": ("fastds.sampling.pipeline", "sample_species"),
     "evaluate": ("fastds.report", "evaluate"),

@@ -84,15 +84,19 @@ def _training_commands(sub):
 
     p = sub.add_parser("train", help="Stage C: conditional DDPM (or a baseline)")
     _common(p)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="store from `fastds prepare` (required but for --model joint)")
     # --run-dir: torchrun rejects a bare "--run" anywhere on its command line (it abbreviates
     # its own --run-path), so multi-process training spells it out
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run folder (after pretrain); spell it --run-dir under torchrun")
-    p.add_argument("--model", default=None, choices=["ddpm", "unet", "vae", "distill"],
+    p.add_argument("--model", default=None, choices=["ddpm", "unet", "vae", "distill", "joint"],
                    help="one model (default: what the default sampler needs: the U-Net, then "
                         "the DDPM around it); distill: a few-step student of the trained DDPM "
-                        "(train.distill_steps network evaluations)")
+                        "(train.distill_steps network evaluations); joint: one model of several "
+                        "species as channels of one field, over their runs' U-Nets (--species-run)")
+    p.add_argument("--species-run", dest="species_runs", action="append", default=[],
+                   help="with --model joint: a species' run folder (its Stage A and U-Net trained), "
+                        "once per species, in channel order; --run is then the joint run's folder")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--variable", default=None,
@@ -120,9 +124,10 @@ def _sampling_commands(sub):
     p.add_argument("--members", type=int, default=None)
     p.add_argument("--mode", choices=["strict", "lenient"], default=None)
     p.add_argument("--model", default="ddpm",
-                   choices=["ddpm", "distill", "unet", "vae", "unet+iid", "unet+grf", "unet+resample",
+                   choices=["ddpm", "distill", "unet", "vae", "joint", "unet+iid", "unet+grf", "unet+resample",
                             "interp", "clim", "anchor"],
-                   help="a trained model; a null ensemble on the trained U-Net (unet+iid, "
+                   help="a trained model (joint: a joint run's species, one variable each); a null "
+                        "ensemble on the trained U-Net (unet+iid, "
                         "unet+grf, unet+resample: its validation bias removed, plus noise of its "
                         "validation error); or a baseline that needs no training: interp "
                         "(interpolated coarse), clim (interp + mean fine-scale residual), anchor "
@@ -172,6 +177,9 @@ def _config(args):
     if args.cmd == "sample" and not args.preset:
         from .runs import run_config
         return load_config(None, args.config, args.set, base=run_config(args.runs[0]))
+    if args.cmd == "train" and args.model == "joint" and not args.preset and args.species_runs:
+        from .runs import run_config  # the species runs' settings, then --config and --set
+        return load_config(None, args.config, args.set, base=run_config(args.species_runs[0]))
     cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.set)
     if getattr(args, "variable", None) and args.cmd in ("pretrain", "train"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, variable=args.variable))
@@ -216,8 +224,17 @@ def _run(args) -> int:
         for p in pretrain(data=args.data, run=args.out, config=cfg, season=args.season,
                           resume=args.resume, progress=progress, device=args.device):
             print(f"stage A checkpoint: {p}")
+    elif args.cmd == "train" and args.model == "joint":
+        from .training.joint import train_joint
+        for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,
+                             resume=args.resume, progress=progress, device=args.device):
+            print(f"joint checkpoint: {p}")
     elif args.cmd == "train":
         from .training.stages import default_chain, train
+        if not args.data:
+            raise ValueError("--data is required (the store from `fastds prepare`)")
+        if args.species_runs:
+            raise ValueError("--species-run is for --model joint")
         for kind in [args.model] if args.model else default_chain(cfg):
             for p in train(data=args.data, run=args.run, config=cfg, model=kind, season=args.season,
                            resume=args.resume, progress=progress, device=args.device):

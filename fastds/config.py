@@ -96,6 +96,9 @@ class TrainConfig:
                                   # Off: on the development days 2 folds raised raw spread/skill
                                   # 0.78 -> 0.80 and bettered energy, variogram and twCRPS a
                                   # little (fair CRPS tied) but were worse on Brier and FSS > q90
+    joint_epochs: int = 0         # the joint species model's epochs (fastds train --model joint);
+                                  # 0: K times the DDPM's (epochs x ddpm_epoch_factor), the
+                                  # training the K species' separate DDPMs get together
     calibrate_spread: bool = True  # CorrDiff DDPM: after training, fit the spread widening (one
                                   # α and per-band gains) by the fair CRPS on validation days
     calibration_rollouts: int = 0  # > 0: then refine it by the fair CRPS of strict rollouts over
@@ -182,6 +185,8 @@ class SampleConfig:
     latent_mix: tuple = ()        # x_T = sum_j w_j z_j, z_j drawn from the member's generator of
                                   # seed + 7919 j ((): z_0 alone). Species sampled by separate
                                   # runs get correlated latents this way (sample_species "coupled")
+    channel_mix: tuple = ()       # a joint model's latent channels: x_T[k] = sum_j M[k, j] z_j over
+                                  # its K channels' own draws, M row-major K x K (() : independent)
 
 
 @dataclass(frozen=True)

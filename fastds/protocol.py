@@ -230,6 +230,11 @@ class _Case:
         """Where a species twin keeps a rollout's fields for the cross-species scores."""
         return self.tdir / "preds" / f"s{self.seed}_{start:%Y%m%d}_{length}d_{variable or self.variable}_{model}.nc"
 
+    @property
+    def joint_run(self) -> Path:
+        """A species twin's joint model (``model = "joint"``), over the species' runs."""
+        return self.tdir / f"run-seed{self.seed}-joint"
+
     def periods(self):
         runs = [(pd.Timestamp(a), self.cfg.rollout_days) for a in self.cfg.starts]
         if self.cfg.reconstruction:
@@ -275,6 +280,8 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
         days = pd.date_range(start, periods=length, freq="D")
         refs = None
         for name in cfg.models:
+            if _model_of(cfg, name) == "joint" and not _is_species(case):
+                continue  # the joint model generates the species, not the total
             path = case.score_path(start, length, name)
             keep = case.pred_path(start, length, name) if case.species and name in cfg.cross_models else None
             if path.exists() and (keep is None or keep.exists()):
@@ -299,20 +306,45 @@ def _rollouts(case: _Case, config, progress, echo) -> list:
     return frames
 
 
+def _model_of(cfg, name) -> str:
+    return cfg.variants.get(name, {}).get("model", name)
+
+
+def _is_species(case: _Case) -> bool:
+    return case.species and case.variable in case.spec.species
+
+
 def _sample_rollout(case: _Case, config, name, start, days, progress):
     """One model's (or variant's) cold-started strict rollout over ``days``: (time, member,
-    lat, lon). An ensemble has ``cfg.members`` members unless its variant sets ``members``."""
+    lat, lon). An ensemble has ``cfg.members`` members unless its variant sets ``members``.
+    The joint model samples every species at once: the other species' fields are kept for
+    their own cases (which then score them without sampling)."""
     from .sampling.pipeline import sample
     cfg = case.cfg
     settings = dict(cfg.variants.get(name, {}))
     model = settings.pop("model", name)
-    latents = _species_latents(case, settings.pop("species_noise", "shared"), days)
-    ensemble = model in ("ddpm", "distill") or model.startswith("unet+")
+    noise = settings.pop("species_noise", "shared")
+    latents = _species_latents(case, noise, days) if model != "joint" else (lambda c: c)
+    ensemble = model in ("ddpm", "distill", "joint") or model.startswith("unet+")
     kw = {"mode": "strict", "members": cfg.members if ensemble else 1, "burn_in": cfg.burn_in,
           "seed": case.seed, **settings}
-    ds = sample(run=case.run, start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1],
+    if model == "joint" and noise == "coupled":  # its channels' latents coupled as the species' residuals
+        from .sampling.pipeline import joint_channel_mix
+        kw["channel_mix"] = joint_channel_mix(case.joint_run, dataclasses.replace(config.sample, **kw), days)
+    elif model == "joint" and noise != "shared":
+        raise ValueError(f"protocol: variant {name}: the joint model's species_noise is 'shared' "
+                         f"(independent channels) or 'coupled', not {noise!r}")
+    ds = sample(run=case.joint_run if model == "joint" else case.run,
+                start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1],
                 cfg=latents(dataclasses.replace(config.sample, **kw)), model=model,
                 progress=progress, cold_start=True)
+    if model == "joint":
+        for v in case.spec.species:
+            keep = case.pred_path(start, len(days), name, v)
+            if v != case.variable and not keep.exists():
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(keep) as tmp:
+                    ds[v].sel(time=days).transpose("time", "member", "lat", "lon").load().to_netcdf(tmp)
     pred = ds[case.variable].sel(time=days)
     if "member" not in pred.dims:
         pred = pred.expand_dims(member=1, axis=1)
@@ -386,7 +418,12 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
             for case, vconfig in zip(cases, configs):  # every run first: coupled species need them all
                 echo(f"protocol: {case.label} seed {seed}: training (cached in {case.run})")
                 _trained(store, case.run, vconfig, progress,
-                         distill=any(cfg.variants.get(m, {}).get("model", m) == "distill" for m in cfg.models))
+                         distill=any(_model_of(cfg, m) == "distill" for m in cfg.models))
+            if spec.species and any(_model_of(cfg, m) == "joint" for m in cfg.models):
+                from .training.joint import train_joint
+                echo(f"protocol: {twin.name} seed {seed}: training the joint model (cached in {cases[0].joint_run})")
+                train_joint(runs=[c.run for c in cases if _is_species(c)], run=cases[0].joint_run,
+                            resume=True, progress=progress)
             for case, vconfig in zip(cases, configs):
                 frames += _rollouts(case, vconfig, progress, echo)
             if spec.species:

@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "species_names", "joint_species", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "checkpoint_weights", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -29,12 +29,13 @@ def season_dir(run, season) -> Path:
     return Path(run) / f"season{int(season)}"
 
 
-def write_run_meta(run, store, config: Config):
-    """Record the store and the resolved config of a run (atomically)."""
+def write_run_meta(run, store, config: Config, extra=None):
+    """Record the store and the resolved config of a run (atomically); ``extra``: more of
+    ``run.json`` (a joint run's species and their runs)."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"store": str(Path(store.path).resolve()), "region": [store.region.name, *store.region.as_tuple()],
-            "variable": store.variable}
+            "variable": store.variable, **(extra or {})}
     with atomic_path(run / "run.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     with atomic_path(run / "config.toml") as tmp:
@@ -55,6 +56,26 @@ def run_variable(run) -> str | None:
     (the store then must hold a single species)."""
     meta = Path(run) / "run.json"
     return json.loads(meta.read_text()).get("variable") if meta.exists() else None
+
+
+def species_names(runs, what) -> list[str]:
+    """The species of one run per species (``runs``), in order; an error naming the run
+    folder without a species, or the species named twice (``what``: the caller)."""
+    names = [run_variable(r) for r in runs]
+    if None in names:
+        raise ValueError(f"{what}: {runs[names.index(None)]} has no run.json naming its species; "
+                         "is it a fastds run folder?")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise ValueError(f"{what}: two runs are of {twice[0]}; give one run per species")
+    return names
+
+
+def joint_species(run) -> list[Path]:
+    """The species runs a joint run was trained over (its ``run.json``: ``fastds train
+    --model joint``), in channel order; [] for any other run folder."""
+    meta = Path(run) / "run.json"
+    return [Path(r) for r in json.loads(meta.read_text()).get("species_runs", [])] if meta.exists() else []
 
 
 def run_config(run) -> Config:
@@ -88,6 +109,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                            "delete it to start over") from None
 
 
+def checkpoint_weights(ck: dict, use_ema=True) -> dict:
+    """A checkpoint's weights: the EMA's where it saved them (best checkpoints store the EMA
+    as the averaged module's own state_dict, same keys) and ``use_ema``, else the model's."""
+    return ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
+
+
 def fine_kwargs(config: Config) -> dict:
     """How a config sees the fine record: the one mapping from settings to dataset options,
     shared by training and sampling so both see the same inputs."""
@@ -117,6 +144,8 @@ def model_for(kind, config: Config, run, season):
     from the run (and, for the CorrDiff DDPM, an untrained U-Net mean attached). A distilled
     student (``"distill"``) is a DDPM network."""
     from .models.conditional import build_model
+    if kind == "joint":
+        return _joint_for(config, run, season)
     tcfg = config.train
     transfer_widths = config.pretrain.widths if tcfg.transfer else None
     torch.manual_seed(tcfg.seed)
@@ -143,6 +172,20 @@ def model_for(kind, config: Config, run, season):
     return model
 
 
+def _joint_for(config: Config, run, season):
+    """An untrained joint denoiser over the trained U-Nets of the joint run's species runs."""
+    from .models.joint import build_joint
+    runs = joint_species(run)
+    if not runs:
+        raise FileNotFoundError(f"{Path(run) / 'run.json'} names no species runs; is {run} a joint run "
+                                "(`fastds train --model joint --species-run A --species-run B ...`)?")
+    means = [load_trained(r, season, "unet")[0] for r in runs]
+    torch.manual_seed(config.train.seed)
+    return build_joint(means, [run_variable(r) for r in runs], widths=config.train.widths,
+                       attention=config.train.attention,
+                       n_covariates=len(COVARIATE_SETS[config.data.covariates]))
+
+
 def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     """(model in eval mode, Config) from a run's best checkpoint for ``season``.
 
@@ -154,8 +197,7 @@ def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):
     ck = load_checkpoint(path, map_location=device)
     config = config_from_toml(ck["config"])
     model = model_for(kind, config, run, season)
-    # best checkpoints store the EMA as the averaged module's own state_dict (same keys)
-    state = dict(ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"])
+    state = dict(checkpoint_weights(ck, use_ema))
     model.load_state_dict(state)  # (older checkpoints: see ConditionalModel._load_from_state_dict)
     model.anchor = Anchor.from_dict(ck["anchor"]) if ck.get("anchor") else None
     model.calibration = ck.get("calibration")  # the spread calibration's curves (DDPM), or None

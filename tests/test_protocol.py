@@ -103,22 +103,28 @@ def test_seeds_on_the_same_days_are_one_day_each_in_the_interval():
 def test_species_protocol_scores_each_species_and_the_species_together(tmp_path, monkeypatch):
     """A twin of two species and their total: one run per variable, each scored under
     ``twin:VARIABLE``; the cross-species correlation bias per model; the species' sum scored
-    as ``NAME-sum`` of the total beside the total-only model; and a resume samples nothing."""
+    as ``NAME-sum`` of the total beside the total-only model; the joint model of the species,
+    sampled once for both; and a resume samples nothing."""
     twin = TwinCase("sp", {"coarse_start": "2005-01-01", "coarse_end": "2005-12-31",
                            "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 5,
                            "species": ["DUEXTTAU", "SSEXTTAU"], "total": "TOTEXTTAU"})
     cfg = ProtocolConfig(tier="toy", twins=(twin,), seeds=(0,), seasons=(3,), starts=("2005-08-27",),
-                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "ddpm-coupled", "clim"),
-                         cross_models=("ddpm", "ddpm-coupled", "clim"), overrides=TEST_OVERRIDES, reps=100,
-                         variants={"ddpm-coupled": {"model": "ddpm", "species_noise": "coupled"}})
+                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "ddpm-coupled", "joint", "clim"),
+                         cross_models=("ddpm", "ddpm-coupled", "joint", "clim"), overrides=TEST_OVERRIDES,
+                         reps=100, variants={"ddpm-coupled": {"model": "ddpm", "species_noise": "coupled"}})
+    import fastds.sampling.pipeline as pipeline
+    calls, real = [], pipeline.sample
+    monkeypatch.setattr(pipeline, "sample", lambda **k: calls.append(k["model"]) or real(**k))
     run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
+    monkeypatch.setattr(pipeline, "sample", real)
+    assert calls.count("joint") == 1  # both species from one joint rollout
     saved = json.loads((tmp_path / "results.json").read_text())
     groups = {(r["twin"], r["model"]) for r in saved["summary"]}
-    models = {"ddpm", "ddpm-coupled", "clim"}
-    assert groups == {(f"sp:{v}", m) for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU") for m in models} | \
-        {("sp:TOTEXTTAU", f"{m}-sum") for m in models}
+    models = {"ddpm", "ddpm-coupled", "joint", "clim"}
+    assert groups == {(f"sp:{v}", m) for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU") for m in models
+                      if (v, m) != ("TOTEXTTAU", "joint")} | {("sp:TOTEXTTAU", f"{m}-sum") for m in models}
     assert {p["model"] for p in saved["paired"]["sp:TOTEXTTAU"]} == \
-        {"ddpm-coupled", "clim", "ddpm-sum", "ddpm-coupled-sum", "clim-sum"}
+        {"ddpm-coupled", "clim", "ddpm-sum", "ddpm-coupled-sum", "joint-sum", "clim-sum"}
     pairs = saved["species_correlation"]
     assert {(r["model"], r["pair"]) for r in pairs} == {(m, "DUEXTTAU~SSEXTTAU") for m in models}
     # the coupled variant: the first species as the shared default, the second on its own latents
@@ -134,7 +140,6 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")} == stamps
     # scores removed (e.g. to re-score after a change to the scoring code) are made again
     # from the kept fields, without sampling anything
-    import fastds.sampling.pipeline as pipeline
     score = next((tmp_path / "scores").glob("sp-SSEXTTAU_*_ddpm-coupled.csv"))
     before = pd.read_csv(score)
     score.unlink()

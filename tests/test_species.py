@@ -341,3 +341,189 @@ def test_a_unit_latent_mix_samples_exactly_the_default(trained_run):
     assert b.attrs["latent_mix"] == "[1.0]"
     c = sample(run=trained_run, latent_mix=(0.0, 1.0), **kw)["DUEXTTAU"].values
     assert not np.allclose(a, c)
+
+
+@pytest.fixture(scope="module")
+def joint_run(species_runs, tmp_path_factory):
+    """A joint model of sea salt and sulfate over the species runs' U-Nets."""
+    from fastds.training.joint import train_joint
+    _, runs = species_runs
+    run = tmp_path_factory.mktemp("joint")
+    best = train_joint(runs=[runs["SSEXTTAU"], runs["SUEXTTAU"]], run=run, progress=False)
+    return run, best
+
+
+def test_joint_model_trains_only_its_denoiser_and_calibrates_each_species(joint_run, species_runs):
+    from fastds.runs import load_checkpoint, load_trained
+    _, runs = species_runs
+    run, best = joint_run
+    ck = load_checkpoint(best[0])
+    assert ck["kind"] == "joint" and ck["species"] == ["SSEXTTAU", "SUEXTTAU"]
+    model, _ = load_trained(run, 3, "joint")
+    # the species' U-Nets are frozen: no gradient, no optimizer slot; the denoiser alone trains
+    assert not any(p.requires_grad for p in model.means.parameters())
+    n_trained = sum(1 for p in model.parameters() if p.requires_grad)
+    assert n_trained == len(list(model.net.parameters()))
+    last = load_checkpoint(run / "season3" / "joint.pt")
+    assert sum(len(g["params"]) for g in last["optimizer"]["param_groups"]) == n_trained
+    # each mean is its species' trained U-Net, bit for bit
+    for k, v in enumerate(("SSEXTTAU", "SUEXTTAU")):
+        unet, _ = load_trained(runs[v], 3, "unet")
+        for (name, a), b in zip(model.means[k].state_dict().items(), unet.state_dict().values()):
+            assert torch.equal(a, b), name
+    cal = ck["calibration"]
+    assert [len(c["crps_fair"]) for c in cal["species"]] == [len(cal["species"][0]["inflations"])] * 2
+    assert model.regression_inflation.shape == (2,) and model.regression_bands.shape[0] == 2
+    assert (model.regression_scale > 0).all()
+
+
+def test_joint_day_means_are_each_species_unet_and_its_residual_has_every_channel(joint_run, species_runs):
+    """On one day with true lags, channel k of the joint model's mean is species k's U-Net
+    prediction (the same patches, the conditioning computed once for mean and residual)."""
+    import dataclasses
+
+    from fastds.runs import fine_days, load_trained, run_config
+    from fastds.sampling.day import DayInputs, downscale_day
+    store, runs = species_runs
+    run, _ = joint_run
+    model, conf = load_trained(run, 3, "joint")
+    cfg = dataclasses.replace(conf.sample, mean_stride=0, members=2, precision="fp32")
+    fds, e = [], None
+    for v in ("SSEXTTAU", "SUEXTTAU"):
+        from fastds.data.store import open_store
+        fd = fine_days(open_store(store, variable=v), run_config(runs[v]), 3,
+                       anchor=load_trained(runs[v], 3, "unet")[0].anchor)
+        fds.append(fd)
+    e = int(np.flatnonzero(fds[0].test_free_window())[-1])
+    t = conf.data.t_lag
+    inputs = DayInputs(np.concatenate([fd.coarse_on_fine(e) for fd in fds]), fds[0].covariates(e),
+                       np.concatenate([fd.y[e - t:e] for fd in fds])[None])
+    means, res = downscale_day(model, inputs, cfg=cfg, T=conf.diffusion.T, members=2,
+                               prediction=conf.diffusion.prediction, day_key=e, parts=True)
+    assert means.shape == res.shape == (2, 2) + fds[0].shape
+    for k, (v, fd) in enumerate(zip(("SSEXTTAU", "SUEXTTAU"), fds)):
+        unet, _ = load_trained(runs[v], 3, "unet")
+        one = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - t:e][None])
+        ref = downscale_day(unet, one, kind="unet", cfg=cfg)[0]
+        np.testing.assert_allclose(means[0, k], ref, rtol=1e-5, atol=1e-5)
+        assert res[:, k].std() > 0 and np.isfinite(res[:, k]).all()
+    # the two members are an antithetic pair when the run samples pairs
+    if cfg.antithetic:
+        assert not np.allclose(res[0], res[1])
+
+
+def test_joint_rollout_writes_one_variable_per_species_and_resumes(joint_run, tmp_path):
+    from fastds.cli import main
+    from fastds.sampling.pipeline import sample
+    run, _ = joint_run
+    kw = dict(start="2005-08-28", end="2005-08-31", members=2, mode="strict")
+    ds = sample(run=run, model="joint", progress=False, **kw)
+    assert sorted(ds.data_vars) == ["SSEXTTAU", "SUEXTTAU"] and ds.attrs["species"] == "SSEXTTAU,SUEXTTAU"
+    assert ds["SSEXTTAU"].dims == ("time", "member", "lat", "lon") and ds.sizes["time"] == 4
+    assert "sea_salt" in ds["SSEXTTAU"].attrs["standard_name"]
+    assert "sulfate" in ds["SUEXTTAU"].attrs["standard_name"]
+    for v in ds.data_vars:
+        assert np.isfinite(ds[v].values).all() and (ds[v].values > 0).all()
+    # the species are not copies of each other, and the members differ
+    assert not np.allclose(ds["SSEXTTAU"].values, ds["SUEXTTAU"].values)
+    assert not np.allclose(ds["SSEXTTAU"].values[:, 0], ds["SSEXTTAU"].values[:, 1])
+    # a Zarr output, filled day by day, holds the same days; the CLI the same again
+    z = tmp_path / "joint.zarr"
+    got = sample(run=run, model="joint", out=z, progress=False, **kw)
+    for v in ds.data_vars:
+        np.testing.assert_array_equal(got[v].values, ds[v].values)
+    nc = tmp_path / "joint.nc"
+    assert main(["sample", "--run", str(run), "--model", "joint", "--start", kw["start"], "--end", kw["end"],
+                 "--members", "2", "--mode", "strict", "--out", str(nc), "--quiet"]) == 0
+    back = xr.open_dataset(nc)
+    for v in ds.data_vars:
+        np.testing.assert_array_equal(back[v].values, ds[v].values)
+    back.close()
+
+
+def test_joint_model_refuses_what_it_cannot_do(joint_run, species_runs, trained_run, tmp_path):
+    from fastds.sampling.pipeline import sample
+    from fastds.training.joint import train_joint
+    _, runs = species_runs
+    run, _ = joint_run
+    with pytest.raises(ValueError, match="two runs are of SSEXTTAU"):
+        train_joint(runs=[runs["SSEXTTAU"], runs["SSEXTTAU"]], run=tmp_path / "j", progress=False)
+    with pytest.raises(ValueError, match="at least two species"):
+        train_joint(runs=[runs["SSEXTTAU"]], run=tmp_path / "j", progress=False)
+    with pytest.raises(ValueError, match="different stores"):
+        train_joint(runs=[runs["SSEXTTAU"], trained_run], run=tmp_path / "j", progress=False)
+    with pytest.raises(ValueError, match="one process"):
+        sample(run=run, model="joint", start="2005-08-28", end="2005-08-29", segments=2)
+    with pytest.raises(ValueError, match="names no species runs"):
+        sample(run=runs["SSEXTTAU"], model="joint", start="2005-08-28", end="2005-08-29")
+    assert not (tmp_path / "j").exists()
+    from fastds.cli import main
+    assert main(["train", "--run", str(tmp_path / "j"), "--model", "unet", "--quiet"]) == 2  # no --data
+    assert main(["train", "--run", str(tmp_path / "j"), "--model", "ddpm", "--data", "x",
+                 "--species-run", str(runs["SSEXTTAU"]), "--quiet"]) == 2
+
+
+def test_joint_training_resumes_from_the_cli_without_rebuilding_a_finished_run(joint_run, species_runs,
+                                                                              monkeypatch):
+    import fastds.training.joint as joint
+    from fastds.cli import main
+    _, runs = species_runs
+    run, best = joint_run
+    stamp = best[0].stat().st_mtime_ns
+
+    def rebuilt(*a, **k):
+        raise AssertionError("a finished joint run was rebuilt")
+    monkeypatch.setattr(joint, "prepared_sets", rebuilt)
+    assert main(["train", "--model", "joint", "--run", str(run), "--species-run", str(runs["SSEXTTAU"]),
+                 "--species-run", str(runs["SUEXTTAU"]), "--resume", "--quiet"]) == 0
+    assert best[0].stat().st_mtime_ns == stamp
+
+
+def test_joint_model_trains_as_long_as_the_separate_ddpms_together_unless_told(tiny_config):
+    import dataclasses
+
+    from fastds.training.joint import _joint_settings
+    tc = tiny_config.train
+    assert _joint_settings(tiny_config, 3)["epochs"] == 3 * tc.epochs * tc.ddpm_epoch_factor
+    seven = dataclasses.replace(tiny_config, train=dataclasses.replace(tc, joint_epochs=7))
+    assert _joint_settings(seven, 3)["epochs"] == 7
+    with pytest.raises(ValueError, match="joint_epochs"):
+        _joint_settings(dataclasses.replace(tiny_config, train=dataclasses.replace(tc, joint_epochs=-1)), 3)
+
+
+def test_channel_mix_correlates_a_joint_models_latent_channels_and_refuses_a_wrong_size():
+    from fastds.sampling.day import _Latents, member_draws
+    gens = lambda: member_draws(0, 3, 0, 2, antithetic=True)  # noqa: E731
+    plain = _Latents((), 0, 3, 0, 2, True, "cpu")
+    same = _Latents((), 0, 3, 0, 2, True, "cpu", channel_mix=(1.0, 0.0, 0.0, 1.0))
+    copy = _Latents((), 0, 3, 0, 2, True, "cpu", channel_mix=(1.0, 0.0, 1.0, 0.0))
+    (g0, _), (g1, _), (g2, signs) = gens(), gens(), gens()
+    a = plain.draw(1, (1, 2, 5, 7), g0[1], signs[1])
+    assert torch.equal(same.draw(1, (1, 2, 5, 7), g1[1], signs[1]), a)  # the identity changes nothing
+    c = copy.draw(1, (1, 2, 5, 7), g2[1], signs[1])
+    assert torch.equal(c[:, 1], a[:, 0]) and torch.equal(c[:, 0], a[:, 0])  # channel 1 takes channel 0's draw
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the network calls run: x_T stays fp32
+        assert copy.draw(1, (1, 2, 5, 7), gens()[0][1], signs[1]).dtype == torch.float32
+    with pytest.raises(ValueError, match="channel_mix: needs 3 x 3"):
+        same.draw(0, (1, 3, 5, 7), gens()[0][0], 1.0)
+
+
+def test_a_joint_run_couples_its_channels_as_separate_species_runs_are_coupled(joint_run, species_runs):
+    import pandas as pd
+
+    from fastds.runs import sample_settings
+    from fastds.sampling.pipeline import joint_channel_mix, sample, species_latent_mix
+    _, runs = species_runs
+    run, _ = joint_run
+    cfg = sample_settings(run)
+    days = pd.date_range("2005-08-28", "2005-08-29")
+    m = np.asarray(joint_channel_mix(run, cfg, days)).reshape(2, 2)
+    rows = species_latent_mix([runs["SSEXTTAU"], runs["SUEXTTAU"]], cfg, days)
+    np.testing.assert_allclose(m, [[rows[0][0], 0.0], list(rows[1])])
+    np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0)
+    kw = dict(start="2005-08-28", end="2005-08-29", members=2, mode="strict", progress=False)
+    coupled = sample(run=run, model="joint", channel_mix=tuple(m.ravel()), **kw)
+    plain = sample(run=run, model="joint", **kw)
+    assert coupled.attrs["channel_mix"] and "channel_mix" not in plain.attrs
+    # the first channel draws as before; the second takes part of the first's draw
+    assert not np.allclose(coupled["SUEXTTAU"].values, plain["SUEXTTAU"].values)

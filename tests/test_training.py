@@ -347,3 +347,10 @@ def test_ddpm_trains_on_out_of_fold_means(trained_run, store_path, tiny_config, 
     assert (s3 / "ddpm.best.pt").exists()
     folds = torch.cat(calls)
     assert (folds >= 0).any() and (folds == -1).any()  # training items in folds, validation not
+    # resuming the finished DDPM walks no fold U-Net
+    import fastds.training.stages as stages
+
+    def walked(*a, **k):
+        raise AssertionError("the fold U-Nets were walked again")
+    monkeypatch.setattr(stages, "fit_fold_means", walked)
+    train(data=store_path, run=run, config=cfg, model="ddpm", progress=False, resume=True)

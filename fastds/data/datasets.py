@@ -18,7 +18,7 @@ from .store import Store
 from .transforms import (COVARIATE_SETS, FLOOR, SPLITS, Anchor, align_index, covariate_maps,
                          event_maps, fit_anchor, from_log, to_log, upsample, window_index)
 
-__all__ = ["LagSequences", "FinePatches", "FineDays", "SPACES"]
+__all__ = ["LagSequences", "FinePatches", "SpeciesPatches", "FineDays", "SPACES"]
 
 SPACES = ("absolute", "residual")
 
@@ -371,6 +371,40 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
             "lags": torch.from_numpy(lags),
             "day": torch.tensor(d), "start": torch.tensor([y0, x0]), "drop": torch.tensor(drop),
         }
+
+
+class SpeciesPatches(torch.utils.data.Dataset):
+    """Several species' FinePatches of one store as one dataset: item i stacks item i of each
+    (the same day, patch start, pushforward length and dropout flag: their draws are seeded by
+    (seed, epoch, i), so sets built alike agree), the species in ``sets``' order.
+
+    Item -> ``target`` (K, t, t), ``coarse`` (K, t, t), ``covariates`` (C, t, t) (the
+    species share them), ``lags`` (K·T_lag, t, t) (species k's window at k·T_lag), ``day``,
+    ``start`` and ``drop`` as FinePatches gives them.
+    """
+
+    def __init__(self, sets):
+        sets = list(sets)
+        first = sets[0]
+        for fp in sets[1:]:
+            if (len(fp) != len(first) or not np.array_equal(fp.days, first.days)
+                    or not np.array_equal(fp.starts, first.starts) or fp.seed != first.seed):
+                raise ValueError(f"SpeciesPatches: the sets of {first.store.variable} and "
+                                 f"{fp.store.variable} differ in days, patches or seed; build them alike")
+        self.sets = sets
+
+    def __len__(self):
+        return len(self.sets[0])
+
+    def set_epoch(self, epoch: int):
+        for fp in self.sets:
+            fp.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        items = [fp[i] for fp in self.sets]
+        out = {k: torch.cat([it[k] for it in items]) for k in ("target", "coarse", "lags")}
+        out.update({k: items[0][k] for k in ("covariates", "day", "start", "drop")})
+        return out
 
 
 class FineDays(_FineBase):

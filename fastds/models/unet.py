@@ -100,15 +100,16 @@ class TemporalUNet(nn.Module):
 class Denoiser(nn.Module):
     """Stage C network: ``model(x_t, t, cond)``.
 
-    x_t (B, 1, h, w) noisy target (or None for the deterministic baseline);
+    x_t (B, channels, h, w) noisy target (or None for the deterministic baseline);
     t (B,) long timesteps (ignored when ``timesteps=False``);
     cond (B, cond_channels, h, w): next-day coarse, covariates, transfer features.
-    Returns (B, 1, h, w); ``output="sigmoid"`` bounds it to (0, 1) like the reference code's
+    Returns (B, channels, h, w) (``channels`` > 1: several species as one field, see
+    :class:`~fastds.models.joint.JointModel`); ``output="sigmoid"`` bounds it to (0, 1) like the reference code's
     x0 prediction, ``"linear"`` for epsilon/v prediction and baselines in other spaces.
     """
 
     def __init__(self, cond_channels, widths=(64, 128, 256), attention=True, timesteps=True,
-                 noisy_input=True, output="sigmoid"):
+                 noisy_input=True, output="sigmoid", channels=1):
         super().__init__()
         self.timesteps = timesteps
         self.noisy_input = noisy_input
@@ -116,9 +117,9 @@ class Denoiser(nn.Module):
         if timesteps:
             self.temb = nn.Sequential(nn.Linear(widths[0], self.emb_dim), nn.SiLU(),
                                       nn.Linear(self.emb_dim, self.emb_dim))
-        cin = cond_channels + (1 if noisy_input else 0)
+        cin = cond_channels + (int(channels) if noisy_input else 0)
         self.encoder = UNetEncoder(cin, widths, attention, self.emb_dim)
-        self.decoder = UNetDecoder(1, widths, self.emb_dim)
+        self.decoder = UNetDecoder(int(channels), widths, self.emb_dim)
         if output not in ("sigmoid", "linear"):
             raise ValueError(f"output must be 'sigmoid' or 'linear', got {output!r}")
         self.output = output

@@ -37,7 +37,9 @@ _GRAPHS = GraphCache(max_entries=4)
 @dataclass
 class DayInputs:
     """Normalised inputs of one day on the fine grid: coarse (1, H, W), covariates (C, H, W),
-    lags (members or 1, t_lag, H, W)."""
+    lags (members or 1, t_lag, H, W). A joint model of K species
+    (:class:`~fastds.models.joint.JointModel`): coarse (K, H, W) and lags (members or 1,
+    K·t_lag, H, W), species k's window at ``k·t_lag``."""
     coarse: np.ndarray
     covariates: np.ndarray
     lags: np.ndarray
@@ -50,7 +52,16 @@ class _Patches:
     tile: int
     halo: int
     shape: tuple
-    base: torch.Tensor      # (N, 1 + C, tile, tile)
+    base: torch.Tensor      # (N, K + C, tile, tile): K coarse channels (1, or one per species)
+    k: int = 1
+
+    @property
+    def coarse(self):
+        return self.base[:, :self.k]
+
+    @property
+    def covariates(self):
+        return self.base[:, self.k:]
 
     @classmethod
     def of(cls, inputs: DayInputs, cfg: SampleConfig, device):
@@ -59,15 +70,22 @@ class _Patches:
         halo = min(cfg.halo, (tile - 1) // 2)
         starts = plan_patches((H, W), tile, halo, min(cfg.stride, tile - 2 * halo))
         base = np.concatenate([inputs.coarse, inputs.covariates], 0)
-        return cls(starts, tile, halo, (H, W), torch.from_numpy(_patchify(base, starts, tile)).to(device))
+        return cls(starts, tile, halo, (H, W), torch.from_numpy(_patchify(base, starts, tile)).to(device),
+                   len(inputs.coarse))
 
     def lags(self, lags, sl=slice(None), device="cpu"):
         """A lag stack (t_lag, H, W) cut into the patches ``sl``: (n, t_lag, tile, tile)."""
         return torch.from_numpy(_patchify(lags, self.starts[sl], self.tile)).to(device)
 
     def stitch(self, patches):
-        """(N, tile, tile) -> the (H, W) image, numpy (stitched where the patches are)."""
+        """(N, tile, tile) -> the (H, W) image, numpy (stitched where the patches are);
+        (N, K, tile, tile) -> (K, H, W)."""
         return stitch(patches.float(), self.starts, self.shape, halo=self.halo).cpu().numpy()
+
+    def channels(self, out):
+        """A network's patch output (N, K, tile, tile) as :meth:`stitch` takes it: the one
+        channel dropped for a single field."""
+        return out[:, 0] if self.k == 1 else out
 
 
 def _drop(cfg, n, device):
@@ -103,6 +121,8 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     sampler step (the reference code's recipe, kept for benchmarks). ``parts=True`` (a
     CorrDiff DDPM): ``(means, residuals)``, each (members, H, W), whose sum is the field
     returned otherwise: the spread calibration needs both, and the mean is then computed once.
+    A joint model of K species (``model.channels`` > 1, inputs as :class:`DayInputs` says)
+    gives (members, K, H, W), each species widened and scaled by its own calibration.
     """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
@@ -138,16 +158,14 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     same_geometry = cfg.mean_stride in (0, cfg.stride)
     means, on_cond = None, None
     if same_geometry and cfg.fusion == "step" and run["cache_conditioning"] and model.shares_conditioning():
-        means = np.empty((members,) + tuple(patches.shape), np.float32)
+        means = np.empty((members,) + _field_shape(patches), np.float32)
 
         def on_cond(k, cond):
             parts = [model.regression_mean_of(cond[sl]) for sl in _batches(len(cond), cfg.batch)]
-            means[k:] = patches.stitch(torch.cat(parts)[:, 0])  # members after k share it until their own
+            means[k:] = patches.stitch(patches.channels(torch.cat(parts)))  # members after k share it until their own
     res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
                     patches=patches, on_cond=on_cond, **run)
-    alpha, gains = spread_widening(model, cfg)
-    res = widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
-    scale = float(model.regression_scale)
+    res = _widened(model, res, cfg, member0, patches.k)
     if means is None:
         # the deterministic mean needs no overlap for texture: a sparser geometry is cheaper
         mpatches = patches if same_geometry else \
@@ -157,7 +175,27 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
             if k == 0 or not shared_lags:
                 mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
             means[k] = mean
-    return means, scale * res
+    return means, res
+
+
+def _widened(model, res, cfg, member0, k):
+    """The residual sample scaled and widened as ``cfg`` says: (members, H, W), or per
+    species channel for a joint model ((members, K, H, W), each its own α, gains and scale)."""
+    alpha, gains = spread_widening(model, cfg)
+    scale = model.regression_scale.detach().cpu().double().numpy().reshape(-1)
+    if k == 1:
+        return float(scale[0]) * widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
+    out = np.empty_like(res)
+    alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))  # 1.0 when not calibrated
+    for j in range(k):
+        out[:, j] = scale[j] * widen(res[:, j], float(alpha[j]), gains=None if gains is None else gains[j],
+                                     member0=member0, antithetic=cfg.antithetic)
+    return out
+
+
+def _field_shape(patches: _Patches) -> tuple:
+    """One member's field: (H, W), or (K, H, W) for K species."""
+    return tuple(patches.shape) if patches.k == 1 else (patches.k,) + tuple(patches.shape)
 
 
 def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
@@ -165,9 +203,9 @@ def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
     parts = []
     for sl in _batches(len(patches.starts), cfg.batch):
         lag_p = patches.lags(inputs.lags[member], sl, device)
-        parts.append(model.regression_mean(patches.base[sl, :1], patches.base[sl, 1:], lag_p,
+        parts.append(model.regression_mean(patches.coarse[sl], patches.covariates[sl], lag_p,
                                            _drop(cfg, len(lag_p), device)))
-    return patches.stitch(torch.cat(parts)[:, 0])
+    return patches.stitch(patches.channels(torch.cat(parts)))
 
 
 LATENT_STREAM_STRIDE = 7919  # seed offset between the latent streams of ``sample.latent_mix``
@@ -182,7 +220,8 @@ def _generate(model, inputs, *, kind, cfg, T, prediction, members, seed, day_key
     patches = patches if patches is not None else _Patches.of(inputs, cfg, device)
     gens, signs = member_draws(seed, day_key, member0, members, antithetic=cfg.antithetic,
                                device=device)
-    latents = _Latents(cfg.latent_mix, seed, day_key, member0, members, cfg.antithetic, device)
+    latents = _Latents(cfg.latent_mix, seed, day_key, member0, members, cfg.antithetic, device,
+                       cfg.channel_mix)
     plans = None
     if kind == "ddpm":
         plan = make_plan(cfg.sampler, T=T, steps=cfg.steps, prediction=prediction, eta=cfg.eta,
@@ -203,10 +242,13 @@ class _Latents:
     """x_T of each member: ``signs[k] * randn`` from the member's generator, or with
     ``sample.latent_mix`` w the sum over j of w_j · randn from the member's generator of
     stream j (seed + LATENT_STREAM_STRIDE·j; stream 0 is the member's own generator, which
-    then goes on to draw the trajectory's noise)."""
+    then goes on to draw the trajectory's noise); with ``sample.channel_mix`` M (a joint
+    model's K channels) channel k is Σ_j M[k, j] times channel j's draw."""
 
-    def __init__(self, mix, seed, day_key, member0, members, antithetic, device):
+    def __init__(self, mix, seed, day_key, member0, members, antithetic, device, channel_mix=()):
         self.mix = tuple(float(w) for w in mix)
+        self.channels = (torch.tensor(channel_mix, dtype=torch.float32, device=device)
+                         if len(channel_mix) else None)
         self.streams = [member_draws(seed + LATENT_STREAM_STRIDE * j, day_key, member0, members,
                                      antithetic=antithetic, device=device)[0]
                         for j in range(1, len(self.mix))]
@@ -218,6 +260,14 @@ class _Latents:
             x = self.mix[0] * x
             for w, stream in zip(self.mix[1:], self.streams):
                 x = x + w * torch.randn(shape, generator=stream[k], device=self.device)
+        if self.channels is not None:  # a joint model's channels correlated: x[:, k] = Σ_j M[k, j] x[:, j]
+            K = shape[1]
+            if self.channels.numel() != K * K:
+                raise ValueError(f"sample.channel_mix: needs {K} x {K} weights for {K} channels, "
+                                 f"got {self.channels.numel()}")
+            # in fp32 whatever autocast the network calls run under: x_T is the sampler's state
+            with torch.autocast(device_type=torch.device(self.device).type, enabled=False):
+                x = torch.einsum("kj,bjhw->bkhw", self.channels.view(K, K), x)
         return sign * x
 
 
@@ -227,10 +277,10 @@ def _patchwise(per_kind, inputs, patches: _Patches, gens, progress, latents: _La
     n, members, device = len(patches.starts), len(gens), per_kind.device
     shared_lags = inputs.lags.shape[0] == 1
     t = patches.tile
-    x_T = [latents.draw(k, (n, 1, t, t), g, s) for k, (g, s) in enumerate(zip(gens, per_kind.signs))]
+    x_T = [latents.draw(k, (n, patches.k, t, t), g, s) for k, (g, s) in enumerate(zip(gens, per_kind.signs))]
     pieces = [[] for _ in range(members)]
     for sl in _batches(n, per_kind.cfg.batch):
-        coarse, cov = patches.base[sl, :1], patches.base[sl, 1:]
+        coarse, cov = patches.coarse[sl], patches.covariates[sl]
         lags = cond = None
         for k, gen in enumerate(gens):
             if lags is None or not shared_lags:
@@ -242,7 +292,7 @@ def _patchwise(per_kind, inputs, patches: _Patches, gens, progress, latents: _La
             pieces[k].append(per_kind.one(k, gen, x_T[k][sl], cond, coarse, cov, lags))
         if progress is not None:
             progress.update(members * (sl.stop - sl.start))
-    return np.stack([patches.stitch(torch.cat(p)[:, 0]) for p in pieces])
+    return np.stack([patches.stitch(patches.channels(torch.cat(p))) for p in pieces])
 
 
 class _UNetPatches:
@@ -305,24 +355,25 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
     unfused sampler's result."""
     H, W = patches.shape
-    starts, base = patches.starts, patches.base
+    starts = patches.starts
     splan = StitchPlan(starts, patches.shape, tile=patches.tile, halo=patches.halo)
     shared_lags = inputs.lags.shape[0] == 1
-    out = np.empty((len(gens), H, W), np.float32)
+    out = np.empty((len(gens),) + _field_shape(patches), np.float32)
     cond = None
     for k, gen in enumerate(gens):
         if cond is None or not shared_lags:
             lags = patches.lags(inputs.lags[0 if shared_lags else k], slice(None), device)
 
             def cond_of(sl, lags=lags):
-                return model.cond(base[sl, :1], base[sl, 1:], lags[sl], _drop(cfg, len(lags[sl]), device))
+                return model.cond(patches.coarse[sl], patches.covariates[sl], lags[sl],
+                                  _drop(cfg, len(lags[sl]), device))
             # the conditioning once per patch (every step and member that shares the lags
             # reuse it), or, for the reference recipe, recomputed at every step
             cond = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
                     if cache_conditioning else cond_of)
             if on_cond is not None and cache_conditioning:
                 on_cond(k, cond)
-        x_T = latents.draw(k, (1, 1, H, W), gen, signs[k])
+        x_T = latents.draw(k, (1, patches.k, H, W), gen, signs[k])
         if graphs is not None and cache_conditioning:
             # the whole step (every patch batch, the blend, the fused update) in one graph per
             # geometry; the day's conditioning is copied into its static buffer
@@ -337,7 +388,7 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
         else:
             fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
             x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
-        out[k] = x0[0, 0].float().cpu().numpy()
+        out[k] = (x0[0, 0] if patches.k == 1 else x0[0]).float().cpu().numpy()
         if progress is not None:
             progress.update(len(starts))
     return out
@@ -365,10 +416,23 @@ def spread_widening(model, cfg: SampleConfig):
     if not cfg.calibrate or not hasattr(model, "regression_inflation"):
         return 1.0, None
     bands = getattr(model, "regression_bands", None)
-    use_bands = cfg.calibrate_bands and bands is not None and bands.numel() > 0
-    alpha, gains = ((1.0, bands.detach().cpu().double().numpy()) if use_bands
-                    else (float(model.regression_inflation), None))
+    bands = bands.detach().cpu().double().numpy() if bands is not None and bands.numel() > 0 else None
+    inflation = model.regression_inflation.detach().cpu().double().numpy().reshape(-1)
     cal = getattr(model, "calibration", None)
+    if getattr(model, "channels", 1) == 1:
+        return _widening(cfg, float(inflation[0]), bands, cal)
+    # a joint model: one widening per species channel, each from its own calibration
+    cals = (cal or {}).get("species") or [None] * len(inflation)
+    each = [_widening(cfg, float(inflation[j]), None if bands is None else bands[j], cals[j])
+            for j in range(len(inflation))]
+    alpha = np.array([a for a, _ in each])
+    return alpha, (None if each[0][1] is None else np.stack([g for _, g in each]))
+
+
+def _widening(cfg: SampleConfig, inflation, bands, cal):
+    """One field's (α, gains or None) from its saved inflation, band gains and calibration."""
+    use_bands = cfg.calibrate_bands and bands is not None
+    alpha, gains = (1.0, bands) if use_bands else (inflation, None)
     if cfg.calibrate_to == "spread" and cal:
         saved, ratios = (cal["band_factor"], cal["spread_skill_bands"]) if use_bands else \
                         (cal["inflation"], cal["spread_skill"])

@@ -8,6 +8,8 @@ day's lag window (:class:`~fastds.sampling.rollout.Rollout`). Kinds:
 - :class:`Network`: a trained ``unet``, ``vae`` or ``ddpm`` (CorrDiff included) through
   :func:`~fastds.sampling.day.downscale_day`, which composes precision, fusion, graphs and
   spread calibration around the network;
+- :class:`JointNetwork`: a joint model of several species, every species of a day at once
+  ((members, K, H, W));
 - :class:`Null`: a null ensemble, the U-Net's days plus noise with the statistics of its
   validation errors (:mod:`fastds.sampling.nulls`);
 - :class:`Interp`, :class:`Clim`, :class:`Anchor`: the baselines that need no training.
@@ -21,16 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..config import SampleConfig
 from ..data.store import Store
 from ..data.transforms import align_index, upsample
 from ..models.blocks import set_kernel_backend
-from ..runs import distill_settings, fine_days, load_trained, run_config
+from ..runs import distill_settings, fine_days, joint_species, load_trained, run_config
 from .day import DayInputs, downscale_day, member_draw
 from .nulls import NullStats, draw_null, null_rng
 
-__all__ = ["Season", "DayContext", "Network", "Null", "Interp", "Clim", "Anchor", "interp_field"]
+__all__ = ["Season", "DayContext", "Network", "JointNetwork", "Null", "Interp", "Clim", "Anchor", "interp_field"]
 
 
 @dataclass
@@ -102,6 +105,42 @@ class Network:
                           cache_conditioning=self.cache_conditioning, device=self.device,
                           backend=self.backend, member0=ctx.member0)
         return st.fd.to_physical(z, ctx.c)
+
+
+class JointNetwork(Network):
+    """A joint model of several species (``fastds train --model joint``): ``stores`` are its
+    species' views of the store, in channel order; a day is (members, K, H, W) physical, each
+    species through its own anchor and normalisation. Its season's ``fd`` is one FineDays per
+    species."""
+
+    def __init__(self, *, run, stores, cfg: SampleConfig, device="cpu", backend="auto", cache_conditioning=True):
+        super().__init__("joint", run=run, store=stores[0], cfg=cfg, device=device, backend=backend,
+                         cache_conditioning=cache_conditioning)
+        self.stores = list(stores)
+
+    def season(self, s) -> Season:
+        if s not in self.seasons:
+            model, conf = load_trained(self.run, s, "joint", use_ema=self.cfg.use_ema, device=self.device)
+            set_kernel_backend(model, self.cfg.kernels)
+            if self.cfg.compile:
+                model.net = torch.compile(model.net, dynamic=False)
+            if not self.cfg.lag_conditioning and conf.train.cond_dropout <= 0:
+                raise ValueError(f"sample: sample.lag_conditioning=false asks for the coarse-only "
+                                 f"fallback, but the season-{s} joint model was trained with "
+                                 "train.cond_dropout=0; retrain with train.cond_dropout > 0")
+            fds = [fine_days(st, run_config(r), s, anchor=a)
+                   for st, r, a in zip(self.stores, joint_species(self.run), model.anchors)]
+            self.seasons[s] = Season(model, conf, fds)
+        return self.seasons[s]
+
+    def day(self, ctx: DayContext) -> np.ndarray:
+        st = ctx.state
+        z = downscale_day(st.model, ctx.inputs, kind="ddpm", cfg=self.cfg, T=st.config.diffusion.T,
+                          prediction=st.config.diffusion.prediction, members=ctx.members,
+                          seed=self.cfg.seed, day_key=ctx.day_key,
+                          cache_conditioning=self.cache_conditioning, device=self.device,
+                          backend=self.backend, member0=ctx.member0)
+        return np.stack([fd.to_physical(z[:, k], ctx.c) for k, fd in enumerate(st.fd)], 1)
 
 
 class Null:

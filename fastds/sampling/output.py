@@ -72,9 +72,9 @@ class DayStore:
 
     def __init__(self, out, template: xr.Dataset, signature: dict):
         self.out = Path(out)
-        self.var = next(iter(template.data_vars))
-        self.dims = template[self.var].dims
-        self.day_shape = template[self.var].shape[1:]
+        self.vars = list(template.data_vars)  # one, or a joint model's species in channel order
+        self.dims = template[self.vars[0]].dims
+        self.day_shape = template[self.vars[0]].shape[1:]
         self.days = pd.DatetimeIndex(template["time"].values)
         sig = json.dumps(signature, sort_keys=True, default=str)
         if self.out.exists():
@@ -93,12 +93,16 @@ class DayStore:
         self.done = set()
 
     def put(self, day, values: np.ndarray) -> None:
-        """Write one day's ``values`` ([member,] lat, lon), then flag it written."""
+        """Write one day's ``values`` ([member,] lat, lon), or (member, K, lat, lon) for K
+        species, then flag it written."""
         i = self.days.get_loc(day)
         region = {"time": slice(i, i + 1)}
+        arr = np.asarray(values, np.float32)
         # one member without a member dim: (1, lat, lon) -> (lat, lon), as the template has it
-        arr = np.asarray(values, np.float32).reshape(self.day_shape)
-        xr.Dataset({self.var: (self.dims, arr[None])}).to_zarr(self.out, region=region, consolidated=False)
+        fields = [arr.reshape(self.day_shape)] if len(self.vars) == 1 else \
+                 [arr[:, k].reshape(self.day_shape) for k in range(len(self.vars))]
+        xr.Dataset({v: (self.dims, f[None]) for v, f in zip(self.vars, fields)}).to_zarr(
+            self.out, region=region, consolidated=False)
         xr.Dataset({"written": ("time", np.ones(1, np.int8))}).to_zarr(self.out, region=region,
                                                                       consolidated=False)
         self.done.add(day)

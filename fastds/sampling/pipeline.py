@@ -21,10 +21,11 @@ from ..config import SampleConfig
 from ..data.regions import season_of
 from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
-from ..runs import distill_settings, load_trained, run_config, run_store, run_variable, sample_settings
+from ..runs import (distill_settings, joint_species, load_trained, run_config, run_store, run_variable,
+                    sample_settings, species_names)
 from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, inflate_residuals, member_draws,
                   spread_widening)
-from .downscalers import Anchor, Clim, Interp, Network, Null, interp_field
+from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULLS, NullStats, fit_null_stats
 from .output import is_zarr, open_output, write_output
@@ -101,7 +102,9 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
     residuals are on validation days (``"coupled"``, the default: a Gaussian copula on the
     latents, see :func:`species_latent_mix`), from one seed (``"shared"``: member k of every
     species starts from the same noise) or each from its own (``"independent"``: the seed
-    offset by the species' position). None is a joint model. On the species protocol tier
+    offset by the species' position). The separate models stay separate; one model of every
+    species is a joint run (:func:`~fastds.training.joint.train_joint`, sampled by
+    :func:`sample` with ``model="joint"``). On the species protocol tier
     (reported days and a development start) only ``coupled`` keeps the inter-species
     correlation within 0.1 of the truth's (−0.05 / −0.04; shared +0.29, independent −0.25)
     and the summed species calibrated (spread/skill 1.00 / 0.97).
@@ -116,13 +119,7 @@ def sample_species(*, runs, start, end, out=None, noise="coupled", total=None, *
         noise = "shared"  # only a diffusion sampler draws x_T: nothing to couple (and no residual fit)
     latents = species_latents(noise, runs, _days_of(start, end), data=kwargs.get("data"),
                               device=kwargs.get("device", "cpu"), what="sample_species: noise")
-    names = [run_variable(r) for r in runs]
-    if None in names:
-        raise ValueError(f"sample_species: {runs[names.index(None)]} has no run.json naming its species; "
-                         "is it a fastds run folder?")
-    twice = sorted({v for v in names if names.count(v) > 1})
-    if twice:
-        raise ValueError(f"sample_species: two runs are of {twice[0]}; give one run per species")
+    names = species_names(runs, "sample_species")
     parts = Path(out).with_name(Path(out).name + ".species") if out is not None else None
     done = []
     for k, (run, name) in enumerate(zip(runs, names)):
@@ -202,6 +199,15 @@ def species_latent_mix(runs, cfg: SampleConfig, days, *, data=None, device="cpu"
     return [tuple(float(w) for w in row[:k + 1]) for k, row in enumerate(L)]
 
 
+def joint_channel_mix(run, cfg: SampleConfig, days, *, data=None, device="cpu") -> tuple:
+    """``sample.channel_mix`` for a joint run: its channels' latents correlated as its
+    species' U-Net residuals are on validation days (the Cholesky factor of
+    :func:`species_latent_mix`, row-major K x K), the coupling separate species' runs get."""
+    rows = species_latent_mix(joint_species(run), cfg, days, data=data, device=device)
+    K = len(rows)
+    return tuple(float(r[j]) if j < len(r) else 0.0 for r in rows for j in range(K))
+
+
 def _sum_to_total(merged, names, total, runs, data) -> xr.Dataset:
     """``merged``'s species scaled day by day to sum to ``total``'s coarse constraint (lazy,
     one day a task), with the sum added as ``total``."""
@@ -239,7 +245,7 @@ def _complete(zarr_out) -> bool:
 
 
 BASELINES = ("interp", "clim", "anchor")
-MODELS = ("ddpm", "distill", "unet", "vae") + NULLS + BASELINES
+MODELS = ("ddpm", "distill", "unet", "vae", "joint") + NULLS + BASELINES
 
 
 def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model="ddpm",
@@ -259,7 +265,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
         spacing, seed, ...). None (the default): the settings saved with the run, exactly
         what ``fastds sample --run`` uses (:func:`fastds.runs.sample_settings`).
     **settings : SampleConfig fields overriding ``cfg`` (or the run's), e.g. ``members=16``.
-    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run); a null ensemble built on
+    model : ``"ddpm"``, ``"unet"``, ``"vae"`` (trained in the run; ``"joint"``: a joint run's species, one
+        variable each, :func:`~fastds.training.joint.train_joint`); a null ensemble built on
         the trained U-Net (``"unet+iid"``, ``"unet+grf"``, ``"unet+resample"``: see
         :mod:`fastds.sampling.nulls`); or a baseline that needs no training: ``"interp"``
         (bilinear interpolation of log10 coarse), ``"clim"`` (interpolation plus the fine
@@ -288,6 +295,10 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     """
     run = Path(run)
     cfg = sample_settings(run, cfg, **settings)
+    if model == "joint":
+        return _sample_joint(run=run, start=start, end=end, out=out, cfg=cfg, data=data, device=device,
+                             backend=backend, cache_conditioning=cache_conditioning, progress=progress, member0=member0,
+                             cold_start=cold_start, units=(workers, scheduler, cfg.segments > 1 or worker))
     if workers is not None or scheduler is not None or cfg.segments > 1:
         from .distributed import sample_distributed
         # each unit runs this function in-process (passed in: distributed imports no pipeline)
@@ -295,10 +306,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
                                   data=data, device=device, workers=workers, scheduler=scheduler,
                                   progress=progress, unit_sampler=sample)
     _check(cfg, model)
-    if data is None:
-        data = run_store(run)
     keep = _kept if worker else (lambda key, build: build())
-    data = str(Path(data).resolve())
+    data = str(Path(data if data is not None else run_store(run)).resolve())
     variable = run_variable(run)
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
@@ -320,6 +329,48 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     return rollout.run(downscaler)
 
 
+class _StackedDays:
+    """Several species' coarse days by date, stacked: (K, h, w)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __getitem__(self, day):
+        return np.stack([p[day] for p in self.parts])
+
+
+def _sample_joint(*, run, start, end, out, cfg, data, device, backend, cache_conditioning, progress,
+                  member0, cold_start, units) -> xr.Dataset:
+    """:func:`sample` of a joint run (``model="joint"``): every species of a day at once, each
+    projected on its own coarse cells; one data variable per species. In this process only
+    (``units``: the request's workers, scheduler, and segments-or-worker flag)."""
+    if units[0] is not None or units[1] is not None or units[2]:
+        raise ValueError("sample: model='joint' runs in one process; workers, scheduler and "
+                         "sample.segments > 1 are for single-field models")
+    _check(cfg, "joint")
+    species = joint_species(run)
+    if not species:
+        raise ValueError(f"sample: model='joint' needs a joint run (`fastds train --model joint`); "
+                         f"{run}/run.json names no species runs")
+    data = str(Path(data if data is not None else run_store(run)).resolve())
+    stores = [open_store(data, variable=run_variable(r)) for r in species]
+    days = _days(stores[0], start, end)
+    coarse = [_CoarseDays(st) for st in stores]
+    finish = None
+    if cfg.consistency:
+        projections = [_projection(st, c.values) for st, c in zip(stores, coarse)]
+
+        def finish(values, coarse_k, s):
+            return np.stack([p(values[:, k], coarse_k[k], s) for k, p in enumerate(projections)], 1)
+    downscaler = JointNetwork(run=run, stores=stores, cfg=cfg, device=device, backend=backend,
+                              cache_conditioning=cache_conditioning)
+    rollout = Rollout(store=stores[0], days=days, cfg=cfg, member0=member0, cold_start=cold_start, out=out,
+                      attrs=_attrs(cfg, run=run, model="joint", member0=member0, cold_start=cold_start),
+                      finish=finish, coarse_days=_StackedDays(coarse), progress=progress,
+                      desc=f"sample joint {cfg.sampler}", species=stores)
+    return rollout.run(downscaler)
+
+
 def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
     """The output's attributes: the request, also the signature its day files are kept under."""
     if model == "distill":  # a distilled student runs its own few-step grid: the output says which
@@ -334,7 +385,8 @@ def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
             "lag_conditioning": int(cfg.lag_conditioning),
             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
             "antithetic": int(cfg.antithetic),
-            **({"latent_mix": json.dumps([round(float(w), 6) for w in cfg.latent_mix])} if cfg.latent_mix else {})}
+            **({"latent_mix": json.dumps([round(float(w), 6) for w in cfg.latent_mix])} if cfg.latent_mix else {}),
+            **({"channel_mix": json.dumps([round(float(w), 6) for w in cfg.channel_mix])} if cfg.channel_mix else {})}
 
 
 # a distributed worker's loaded state, kept between the units it runs (this process only)

@@ -83,8 +83,15 @@ def _write_part(parts: Path, day, values, signature):
             tmp.write_text(json.dumps(signature))
 
 
-def dataset(values, days, store: Store, members, attrs, member0=0) -> xr.Dataset:
-    """values (time, member, lat, lon), numpy or dask -> the CF Dataset."""
+def dataset(values, days, store: Store, members, attrs, member0=0, species=None) -> xr.Dataset:
+    """values (time, member, lat, lon), numpy or dask -> the CF Dataset; with ``species`` (the
+    stores of a joint model's species, channel order), values (time, member, K, lat, lon) ->
+    one data variable per species, each with its own attributes."""
+    if species:
+        parts = [dataset(values[:, :, k], days, st, members, attrs, member0) for k, st in enumerate(species)]
+        ds = xr.merge(parts, combine_attrs="override")
+        ds.attrs["species"] = ",".join(st.variable for st in species)
+        return ds
     da = xr.DataArray(values, dims=("time", "member", "lat", "lon"),
                       coords={"time": pd.DatetimeIndex(days), "member": member0 + np.arange(members),
                               "lat": store.ds["lat"].values, "lon": store.ds["lon"].values})
@@ -106,10 +113,12 @@ class Rollout:
 
     ``finish(values, coarse, season)`` is applied to each day's physical fields (the
     coarse-cell projection, or None); ``attrs`` become the output's attributes and, with
-    ``out``, the signature its parts are checked against."""
+    ``out``, the signature its parts are checked against. ``species``: the stores of a joint
+    model's species (channel order; ``store`` is the first): its days are (members, K, H, W)
+    and its season state's ``fd`` one FineDays per species."""
 
     def __init__(self, *, store: Store, days, cfg, member0=0, cold_start=False, out=None,
-                 attrs=None, finish=None, coarse_days=None, progress=False, desc="sample"):
+                 attrs=None, finish=None, coarse_days=None, progress=False, desc="sample", species=None):
         self.store, self.days, self.cfg = store, pd.DatetimeIndex(days), cfg
         self.members, self.member0, self.cold_start = cfg.members, int(member0), cold_start
         self.out = Path(out) if out is not None else None
@@ -117,6 +126,7 @@ class Rollout:
         self.attrs, self.finish, self.coarse_days = dict(attrs or {}), finish, coarse_days
         self.progress, self.desc = progress, desc
         self.fine_set = set(store.times)
+        self.species = list(species) if species else None
 
     def run(self, downscaler) -> xr.Dataset:
         """Sample every day with ``downscaler``; the Dataset (lazily read from ``out`` when given)."""
@@ -161,10 +171,15 @@ class Rollout:
         if not is_zarr(self.out):
             return None
         import dask.array as dsa
-        shape = (len(self.days), self.members, self.store.ds["lat"].size, self.store.ds["lon"].size)
+        shape = (len(self.days),) + self._day_shape()
         template = dataset(dsa.full(shape, np.nan, dtype=np.float32, chunks=(1,) + shape[1:]),
-                           self.days, self.store, self.members, self.attrs, self.member0)
+                           self.days, self.store, self.members, self.attrs, self.member0, self.species)
         return DayStore(self.out, template, self.attrs)
+
+    def _day_shape(self) -> tuple:
+        """One day's values: (members, [K,] lat, lon)."""
+        k = (len(self.species),) if self.species else ()
+        return (self.members,) + k + (self.store.ds["lat"].size, self.store.ds["lon"].size)
 
     def _check_signature(self):
         sig = self.parts / "signature.json" if self.parts is not None else None
@@ -176,9 +191,28 @@ class Rollout:
 
     def _inputs(self, day, state, history) -> DayInputs:
         """The day's normalised inputs, its lag window assembled from predictions, the fine
-        record or (cold start) the stand-in, as ``cfg.mode`` and ``cfg.lag_history`` say."""
-        fd, store, cfg, members = state.fd, self.store, self.cfg, self.members
-        s, t_lag = fd.season, state.t_lag
+        record or (cold start) the stand-in, as ``cfg.mode`` and ``cfg.lag_history`` say; a
+        joint model's species side by side (coarse (K, H, W), lags (members or 1, K·t_lag, H,
+        W))."""
+        fds, stores = (state.fd, self.species) if self.species else ([state.fd], [self.store])
+        parts = [self._lags(day, fd, st, state.t_lag, history, k if self.species else None)
+                 for k, (fd, st) in enumerate(zip(fds, stores))]
+        shared = all(sh for _, sh in parts)
+        # one field's arrays are used as they are (a copy of a long lag stack costs per day)
+        lags = parts[0][0] if len(parts) == 1 else np.concatenate([lg for lg, _ in parts], 1)
+        c = self.store.times_c.get_loc(day)
+        coarse = [fd.coarse_at(c) for fd in fds]
+        return DayInputs(coarse[0] if len(coarse) == 1 else np.concatenate(coarse), fds[0].covariates_at(day),
+                         lags[:1] if shared else lags)
+
+    def _lags(self, day, fd, store, t_lag, history, channel=None):
+        """One field's lag window (members, t_lag, H, W) in lag units and whether every
+        member shares it; ``channel``: the species of a joint model's predicted days."""
+        cfg, members = self.cfg, self.members
+
+        def predicted(ld):
+            return history[ld] if channel is None else history[ld][:, channel]
+        s = fd.season
         lag_days = pd.date_range(day - pd.Timedelta(days=t_lag), periods=t_lag, freq="D")
         lags = np.empty((members, t_lag) + fd.shape, np.float32)
         shared = True
@@ -186,9 +220,9 @@ class Rollout:
             use_pred = ld in history and (cfg.mode == "strict" or ld not in self.fine_set)
             if use_pred and cfg.lag_history == "mean" and members > 1:
                 # one shared history: the ensemble mean (log space) of the day
-                lags[:, j] = store.norm_y.forward_log(np.log10(np.maximum(history[ld], 1e-6)).mean(0), s)
+                lags[:, j] = store.norm_y.forward_log(np.log10(np.maximum(predicted(ld), 1e-6)).mean(0), s)
             elif use_pred:
-                lags[:, j] = store.norm_y.forward(history[ld], s)
+                lags[:, j] = store.norm_y.forward(predicted(ld), s)
                 shared = shared and members == 1
             elif ld in self.fine_set:
                 lags[:, j] = fd.y[fd.index_of(ld)]
@@ -200,13 +234,12 @@ class Rollout:
                     f"is neither in the fine record ({store.times[0]:%Y-%m-%d}..{store.times[-1]:%Y-%m-%d}) "
                     f"nor predicted yet; start the rollout no later than "
                     f"{store.times[-1] + pd.Timedelta(days=1):%Y-%m-%d}")
-        c = store.times_c.get_loc(day)
-        return DayInputs(fd.coarse_at(c), fd.covariates_at(day), lags[:1] if shared else lags)
+        return lags, shared
 
     def _assemble(self, results, sink) -> xr.Dataset:
         store, days = self.store, self.days
         if self.out is None:
-            return dataset(np.stack(results), days, store, self.members, self.attrs, self.member0)
+            return dataset(np.stack(results), days, store, self.members, self.attrs, self.member0, self.species)
         if sink is not None:  # every day is in the Zarr already
             ds = sink.close()
             shutil.rmtree(self.parts, ignore_errors=True)
@@ -215,10 +248,10 @@ class Rollout:
         # period is never in memory; the returned Dataset reads it lazily
         import dask
         import dask.array as dsa
-        shape = (self.members, store.ds["lat"].size, store.ds["lon"].size)
+        shape = self._day_shape()
         stack = dsa.stack([dsa.from_delayed(dask.delayed(np.load)(self.parts / f"{d:%Y%m%d}.npy"),
                                             shape, np.float32) for d in days])
         # this call's scheduler, not a process-wide setting (threads of a worker share it)
-        write_output(dataset(stack, days, store, self.members, self.attrs, self.member0), self.out)
+        write_output(dataset(stack, days, store, self.members, self.attrs, self.member0, self.species), self.out)
         shutil.rmtree(self.parts, ignore_errors=True)
         return open_output(self.out)

@@ -23,7 +23,7 @@ from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
-from ..runs import (distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained, model_for,
+from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained, model_for,
                     run_variable, season_dir, write_run_meta)
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
@@ -128,32 +128,41 @@ def _student_of(teacher, config: Config, run, season):
 
 def _attach_regression(model, run, season, train_set, config: Config, val_set=None):
     """CorrDiff: load the season's trained U-Net into the DDPM as its frozen mean and set the
-    residual's scale (so the diffused residual has unit sd) from validation patches when
-    there are any: the U-Net's errors on days it was not fitted to are what a sample must
-    spread over (on its own training days they are smaller, which under-disperses)."""
+    residual's scale and inflation (:func:`residual_scale`)."""
     best = season_dir(run, season) / "unet.best.pt"
     if not best.exists():
         raise FileNotFoundError(f"train: {best} is missing; train.mean='unet' diffuses the residual "
                                 f"of the U-Net, so run `fastds train --model unet` first (`fastds "
                                 f"train` with no --model trains both, in order)")
     ck = load_checkpoint(best)
-    model.regression.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+    model.regression.load_state_dict(checkpoint_weights(ck))
+    scale, inflation = residual_scale(model.regression, train_set, val_set, config)
+    model.set_regression(model.regression, scale, inflation)
+
+
+def residual_scale(mean, train_set, val_set, config: Config) -> tuple[float, float]:
+    """(scale, inflation) of a CorrDiff residual over the deterministic model ``mean`` (a
+    trained U-Net): the sd of target − mean on up to 1024 validation patches (training ones
+    without validation days), so the diffused residual has unit sd; and the ratio of the
+    mean's strict-rollout error sd on the validation days to it (≥ 1; 1 without them): the
+    U-Net's errors on days it was not fitted to are what a sample must spread over (on its own
+    training days they are smaller, which under-disperses)."""
     source = val_set if val_set is not None and len(val_set) > 0 else train_set
     g = torch.Generator().manual_seed(config.train.seed + 3)
     idx = torch.randperm(len(source), generator=g)[:1024].tolist()
     from torch.utils.data import default_collate
     b = default_collate([source[i] for i in idx])
-    res = b["target"] - model.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-    scale = float(res.std().clamp_min(1e-3))
-    # spread calibration: a strict rollout's U-Net errors (validation runs) over the residual
-    # the DDPM learns to generate; sampling multiplies the sample by it (sample.calibrate)
+    mean.eval()
+    with torch.no_grad():
+        pred = mean(None, None, mean.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop")))
+    scale = float((b["target"] - pred).std().clamp_min(1e-3))
     inflation = 1.0
     if val_set is not None and len(val_set) > 0 and config.train.target == "residual":
         # the training set already holds every whole-day input a rollout reads
-        sd = rollout_residual_sd(model.regression, train_set, val_set.days, config)
+        sd = rollout_residual_sd(mean, train_set, val_set.days, config)
         if np.isfinite(sd):
             inflation = max(sd / scale, 1.0)
-    model.set_regression(model.regression, scale, inflation)
+    return scale, inflation
 
 
 def _sample_cfg(config: Config):
@@ -279,16 +288,12 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     fair-CRPS and spread/skill curves and the raw (α = 1) spread/skill go under
     ``"calibration"``; a no-op (None) without usable validation days."""
     from ..sampling.pipeline import _CoarseDays, _projection
-    from ..sampling.spread import widen_parts
-    from .loop import save_checkpoint
     if val_set is None or len(val_set) == 0 or config.train.target != "residual":
         return None
     fd = train_set
-    pick = np.unique(val_set.days)
-    pick = pick[(pick >= fd.t_lag) & fd.test_free_window()[pick]]
+    pick = calibration_days(fd, val_set, days)
     if len(pick) == 0:
         return None
-    pick = pick[np.linspace(0, len(pick) - 1, min(days, len(pick))).round().astype(int)]
     ck = load_checkpoint(best)
     model, _ = load_trained(best.parent.parent, int(ck["season"]), kind, device=device)
     cfg = calibration_sampler(config, members, kind)
@@ -296,7 +301,49 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     coarse = coarse_days.values if cfg.consistency else None
     project = _projection(fd.store, coarse) if cfg.consistency else None
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
-    mean_z, res_z, truth, gains = _calibration_draws(model, fd, pick, cfg, config, members, pairs, device)
+    draws = _calibration_draws(model, [fd], pick, cfg, config, members, pairs, device)[0]
+    cal = widening_fit(fd, pick, draws, cfg, project, coarse, pairs)
+    cal.update(members=members, sampler=_sampler_record(cfg))
+    gains = np.asarray(cal["band_gains"])
+    model.regression_inflation.fill_(cal["inflation"])
+    model.regression_bands = torch.tensor(cal["band_factor"] * gains, dtype=torch.float32)
+    if config.train.calibration_rollouts > 0:
+        cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs,
+                                   device, kind))
+        model.regression_inflation.mul_(cal["rollout_factor"])
+        model.regression_bands.mul_(cal["rollout_factor"])
+    save_widening(best, ck, model, cal)
+    return cal
+
+
+def calibration_days(fd, val_set, days=8):
+    """Up to ``days`` validation target days (fine indices), evenly spread, whose true lag
+    window is complete and free of test days."""
+    pick = np.unique(val_set.days)
+    pick = pick[(pick >= fd.t_lag) & fd.test_free_window()[pick]]
+    return pick[np.linspace(0, len(pick) - 1, min(days, len(pick))).round().astype(int)] if len(pick) else pick
+
+
+def save_widening(best, ck, model, cal):
+    """Write a calibrated model's widening (its inflation and band buffers, in the weights and
+    the EMA weights) and the calibration record into checkpoint ``ck`` at ``best``."""
+    from .loop import save_checkpoint
+    for key in ("model", "ema"):
+        if ck.get(key) is not None:
+            ck[key]["regression_inflation"] = model.regression_inflation.detach().cpu().clone()
+            ck[key]["regression_bands"] = model.regression_bands.detach().cpu().clone()
+    ck["calibration"] = cal
+    save_checkpoint(best, ck)
+
+
+def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
+    """One field's widening from the shipped sampler's unwidened draws on the calibration
+    days ``pick`` (fine indices of ``fd``): ``draws`` = (means, residuals (members, H, W),
+    truths, per-band gains) per day as :func:`_calibration_draws` returns them. The α that
+    minimises the fair CRPS, the common factor of the band gains likewise, and their fair-CRPS
+    and spread/skill curves."""
+    from ..sampling.spread import widen_parts
+    mean_z, res_z, truth, gains = draws
 
     def scan(gains):
         """fair CRPS and spread/skill for every factor a: members = mean + base + a·spread."""
@@ -306,29 +353,16 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
 
     scores, ratios = scan(None)
     scores_b, ratios_b = scan(gains)
-    best_a = float(INFLATIONS[int(np.argmin(scores))])
-    best_ab = float(INFLATIONS[int(np.argmin(scores_b))])
-    cal = {"inflation": best_a, "inflations": INFLATIONS.tolist(), "crps_fair": scores,
-           "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
-           "band_gains": gains.tolist(), "band_factor": best_ab,
-           "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
-           "days": [int(d) for d in pick], "members": members,
-           "sampler": {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
-                       "spacing": cfg.spacing, "projection": bool(cfg.consistency)}}
-    model.regression_inflation.fill_(best_a)
-    model.regression_bands = torch.tensor(best_ab * gains, dtype=torch.float32)
-    if config.train.calibration_rollouts > 0:
-        cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs,
-                                   device, kind))
-        model.regression_inflation.mul_(cal["rollout_factor"])
-        model.regression_bands.mul_(cal["rollout_factor"])
-    for key in ("model", "ema"):
-        if ck.get(key) is not None:
-            ck[key]["regression_inflation"] = model.regression_inflation.detach().cpu().clone()
-            ck[key]["regression_bands"] = model.regression_bands.detach().cpu().clone()
-    ck["calibration"] = cal
-    save_checkpoint(best, ck)
-    return cal
+    return {"inflation": float(INFLATIONS[int(np.argmin(scores))]), "inflations": INFLATIONS.tolist(),
+            "crps_fair": scores, "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
+            "band_gains": gains.tolist(), "band_factor": float(INFLATIONS[int(np.argmin(scores_b))]),
+            "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
+            "days": [int(d) for d in pick]}
+
+
+def _sampler_record(cfg) -> dict:
+    return {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
+            "spacing": cfg.spacing, "projection": bool(cfg.consistency)}
 
 
 def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
@@ -374,29 +408,42 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, p
             "rollout_spread_skill_at_1": ratios[RAW]}
 
 
-def _calibration_draws(model, fd, pick, cfg, config, members, pairs, device):
-    """The shipped sampler's unwidened members on the calibration days: (U-Net means,
-    residuals (members, H, W), truths in log10, per-band gains matching spread to error)."""
+def _calibration_draws(model, fds, pick, cfg, config, members, pairs, device):
+    """The shipped sampler's unwidened members on the calibration days, per field of ``fds``
+    (one, or a joint model's species in channel order): [(U-Net means, residuals (members, H,
+    W), truths in log10, per-band gains matching spread to error)], one tuple per field."""
     from ..metrics.ensemble import calibrated_variance
-    from ..sampling.day import DayInputs, downscale_day
+    from ..sampling.day import downscale_day
     from ..sampling.spread import band_split
-    mean_z, res_z, truth = [], [], []
-    spread_b, err_b = 0.0, 0.0
+    out = [([], [], [], 0.0, 0.0) for _ in fds]
     for e in pick:
-        inputs = DayInputs(fd.coarse_on_fine(e), fd.covariates(e), fd.y[e - fd.t_lag:e][None])
-        means, res = downscale_day(model, inputs, kind="ddpm", cfg=cfg, T=config.diffusion.T,
+        means, res = downscale_day(model, day_inputs(fds, e), kind="ddpm", cfg=cfg, T=config.diffusion.T,
                                    prediction=config.diffusion.prediction, members=members,
                                    seed=config.train.seed, day_key=int(e), device=device, parts=True)
-        z = means + res
-        m = means[0]  # true lags: every member shares the day's mean
-        mean_z.append(m)
-        res_z.append(z - m)
-        truth.append(fd.logy_at(e))
-        bands = band_split(z)                                   # (bands, members, H, W)
-        miss = band_split(z.mean(0) - fd.target_at(e))          # (bands, H, W)
-        spread_b = spread_b + np.array([calibrated_variance(b, pairs=pairs) for b in bands])
-        err_b = err_b + np.array([np.mean(b ** 2) for b in miss])
-    return mean_z, res_z, truth, np.sqrt(err_b / np.maximum(spread_b, 1e-12))
+        if len(fds) == 1:
+            means, res = means[:, None], res[:, None]
+        for k, (fd, (mean_z, res_z, truth, spread_b, err_b)) in enumerate(zip(fds, out)):
+            z = means[:, k] + res[:, k]
+            m = means[0, k]  # true lags: every member shares the day's mean
+            mean_z.append(m)
+            res_z.append(z - m)
+            truth.append(fd.logy_at(e))
+            bands = band_split(z)                                   # (bands, members, H, W)
+            miss = band_split(z.mean(0) - fd.target_at(e))          # (bands, H, W)
+            spread_b = spread_b + np.array([calibrated_variance(b, pairs=pairs) for b in bands])
+            err_b = err_b + np.array([np.mean(b ** 2) for b in miss])
+            out[k] = (mean_z, res_z, truth, spread_b, err_b)
+    return [(m, r, t, np.sqrt(err / np.maximum(spread, 1e-12))) for m, r, t, spread, err in out]
+
+
+def day_inputs(fds, e):
+    """Fine day ``e``'s inputs with its true lag window: of one field (``fds`` of one), or of
+    a joint model's species (coarse (K, H, W), lags (1, K·t_lag, H, W); the covariates are the
+    species' shared ones)."""
+    from ..sampling.day import DayInputs
+    t = fds[0].t_lag
+    return DayInputs(np.concatenate([fd.coarse_on_fine(e) for fd in fds]), fds[0].covariates(e),
+                     np.concatenate([fd.y[e - t:e] for fd in fds])[None])
 
 
 def _scan_factors(fd, days, project, coarse, pairs):
@@ -523,12 +570,16 @@ def _oof_means(config: Config, run, season, train_set, val_set, fit_as, device):
         return ckpt.with_suffix(".best.pt")
 
     def load_best(net, path):
-        ck = load_checkpoint(path)
-        net.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+        net.load_state_dict(checkpoint_weights(load_checkpoint(path)))
         net.to(device)
 
     return fit_fold_means(train_set, config.train.oof_folds, fit_fold,
                           lambda: model_for("unet", config, run, season), load_best)
+
+
+def _finished(ckpt) -> bool:
+    """Whether the fit whose last checkpoint is ``ckpt`` ran to its end."""
+    return Path(ckpt).exists() and bool(load_checkpoint(ckpt).get("loop", {}).get("done"))
 
 
 def default_chain(config: Config) -> list[str]:
@@ -536,6 +587,40 @@ def default_chain(config: Config) -> list[str]:
     sampler (``model="ddpm"``) needs, i.e. the U-Net first when the DDPM diffuses its residual
     (``train.mean="unet"``, CorrDiff), then the DDPM."""
     return ["unet", "ddpm"] if config.train.mean == "unet" else ["ddpm"]
+
+
+def prepared_sets(run, store, season, config: Config, device="cpu", model="ddpm"):
+    """(training, validation) FinePatches of one season as ``train`` fits on them: with the
+    run's U-Net predictions in pushforward lag windows (``train.pushforward_source="unet"``)
+    and the lag noise sized from the errors those windows carry (``train.lag_noise_scale``).
+    A season without training days is an error; one without validation days a warning
+    naming the fallbacks."""
+    d, tc = config.data, config.train
+    train_set, val_set = training_sets(store, season, config)
+    if len(train_set) == 0:
+        raise ValueError(f"train: season {season} has no fine training day with a full "
+                         f"{d.t_lag}-day lag window in {store.path}")
+    if len(val_set) == 0:
+        import warnings
+        warnings.warn(f"train: season {season} of {store.path} has no validation day with a full "
+                      f"{d.t_lag}-day lag window free of test days; falling back to: the last "
+                      "epoch as the best checkpoint, the residual scale from training "
+                      "patches, and no spread calibration (α = 1)", stacklevel=3)
+    if tc.pushforward > 0 and tc.pushforward_source == "unet":
+        if model == "unet":
+            raise ValueError("train: train.pushforward_source='unet' uses the run's trained U-Net, "
+                             "so it applies to ddpm/vae; train the U-Net with 'anchor'")
+        _pushforward_alternative(run, season, (train_set, val_set), config, device)
+    elif tc.pushforward_source not in ("anchor", "unet"):
+        raise ValueError(f"train.pushforward_source must be 'anchor' or 'unet', "
+                         f"got {tc.pushforward_source!r}")
+    if tc.lag_noise_scale < 0:
+        raise ValueError(f"train.lag_noise_scale must be >= 0, got {tc.lag_noise_scale}")
+    if tc.lag_noise_scale > 0:
+        # sized from the errors a rollout will feed back (after set_alternative, so the
+        # U-Net's when it is the pushforward source)
+        train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
+    return train_set, val_set
 
 
 def train(*, data, run, config: Config, model="ddpm", season=None, resume=False, progress=True,
@@ -558,31 +643,9 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     for s in _seasons(store, config, season):
         d = config.data
         tc = config.train
-        train_set, val_set = training_sets(store, s, config)
-        if len(train_set) == 0:
-            raise ValueError(f"train: season {s} has no fine training day with a full "
-                             f"{d.t_lag}-day lag window in {data}")
-        if len(val_set) == 0:
-            import warnings
-            warnings.warn(f"train: season {s} of {data} has no validation day with a full "
-                          f"{d.t_lag}-day lag window free of test days; falling back to: the last "
-                          "epoch as the best checkpoint, the residual scale from training "
-                          "patches, and no spread calibration (α = 1)", stacklevel=2)
-        if tc.pushforward > 0 and tc.pushforward_source == "unet":
-            if model == "unet":
-                raise ValueError("train: train.pushforward_source='unet' uses the run's trained U-Net, "
-                                 "so it applies to ddpm/vae; train the U-Net with 'anchor'")
-            _pushforward_alternative(run, s, (train_set, val_set), config, device)
-        elif tc.pushforward_source not in ("anchor", "unet"):
-            raise ValueError(f"train.pushforward_source must be 'anchor' or 'unet', "
-                             f"got {tc.pushforward_source!r}")
+        train_set, val_set = prepared_sets(run, store, s, config, device, model)
         lag_noise = train_set.lag_noise
-        if tc.lag_noise_scale < 0:
-            raise ValueError(f"train.lag_noise_scale must be >= 0, got {tc.lag_noise_scale}")
-        if tc.lag_noise_scale > 0:
-            # sized from the errors a rollout will feed back (after set_alternative, so the
-            # U-Net's when it is the pushforward source)
-            lag_noise = train_set.lag_noise = tc.lag_noise_scale * train_set.prediction_error_sd()
+
         def fit_as(kind, net, loss_fn, select=None, s=s, train_set=train_set, val_set=val_set,
                    lag_noise=lag_noise):
             ckpt = season_dir(run, s) / f"{kind}.pt"
@@ -598,7 +661,8 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
                 desc=f"train {kind} season {s}", select=select)
 
         net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device, fit_round=fit_as)
-        if model == "ddpm" and net.regression is not None and tc.oof_folds:
+        if model == "ddpm" and net.regression is not None and tc.oof_folds and not (
+                resume and _finished(season_dir(run, s) / "ddpm.pt")):  # a finished DDPM needs no fold nets
             loss_fn = _loss_for(model, config, _oof_means(config, run, s, train_set, val_set, fit_as, device))
         ckpt, done = fit_as(model, net, loss_fn, _select_for(model, config, train_set, val_set, device))
         best = ckpt.with_suffix(".best.pt")
