@@ -23,8 +23,8 @@ from ..data.regions import season_of
 from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
-from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained, model_for,
-                    run_variable, season_dir, write_run_meta)
+from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
+                    model_for, run_variable, season_dir, write_run_meta)
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 from .oof import fit_fold_means
