@@ -354,3 +354,22 @@ def test_ddpm_trains_on_out_of_fold_means(trained_run, store_path, tiny_config, 
         raise AssertionError("the fold U-Nets were walked again")
     monkeypatch.setattr(stages, "fit_fold_means", walked)
     train(data=store_path, run=run, config=cfg, model="ddpm", progress=False, resume=True)
+
+
+def test_resuming_a_finished_run_rebuilds_nothing(trained_run, store_path, tiny_config, tmp_path, monkeypatch):
+    """A resumed ``train`` whose fit ran to its end (and, for the CorrDiff DDPM, was
+    calibrated) returns its best checkpoint without building training sets or means."""
+    import shutil
+
+    import fastds.training.stages as stages
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "season3").glob("*.pt")}
+
+    def rebuilt(*a, **k):
+        raise AssertionError("a finished run was rebuilt")
+    monkeypatch.setattr(stages, "prepared_sets", rebuilt)
+    for kind in ("unet", "ddpm"):
+        assert stages.train(data=store_path, run=run, config=tiny_config, model=kind, progress=False,
+                            resume=True) == [run / "season3" / f"{kind}.best.pt"]
+    assert {p: p.stat().st_mtime_ns for p in (run / "season3").glob("*.pt")} == stamps

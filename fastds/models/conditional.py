@@ -9,7 +9,7 @@ from .baselines import VAE, DeterministicUNet
 from .transfer import TransferEncoder
 from .unet import Denoiser, TemporalUNet
 
-__all__ = ["ConditionalModel", "build_model", "MODEL_KINDS", "N_COVARIATES"]
+__all__ = ["ConditionalModel", "build_model", "cond_channels", "MODEL_KINDS", "N_COVARIATES"]
 
 MODEL_KINDS = ("ddpm", "unet", "vae")
 N_COVARIATES = 6  # the paper's covariate set; the bounded set has 7
@@ -126,6 +126,12 @@ class ConditionalModel(nn.Module):
         return self.net(x_t, t, cond)
 
 
+def cond_channels(n_covariates, transfer, lag_channels) -> int:
+    """The width of :meth:`ConditionalModel.cond`'s tensor: coarse, covariates, transfer
+    features (``transfer`` None: none), the last ``lag_channels`` lag days."""
+    return 1 + int(n_covariates) + (transfer.out_channels if transfer is not None else 0) + int(lag_channels)
+
+
 def build_model(kind: str, *, widths, attention=True, t_lag=40, transfer_widths=None,
                 transfer_attention=True, prediction="sample", vae_latent=4,
                 n_covariates=N_COVARIATES, target="absolute", lag_channels=0) -> ConditionalModel:
@@ -143,7 +149,7 @@ def build_model(kind: str, *, widths, attention=True, t_lag=40, transfer_widths=
     transfer = None
     if transfer_widths:
         transfer = TransferEncoder.from_unet(TemporalUNet(t_lag, tuple(transfer_widths), transfer_attention))
-    cond_ch = 1 + int(n_covariates) + (transfer.out_channels if transfer else 0) + int(lag_channels)
+    cond_ch = cond_channels(n_covariates, transfer, lag_channels)
     bounded = target == "absolute"
     if kind == "ddpm":
         net = Denoiser(cond_ch, tuple(widths), attention,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conditional import ConditionalModel
+from .conditional import ConditionalModel, cond_channels
 from .unet import Denoiser
 
 __all__ = ["JointModel", "build_joint"]
@@ -47,7 +47,7 @@ class JointModel(nn.Module):
         self.net = net
         self.names = list(names)
         # each species' conditioning width: coarse, covariates, transfer features, lag channels
-        self.cond_split = _cond_split(means, n_covariates)
+        self.cond_split = [cond_channels(n_covariates, m.transfer, m.lag_channels) for m in means]
         K = len(names)
         self.register_buffer("regression_scale", torch.ones(K))
         self.register_buffer("regression_inflation", torch.ones(K))
@@ -95,6 +95,13 @@ class JointModel(nn.Module):
     def shares_conditioning(self) -> bool:
         return True  # the denoiser's conditioning is the means' own, by construction
 
+    def compile_for_sampling(self) -> "JointModel":
+        """The denoiser through ``torch.compile`` for inference (as
+        :meth:`ConditionalModel.compile_for_sampling`); returns self."""
+        if not hasattr(self.net, "_orig_mod"):
+            self.net = torch.compile(self.net, dynamic=False)
+        return self
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.means.eval()
@@ -104,14 +111,10 @@ class JointModel(nn.Module):
         return self.net(x_t, t, cond)
 
 
-def _cond_split(means, n_covariates) -> list[int]:
-    return [1 + int(n_covariates) + (m.transfer.out_channels if m.transfer is not None else 0)
-            + m.lag_channels for m in means]
-
-
 def build_joint(means, names, *, widths, attention=True, n_covariates) -> JointModel:
     """A joint model over the trained species U-Nets ``means`` (one per name in ``names``):
     the denoiser's input is every species' conditioning (each U-Net's: coarse, covariates,
     transfer features, lag channels) plus the K noisy channels."""
-    net = Denoiser(sum(_cond_split(means, n_covariates)), tuple(widths), attention, output="linear", channels=len(names))
+    cond = sum(cond_channels(n_covariates, m.transfer, m.lag_channels) for m in means)
+    net = Denoiser(cond, tuple(widths), attention, output="linear", channels=len(names))
     return JointModel(means, net, names, n_covariates)

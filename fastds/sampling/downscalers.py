@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..config import SampleConfig
 from ..data.store import Store
@@ -90,8 +89,12 @@ class Network:
                 raise ValueError(f"sample: sample.lag_conditioning=false asks for the coarse-only "
                                  f"fallback, but the season-{s} {self.kind} was trained with "
                                  "train.cond_dropout=0; retrain with train.cond_dropout > 0")
-            self.seasons[s] = Season(model, conf, fine_days(self.store, conf, s, anchor=model.anchor))
+            self.seasons[s] = Season(model, conf, self._fine_days(model, conf, s))
         return self.seasons[s]
+
+    def _fine_days(self, model, conf, s):
+        """The whole-day inputs the season's model was trained on."""
+        return fine_days(self.store, conf, s, anchor=model.anchor)
 
     def day(self, ctx: DayContext) -> np.ndarray:
         st = ctx.state
@@ -118,20 +121,10 @@ class JointNetwork(Network):
                          cache_conditioning=cache_conditioning)
         self.stores = list(stores)
 
-    def season(self, s) -> Season:
-        if s not in self.seasons:
-            model, conf = load_trained(self.run, s, "joint", use_ema=self.cfg.use_ema, device=self.device)
-            set_kernel_backend(model, self.cfg.kernels)
-            if self.cfg.compile:
-                model.net = torch.compile(model.net, dynamic=False)
-            if not self.cfg.lag_conditioning and conf.train.cond_dropout <= 0:
-                raise ValueError(f"sample: sample.lag_conditioning=false asks for the coarse-only "
-                                 f"fallback, but the season-{s} joint model was trained with "
-                                 "train.cond_dropout=0; retrain with train.cond_dropout > 0")
-            fds = [fine_days(st, run_config(r), s, anchor=a)
-                   for st, r, a in zip(self.stores, joint_species(self.run), model.anchors)]
-            self.seasons[s] = Season(model, conf, fds)
-        return self.seasons[s]
+    def _fine_days(self, model, conf, s):
+        """One FineDays per species, each as its own run was trained."""
+        return [fine_days(st, run_config(r), s, anchor=a)
+                for st, r, a in zip(self.stores, joint_species(self.run), model.anchors)]
 
     def day(self, ctx: DayContext) -> np.ndarray:
         st = ctx.state

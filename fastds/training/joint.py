@@ -21,9 +21,9 @@ from ..diffusion.schedule import Diffusion
 from ..runs import (load_checkpoint, load_trained, model_for, run_config, run_store, season_dir, species_names,
                     write_run_meta)
 from .loop import fit
-from .stages import (_calibration_draws, _finished, _model_settings, _sampler_record, _seasons, _settings,
-                     calibration_days, calibration_sampler, prepared_sets, residual_scale, save_widening,
-                     widening_fit, CALIBRATION_MEMBERS)
+from .stages import (_calibration_draws, _model_settings, _sampler_record, _seasons, _settings,
+                     calibration_days, calibration_sampler, nothing_left, prepared_sets, residual_scale,
+                     save_widening, widening_fit, CALIBRATION_MEMBERS)
 
 __all__ = ["train_joint", "joint_loss", "calibrate_joint"]
 
@@ -45,11 +45,10 @@ def _species_of(runs) -> tuple[list[Path], list[str], str]:
     return runs, names, stores[0]
 
 
-def _check_configs(runs, config: Config):
-    """The species runs' configs agree with each other and with ``config`` where the joint
-    model needs them to; an error naming the setting and the run otherwise."""
-    for run in runs:
-        other = run_config(run)
+def _check_configs(runs, configs, config: Config):
+    """The species runs' configs (``configs``) agree with each other and with ``config`` where
+    the joint model needs them to; an error naming the setting and the run otherwise."""
+    for run, other in zip(runs, configs):
         for section, name in _SHARED:
             a, b = getattr(getattr(config, section), name), getattr(getattr(other, section), name)
             if a != b:
@@ -88,9 +87,10 @@ def train_joint(*, runs, run, config: Config | None = None, season=None, resume=
     (:func:`~fastds.training.stages.residual_scale`); after training the widening is fitted
     per species (:func:`calibrate_joint`). Returns the best-checkpoint paths."""
     runs, names, store_path = _species_of(runs)
-    config = config if config is not None else run_config(runs[0])
+    configs = [run_config(r) for r in runs]  # each species' own settings, read once
+    config = config if config is not None else configs[0]
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, variable=""))
-    _check_configs(runs, config)
+    _check_configs(runs, configs, config)
     stores = [open_store(store_path, variable=v) for v in names]
     run = Path(run)
     write_run_meta(run, stores[0], config, extra={"variable": None, "species": list(names),
@@ -99,14 +99,13 @@ def train_joint(*, runs, run, config: Config | None = None, season=None, resume=
     for s in _seasons(stores[0], config, season):
         ckpt = season_dir(run, s) / "joint.pt"
         best = ckpt.with_suffix(".best.pt")
-        if resume and _finished(ckpt) and (not config.train.calibrate_spread
-                                           or load_checkpoint(best).get("calibration") is not None):
+        if resume and nothing_left(ckpt, config.train.calibrate_spread):
             out.append(best)  # trained and calibrated: nothing to rebuild
             continue
         # each species' sets as its own training builds them (its pushforward and lag noise)
-        sets = [prepared_sets(r, st, s, run_config(r), device) for r, st in zip(runs, stores)]
+        sets = [prepared_sets(r, st, s, c, device) for r, st, c in zip(runs, stores, configs)]
         model = model_for("joint", config, run, s)
-        scales = [residual_scale(m, t, v, run_config(r)) for m, (t, v), r in zip(model.means, sets, runs)]
+        scales = [residual_scale(m, t, v, c) for m, (t, v), c in zip(model.means, sets, configs)]
         model.regression_scale.copy_(torch.tensor([a for a, _ in scales]))
         model.regression_inflation.copy_(torch.tensor([b for _, b in scales]))
         train_set, val_set = (SpeciesPatches([st[i] for st in sets]) for i in (0, 1))

@@ -582,6 +582,14 @@ def _finished(ckpt) -> bool:
     return Path(ckpt).exists() and bool(load_checkpoint(ckpt).get("loop", {}).get("done"))
 
 
+def nothing_left(ckpt, calibrates: bool) -> bool:
+    """Whether a resumed fit has nothing left to do: its last checkpoint ``ckpt`` ran to its
+    end and, where a spread widening is fitted after it (``calibrates``), its best checkpoint
+    holds the calibration. Checked before any training set or mean is built."""
+    return _finished(ckpt) and (not calibrates or load_checkpoint(
+        Path(ckpt).with_suffix(".best.pt")).get("calibration") is not None)
+
+
 def default_chain(config: Config) -> list[str]:
     """The models ``fastds train`` trains with no ``--model``, in order: what the default
     sampler (``model="ddpm"``) needs, i.e. the U-Net first when the DDPM diffuses its residual
@@ -640,9 +648,14 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     if (run / "run.json").exists():
         write_run_meta(run, store, config)
     out = []
+    # what calibrate_spread is run on after the fit: a CorrDiff DDPM or its student
+    calibrates = config.train.calibrate_spread and model in ("ddpm", "distill") and config.train.mean == "unet"
     for s in _seasons(store, config, season):
         d = config.data
         tc = config.train
+        if resume and nothing_left(season_dir(run, s) / f"{model}.pt", calibrates):
+            out.append(season_dir(run, s) / f"{model}.best.pt")  # trained (and calibrated): nothing to rebuild
+            continue
         train_set, val_set = prepared_sets(run, store, s, config, device, model)
         lag_noise = train_set.lag_noise
 
