@@ -412,7 +412,7 @@ def test_joint_day_means_are_each_species_unet_and_its_residual_has_every_channe
         assert not np.allclose(res[0], res[1])
 
 
-def test_joint_rollout_writes_one_variable_per_species_and_resumes(joint_run, tmp_path):
+def test_joint_rollout_writes_one_variable_per_species_through_zarr_and_the_cli(joint_run, tmp_path):
     from fastds.cli import main
     from fastds.sampling.pipeline import sample
     run, _ = joint_run
