@@ -64,8 +64,8 @@ class _Timers:
 
 
 @pytest.mark.parametrize("grid", [g if g == "toy" else pytest.param(g, marks=pytest.mark.slow) for g in GRIDS])
-@pytest.mark.parametrize("mean_stride", [24, 0])
-def test_per_member_fixed_work(benchmark, record, monkeypatch, grid, mean_stride):
+@pytest.mark.parametrize("mean", ["24", "0", "32h0"])
+def test_per_member_fixed_work(benchmark, record, monkeypatch, grid, mean):
     config = load_config("tiny")
     model = _model(config)
     H, W = GRIDS[grid]
@@ -73,9 +73,12 @@ def test_per_member_fixed_work(benchmark, record, monkeypatch, grid, mean_stride
     n_cov = len(COVARIATE_SETS[config.data.covariates])
     inputs = DayInputs(rng.random((1, H, W), np.float32), rng.random((n_cov, H, W), np.float32),
                        rng.random((MEMBERS, config.data.t_lag, H, W), np.float32))
-    cfg = dataclasses.replace(config.sample, members=MEMBERS, mean_stride=mean_stride)
+    mean_stride, _, mean_halo = mean.partition("h")
+    cfg = dataclasses.replace(config.sample, members=MEMBERS, mean_stride=int(mean_stride),
+                              mean_halo=int(mean_halo or -1))
     timers = _Timers()
-    for name, attr in (("cond", "cond"), ("mean", "regression_mean"), ("denoise", "forward")):
+    for name, attr in (("cond", "cond"), ("mean", "regression_mean"), ("mean", "regression_mean_of"),
+                       ("denoise", "forward")):
         monkeypatch.setattr(C.ConditionalModel, attr, timers.wrap(name, getattr(C.ConditionalModel, attr)))
     kw = dict(cfg=cfg, T=config.diffusion.T, prediction=config.diffusion.prediction,
               members=MEMBERS, seed=0, day_key=1)
@@ -88,9 +91,9 @@ def test_per_member_fixed_work(benchmark, record, monkeypatch, grid, mean_stride
         return
     wall = benchmark.stats.stats.total
     share = {k: round(100 * v / wall, 1) for k, v in timers.t.items()}
-    print(f"\nmean_stride {mean_stride}: {share} % of {wall / 3:.1f} s per day")
-    record(benchmark, benchmark.group, f"mean_stride_{mean_stride}", items=MEMBERS, unit="members",
-           peer=mean_stride == 0,
+    print(f"\nmean {mean}: {share} % of {wall / 3:.1f} s per day")
+    record(benchmark, benchmark.group, f"mean_{mean}", items=MEMBERS, unit="members",
+           peer=mean == "0",
            extra={"per-member fixed %": round(share["cond"] + share["mean"], 1),
                   "mean %": share["mean"], "cond %": share["cond"], "precision": cfg.precision})
 

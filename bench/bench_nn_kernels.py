@@ -61,6 +61,27 @@ def test_attention(benchmark, record, shape_name, provider):
            items=4 * bh * n * n * d, unit="flop")
 
 
+@pytest.mark.parametrize("provider", ["views", "contiguous"])
+def test_attention_layout(benchmark, record, provider):
+    """The tiny preset's lowest level as :class:`~fastds.models.blocks.Attention` feeds torch's
+    attention: q, k, v cut from one qkv convolution's output (64 patches, 48 channels, 4
+    heads, 8x8 tokens). ``views``: transposed views of it (the form before round 17; on CPU
+    torch then takes its materialised-softmax path); ``contiguous``: one copy to (B, 3,
+    heads, HW, d) first, as the block does now (the copy is timed)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(64, 3, 4, 12, 64, generator=g).to(DEVICE, DTYPE)
+    benchmark.group = f"attention as the tiny network calls it: 64 x 4 heads, 8x8 tokens, d 12, {str(DTYPE)[6:]} on {DEVICE}"
+    if provider == "views":
+        fn = lambda: attention(*(t.transpose(-1, -2) for t in qkv.unbind(1)), backend="torch")  # noqa: E731
+    else:
+        fn = lambda: attention(*qkv.transpose(-1, -2).contiguous().unbind(1), backend="torch")  # noqa: E731
+    torch.testing.assert_close(fn(), attention_ref(*(t.transpose(-1, -2) for t in qkv.unbind(1))),
+                               rtol=1e-4, atol=1e-4)
+    _timed(benchmark, fn)
+    record(benchmark, benchmark.group, provider, nbytes=4 * qkv[:, 0].numel() * qkv.element_size(),
+           peer=provider == "views")
+
+
 NORM_SHAPES = {"256 patches 64ch 16x16": (256, 64, 16, 16), "64 patches 128ch 32x32": (64, 128, 32, 32)}
 
 

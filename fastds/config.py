@@ -146,6 +146,8 @@ class SampleConfig:
     stride: int = 2
     mean_stride: int = 0          # CorrDiff: the regression mean's patch stride (0: ``stride``);
                                   # tile - 2*halo tiles the image with the kept regions once
+    mean_halo: int = -1           # the mean's halo (-1: ``halo``); 0 with mean_stride = 2·stride
+                                  # puts the mean's patches on the residual's, sharing its conditioning
     batch: int = 1024             # patches per denoiser call
     members: int = 1
     mode: str = "strict"          # "strict" or "lenient"

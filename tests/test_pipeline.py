@@ -119,12 +119,15 @@ def test_mean_stride_changes_only_the_mean(trained_run, store_path, test_days):
         downscale_day(model.regression, inp, kind="unet", cfg=FAST, parts=True)
 
 
+@pytest.mark.parametrize("mean", ["same", "every other patch"])
 def test_shared_conditioning_computes_the_mean_from_the_samplers_conditioning(
-        trained_run, store_path, test_days, monkeypatch):
-    """Mean on the residual's geometry, regression with the DDPM's transfer weights (as
-    training leaves them: both Stage A's): each member's transfer features are computed once
-    and the mean comes from the step-fused sampler's own conditioning, equal bit for bit to
-    the mean computed apart; with other transfer weights the mean is computed apart."""
+        trained_run, store_path, test_days, monkeypatch, mean):
+    """Mean on the residual's geometry (or on every other residual patch, kept whole:
+    ``mean_stride`` twice the stride, ``mean_halo`` 0), regression with the DDPM's transfer
+    weights (as training leaves them: both Stage A's): each member's transfer features are
+    computed once and the mean comes from the step-fused sampler's own conditioning, equal
+    bit for bit to the mean computed apart; with other transfer weights the mean is
+    computed apart."""
     import copy
 
     import fastds.models.transfer as transfer_mod
@@ -134,7 +137,8 @@ def test_shared_conditioning_computes_the_mean_from_the_samplers_conditioning(
     rng = np.random.default_rng(0)
     own = DayInputs(inp.coarse, inp.covariates,
                     np.concatenate([inp.lags, inp.lags + 0.05 * rng.standard_normal(inp.lags.shape).astype(np.float32)]))
-    cfg = dataclasses.replace(FAST, fusion="step", mean_stride=0)
+    cfg = dataclasses.replace(FAST, fusion="step", mean_stride=0) if mean == "same" else \
+        dataclasses.replace(FAST, fusion="step", mean_stride=2 * FAST.stride, mean_halo=0)
     kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4, members=2, parts=True)
     calls = []
     forward = transfer_mod.TransferEncoder.forward

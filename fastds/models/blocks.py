@@ -69,8 +69,12 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.n(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), backend=self.backend)
+        qkv = self.qkv(self.n(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        # (B, 3, heads, HW, d) in one copy: torch's fused CPU attention needs the head dim
+        # contiguous, and on transposed views falls back to the materialised softmax (3-5x
+        # slower on the 8x8 maps here; bench_nn_kernels.py)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
+        h = attention(q, k, v, backend=self.backend)
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 

@@ -148,34 +148,54 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     scaled residuals), each (members, H, W). The residual pass runs the same model (so
     captured graphs stay keyed to it), without the mean.
 
-    Where the mean has the residual's patch geometry and the regression shares the model's
-    conditioning (:meth:`~fastds.models.conditional.ConditionalModel.shares_conditioning`:
+    Where every one of the mean's patches is also a residual patch (the same geometry, or
+    ``mean_halo`` 0 at twice the stride: every other patch, kept whole) and the regression
+    shares the model's conditioning (:meth:`~fastds.models.conditional.ConditionalModel.shares_conditioning`:
     the same frozen transfer weights), the step-fused sampler hands each member's
     conditioning to the mean as it computes it: a lag window's transfer features are
     computed once, not once for each network."""
-    patches = _Patches.of(inputs, cfg, device)  # one geometry for the residual and the mean
+    patches = _Patches.of(inputs, cfg, device)
+    mpatches = _mean_patches(inputs, patches, cfg, device)
     shared_lags = inputs.lags.shape[0] == 1
-    same_geometry = cfg.mean_stride in (0, cfg.stride)
+    rows = _rows_within(mpatches.starts, patches.starts)
     means, on_cond = None, None
-    if same_geometry and cfg.fusion == "step" and run["cache_conditioning"] and model.shares_conditioning():
+    if rows is not None and cfg.fusion == "step" and run["cache_conditioning"] and model.shares_conditioning():
         means = np.empty((members,) + _field_shape(patches), np.float32)
+        rows = torch.from_numpy(rows).to(device)
 
         def on_cond(k, cond):
-            parts = [model.regression_mean_of(cond[sl]) for sl in _batches(len(cond), cfg.batch)]
-            means[k:] = patches.stitch(patches.channels(torch.cat(parts)))  # members after k share it until their own
+            parts = [model.regression_mean_of(cond[rows[sl]]) for sl in _batches(len(rows), cfg.batch)]
+            means[k:] = mpatches.stitch(mpatches.channels(torch.cat(parts)))  # members after k share it until their own
     res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
                     patches=patches, on_cond=on_cond, **run)
     res = _widened(model, res, cfg, member0, patches.k)
     if means is None:
-        # the deterministic mean needs no overlap for texture: a sparser geometry is cheaper
-        mpatches = patches if same_geometry else \
-            _Patches.of(inputs, dataclasses.replace(cfg, stride=cfg.mean_stride), device)
         means = np.empty_like(res)
         for k in range(members):
             if k == 0 or not shared_lags:
                 mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
             means[k] = mean
     return means, res
+
+
+def _mean_patches(inputs, patches: _Patches, cfg, device) -> _Patches:
+    """The regression mean's geometry: ``mean_stride`` and ``mean_halo`` (0 / -1: the
+    residual's stride / halo); the deterministic mean needs no overlap for texture, so a
+    sparser geometry is cheaper."""
+    stride = cfg.mean_stride or cfg.stride
+    halo = cfg.halo if cfg.mean_halo < 0 else cfg.mean_halo
+    if (stride, halo) == (cfg.stride, cfg.halo):
+        return patches
+    # a stride past tile - 2*halo is cut to it, as the residual's is (_Patches.of)
+    return _Patches.of(inputs, dataclasses.replace(cfg, stride=stride, halo=halo), device)
+
+
+def _rows_within(starts, within):
+    """The row of ``within`` (N, 2) holding each of ``starts`` (n, 2): (n,) int64, or None
+    when some start is not there."""
+    index = {(int(y), int(x)): i for i, (y, x) in enumerate(within)}
+    rows = [index.get((int(y), int(x))) for y, x in starts]
+    return None if None in rows else np.asarray(rows, np.int64)
 
 
 def _widened(model, res, cfg, member0, k):
