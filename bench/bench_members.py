@@ -5,10 +5,12 @@ In a strict rollout each member keeps its own lag history, so its conditioning (
 transfer features of its lag window) and its CorrDiff mean (the U-Net on its lags) are its
 own. This benchmark times one day of 8 such members on the Area-1 grid (357 x 432) with the
 tiny preset's networks (untrained: the time does not depend on the weights) and reports how
-the day splits between the conditioning, the U-Net mean and the denoiser, for the preset's
-mean geometry (``mean_stride`` 24: kept regions tiling the image once) and for the mean on the
-sampler's own overlapping patches (``mean_stride`` 0, the round-3 default). Same inputs, the
-same precision and 2 threads for both. A ``toy`` grid (64 x 80) runs in bench-check.
+the day splits between the conditioning, the U-Net mean and the denoiser, for three mean
+geometries: ``24`` (the preset's: ``mean_stride`` 24, kept regions tiling the image once),
+``0`` (the mean on the sampler's own overlapping patches, the round-3 default; the peer) and
+``32h0`` (``mean_stride`` 32, ``mean_halo`` 0: every other residual patch kept whole, its
+conditioning shared with the residual's). Same inputs, the same precision and 2 threads for
+all. A ``toy`` grid (64 x 80) runs in bench-check.
 """
 import dataclasses
 import sys
