@@ -8,7 +8,10 @@ generated residual; tile 32, halo 4, stride 16; DPM-Solver++ 5 steps; step fusio
 conditioning cached; fp32), one member. Each other provider changes one factor of ``shipped``:
 
 - ``shipped_bf16``: ``sample.precision = "bf16"`` (autocast around the network calls);
-- ``shipped_compile``: ``sample.compile = true`` (inductor), and ``shipped_bf16_compile``;
+- ``shipped_compile``: ``sample.compile = true`` (inductor), and ``shipped_bf16_compile``
+  (compiled in the warm-up day, about a minute; until round 18 ``downscale_day`` ignored
+  ``sample.compile``, which only ``sample`` applied, so these ran eager and round 6's
+  "compile 1.0x" measured nothing);
 - ``shipped_pair`` / ``shipped_bf16_pair``: an antithetic pair (the cheapest ensemble mean);
 - ``shipped_no_cache``: the conditioning recomputed at every step (the reference's);
 - ``shipped_final``: final fusion (patches sampled apart, then stitched: the paper's);
@@ -25,7 +28,8 @@ by deterministic DDIM with trailing spacing over ``train.distill_steps`` evaluat
 step. Ensembles (pairs included) as the protocol samples them, each member with its own lag
 history as in a strict rollout (8 members, bf16): ``shipped_bf16_8`` and
 ``distill1_bf16_8``; ``distill1_bf16_4``: the student's smallest ensemble the protocol scores
-as pairs (two antithetic pairs); ``_s24``: the student's patches at the mean's stride 24.
+as pairs (two antithetic pairs), and ``distill1_bf16_4_compile`` through ``torch.compile``;
+``_s24``: the student's patches at the mean's stride 24.
 Networks are untrained and of the tiny preset's shapes: the
 time of a day does not depend on the weights.
 
@@ -91,6 +95,9 @@ ABLATION = {
     "distill1_bf16_s24": (dataclasses.replace(STUDENT_BF16, stride=24), 1, True),
     "distill1_bf16_4_s24": (dataclasses.replace(STUDENT_BF16, stride=24), 4, True),
     "distill1_bf16_8": (STUDENT_BF16, 8, True),
+    # the 4-member student through torch.compile (inductor): the networks compiled once, in
+    # the warm-up day; a long reconstruction pays that minute once
+    "distill1_bf16_4_compile": (dataclasses.replace(STUDENT_BF16, compile=True), 4, True),
     # the reference's whole day at 10 and 20 of its 200 steps: every step does the same work
     # (all 35,948 patches through the network and the conditioning), so the day is linear in
     # the steps; the two give its slope and intercept when the full day cannot be timed

@@ -320,6 +320,29 @@ def test_compiled_network_samples_what_the_eager_one_does(trained_run, test_days
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_sampling_twin_leaves_the_model_alone(trained_run):
+    """sample.compile compiles a cached copy of the model's networks (downscale_day's twin),
+    never the caller's model; a weight update makes a new twin, and a twin goes with its
+    model (it does not keep it alive)."""
+    import gc
+    import weakref
+    from fastds.sampling import day as day_mod
+    model, _ = load_trained(trained_run, 3)
+    assert day_mod.sampling_twin(model, compile=False) is model
+    twin = day_mod.sampling_twin(model, compile=True)
+    assert twin is day_mod.sampling_twin(model, compile=True)
+    assert hasattr(twin.net, "_orig_mod") and hasattr(twin.regression.net, "_orig_mod")
+    assert not hasattr(model.net, "_orig_mod") and not hasattr(model.regression.net, "_orig_mod")
+    with torch.no_grad():
+        next(model.net.parameters()).mul_(1.0)  # an in-place update: a new version
+    assert day_mod.sampling_twin(model, compile=True) is not twin
+    n, alive = len(day_mod._TWINS), weakref.ref(model)
+    assert model in day_mod._TWINS
+    del model, twin
+    gc.collect()
+    assert alive() is None and len(day_mod._TWINS) == n - 1
+
+
 def test_strict_and_lenient_differ_inside_record(trained_run, test_days):
     day0 = test_days[2]
     kw = dict(run=trained_run, start=day0 - pd.Timedelta(days=3), end=day0, progress=False)

@@ -5,14 +5,17 @@ transfer features of the lag window) once per patch, generate the patches (a U-N
 prediction, a VAE's draw, or a diffusion sampler run on batches of patches, the conditioning
 reused by every step and every member that shares the lag window), stitch with
 Halo-and-Hann weights. The strategies around a network are composed here, not branched in
-it: precision (bf16 autocast of the network calls), fusion (``final``: stitch finished
+it: precision (bf16 autocast of the network calls), ``torch.compile`` (on a copy:
+:func:`sampling_twin`), fusion (``final``: stitch finished
 patches; ``step``: blend the patch outputs at every step into one image-space trajectory),
 CUDA graphs (the same loop captured), and CorrDiff (a regression mean plus a widened,
 scaled residual sample: :mod:`fastds.sampling.spread`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +30,30 @@ from .samplers import make_plan, run_plan
 from .spread import widen
 
 __all__ = ["DayInputs", "downscale_day", "member_draws", "inflate_residuals", "spread_widening",
-           "PRECISIONS"]
+           "PRECISIONS", "sampling_twin"]
 
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device has it natively (_backend.bf16_native)
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
+# model -> (its weights' identity, its compiled twin); a twin dies with its model
+_TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def sampling_twin(model: torch.nn.Module, *, compile: bool) -> torch.nn.Module:
+    """The copy of ``model`` that :func:`downscale_day` samples with when ``compile``
+    (``sample.compile``): its networks through ``torch.compile``, so the caller's model is
+    never modified. Cached while the model lives and its weights are unchanged (same storage
+    and version counter: an optimizer step or a ``load_state_dict`` makes a new twin, which
+    compiles anew); the model itself when not ``compile``."""
+    if not compile:
+        return model
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    hit = _TWINS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    twin = copy.deepcopy(model).compile_for_sampling()
+    _TWINS[model] = (key, twin)
+    return twin
 
 
 @dataclass
@@ -132,6 +154,7 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
                backend=backend, progress=progress, member0=member0)
     # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
     # back to the fp32 state, so updates, noise and stitching are unchanged
+    model = sampling_twin(model, compile=cfg.compile)
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                         enabled=precision == "bf16"):
         if kind == "ddpm" and getattr(model, "regression", None) is not None:

@@ -82,9 +82,7 @@ class Network:
     def season(self, s) -> Season:
         if s not in self.seasons:
             model, conf = load_trained(self.run, s, self.kind, use_ema=self.cfg.use_ema, device=self.device)
-            set_kernel_backend(model, self.cfg.kernels)
-            if self.cfg.compile:
-                model.compile_for_sampling()
+            set_kernel_backend(model, self.cfg.kernels)  # sample.compile: downscale_day's twin
             if not self.cfg.lag_conditioning and conf.train.cond_dropout <= 0:
                 raise ValueError(f"sample: sample.lag_conditioning=false asks for the coarse-only "
                                  f"fallback, but the season-{s} {self.kind} was trained with "
