@@ -329,6 +329,8 @@ def test_compiled_sampling_twin_leaves_the_model_alone(trained_run):
     from fastds.sampling import day as day_mod
     model, _ = load_trained(trained_run, 3)
     assert day_mod.sampling_twin(model, compile=False) is model
+    with pytest.raises(TypeError, match="sample.compile"):
+        day_mod.sampling_twin(torch.nn.Linear(2, 2), compile=True)
     twin = day_mod.sampling_twin(model, compile=True)
     assert twin is day_mod.sampling_twin(model, compile=True)
     assert hasattr(twin.net, "_orig_mod") and hasattr(twin.regression.net, "_orig_mod")

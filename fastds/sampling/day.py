@@ -47,6 +47,9 @@ def sampling_twin(model: torch.nn.Module, *, compile: bool) -> torch.nn.Module:
     compiles anew); the model itself when not ``compile``."""
     if not compile:
         return model
+    if not hasattr(model, "compile_for_sampling"):
+        raise TypeError(f"sample.compile: a {type(model).__name__} has no compile_for_sampling(); "
+                        "compile is for fastds's trained models (ConditionalModel, JointModel)")
     key = tuple((p.data_ptr(), p._version) for p in model.parameters())
     hit = _TWINS.get(model)
     if hit is not None and hit[0] == key:
@@ -152,9 +155,9 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,
                backend=backend, progress=progress, member0=member0)
+    model = sampling_twin(model, compile=cfg.compile)
     # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
     # back to the fp32 state, so updates, noise and stitching are unchanged
-    model = sampling_twin(model, compile=cfg.compile)
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                         enabled=precision == "bf16"):
         if kind == "ddpm" and getattr(model, "regression", None) is not None:
