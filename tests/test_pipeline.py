@@ -320,6 +320,37 @@ def test_compiled_network_samples_what_the_eager_one_does(trained_run, test_days
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_networks_keep_one_shape_across_partial_batches_and_domains(trained_run, store_path, test_days):
+    """A compiled twin (FixedBatch) pads each partial batch to the batch size: two domains
+    whose last batches differ, with members that have their own lags, compile each network
+    once (without it every partial batch is a new shape, and past dynamo's recompile limit
+    the calls fall back to eager without an error), and the days equal the eager model's."""
+    import copy
+    model, conf = load_trained(trained_run, 3)
+    compiled_shapes = []
+
+    def counting(gm, example_inputs):
+        compiled_shapes.append(tuple(tuple(x.shape) for x in example_inputs if torch.is_tensor(x)))
+        return gm.forward
+    twin = copy.deepcopy(model).compile_for_sampling(backend=counting)
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    own = np.concatenate([inp.lags, inp.lags[:, ::-1], inp.lags[:, ::2].repeat(2, 1)])  # 3 members' lags
+    cfg = dataclasses.replace(FAST, steps=3, batch=7, stride=4)
+    kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, members=3, seed=2)
+    counts = []
+    for h, w in ((24, 30), (29, 21)):
+        sub = DayInputs(inp.coarse[:, :h, :w], inp.covariates[:, :h, :w], own[..., :h, :w])
+        got = downscale_day(twin, sub, cfg=cfg, **kw)
+        np.testing.assert_allclose(got, downscale_day(model, sub, cfg=cfg, **kw), rtol=1e-5, atol=1e-6)
+        counts.append(len(compiled_shapes))
+    assert counts[0] == counts[1] == 2, compiled_shapes  # the denoiser and the regression mean
+    assert all(shapes[0][0] == 7 for shapes in compiled_shapes)
+    net = twin.net
+    assert net.rows == 7 and type(net._orig_mod) is type(model.net)  # the name torch.compile's wrapper uses
+    with pytest.raises(AttributeError, match="no_such"):
+        net.no_such
+
+
 def test_compiled_sampling_twin_leaves_the_model_alone(trained_run):
     """sample.compile compiles a cached copy of the model's networks (downscale_day's twin),
     never the caller's model; a weight update makes a new twin, and a twin goes with its

@@ -410,6 +410,16 @@ def test_joint_day_means_are_each_species_unet_and_its_residual_has_every_channe
     # the two members are an antithetic pair when the run samples pairs
     if cfg.antithetic:
         assert not np.allclose(res[0], res[1])
+    # sample.compile's twin: its denoiser compiled once (FixedBatch pads the partial
+    # batches), the eager day to float rounding
+    import copy
+    graphs = []
+    twin = copy.deepcopy(model).compile_for_sampling(backend=lambda gm, ex: graphs.append(ex) or gm.forward)
+    small = dataclasses.replace(cfg, batch=5)
+    kw = dict(cfg=small, T=conf.diffusion.T, members=2, prediction=conf.diffusion.prediction, day_key=e)
+    for got, want in zip(downscale_day(twin, inputs, **kw), downscale_day(model, inputs, **kw)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1 and twin.net.rows == 5
 
 
 def test_joint_rollout_writes_one_variable_per_species_through_zarr_and_the_cli(joint_run, tmp_path):

@@ -9,7 +9,7 @@ from .baselines import VAE, DeterministicUNet
 from .transfer import TransferEncoder
 from .unet import Denoiser, TemporalUNet
 
-__all__ = ["ConditionalModel", "build_model", "cond_channels", "MODEL_KINDS", "N_COVARIATES"]
+__all__ = ["ConditionalModel", "FixedBatch", "build_model", "cond_channels", "MODEL_KINDS", "N_COVARIATES"]
 
 MODEL_KINDS = ("ddpm", "unet", "vae")
 N_COVARIATES = 6  # the paper's covariate set; the bounded set has 7
@@ -33,15 +33,15 @@ class ConditionalModel(nn.Module):
         self.anchor = None  # the residual anchor a trained model carries (load_trained sets it)
         self.regression = None  # CorrDiff-style mean: a frozen regression model (set_regression)
 
-    def compile_for_sampling(self) -> "ConditionalModel":
-        """Put the network (and a regression mean's) through ``torch.compile`` (inductor) for
-        inference, once per input shape; returns self. Weights are shared, so outputs match
-        the eager network to float rounding; the state dict's keys change, so do not save a
-        compiled model."""
-        if not hasattr(self.net, "_orig_mod"):  # not compiled yet
-            self.net = torch.compile(self.net, dynamic=False)
+    def compile_for_sampling(self, backend="inductor") -> "ConditionalModel":
+        """Put the network (and a regression mean's) through ``torch.compile`` for inference,
+        behind :class:`FixedBatch` (one compiled shape per network); returns self. Weights are
+        shared, so outputs match the eager network to float rounding; the state dict's keys
+        change, so do not save a compiled model. ``backend``: torch.compile's."""
+        if not isinstance(self.net, FixedBatch):  # not compiled yet
+            self.net = FixedBatch(self.net, backend=backend)
         if self.regression is not None:
-            self.regression.compile_for_sampling()
+            self.regression.compile_for_sampling(backend=backend)
         return self
 
     def cond(self, coarse, covariates, lags=None, drop=None):
@@ -124,6 +124,48 @@ class ConditionalModel(nn.Module):
 
     def forward(self, x_t, t, cond):
         return self.net(x_t, t, cond)
+
+
+class FixedBatch(nn.Module):
+    """``torch.compile(net, dynamic=False)`` called with one batch size: a call of fewer
+    rows than the largest seen so far is padded to it (the last row repeated) and its output
+    cut back. Without it every partial batch (a day's last patches, each domain's own) is a
+    new static shape to compile, and past dynamo's recompile limit (8 per code object, shared
+    by every compiled network of the class) calls fall back to eager without an error. Rows
+    are independent in these networks (per-sample GroupNorm, no batch statistics), so the
+    padding changes no row's value. Arguments: the network's own; every tensor whose first
+    dim is the batch's is padded, None and others pass through."""
+
+    def __init__(self, net: nn.Module, backend="inductor"):
+        super().__init__()
+        self.inner = net
+        self.compiled = torch.compile(net, dynamic=False, backend=backend)
+        self.rows = 0
+
+    @property
+    def _orig_mod(self):  # as torch.compile's wrapper names the network it compiled
+        return self.inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the network's own methods and attributes (VAE.generate, ...)
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args):
+        n = next(a.shape[0] for a in args if torch.is_tensor(a) and a.dim())
+        self.rows = max(self.rows, n)
+        if n == self.rows:
+            return self.compiled(*args)
+        pad = self.rows - n
+
+        def padded(a):
+            if not (torch.is_tensor(a) and a.dim() and a.shape[0] == n):
+                return a
+            if a.stride(0) == 0:  # a broadcast (a step's t): stays one, as dynamo guards strides
+                return a[:1].expand(self.rows, *a.shape[1:])
+            return torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])
+        return self.compiled(*(padded(a) for a in args))[:n]
 
 
 def cond_channels(n_covariates, transfer, lag_channels) -> int:

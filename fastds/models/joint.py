@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conditional import ConditionalModel, cond_channels
+from .conditional import ConditionalModel, FixedBatch, cond_channels
 from .unet import Denoiser
 
 __all__ = ["JointModel", "build_joint"]
@@ -95,11 +95,12 @@ class JointModel(nn.Module):
     def shares_conditioning(self) -> bool:
         return True  # the denoiser's conditioning is the means' own, by construction
 
-    def compile_for_sampling(self) -> "JointModel":
-        """The denoiser through ``torch.compile`` for inference (as
+    def compile_for_sampling(self, backend="inductor") -> "JointModel":
+        """The denoiser through ``torch.compile`` for inference, behind
+        :class:`~fastds.models.conditional.FixedBatch` (as
         :meth:`ConditionalModel.compile_for_sampling`); returns self."""
-        if not hasattr(self.net, "_orig_mod"):
-            self.net = torch.compile(self.net, dynamic=False)
+        if not isinstance(self.net, FixedBatch):
+            self.net = FixedBatch(self.net, backend=backend)
         return self
 
     def train(self, mode: bool = True):

@@ -197,10 +197,7 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     res = _widened(model, res, cfg, member0, patches.k)
     if means is None:
         means = np.empty_like(res)
-        for k in range(members):
-            if k == 0 or not shared_lags:
-                mean = _stitched_mean(model, inputs, mpatches, cfg, 0 if shared_lags else k, device)
-            means[k] = mean
+        means[:] = _stitched_means(model, inputs, mpatches, cfg, 1 if shared_lags else members, device)
     return means, res
 
 
@@ -244,14 +241,22 @@ def _field_shape(patches: _Patches) -> tuple:
     return tuple(patches.shape) if patches.k == 1 else (patches.k,) + tuple(patches.shape)
 
 
-def _stitched_mean(model, inputs, patches: _Patches, cfg, member, device):
-    """The regression mean of one lag set, stitched like the samples: (H, W) numpy."""
+def _stitched_means(model, inputs, patches: _Patches, cfg, members, device):
+    """The regression mean of the first ``members`` lag sets, stitched like the samples:
+    (members, H, W) numpy (a joint model's: (members, K, H, W)). The members' patches go
+    through the network together, ``cfg.batch`` at a time, so a day has one partial batch,
+    not one per member."""
+    n = len(patches.starts)
     parts = []
-    for sl in _batches(len(patches.starts), cfg.batch):
-        lag_p = patches.lags(inputs.lags[member], sl, device)
-        parts.append(model.regression_mean(patches.coarse[sl], patches.covariates[sl], lag_p,
+    for sl in _batches(members * n, cfg.batch):
+        pieces = [(k, slice(max(sl.start, k * n) - k * n, min(sl.stop, (k + 1) * n) - k * n))
+                  for k in range(sl.start // n, (sl.stop - 1) // n + 1)]
+        rows = torch.cat([torch.arange(p.start, p.stop) for _, p in pieces]).to(device)
+        lag_p = torch.cat([patches.lags(inputs.lags[k], p, device) for k, p in pieces])
+        parts.append(model.regression_mean(patches.coarse[rows], patches.covariates[rows], lag_p,
                                            _drop(cfg, len(lag_p), device)))
-    return patches.stitch(patches.channels(torch.cat(parts)))
+    out = patches.channels(torch.cat(parts))
+    return np.stack([patches.stitch(out[k * n:(k + 1) * n]) for k in range(members)])
 
 
 LATENT_STREAM_STRIDE = 7919  # seed offset between the latent streams of ``sample.latent_mix``
