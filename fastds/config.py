@@ -169,8 +169,9 @@ class SampleConfig:
                                   # state, updates and stitching stay fp32) or "auto": bf16 where
                                   # the device has it natively (AVX512-BF16/AMX, bf16 GPUs), else
                                   # fp32 (protocol: bf16 within 0.01 % of fp32 on every score)
-    compile: bool = False         # torch.compile the network for sampling (inductor; tiny
-                                  # denoiser 1.5x fp32, 2.6x with bf16; 20-60 s per shape first)
+    compile: bool = False         # torch.compile the networks for sampling (inductor), one batch
+                                  # shape each (partial batches padded): ~40 s once for the tiny
+                                  # student's two networks on 2 cores, then 1.2-1.4x a day
     calibrate: bool = True        # CorrDiff DDPM: scale the residual by the inflation saved with
                                   # the model (train.calibrate_spread: the CRPS-best calibrated one)
     calibrate_bands: bool = True  # with calibrate: one gain per spatial band (saved by the same

@@ -341,3 +341,50 @@ def test_static_sampler_wraps_step_fusion_like_the_eager_loop():
                       wrap=lambda m: PatchFusedModel(m, splan, None, batch=7))
     want = run_plan(PatchFusedModel(net, splan, cond, batch=7), x, plan, backend="cpu")
     torch.testing.assert_close(s(x, cond, 0), want)
+
+
+def test_fixed_batch_pads_every_call_to_one_compiled_shape():
+    """FixedBatch (sample.compile's wrapper): a smaller batch is padded to the largest seen,
+    a broadcast argument stays a broadcast (dynamo guards strides), None and non-batch
+    arguments pass through, each row equals the eager network's, and a larger batch
+    becomes the new size; the network's own attributes stay reachable, unknown ones raise."""
+    from fastds.models.conditional import FixedBatch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(1, 3)
+
+        def forward(self, x, t, cond, scale):
+            base = cond if x is None else x + cond
+            return self.norm(self.conv(base)) * t.view(-1, 1, 1, 1) * scale
+
+        def width(self):
+            return self.conv.out_channels
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([(tuple(a.shape), a.stride()) for a in example_inputs if torch.is_tensor(a)])
+        return gm.forward
+    fixed = FixedBatch(net, backend=backend)
+    scale = torch.tensor(1.5)
+    with torch.no_grad():
+        for n, with_x in ((6, True), (4, True), (1, True), (5, True)):
+            cond = torch.randn(n, 2, 5, 7)
+            x = torch.randn(n, 2, 5, 7) if with_x else None
+            t = torch.tensor([0.3]).expand(n)  # a step's t: one value, broadcast
+            got = fixed(x, t, cond, scale)
+            assert got.shape == (n, 3, 5, 7)
+            torch.testing.assert_close(got, net(x, t, cond, scale), rtol=1e-6, atol=1e-6)
+        assert len(seen) == 1 and fixed.rows == 6
+        assert ((6, 2, 5, 7), (70, 35, 7, 1)) in seen[0] and ((6,), (0,)) in seen[0]  # t kept broadcast
+        fixed(torch.randn(9, 2, 5, 7), torch.rand(9), torch.randn(9, 2, 5, 7), scale)  # larger: the new size
+        assert fixed.rows == 9 and len(seen) == 2
+        fixed(None, torch.rand(3), torch.randn(3, 2, 5, 7), scale)  # no x_t (a U-Net): padded cond and t
+    assert fixed.width() == 3 and fixed._orig_mod is net
+    with pytest.raises(AttributeError, match="no_such"):
+        fixed.no_such

@@ -140,7 +140,7 @@ class FixedBatch(nn.Module):
         super().__init__()
         self.inner = net
         self.compiled = torch.compile(net, dynamic=False, backend=backend)
-        self.rows = 0
+        self.rows, self.broadcast = 0, []
 
     @property
     def _orig_mod(self):  # as torch.compile's wrapper names the network it compiled
@@ -154,18 +154,21 @@ class FixedBatch(nn.Module):
 
     def forward(self, *args):
         n = next(a.shape[0] for a in args if torch.is_tensor(a) and a.dim())
-        self.rows = max(self.rows, n)
-        if n == self.rows:
+        if n >= self.rows:
+            # which arguments are broadcast along the batch (a step's t, stride 0): padded
+            # ones stay so, as dynamo guards strides (a 1-row batch cannot tell by itself)
+            self.rows, self.broadcast = n, [torch.is_tensor(a) and a.dim() > 0 and a.stride(0) == 0
+                                            for a in args]
             return self.compiled(*args)
         pad = self.rows - n
 
-        def padded(a):
+        def padded(a, broadcast):
             if not (torch.is_tensor(a) and a.dim() and a.shape[0] == n):
                 return a
-            if a.stride(0) == 0:  # a broadcast (a step's t): stays one, as dynamo guards strides
+            if broadcast:
                 return a[:1].expand(self.rows, *a.shape[1:])
             return torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])
-        return self.compiled(*(padded(a) for a in args))[:n]
+        return self.compiled(*(padded(a, b) for a, b in zip(args, self.broadcast)))[:n]
 
 
 def cond_channels(n_covariates, transfer, lag_channels) -> int:
