@@ -385,6 +385,11 @@ def test_fixed_batch_pads_every_call_to_one_compiled_shape():
         fixed(torch.randn(9, 2, 5, 7), torch.rand(9), torch.randn(9, 2, 5, 7), scale)  # larger: the new size
         assert fixed.rows == 9 and len(seen) == 2
         fixed(None, torch.rand(3), torch.randn(3, 2, 5, 7), scale)  # no x_t (a U-Net): padded cond and t
+        fixed.fix(4)  # a caller's smaller batch size: that shape from now on, not 9 rows
+        n_graphs, cond = len(seen), torch.randn(3, 2, 5, 7)
+        t = torch.rand(3)
+        torch.testing.assert_close(fixed(None, t, cond, scale), net(None, t, cond, scale), rtol=1e-6, atol=1e-6)
+        assert len(seen) == n_graphs + 1 and ((4, 2, 5, 7), (70, 35, 7, 1)) in seen[-1] and fixed.rows == 4
     assert fixed.width() == 3 and fixed._orig_mod is net
     with pytest.raises(AttributeError, match="no_such"):
         fixed.no_such

@@ -326,6 +326,7 @@ def test_compiled_networks_keep_one_shape_across_partial_batches_and_domains(tra
     once (without it every partial batch is a new shape, and past dynamo's recompile limit
     the calls fall back to eager without an error), and the days equal the eager model's."""
     import copy
+    from fastds.sampling import day as day_mod
     model, conf = load_trained(trained_run, 3)
     compiled_shapes = []
 
@@ -345,8 +346,15 @@ def test_compiled_networks_keep_one_shape_across_partial_batches_and_domains(tra
         counts.append(len(compiled_shapes))
     assert counts[0] == counts[1] == 2, compiled_shapes  # the denoiser and the regression mean
     assert all(shapes[0][0] == 7 for shapes in compiled_shapes)
+    # a smaller batch size later: its own shape (not padded to 7), once per network
+    small = dataclasses.replace(cfg, batch=5, compile=True)
+    day_mod._TWINS[model] = (tuple((p.data_ptr(), p._version) for p in model.parameters()), twin)
+    np.testing.assert_allclose(downscale_day(model, sub, cfg=small, **kw),
+                               downscale_day(model, sub, cfg=dataclasses.replace(small, compile=False), **kw),
+                               rtol=1e-5, atol=1e-6)
+    assert len(compiled_shapes) == 4 and all(shapes[0][0] == 5 for shapes in compiled_shapes[2:])
     net = twin.net
-    assert net.rows == 7 and type(net._orig_mod) is type(model.net)  # the name torch.compile's wrapper uses
+    assert net.rows == 5 and type(net._orig_mod) is type(model.net)  # the name torch.compile's wrapper uses
     with pytest.raises(AttributeError, match="no_such"):
         net.no_such
 

@@ -152,13 +152,20 @@ class FixedBatch(nn.Module):
         except AttributeError:  # the network's own methods and attributes (VAE.generate, ...)
             return getattr(super().__getattr__("inner"), name)
 
+    def fix(self, rows: int) -> None:
+        """Pad every smaller call to ``rows`` from now on (the sampler's batch size: a caller
+        that lowers its batch then gets that shape, not the padded old one)."""
+        self.rows = int(rows)
+
     def forward(self, *args):
         n = next(a.shape[0] for a in args if torch.is_tensor(a) and a.dim())
+        # which arguments are broadcast along the batch (a step's t, stride 0): padded ones
+        # stay so, as dynamo guards strides (a 1-row batch cannot tell by itself, so the
+        # last full batch's say)
+        if n >= self.rows or len(self.broadcast) != len(args):
+            self.broadcast = [torch.is_tensor(a) and a.dim() > 0 and a.stride(0) == 0 for a in args]
         if n >= self.rows:
-            # which arguments are broadcast along the batch (a step's t, stride 0): padded
-            # ones stay so, as dynamo guards strides (a 1-row batch cannot tell by itself)
-            self.rows, self.broadcast = n, [torch.is_tensor(a) and a.dim() > 0 and a.stride(0) == 0
-                                            for a in args]
+            self.rows = n
             return self.compiled(*args)
         pad = self.rows - n
 

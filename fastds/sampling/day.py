@@ -23,6 +23,7 @@ import torch
 
 from .. import _backend
 from ..config import SampleConfig
+from ..models.conditional import FixedBatch
 from ..stitch import StitchPlan, plan_patches, stitch
 from .graphs import GraphCache, StaticSampler
 from .fusion import PatchFusedModel
@@ -156,6 +157,10 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,
                backend=backend, progress=progress, member0=member0)
     model = sampling_twin(model, compile=cfg.compile)
+    if cfg.compile:  # its networks' calls padded to this day's batch size: one compiled shape
+        for net in model.modules():
+            if isinstance(net, FixedBatch):
+                net.fix(cfg.batch)
     # bf16 autocast covers the network calls only: run_plan and the fusion cast each output
     # back to the fp32 state, so updates, noise and stitching are unchanged
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
