@@ -36,7 +36,7 @@ time of a day does not depend on the weights.
 Every provider is timed ``FASTDS_E2E_ROUNDS`` times (default 5) after one warm-up day
 (a long reconstruction runs at the steady state); the summary prints median, min and IQR.
 The reference takes about an hour a day here (its whole day: 4,640 s in round 6, 3,453 s in
-round 17 with the attention fix, 3,546 s in round 18 on another machine; the line through
+round 17 with the attention fix, 3,546 s in round 18 on another machine, 3,676 s in round 19; the line through
 ``ref_10steps``/``ref_20steps`` timed the same day gave 2,485 s and 2,990 s: the whole day
 runs 19-39 % above its line, so only a whole day counts) and runs ``FASTDS_E2E_REF_ROUNDS`` times
 (default: the same 5) without a warm-up day, last; to leave it out, name the other
