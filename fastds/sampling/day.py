@@ -51,13 +51,18 @@ def sampling_twin(model: torch.nn.Module, *, compile: bool) -> torch.nn.Module:
     if not hasattr(model, "compile_for_sampling"):
         raise TypeError(f"sample.compile: a {type(model).__name__} has no compile_for_sampling(); "
                         "compile is for fastds's trained models (ConditionalModel, JointModel)")
-    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    key = _weights_key(model)
     hit = _TWINS.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
     twin = copy.deepcopy(model).compile_for_sampling()
     _TWINS[model] = (key, twin)
     return twin
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """What a cached twin is valid for: each parameter's storage and version counter."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 @dataclass
