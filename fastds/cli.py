@@ -99,6 +99,10 @@ def _training_commands(sub):
                         "once per species, in channel order; --run is then the joint run's folder")
     p.add_argument("--season", type=int, choices=[1, 2, 3, 4])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="refit the trained DDPM's (or --model distill's) spread widening with the "
+                        "run's saved settings, without retraining (a run calibrated before "
+                        "sample.calibrate_to='bands' existed gains its post-projection band gains)")
     p.add_argument("--variable", default=None,
                    help="the species, in a store of several (default: the run's; sets data.variable)")
 
@@ -224,6 +228,16 @@ def _run(args) -> int:
         for p in pretrain(data=args.data, run=args.out, config=cfg, season=args.season,
                           resume=args.resume, progress=progress, device=args.device):
             print(f"stage A checkpoint: {p}")
+    elif args.cmd == "train" and args.recalibrate:
+        from .training.stages import recalibrate
+        for season, cal in recalibrate(args.run, season=args.season, model=args.model or "ddpm",
+                                       device=args.device).items():
+            if cal is None:
+                print(f"season {season}: no validation days to calibrate on; widening unchanged")
+                continue
+            gains = " ".join(f"{g:.2f}" for g in cal["final_band_gains"])
+            print(f"season {season}: raw spread/skill {cal['raw_spread_skill']:.2f}; band gains after "
+                  f"the projection {gains}")
     elif args.cmd == "train" and args.model == "joint":
         from .training.joint import train_joint
         for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,

@@ -176,9 +176,11 @@ class SampleConfig:
                                   # the model (train.calibrate_spread: the CRPS-best calibrated one)
     calibrate_bands: bool = True  # with calibrate: one gain per spatial band (saved by the same
                                   # calibration) instead of one α for every scale
-    calibrate_to: str = "spread"  # the widening's common factor: "spread" (validation spread/skill
-                                  # 1: rollouts 1.05) or "crps" (the fair-CRPS best on the
-                                  # validation days: rollouts over-dispersed, 1.14; CRPS 0.4 % lower)
+    calibrate_to: str = "bands"   # the band gains: "bands" (each band's validation spread/skill 1
+                                  # in log10 after the projection: the truth's texture, energy
+                                  # and Brier better on the development days), or the model-space
+                                  # gains times one factor: "spread" (validation spread/skill 1;
+                                  # mid-scale power 1.7x the truth's) or "crps" (the fair-CRPS best)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

@@ -75,6 +75,16 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     code, out, err = run(capsys, "train", "--data", str(store), "--run", str(runp), "--quiet", *sets)
     assert code == 0, err
     assert out.index("unet checkpoint") < out.index("ddpm checkpoint")
+    # the widening refitted without retraining: the same model-space gains, and the ones fitted
+    # after the projection that sample.calibrate_to="bands" reads
+    from fastds.runs import load_checkpoint
+    ck = runp / "season3" / "ddpm.best.pt"
+    before = load_checkpoint(ck)["calibration"]
+    code, out, err = run(capsys, "train", "--run", str(runp), "--recalibrate", "--quiet")
+    assert code == 0, err
+    after = load_checkpoint(ck)["calibration"]
+    assert "band gains after the projection" in out and after["band_gains"] == before["band_gains"]
+    assert after["final_band_gains"] == before["final_band_gains"]
     pred = tmp_path / "pred.nc"
     code, out, err = run(capsys, "sample", "--run", str(runp), "--start", "2005-08-18", "--end", "2005-08-23",
                          "--out", str(pred), "--members", "2", "--mode", "strict", "--quiet",
@@ -109,6 +119,8 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     (["train", "--data", "x", "--run", "y", "--set", "train.nope=1"], "unknown key train.nope"),
     (["train", "--data", "x", "--run", "y", "--set", "train.lr=fast"], "train.lr must be float"),
     (["train", "--data", "x", "--run", "y", "--set", "lr"], "--set expects section.key=value"),
+    (["train", "--run", "/nonexistent", "--recalibrate"], "recalibrate: /nonexistent/run.json is missing"),
+    (["train", "--run", "/nonexistent", "--recalibrate", "--model", "unet"], "only a diffusion model is widened"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

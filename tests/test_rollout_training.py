@@ -217,6 +217,12 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     gains = np.asarray(cal["band_gains"])
     assert gains.shape == (len(BAND_SIGMAS) + 1,) and (gains > 0).all() and np.isfinite(gains).all()
     assert cal["band_factor"] == cal["inflations"][int(np.argmin(cal["crps_fair_bands"]))]
+    # the gains fitted after the projection (sample.calibrate_to="bands", the default), within
+    # their limits before the rollout factor below
+    from fastds.training.stages import FINAL_BAND_LIMITS
+    final = np.asarray(cal["final_band_gains"]) / cal["rollout_factor"]
+    assert final.shape == gains.shape and len(cal["final_band_spread_skill"]) == len(final)
+    assert ((final >= FINAL_BAND_LIMITS[0] - 1e-9) & (final <= FINAL_BAND_LIMITS[1] + 1e-9)).all()
     # refined by strict rollouts over validation blocks: one factor on both widenings
     f = cal["rollout_factor"]
     assert cal["rollout_days"] > 0 and f == cal["inflations"][int(np.argmin(cal["rollout_crps_fair"]))]

@@ -393,7 +393,6 @@ def test_calibrate_to_spread_moves_the_common_factor_to_spread_skill_one():
     cfg = SampleConfig(calibrate_to="crps")
     a, g = spread_widening(model, cfg)
     assert a == 1.0 and np.allclose(g, [1.2, 2.4])
-    assert SampleConfig().calibrate_to == "spread"  # the shipped default
     a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread"))
     assert a == 1.0 and np.allclose(g, np.array([1.2, 2.4]) * 1.15 / 1.2)  # 1 is halfway 1.1..1.2
     a, g = spread_widening(model, dc.replace(cfg, calibrate_to="spread", calibrate_bands=False))
@@ -402,6 +401,69 @@ def test_calibrate_to_spread_moves_the_common_factor_to_spread_skill_one():
     assert np.allclose(spread_widening(model, dc.replace(cfg, calibrate_to="spread"))[1], [1.2, 2.4])
     with pytest.raises(ValueError, match="calibrate_to"):
         spread_widening(model, dc.replace(cfg, calibrate_to="median"))
+
+
+def test_calibrate_to_bands_takes_the_post_projection_gains():
+    """``sample.calibrate_to="bands"`` (the default): the per-band gains fitted after the
+    projection, with no common factor (α = 1); a calibration that predates them is an error
+    naming the setting and the refit, not a silent fallback; one α (band gains off) takes
+    the spread/skill-1 factor, as under "spread"."""
+    import dataclasses as dc
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig
+    from fastds.sampling.day import spread_widening
+    cal = {"inflations": [1.0, 1.1, 1.2], "band_factor": 1.1, "spread_skill_bands": [0.9, 1.1, 1.2],
+           "inflation": 1.2, "spread_skill": [0.8, 1.0, 1.2], "final_band_gains": [0.7, 0.8, 1.5]}
+    model = SimpleNamespace(regression_inflation=torch.tensor(1.2),
+                            regression_bands=torch.tensor([1.2, 1.3, 2.4]), calibration=cal)
+    assert SampleConfig().calibrate_to == "bands"  # the shipped default
+    a, g = spread_widening(model, SampleConfig())
+    assert a == 1.0 and np.array_equal(g, [0.7, 0.8, 1.5])
+    a, g = spread_widening(model, SampleConfig(calibrate_bands=False))
+    assert g is None and a == pytest.approx(1.1)
+    assert spread_widening(model, SampleConfig(calibrate=False)) == (1.0, None)
+    model.calibration = {k: v for k, v in cal.items() if k != "final_band_gains"}
+    with pytest.raises(ValueError, match="calibrate_to='bands'.*--recalibrate.*calibrate_to=spread"):
+        spread_widening(model, SampleConfig())
+    a, g = spread_widening(model, dc.replace(SampleConfig(), calibrate_to="spread"))
+    assert a == 1.0 and np.allclose(g, np.array([1.2, 1.3, 2.4]) * 1.05 / 1.1)
+    # never calibrated (no validation days: training warned): the saved α, no band gains
+    bare = SimpleNamespace(regression_inflation=torch.tensor(1.0), regression_bands=torch.zeros(0),
+                           calibration=None)
+    assert spread_widening(bare, SampleConfig()) == (1.0, None)
+
+
+def test_final_band_gains_match_each_bands_spread_to_its_error():
+    """The post-projection band fit on synthetic days: truth white noise, members drawn alike
+    but with their spread off. Spread off by one factor everywhere (2×): the fitted gains
+    undo it (≈ 0.5, every band). Off by a different factor per band: each band's
+    spread/skill ends near 1. A band the members cannot fill (their coarsest band removed,
+    as a projection empties the coarse cell's mean): its gain stops at the upper limit."""
+    from types import SimpleNamespace
+    from fastds.sampling.spread import BAND_SIGMAS, band_split, filter_bands
+    from fastds.training.stages import FINAL_BAND_LIMITS, final_band_gains
+    rng = np.random.default_rng(0)
+    days, M, H, W = 12, 8, 48, 56
+    fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
+                         mu_at=lambda c: None, season=3)
+    cfg, pick, ones = SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1)
+    mean_z = [np.zeros((H, W))] * days
+    truth = [rng.standard_normal((H, W)) for _ in range(days)]
+    noise = [rng.standard_normal((M, H, W)) for _ in range(days)]
+
+    def fit(res):
+        return final_band_gains(fd, pick, mean_z, res, truth, ones, cfg, None, None, False)
+    g, ratio = fit([2.0 * n for n in noise])
+    # the coarsest band has few independent values per day: looser there
+    np.testing.assert_allclose(g[:-1], 0.5, rtol=0.06)
+    np.testing.assert_allclose(g[-1], 0.5, rtol=0.15)
+    np.testing.assert_allclose(ratio, 1.0, atol=0.03)
+    g, ratio = fit([filter_bands(n, [2.0, 1.5, 1.0, 0.6, 0.5, 1.0]) for n in noise])
+    np.testing.assert_allclose(ratio[:-1], 1.0, atol=0.04)
+    np.testing.assert_allclose(ratio[-1], 1.0, atol=0.1)
+    assert g[0] < 0.7 and g[4] > 1.4  # undone the way round it was off
+    g, _ = fit([n - band_split(n)[-1] for n in noise])
+    assert g[-1] == FINAL_BAND_LIMITS[1] and (g >= FINAL_BAND_LIMITS[0]).all()
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

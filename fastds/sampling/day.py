@@ -461,7 +461,7 @@ def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
     return widen(r, alpha, member0=member0, antithetic=antithetic)
 
 
-CALIBRATE_TO = ("crps", "spread")
+CALIBRATE_TO = ("crps", "spread", "bands")
 
 
 def spread_widening(model, cfg: SampleConfig):
@@ -469,9 +469,13 @@ def spread_widening(model, cfg: SampleConfig):
     ``cfg``: nothing without ``cfg.calibrate``; the per-band gains saved by the calibration
     when ``cfg.calibrate_bands`` and the model has them; else its one inflation α.
 
-    ``cfg.calibrate_to="spread"`` replaces the saved common factor (the fair-CRPS best on the
-    validation days) by the one at which the validation spread/skill curve, saved with the
-    model, crosses 1 (linear interpolation between the scanned factors)."""
+    ``cfg.calibrate_to`` picks the band gains: ``"bands"`` (the default) the gains fitted
+    after the projection, in log10, each band to validation spread/skill 1 (no common
+    factor; a model calibrated before they existed is an error that says how to refit);
+    ``"spread"`` and ``"crps"`` the model-space gains times one common factor, the one at
+    which the saved validation spread/skill curve crosses 1 (linear interpolation between
+    the scanned factors) or the saved fair-CRPS best. One α (``calibrate_bands`` off, or a
+    model without band gains) takes the spread/skill-1 factor under "bands" and "spread"."""
     if cfg.calibrate_to not in CALIBRATE_TO:
         raise ValueError(f"sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, got {cfg.calibrate_to!r}")
     if not cfg.calibrate or not hasattr(model, "regression_inflation"):
@@ -494,7 +498,15 @@ def _widening(cfg: SampleConfig, inflation, bands, cal):
     """One field's (α, gains or None) from its saved inflation, band gains and calibration."""
     use_bands = cfg.calibrate_bands and bands is not None
     alpha, gains = (1.0, bands) if use_bands else (inflation, None)
-    if cfg.calibrate_to == "spread" and cal:
+    if cfg.calibrate_to == "bands" and use_bands:
+        final = (cal or {}).get("final_band_gains")
+        if final is None:
+            raise ValueError("sample.calibrate_to='bands' needs the band gains fitted after the "
+                             "projection, which this model's calibration predates: refit them "
+                             "with `fastds train --run RUN --recalibrate`, or sample with "
+                             "--set sample.calibrate_to=spread (the previous default)")
+        return 1.0, np.asarray(final, np.float64)
+    if cfg.calibrate_to in ("spread", "bands") and cal:
         saved, ratios = (cal["band_factor"], cal["spread_skill_bands"]) if use_bands else \
                         (cal["inflation"], cal["spread_skill"])
         # the curve rises with the factor; np.interp clamps beyond the scanned range

@@ -27,7 +27,7 @@ from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, 
                   spread_widening)
 from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
-from .nulls import NULLS, NullStats, fit_null_stats
+from .nulls import NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
 from .output import is_zarr, open_output, write_output
 from .rollout import Rollout
 
@@ -468,7 +468,8 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     from .. import _backend
     # keyed by what changes the U-Net's residuals: projection, patch geometry, arithmetic
     prec = _backend.resolve_precision(cfg.precision, device)
-    path = Path(run) / "nulls" / f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}_{prec}.npz"
+    path = (Path(run) / "nulls" /
+            f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}_{prec}_v{NULL_STATS_VERSION}.npz")
     if path.exists():
         return NullStats.load(path)
     _, conf = load_trained(run, season, "unet", device=device)

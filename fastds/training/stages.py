@@ -24,7 +24,7 @@ from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
-                    model_for, run_variable, season_dir, write_run_meta)
+                    model_for, run_store, run_variable, season_dir, write_run_meta)
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 from .oof import fit_fold_means
@@ -307,11 +307,14 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     gains = np.asarray(cal["band_gains"])
     model.regression_inflation.fill_(cal["inflation"])
     model.regression_bands = torch.tensor(cal["band_factor"] * gains, dtype=torch.float32)
+    model.calibration = cal  # the rollouts below widen as `sample` will, from this calibration
     if config.train.calibration_rollouts > 0:
         cal.update(_rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs,
                                    device, kind))
-        model.regression_inflation.mul_(cal["rollout_factor"])
-        model.regression_bands.mul_(cal["rollout_factor"])
+        f = cal["rollout_factor"]
+        model.regression_inflation.mul_(f)
+        model.regression_bands.mul_(f)
+        cal["final_band_gains"] = [f * g for g in cal["final_band_gains"]]
     save_widening(best, ck, model, cal)
     return cal
 
@@ -353,11 +356,50 @@ def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
 
     scores, ratios = scan(None)
     scores_b, ratios_b = scan(gains)
+    final, final_ratios = final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs)
     return {"inflation": float(INFLATIONS[int(np.argmin(scores))]), "inflations": INFLATIONS.tolist(),
             "crps_fair": scores, "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
             "band_gains": gains.tolist(), "band_factor": float(INFLATIONS[int(np.argmin(scores_b))]),
             "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
+            "final_band_gains": final.tolist(), "final_band_spread_skill": final_ratios.tolist(),
             "days": [int(d) for d in pick]}
+
+
+FINAL_BAND_ITERATIONS = 4
+FINAL_BAND_LIMITS = (0.25, 4.0)  # a band the projection empties (the coarse cell's mean) cannot
+                                 # be widened into spread/skill 1: its gain stops at the limit
+
+
+def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs,
+                     iterations=FINAL_BAND_ITERATIONS):
+    """Per-band gains (bands,) at which each band's spread matches its mean's error where the
+    user sees the field: log10, after the coarse-cell projection (``sample.calibrate_to =
+    "bands"``). The model-space gains (``gains``, spread matched to error on the unprojected
+    residual) need a common factor afterwards, since the projection removes spread at the
+    coarse cell's scale; that one factor then over-widens the fine bands (the texture
+    overshoot of the shipped widening). Here each band is fitted after the projection, so no
+    common factor is needed and the finest bands keep the truth's power. Fixed-point
+    iterations from ``gains``: g_b <- g_b · error_b / spread_b (a band's spread is near
+    linear in its gain), clipped to FINAL_BAND_LIMITS. Returns (gains, the per-band
+    spread/skill of the last iteration, before its update)."""
+    from ..metrics.ensemble import calibrated_variance
+    from ..sampling.spread import band_split, widen
+    g = np.asarray(gains, np.float64).copy()
+    ratio = np.ones_like(g)
+    for _ in range(iterations):
+        spread_b, err_b = np.zeros_like(g), np.zeros_like(g)
+        for e, m, r, t in zip(pick, mean_z, res_z, truth):
+            c = fd.cidx[e]
+            log = fd.anchor.inverse(m + widen(r, gains=g, antithetic=cfg.antithetic), fd.mu_at(c), fd.season)
+            if project is not None:
+                log = np.log10(np.maximum(project(10.0 ** log, coarse[c], fd.season), 1e-6))
+            ok = np.isfinite(t)
+            bands, miss = band_split(np.where(ok, log, 0.0)), band_split(np.where(ok, log.mean(0) - t, 0.0))
+            spread_b += [calibrated_variance(b[:, ok], pairs=pairs) for b in bands]
+            err_b += [np.mean(b[ok] ** 2) for b in miss]
+        ratio = np.sqrt(spread_b / np.maximum(err_b, 1e-300))
+        g = np.clip(g / np.maximum(ratio, 1e-12), *FINAL_BAND_LIMITS)
+    return g, ratio
 
 
 def _sampler_record(cfg) -> dict:
@@ -483,9 +525,10 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
         raise ValueError(f"recalibrate: model={model!r}: only a diffusion model is widened "
                          "('ddpm' or 'distill')")
     run = Path(run)
+    path = run_store(run, "recalibrate")  # an error naming run.json when run is no run folder
     meta = json.loads((run / "run.json").read_text())
     config = config_from_toml((run / "config.toml").read_text())
-    store = open_store(meta["store"], variable=meta.get("variable"))
+    store = open_store(path, variable=meta.get("variable"))
     out = {}
     for s in _seasons(store, config, season):
         best = season_dir(run, s) / f"{model}.best.pt"
