@@ -199,6 +199,36 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _train(args, cfg, progress) -> None:
+    """``fastds train``: refit a run's widening (--recalibrate), one joint model of several
+    species (--model joint), or the models the default sampler needs (or --model's)."""
+    if args.recalibrate:
+        from .training.stages import recalibrate
+        for season, cal in recalibrate(args.run, season=args.season, model=args.model or "ddpm",
+                                       device=args.device).items():
+            if cal is None:
+                print(f"season {season}: no validation days to calibrate on; widening unchanged")
+                continue
+            gains = " ".join(f"{g:.2f}" for g in cal["final_band_gains"])
+            print(f"season {season}: raw spread/skill {cal['raw_spread_skill']:.2f}; band gains after "
+                  f"the projection {gains}")
+    elif args.model == "joint":
+        from .training.joint import train_joint
+        for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,
+                             resume=args.resume, progress=progress, device=args.device):
+            print(f"joint checkpoint: {p}")
+    else:
+        from .training.stages import default_chain, train
+        if not args.data:
+            raise ValueError("--data is required (the store from `fastds prepare`)")
+        if args.species_runs:
+            raise ValueError("--species-run is for --model joint")
+        for kind in [args.model] if args.model else default_chain(cfg):
+            for p in train(data=args.data, run=args.run, config=cfg, model=kind, season=args.season,
+                           resume=args.resume, progress=progress, device=args.device):
+                print(f"{kind} checkpoint: {p}")
+
+
 def _run(args) -> int:
     from .config import to_toml
     cfg = _config(args)
@@ -228,31 +258,8 @@ def _run(args) -> int:
         for p in pretrain(data=args.data, run=args.out, config=cfg, season=args.season,
                           resume=args.resume, progress=progress, device=args.device):
             print(f"stage A checkpoint: {p}")
-    elif args.cmd == "train" and args.recalibrate:
-        from .training.stages import recalibrate
-        for season, cal in recalibrate(args.run, season=args.season, model=args.model or "ddpm",
-                                       device=args.device).items():
-            if cal is None:
-                print(f"season {season}: no validation days to calibrate on; widening unchanged")
-                continue
-            gains = " ".join(f"{g:.2f}" for g in cal["final_band_gains"])
-            print(f"season {season}: raw spread/skill {cal['raw_spread_skill']:.2f}; band gains after "
-                  f"the projection {gains}")
-    elif args.cmd == "train" and args.model == "joint":
-        from .training.joint import train_joint
-        for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,
-                             resume=args.resume, progress=progress, device=args.device):
-            print(f"joint checkpoint: {p}")
     elif args.cmd == "train":
-        from .training.stages import default_chain, train
-        if not args.data:
-            raise ValueError("--data is required (the store from `fastds prepare`)")
-        if args.species_runs:
-            raise ValueError("--species-run is for --model joint")
-        for kind in [args.model] if args.model else default_chain(cfg):
-            for p in train(data=args.data, run=args.run, config=cfg, model=kind, season=args.season,
-                           resume=args.resume, progress=progress, device=args.device):
-                print(f"{kind} checkpoint: {p}")
+        _train(args, cfg, progress)
     elif args.cmd == "sample":
         from .sampling.pipeline import sample
         sc = cfg.sample

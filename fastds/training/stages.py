@@ -377,11 +377,13 @@ def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse
     "bands"``). The model-space gains (``gains``, spread matched to error on the unprojected
     residual) need a common factor afterwards, since the projection removes spread at the
     coarse cell's scale; that one factor then over-widens the fine bands (the texture
-    overshoot of the shipped widening). Here each band is fitted after the projection, so no
-    common factor is needed and the finest bands keep the truth's power. Fixed-point
-    iterations from ``gains``: g_b <- g_b · error_b / spread_b (a band's spread is near
-    linear in its gain), clipped to FINAL_BAND_LIMITS. Returns (gains, the per-band
-    spread/skill of the last iteration, before its update)."""
+    overshoot of the previous default). Here each band is fitted after the projection, so no
+    common factor is needed and the fine bands' power comes out near the truth's. Per
+    calibration day of ``pick``: ``mean_z`` (H, W) and ``res_z`` (members, H, W) in the
+    model's space, ``truth`` (H, W) log10, as :func:`widening_fit` gets them; ``gains``
+    (bands,). Fixed-point iterations from ``gains``: g_b <- g_b · error_b / spread_b (a
+    band's spread is near linear in its gain), clipped to FINAL_BAND_LIMITS. Returns (gains
+    (bands,), the per-band spread/skill of the last iteration, before its update)."""
     from ..metrics.ensemble import calibrated_variance
     from ..sampling.spread import band_split, widen
     g = np.asarray(gains, np.float64).copy()
