@@ -54,6 +54,12 @@ class NullStats:
             return cls(float(z["bias"]), float(z["sd"]), z["k"], z["power"], z["bank"])
 
 
+def _mirrored(f):
+    """(..., H, W) -> its mirror extension (..., 2H, 2W): periodic, with no jump at its edges."""
+    f = np.concatenate([f, f[..., ::-1, :]], -2)
+    return np.concatenate([f, f[..., ::-1]], -1)
+
+
 def radial_spectrum(fields, nbins=24):
     """Mean radially averaged power of fields (n, H, W) (each mean-removed): (k centres in
     cycles per pixel, power) on ``nbins`` bins up to Nyquist. Each field is transformed with
@@ -62,9 +68,7 @@ def radial_spectrum(fields, nbins=24):
     had 2.4x the residuals' power near Nyquist); the extension is periodic without a jump,
     and unlike a taper it keeps the largest scales' power."""
     f = np.asarray(fields, float)
-    f = f - f.mean(axis=(-2, -1), keepdims=True)
-    f = np.concatenate([f, f[..., ::-1, :]], -2)
-    f = np.concatenate([f, f[..., ::-1]], -1)
+    f = _mirrored(f - f.mean(axis=(-2, -1), keepdims=True))
     p = (np.abs(np.fft.fft2(f)) ** 2).mean(axis=0) / 4  # per pixel of the field, not the extension
     ky, kx = np.fft.fftfreq(f.shape[-2])[:, None], np.fft.fftfreq(f.shape[-1])[None, :]
     k = np.sqrt(ky ** 2 + kx ** 2).ravel()
@@ -112,9 +116,7 @@ def draw_null(kind, stats: NullStats, shape, rng):
         # shifted within the field's mirror extension (2H, 2W), which is periodic and has
         # no jump: a plain roll would put the seam of its wrapped edges inside the day
         H, W = f.shape
-        ext = np.concatenate([f, f[::-1]], 0)
-        ext = np.concatenate([ext, ext[:, ::-1]], 1)
-        f = np.roll(ext, (int(rng.integers(2 * H)), int(rng.integers(2 * W))), axis=(0, 1))[:H, :W]
+        f = np.roll(_mirrored(f), (int(rng.integers(2 * H)), int(rng.integers(2 * W))), axis=(0, 1))[:H, :W]
         if rng.random() < 0.5:
             f = f[::-1]
         if rng.random() < 0.5:

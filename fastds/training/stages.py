@@ -391,10 +391,8 @@ def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse
     for _ in range(iterations):
         spread_b, err_b = np.zeros_like(g), np.zeros_like(g)
         for e, m, r, t in zip(pick, mean_z, res_z, truth):
-            c = fd.cidx[e]
-            log = fd.anchor.inverse(m + widen(r, gains=g, antithetic=cfg.antithetic), fd.mu_at(c), fd.season)
-            if project is not None:
-                log = np.log10(np.maximum(project(10.0 ** log, coarse[c], fd.season), 1e-6))
+            log = _log10_as_sampled(fd, fd.cidx[e], m + widen(r, gains=g, antithetic=cfg.antithetic),
+                                    project, coarse)
             ok = np.isfinite(t)
             bands, miss = band_split(np.where(ok, log, 0.0)), band_split(np.where(ok, log.mean(0) - t, 0.0))
             spread_b += [calibrated_variance(b[:, ok], pairs=pairs) for b in bands]
@@ -490,6 +488,15 @@ def day_inputs(fds, e):
                      np.concatenate([fd.y[e - t:e] for fd in fds])[None])
 
 
+def _log10_as_sampled(fd, c, z, project, coarse):
+    """Members ``z`` (members, H, W) in the model's space -> log10 as `sample` writes them:
+    the anchor undone for coarse day ``c``, then projected when ``project`` is given."""
+    log = fd.anchor.inverse(z, fd.mu_at(c), fd.season)
+    if project is not None:
+        log = np.log10(np.maximum(project(10.0 ** log, coarse[c], fd.season), 1e-6))
+    return log
+
+
 def _scan_factors(fd, days, project, coarse, pairs):
     """Fair CRPS and spread/skill (log10, projected as sampled) for every factor in
     INFLATIONS; ``days``: (coarse index, mean, (base, spread), truth) per day."""
@@ -499,9 +506,7 @@ def _scan_factors(fd, days, project, coarse, pairs):
     for a in INFLATIONS:
         crps, err2, var = [], [], []
         for c, m, (base, spread), t in days:
-            log = fd.anchor.inverse(m + base + a * spread, fd.mu_at(c), fd.season)
-            if project is not None:
-                log = np.log10(np.maximum(project(10.0 ** log, coarse[c], fd.season), 1e-6))
+            log = _log10_as_sampled(fd, c, m + base + a * spread, project, coarse)
             crps.append(float(np.nanmean(fair_crps(log, t))))
             err2.append(np.nanmean((log.mean(0) - t) ** 2))
             var.append(calibrated_variance(log, pairs=pairs))
