@@ -180,8 +180,7 @@ class SampleConfig:
                                   # in log10 after the projection: the truth's texture, energy
                                   # and Brier better on the development days), or the model-space
                                   # gains times one factor: "spread" (validation spread/skill 1;
-                                  # mid-scale power 1.7x the truth's) or "crps" (the fair-CRPS best);
-                                  # "spectrum": as "bands", per wavenumber band (spread.SPECTRAL_NODES)
+                                  # mid-scale power 1.7x the truth's) or "crps" (the fair-CRPS best)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

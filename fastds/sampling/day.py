@@ -234,16 +234,15 @@ def _rows_within(starts, within):
 def _widened(model, res, cfg, member0, k):
     """The residual sample scaled and widened as ``cfg`` says: (members, H, W), or per
     species channel for a joint model ((members, K, H, W), each its own α, gains and scale)."""
-    alpha, gains, split = spread_widening(model, cfg)
+    alpha, gains = spread_widening(model, cfg)
     scale = model.regression_scale.detach().cpu().double().numpy().reshape(-1)
     if k == 1:
-        return float(scale[0]) * widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic,
-                                       split=split)
+        return float(scale[0]) * widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
     out = np.empty_like(res)
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))  # 1.0 when not calibrated
     for j in range(k):
         out[:, j] = scale[j] * widen(res[:, j], float(alpha[j]), gains=None if gains is None else gains[j],
-                                     member0=member0, antithetic=cfg.antithetic, split=split)
+                                     member0=member0, antithetic=cfg.antithetic)
     return out
 
 
@@ -462,60 +461,52 @@ def inflate_residuals(r, alpha, *, member0=0, antithetic=False):
     return widen(r, alpha, member0=member0, antithetic=antithetic)
 
 
-CALIBRATE_TO = ("crps", "spread", "bands", "spectrum")
-# the saved gains each post-projection choice samples with, and their band split
-_FINAL_GAINS = {"bands": ("final_band_gains", "gauss"), "spectrum": ("final_spectral_gains", "spectral")}
+CALIBRATE_TO = ("crps", "spread", "bands")
 
 
 def spread_widening(model, cfg: SampleConfig):
-    """(α, band gains or None, their split) a CorrDiff DDPM's residual is widened by when
-    sampling with ``cfg`` (the split names :data:`~fastds.sampling.spread.SPLITS`' entry the
-    gains apply to): nothing without ``cfg.calibrate``; the per-band gains saved by the
-    calibration when ``cfg.calibrate_bands`` and the model has them; else its one inflation α.
+    """(α, band gains or None) a CorrDiff DDPM's residual is widened by when sampling with
+    ``cfg``: nothing without ``cfg.calibrate``; the per-band gains saved by the calibration
+    when ``cfg.calibrate_bands`` and the model has them; else its one inflation α.
 
     ``cfg.calibrate_to`` picks the band gains: ``"bands"`` (the default) the gains fitted
-    after the projection, in log10, each Gaussian band to validation spread/skill 1 (no
-    common factor; a model calibrated before they existed is an error that says how to
-    refit); ``"spectrum"`` likewise per wavenumber band (``spread.spectral_split``);
+    after the projection, in log10, each band to validation spread/skill 1 (no common
+    factor; a model calibrated before they existed is an error that says how to refit);
     ``"spread"`` and ``"crps"`` the model-space gains times one common factor, the one at
     which the saved validation spread/skill curve crosses 1 (linear interpolation between
     the scanned factors) or the saved fair-CRPS best. One α (``calibrate_bands`` off, or a
-    model without band gains) takes the spread/skill-1 factor under all but "crps"."""
+    model without band gains) takes the spread/skill-1 factor under "bands" and "spread"."""
     if cfg.calibrate_to not in CALIBRATE_TO:
         raise ValueError(f"sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, got {cfg.calibrate_to!r}")
-    split = _FINAL_GAINS.get(cfg.calibrate_to, (None, "gauss"))[1]
     if not cfg.calibrate or not hasattr(model, "regression_inflation"):
-        return 1.0, None, "gauss"
+        return 1.0, None
     bands = getattr(model, "regression_bands", None)
     bands = bands.detach().cpu().double().numpy() if bands is not None and bands.numel() > 0 else None
     inflation = model.regression_inflation.detach().cpu().double().numpy().reshape(-1)
     cal = getattr(model, "calibration", None)
     if getattr(model, "channels", 1) == 1:
-        alpha, gains = _widening(cfg, float(inflation[0]), bands, cal)
-        return alpha, gains, split if gains is not None else "gauss"
+        return _widening(cfg, float(inflation[0]), bands, cal)
     # a joint model: one widening per species channel, each from its own calibration
     cals = (cal or {}).get("species") or [None] * len(inflation)
     each = [_widening(cfg, float(inflation[j]), None if bands is None else bands[j], cals[j])
             for j in range(len(inflation))]
     alpha = np.array([a for a, _ in each])
-    if each[0][1] is None:
-        return alpha, None, "gauss"
-    return alpha, np.stack([g for _, g in each]), split
+    return alpha, (None if each[0][1] is None else np.stack([g for _, g in each]))
 
 
 def _widening(cfg: SampleConfig, inflation, bands, cal):
     """One field's (α, gains or None) from its saved inflation, band gains and calibration."""
     use_bands = cfg.calibrate_bands and bands is not None
     alpha, gains = (1.0, bands) if use_bands else (inflation, None)
-    if cfg.calibrate_to in _FINAL_GAINS and use_bands:
-        final = (cal or {}).get(_FINAL_GAINS[cfg.calibrate_to][0])
+    if cfg.calibrate_to == "bands" and use_bands:
+        final = (cal or {}).get("final_band_gains")
         if final is None:
-            raise ValueError(f"sample.calibrate_to={cfg.calibrate_to!r} needs the gains fitted after "
-                             "the projection, which this model's calibration predates: refit them "
+            raise ValueError("sample.calibrate_to='bands' needs the band gains fitted after the "
+                             "projection, which this model's calibration predates: refit them "
                              "with `fastds train --run RUN --recalibrate`, or sample with "
-                             "--set sample.calibrate_to=spread")
+                             "--set sample.calibrate_to=spread (the previous default)")
         return 1.0, np.asarray(final, np.float64)
-    if cfg.calibrate_to in ("spread", "bands", "spectrum") and cal:
+    if cfg.calibrate_to in ("spread", "bands") and cal:
         saved, ratios = (cal["band_factor"], cal["spread_skill_bands"]) if use_bands else \
                         (cal["inflation"], cal["spread_skill"])
         # the curve rises with the factor; np.interp clamps beyond the scanned range

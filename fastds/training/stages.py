@@ -314,8 +314,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
         f = cal["rollout_factor"]
         model.regression_inflation.mul_(f)
         model.regression_bands.mul_(f)
-        for key in ("final_band_gains", "final_spectral_gains"):
-            cal[key] = [f * g for g in cal[key]]
+        cal["final_band_gains"] = [f * g for g in cal["final_band_gains"]]
     save_widening(best, ck, model, cal)
     return cal
 
@@ -346,7 +345,7 @@ def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
     truths, per-band gains) per day as :func:`_calibration_draws` returns them. The α that
     minimises the fair CRPS, the common factor of the band gains likewise, and their fair-CRPS
     and spread/skill curves."""
-    from ..sampling.spread import SPECTRAL_NODES, widen_parts
+    from ..sampling.spread import widen_parts
     mean_z, res_z, truth, gains = draws
 
     def scan(gains):
@@ -358,14 +357,11 @@ def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
     scores, ratios = scan(None)
     scores_b, ratios_b = scan(gains)
     final, final_ratios = final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs)
-    spectral, spectral_ratios = final_band_gains(fd, pick, mean_z, res_z, truth, np.ones(len(SPECTRAL_NODES)),
-                                                 cfg, project, coarse, pairs, split="spectral")
     return {"inflation": float(INFLATIONS[int(np.argmin(scores))]), "inflations": INFLATIONS.tolist(),
             "crps_fair": scores, "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
             "band_gains": gains.tolist(), "band_factor": float(INFLATIONS[int(np.argmin(scores_b))]),
             "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
             "final_band_gains": final.tolist(), "final_band_spread_skill": final_ratios.tolist(),
-            "final_spectral_gains": spectral.tolist(), "final_spectral_spread_skill": spectral_ratios.tolist(),
             "days": [int(d) for d in pick]}
 
 
@@ -375,7 +371,7 @@ FINAL_BAND_LIMITS = (0.25, 4.0)  # a band the projection empties (the coarse cel
 
 
 def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs,
-                     iterations=FINAL_BAND_ITERATIONS, split="gauss"):
+                     iterations=FINAL_BAND_ITERATIONS):
     """Per-band gains (bands,) at which each band's spread matches its mean's error where the
     user sees the field: log10, after the coarse-cell projection (``sample.calibrate_to =
     "bands"``). The model-space gains (``gains``, spread matched to error on the unprojected
@@ -386,19 +382,16 @@ def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse
     calibration day of ``pick``: ``mean_z`` (H, W) and ``res_z`` (members, H, W) in the
     model's space, ``truth`` (H, W) log10, as :func:`widening_fit` gets them; ``gains``
     (bands,). Fixed-point iterations from ``gains``: g_b <- g_b · error_b / spread_b (a
-    band's spread is near linear in its gain), clipped to FINAL_BAND_LIMITS. ``split``: the
-    bands, Gaussian ("gauss", ``calibrate_to = "bands"``) or by wavenumber ("spectral",
-    ``calibrate_to = "spectrum"``; ``gains`` then one per SPECTRAL_NODES). Returns (gains
+    band's spread is near linear in its gain), clipped to FINAL_BAND_LIMITS. Returns (gains
     (bands,), the per-band spread/skill of the last iteration, before its update)."""
     from ..metrics.ensemble import calibrated_variance
-    from ..sampling.spread import SPLITS, widen
-    band_split = SPLITS[split][0]
+    from ..sampling.spread import band_split, widen
     g = np.asarray(gains, np.float64).copy()
     ratio = np.ones_like(g)
     for _ in range(iterations):
         spread_b, err_b = np.zeros_like(g), np.zeros_like(g)
         for e, m, r, t in zip(pick, mean_z, res_z, truth):
-            log = _log10_as_sampled(fd, fd.cidx[e], m + widen(r, gains=g, antithetic=cfg.antithetic, split=split),
+            log = _log10_as_sampled(fd, fd.cidx[e], m + widen(r, gains=g, antithetic=cfg.antithetic),
                                     project, coarse)
             ok = np.isfinite(t)
             bands, miss = band_split(np.where(ok, log, 0.0)), band_split(np.where(ok, log.mean(0) - t, 0.0))
