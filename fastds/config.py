@@ -184,6 +184,10 @@ class SampleConfig:
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day
+    spread_scale: float = 1.0     # every ensemble's spread times this (a DDPM's or student's
+                                  # calibrated widening, a null's noise): 1 as calibrated; below 1
+                                  # sharper members (scores such as the variogram's reward them),
+                                  # e.g. to compare models at equal spread/skill
     antithetic: bool = True       # members in ± pairs (the odd member negates every latent and
                                   # noise draw of the even one): a lower-variance ensemble mean
     seed: int = 0

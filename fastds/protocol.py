@@ -83,7 +83,11 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     if not path.exists():
         raise FileNotFoundError(f"protocol: no file {path_or_name} and no shipped tier of that name "
                                 "(quick, full)")
-    raw = tomllib.loads(path.read_text())
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:  # the parser's message has the line but not the file
+        raise ValueError(f"protocol {path}: not valid TOML: {e} (a name with '+' as a table key "
+                         "needs quotes: [variants.\"unet+grf-wide\"])") from e
     names = {f.name for f in dataclasses.fields(ProtocolConfig)}
     bad = sorted(set(raw) - names - {"twin"})
     from .config import SampleConfig

@@ -87,6 +87,15 @@ def test_stitched_equals_single_patch(trained_run, store_path, test_days, tiny_c
                           prediction=conf.diffusion.prediction, seed=4)
     want0 = (model.regression_mean(*args) + model.regression_scale * x0)[0, 0].numpy()
     np.testing.assert_allclose(uncal[0], want0, rtol=1e-5, atol=1e-6)
+    # sample.spread_scale: the residual times the user's factor, around the same mean
+    half = downscale_day(model, sub, cfg=dataclasses.replace(cfg, calibrate=False, spread_scale=0.5),
+                         T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4)
+    want_h = (model.regression_mean(*args) + 0.5 * model.regression_scale * x0)[0, 0].numpy()
+    np.testing.assert_allclose(half[0], want_h, rtol=1e-5, atol=1e-6)
+    unet, _ = load_trained(trained_run, 3, "unet")
+    with pytest.raises(ValueError, match="spread_scale=0.5 scales an ensemble's spread"):
+        downscale_day(unet, sub, kind="unet", cfg=dataclasses.replace(cfg, spread_scale=0.5),
+                      T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4)
     # per-band widening (the default): the residual's bands each scaled by the saved gains
     from fastds.sampling.spread import filter_bands
     gains = model.regression_bands.double().numpy()

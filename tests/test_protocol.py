@@ -40,6 +40,15 @@ def test_shipped_tiers_load():
         load_protocol("nope")
 
 
+def test_a_tier_file_that_is_not_toml_is_named(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text('tier = "mine"\n[variants.unet+grf-wide]\nmodel = "unet+grf"\n')
+    with pytest.raises(ValueError, match=r"mine\.toml: not valid TOML.*needs quotes"):
+        load_protocol(bad)
+    bad.write_text('tier = "mine"\n[variants."unet+grf-wide"]\nmodel = "unet+grf"\nspread_scale = 1.1\n')
+    assert load_protocol(bad).variants["unet+grf-wide"] == {"model": "unet+grf", "spread_scale": 1.1}
+
+
 def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
     twin = TwinCase("toy", {"coarse_start": "2005-01-01", "coarse_end": "2005-12-31",
                             "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 11,

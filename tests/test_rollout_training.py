@@ -230,7 +230,8 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     # calibration samples exactly as `sample` does with the run's settings: only the member
     # count, α itself, true lags and the eager loop may differ (fails if the two drift apart)
     shipped = calibration_sampler(dcfg)
-    own = {"members", "calibrate", "mode", "cuda_graphs", "segments"}  # calibrate: widening off
+    # calibrate: widening off; spread_scale: the user's factor on what the calibration fits
+    own = {"members", "calibrate", "mode", "cuda_graphs", "segments", "spread_scale"}
     drift = [f.name for f in dataclasses.fields(shipped)
              if f.name not in own and getattr(shipped, f.name) != getattr(dcfg.sample, f.name)]
     assert not drift, drift

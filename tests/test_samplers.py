@@ -433,6 +433,32 @@ def test_calibrate_to_bands_takes_the_post_projection_gains():
     assert spread_widening(bare, SampleConfig()) == (1.0, None)
 
 
+def test_spread_scale_multiplies_every_widening_and_never_the_calibration():
+    """``sample.spread_scale`` multiplies what the calibration chose (every band gain, one α,
+    or the α = 1 of an uncalibrated residual); the calibration itself always samples at 1, so
+    a user's factor never feeds back into the fit."""
+    import dataclasses as dc
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig, load_config
+    from fastds.sampling.day import spread_widening
+    from fastds.training.stages import calibration_sampler
+    cal = {"inflations": [1.0, 1.1, 1.2], "band_factor": 1.1, "spread_skill_bands": [0.9, 1.1, 1.2],
+           "inflation": 1.2, "spread_skill": [0.8, 1.0, 1.2], "final_band_gains": [0.7, 0.8, 1.5]}
+    model = SimpleNamespace(regression_inflation=torch.tensor(1.2),
+                            regression_bands=torch.tensor([1.2, 1.3, 2.4]), calibration=cal)
+    cfg = SampleConfig(spread_scale=0.8)
+    a, g = spread_widening(model, cfg)
+    assert a == pytest.approx(0.8) and np.allclose(g, 0.8 * np.array([0.7, 0.8, 1.5]))
+    a, g = spread_widening(model, dc.replace(cfg, calibrate_bands=False))
+    assert g is None and a == pytest.approx(0.8 * 1.1)
+    a, g = spread_widening(model, dc.replace(cfg, calibrate=False))
+    assert g is None and a == pytest.approx(0.8)
+    conf = load_config("tiny")
+    conf = dc.replace(conf, sample=dc.replace(conf.sample, spread_scale=0.5))
+    assert calibration_sampler(conf).spread_scale == 1.0
+    assert calibration_sampler(conf, kind="distill").spread_scale == 1.0
+
+
 def test_final_band_gains_match_each_bands_spread_to_its_error():
     """The post-projection band fit on synthetic days: truth white noise, members drawn alike
     but with their spread off. Spread off by one factor everywhere (2×): the fitted gains

@@ -175,6 +175,10 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
             return (means, res) if parts else means + res
         if parts:
             raise ValueError("downscale_day: parts=True needs a DDPM with a regression mean (CorrDiff)")
+        if cfg.spread_scale != 1.0:
+            raise ValueError(f"sample.spread_scale={cfg.spread_scale} scales an ensemble's spread around "
+                             "its regression mean, which this model has none of (a CorrDiff DDPM, its "
+                             "distilled student and the null ensembles have one)")
         return _generate(model, inputs, **run)
 
 
@@ -475,9 +479,19 @@ def spread_widening(model, cfg: SampleConfig):
     ``"spread"`` and ``"crps"`` the model-space gains times one common factor, the one at
     which the saved validation spread/skill curve crosses 1 (linear interpolation between
     the scanned factors) or the saved fair-CRPS best. One α (``calibrate_bands`` off, or a
-    model without band gains) takes the spread/skill-1 factor under "bands" and "spread"."""
+    model without band gains) takes the spread/skill-1 factor under "bands" and "spread".
+
+    ``cfg.spread_scale`` multiplies the result (α, or every gain): a user's factor on the
+    calibrated spread, 1 by default; it also scales an uncalibrated residual."""
     if cfg.calibrate_to not in CALIBRATE_TO:
         raise ValueError(f"sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, got {cfg.calibrate_to!r}")
+    alpha, gains = _calibrated_widening(model, cfg)
+    scale = float(cfg.spread_scale)
+    return alpha * scale, (None if gains is None else gains * scale)
+
+
+def _calibrated_widening(model, cfg: SampleConfig):
+    """:func:`spread_widening` before ``cfg.spread_scale``."""
     if not cfg.calibrate or not hasattr(model, "regression_inflation"):
         return 1.0, None
     bands = getattr(model, "regression_bands", None)

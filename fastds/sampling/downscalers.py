@@ -137,13 +137,14 @@ class JointNetwork(Network):
 class Null:
     """A null ensemble (``unet+iid``, ``unet+grf``, ``unet+resample``): the U-Net's days, in
     log10 with its validation bias removed, plus one residual field per member drawn with the
-    statistics ``stats_for(season)`` returns (fitted once per season). With
+    statistics ``stats_for(season)`` returns (fitted once per season), times ``scale``
+    (``sample.spread_scale``). With
     ``sample.antithetic`` the members come in pairs as the DDPM's do (the odd member adds the
     negated field of its pair), so both ensembles' means average their noise alike."""
     needs_lags = True
 
-    def __init__(self, kind, unet: Network, stats_for):
-        self.kind, self.unet, self.stats_for = kind, unet, stats_for
+    def __init__(self, kind, unet: Network, stats_for, scale=1.0):
+        self.kind, self.unet, self.stats_for, self.scale = kind, unet, stats_for, float(scale)
         self.stats: dict[int, NullStats] = {}
 
     def season(self, s) -> Season:
@@ -158,7 +159,7 @@ class Null:
         logs = np.log10(np.maximum(values, 1e-6)) - stats.bias
         for k in range(len(logs)):
             draw, sign = member_draw(ctx.member0 + k, antithetic=self.unet.cfg.antithetic)
-            logs[k] += sign * draw_null(self.kind, stats, logs.shape[1:],
+            logs[k] += sign * self.scale * draw_null(self.kind, stats, logs.shape[1:],
                                         null_rng(self.unet.cfg.seed, draw, ctx.day_key, self.kind))
         return (10.0 ** logs).astype(np.float32)
 

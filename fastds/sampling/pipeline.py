@@ -82,6 +82,8 @@ class _CoarseDays:
         return self.values[self.store.times_c.get_loc(day)]
 
 
+# the models whose members spread around a mean (what sample.spread_scale scales)
+ENSEMBLE_MODELS = ("ddpm", "distill", "joint") + NULLS
 SPECIES_NOISE = ("shared", "independent", "coupled")
 # independent species: seed offset by the species' position, the latent streams' stride
 SPECIES_SEED_STRIDE = LATENT_STREAM_STRIDE
@@ -386,6 +388,7 @@ def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
             "lag_conditioning": int(cfg.lag_conditioning),
             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
             "antithetic": int(cfg.antithetic),
+            **({"spread_scale": float(cfg.spread_scale)} if cfg.spread_scale != 1.0 else {}),
             **({"latent_mix": json.dumps([round(float(w), 6) for w in cfg.latent_mix])} if cfg.latent_mix else {}),
             **({"channel_mix": json.dumps([round(float(w), 6) for w in cfg.channel_mix])} if cfg.channel_mix else {})}
 
@@ -430,6 +433,8 @@ def _check(cfg: SampleConfig, model):
     if cfg.calibrate_to not in CALIBRATE_TO:
         raise ValueError(f"sample: sample.calibrate_to must be one of {', '.join(CALIBRATE_TO)}, "
                          f"got {cfg.calibrate_to!r}")
+    if not (np.isfinite(cfg.spread_scale) and cfg.spread_scale > 0):
+        raise ValueError(f"sample: sample.spread_scale must be a positive number, got {cfg.spread_scale!r}")
 
 
 def _days(store: Store, start, end) -> pd.DatetimeIndex:
@@ -446,16 +451,22 @@ def _days(store: Store, start, end) -> pd.DatetimeIndex:
 def downscaler_for(model, *, run, store: Store, cfg: SampleConfig, data=None, device="cpu",
                    backend="auto", cache_conditioning=True):
     """The downscaler of ``model`` (see :mod:`fastds.sampling.downscalers`)."""
+    if cfg.spread_scale != 1.0 and model not in ENSEMBLE_MODELS:
+        raise ValueError(f"sample: sample.spread_scale={cfg.spread_scale} scales an ensemble's spread "
+                         f"around its mean; {model} has none (it applies to {', '.join(ENSEMBLE_MODELS)})")
     if model == "interp":
         return Interp(store)
     if model == "clim":
         return Clim(store, run)
     if model == "anchor":
         return Anchor(store, run)
-    net = Network("unet" if model in NULLS else model, run=run, store=store, cfg=cfg, device=device,
+    # a null ensemble is the U-Net (which has no spread to scale) plus its noise, scaled
+    net = Network("unet" if model in NULLS else model, run=run, store=store,
+                  cfg=dataclasses.replace(cfg, spread_scale=1.0) if model in NULLS else cfg, device=device,
                   backend=backend, cache_conditioning=cache_conditioning)
-    if model in NULLS:  # a null ensemble is the U-Net plus its noise
-        return Null(model, net, lambda s: null_stats(run, store, s, cfg, data=data, device=device))
+    if model in NULLS:
+        return Null(model, net, lambda s: null_stats(run, store, s, cfg, data=data, device=device),
+                    scale=cfg.spread_scale)
     return net
 
 

@@ -520,7 +520,7 @@ def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS, kind="ddpm"
     uses by default; a distilled student's grid for ``kind="distill"``), one day at a time
     with true lags, α = 1."""
     cfg = dataclasses.replace(config.sample, members=members, calibrate=False, mode="lenient",
-                              cuda_graphs=False, segments=1)
+                              cuda_graphs=False, segments=1, spread_scale=1.0)
     return distill_settings(cfg, config) if kind == "distill" else cfg
 
 
