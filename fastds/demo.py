@@ -104,10 +104,11 @@ def run_demo(*, out="fastds-demo", config: Config, quick=False, seasons=(2,), de
     preds, rolls = {}, {}
     for kind in ("ddpm", "unet", "vae", "interp", "clim"):
         m = members if kind == "ddpm" else 1
-        preds[kind] = _sample_days(run, held_out, dataclasses.replace(cfg, mode="lenient", members=m),
+        own = dataclasses.replace(cfg, spread_scale=cfg.spread_scale if kind == "ddpm" else 1.0)  # ensembles only
+        preds[kind] = _sample_days(run, held_out, dataclasses.replace(own, mode="lenient", members=m),
                                    kind, device, False)
         rolls[kind] = sample(run=run, start=start, end=end, out=out / f"rollout_{kind}.nc",
-                             cfg=dataclasses.replace(cfg, mode="strict", members=m), model=kind,
+                             cfg=dataclasses.replace(own, mode="strict", members=m), model=kind,
                              device=device, progress=progress)["DUEXTTAU"]
     echo("[6/6] evaluating against the twin's truth, every model on the same days")
     truth = xr.open_dataset(twin_dir / "fine_truth.nc")["DUEXTTAU"].load()
@@ -244,6 +245,7 @@ def run_species_demo(*, out="fastds-demo-species", config: Config, quick=False, 
                 rolls[v][name] = rolls[v]["ddpm"]
                 continue
             cfg = dataclasses.replace(config.sample, mode="strict", members=members if kind == "ddpm" else 1, **extra)
+            cfg = dataclasses.replace(cfg, spread_scale=cfg.spread_scale if kind == "ddpm" else 1.0)
             rolls[v][name] = sample(run=run, start=days[0], end=days[-1], out=out / f"rollout_{v}_{name}.nc",
                                     cfg=cfg, model=kind, device=device, progress=progress)[v]
     echo("[4/4] scoring each species, the species together, and their sum against the total-only model")

@@ -112,32 +112,37 @@ def test_null_models_sample_like_the_unet(trained_run, store_path):
         assert not np.allclose(ind[:, 1] - (unet[:, 1] - stats.bias), -resid[:, 0], atol=1e-3)
 
 
-def test_spread_scale_scales_a_null_ensembles_noise_and_is_refused_where_nothing_spreads(trained_run, store_path):
+def test_spread_scale_scales_a_null_ensembles_noise_and_is_refused_where_nothing_spreads(
+        tmp_path, trained_run, store_path):
     """``sample.spread_scale``: a null's members are the same U-Net day plus the same draws
     times the factor (strict rollouts: each member's lags its own, so the check is on one
-    lenient day); a model with no spread around a mean refuses the setting by name, and a
+    lenient day), also when the null's statistics are fitted in the same call (its U-Net
+    runs unscaled); a model with no spread around a mean refuses the setting by name, and a
     factor that is not positive is refused."""
+    import shutil
     from fastds.config import load_config
     from fastds.data.store import open_store
     from fastds.sampling.pipeline import sample
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("nulls"))
     st = open_store(store_path)
     day = st.times[(st.ds["split"].values == 2) & st.times.month.isin([6, 7, 8])][0]
     cfg = dataclasses.replace(load_config("tiny").sample, members=2, mode="lenient", consistency=False)
-    unet = np.log10(sample(run=trained_run, start=day, end=day, model="unet", cfg=cfg,
+    unet = np.log10(sample(run=run, start=day, end=day, model="unet", cfg=cfg,
                            progress=False)["DUEXTTAU"].values)
-    one, half = (np.log10(sample(run=trained_run, start=day, end=day, model="unet+grf",
+    half, one = (np.log10(sample(run=run, start=day, end=day, model="unet+grf",
                                  cfg=dataclasses.replace(cfg, spread_scale=f), progress=False)["DUEXTTAU"].values)
-                 for f in (1.0, 0.5))
+                 for f in (0.5, 1.0))  # 0.5 first: its call fits and caches the statistics
     assert np.abs(one - half).max() > 1e-3
     centre = one.mean(1, keepdims=True)  # an antithetic pair's mean: the U-Net less its bias
     np.testing.assert_allclose(half.mean(1, keepdims=True), centre, atol=2e-5)
     np.testing.assert_allclose(half - centre, 0.5 * (one - centre), atol=2e-5)
     np.testing.assert_allclose(centre, unet.mean(1, keepdims=True) - (unet - centre).mean(), atol=2e-5)
     with pytest.raises(ValueError, match="spread_scale.*unet has none"):
-        sample(run=trained_run, start=day, end=day, model="unet", progress=False,
+        sample(run=run, start=day, end=day, model="unet", progress=False,
                cfg=dataclasses.replace(cfg, spread_scale=0.5))
     with pytest.raises(ValueError, match="spread_scale must be a positive number"):
-        sample(run=trained_run, start=day, end=day, model="unet+iid", progress=False,
+        sample(run=run, start=day, end=day, model="unet+iid", progress=False,
                cfg=dataclasses.replace(cfg, spread_scale=0.0))
 
 

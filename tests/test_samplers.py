@@ -457,6 +457,8 @@ def test_spread_scale_multiplies_every_widening_and_never_the_calibration():
     conf = dc.replace(conf, sample=dc.replace(conf.sample, spread_scale=0.5))
     assert calibration_sampler(conf).spread_scale == 1.0
     assert calibration_sampler(conf, kind="distill").spread_scale == 1.0
+    from fastds.training.stages import _sample_cfg  # the U-Net's days inside training
+    assert _sample_cfg(conf).spread_scale == 1.0
 
 
 def test_final_band_gains_match_each_bands_spread_to_its_error():

@@ -494,7 +494,7 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
                       "error is smaller than on new days", stacklevel=2)
     if len(days) == 0:
         raise ValueError(f"null ensembles: season {season} has no fine day to fit their noise on")
-    lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1)
+    lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1, spread_scale=1.0)
     res = []
     for block in np.split(days, np.flatnonzero(np.diff(days.values).astype("timedelta64[D]").astype(int) > 1) + 1):
         pred = sample(run=run, start=block[0], end=block[-1], cfg=lenient, model="unet", data=data,

@@ -166,9 +166,10 @@ def residual_scale(mean, train_set, val_set, config: Config) -> tuple[float, flo
 
 
 def _sample_cfg(config: Config):
-    """The patch geometry whole-day predictions use inside training (one member, eager)."""
+    """The patch geometry whole-day predictions use inside training (one member, eager, and
+    none of a user's ``spread_scale``, which only ensembles around a mean take)."""
     return dataclasses.replace(config.sample, members=1, fusion="final", lag_conditioning=True,
-                               cuda_graphs=False)
+                               cuda_graphs=False, spread_scale=1.0)
 
 
 def _day_prediction(model, fd, e, lags, config: Config, device):
