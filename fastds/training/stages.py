@@ -10,7 +10,6 @@ Run folder layout::
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -534,9 +533,8 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
                          "('ddpm' or 'distill')")
     run = Path(run)
     path = run_store(run, "recalibrate")  # an error naming run.json when run is no run folder
-    meta = json.loads((run / "run.json").read_text())
     config = config_from_toml((run / "config.toml").read_text())
-    store = open_store(path, variable=meta.get("variable"))
+    store = open_store(path, variable=run_variable(run))
     out = {}
     for s in _seasons(store, config, season):
         best = season_dir(run, s) / f"{model}.best.pt"
