@@ -133,7 +133,8 @@ def _sampling_commands(sub):
                    help="a trained model (joint: a joint run's species, one variable each); a null "
                         "ensemble on the trained U-Net (unet+iid, "
                         "unet+grf, unet+resample: its validation bias removed, plus noise of its "
-                        "validation error); or a baseline that needs no training: interp "
+                        "validation error; --set sample.null_spread=rollouts fits the noise's scale on "
+                        "strict validation rollouts); or a baseline that needs no training: interp "
                         "(interpolated coarse), clim (interp + mean fine-scale residual), anchor "
                         "(the run's anchor mu)")
     p.add_argument("--data", help="store (default: the run's)")

@@ -188,6 +188,12 @@ class SampleConfig:
                                   # calibrated widening, a null's noise): 1 as calibrated; below 1
                                   # sharper members (scores such as the variogram's reward them),
                                   # e.g. to compare models at equal spread/skill
+    null_spread: str = "validation"  # a null ensemble's noise: the sd (spectrum, bank) of the
+                                  # U-Net's errors on validation days with true lags
+                                  # ("validation"), or that times one factor per season picked
+                                  # by the fair CRPS of strict rollouts over the validation
+                                  # blocks ("rollouts": errors that compound in a rollout, which
+                                  # true lags do not show; fitted once, cached in the run)
     antithetic: bool = True       # members in ± pairs (the odd member negates every latent and
                                   # noise draw of the even one): a lower-variance ensemble mean
     seed: int = 0

@@ -2,6 +2,7 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fastds.sampling.nulls import NULLS, draw_null, fit_null_stats, grf_field, null_rng, radial_spectrum
@@ -144,6 +145,72 @@ def test_spread_scale_scales_a_null_ensembles_noise_and_is_refused_where_nothing
     with pytest.raises(ValueError, match="spread_scale must be a positive number"):
         sample(run=run, start=day, end=day, model="unet+iid", progress=False,
                cfg=dataclasses.replace(cfg, spread_scale=0.0))
+
+
+def test_scan_factors_finds_the_factor_that_makes_an_ensemble_calibrated(rng):
+    """The fair CRPS of mean + f·spread is lowest where the members' spread equals the
+    error's: draws 1/1.3 too narrow give a factor near 1.3 and spread/skill near 1 there."""
+    from fastds.sampling.spread import INFLATIONS, scan_factors
+    sd = 0.2
+    days = [(0, np.zeros((8, 24, 24)), (0.0, rng.normal(0, sd / 1.3, (8, 24, 24))), rng.normal(0, sd, (24, 24)))
+            for _ in range(30)]
+    scores, ratios = scan_factors(days, lambda c, z: z)
+    assert len(scores) == len(ratios) == len(INFLATIONS)
+    k = int(np.argmin(scores))
+    assert abs(INFLATIONS[k] - 1.3) <= 0.1
+    assert 0.9 < ratios[k] < 1.1
+    one = int(np.argmin(np.abs(INFLATIONS - 1.0)))
+    assert 0.7 < ratios[one] < 0.85  # 1 / 1.3, sampled
+    assert scores[one] > scores[k]
+
+
+def test_null_spread_rollouts_fits_a_factor_on_validation_rollouts_and_scales_the_draws(
+        tmp_path, trained_run, store_path, monkeypatch):
+    """``sample.null_spread = "rollouts"``: one factor per season, picked by the fair CRPS
+    of the null's strict rollouts over the season's validation days (the pick is the
+    argmin of its own curve, the days are validation days), cached in the run and read back
+    without rolling out again; a day sampled with it equals the same null at
+    ``spread_scale`` = that factor. Other models and unknown values are refused by name."""
+    import json
+    import shutil
+    from fastds.config import load_config
+    from fastds.data.store import open_store
+    from fastds.sampling import pipeline
+    from fastds.sampling.pipeline import null_factor, sample
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("nulls"))
+    st = open_store(store_path)
+    cfg = dataclasses.replace(load_config("tiny").sample, consistency=False)
+    fit = null_factor(run, st, 3, "unet+grf", cfg)
+    assert fit["days"] > 0 and fit["members"] == 8
+    assert fit["factor"] == fit["factors"][int(np.argmin(fit["crps_fair"]))]
+    val = set(st.times[(st.ds["split"].values == 1) & st.times.month.isin([6, 7, 8])])
+    for first, last in fit["blocks"]:
+        assert pd.Timestamp(first) in val and pd.Timestamp(last) in val
+    cached = list((run / "nulls").glob("factor_unet-grf_season3_*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["factor"] == fit["factor"]
+    monkeypatch.setattr(pipeline.Rollout, "run", lambda *a, **k: pytest.fail("the cached factor was fitted again"))
+    assert null_factor(run, st, 3, "unet+grf", cfg) == fit
+    monkeypatch.undo()
+    # a setting that changes the U-Net's days (its halo, its lag inputs) is not served another's cache
+    before = set((run / "nulls").iterdir())
+    pipeline.null_stats(run, st, 3, dataclasses.replace(cfg, halo=2))
+    assert len(set((run / "nulls").iterdir()) - before) == 1
+
+    day = st.times[(st.ds["split"].values == 2) & st.times.month.isin([6, 7, 8])][0]
+    lenient = dataclasses.replace(cfg, members=2, mode="lenient")
+    fitted = sample(run=run, start=day, end=day, model="unet+grf", progress=False,
+                    cfg=dataclasses.replace(lenient, null_spread="rollouts"))
+    by_hand = sample(run=run, start=day, end=day, model="unet+grf", progress=False,
+                     cfg=dataclasses.replace(lenient, spread_scale=fit["factor"]))
+    np.testing.assert_allclose(np.log10(fitted["DUEXTTAU"].values), np.log10(by_hand["DUEXTTAU"].values), atol=1e-5)
+    assert fitted.attrs["null_spread"] == "rollouts" and "null_spread" not in by_hand.attrs
+    with pytest.raises(ValueError, match="null_spread='rollouts' sets a null ensemble's noise; unet is none"):
+        sample(run=run, start=day, end=day, model="unet", progress=False,
+               cfg=dataclasses.replace(lenient, null_spread="rollouts"))
+    with pytest.raises(ValueError, match="null_spread must be one of validation, rollouts"):
+        sample(run=run, start=day, end=day, model="unet+iid", progress=False,
+               cfg=dataclasses.replace(lenient, null_spread="fit"))
 
 
 def test_null_without_a_unet_says_which_command(tmp_path, trained_run):

@@ -138,29 +138,43 @@ class Null:
     """A null ensemble (``unet+iid``, ``unet+grf``, ``unet+resample``): the U-Net's days, in
     log10 with its validation bias removed, plus one residual field per member drawn with the
     statistics ``stats_for(season)`` returns (fitted once per season), times ``scale``
-    (``sample.spread_scale``). With
-    ``sample.antithetic`` the members come in pairs as the DDPM's do (the odd member adds the
-    negated field of its pair), so both ensembles' means average their noise alike."""
+    (``sample.spread_scale``) and ``factor_for(season)`` (``sample.null_spread="rollouts"``:
+    the factor fitted on validation rollouts; None: 1). With ``sample.antithetic`` the members
+    come in pairs as the DDPM's do (the odd member adds the negated field of its pair), so
+    both ensembles' means average their noise alike."""
     needs_lags = True
 
-    def __init__(self, kind, unet: Network, stats_for, scale=1.0):
+    def __init__(self, kind, unet: Network, stats_for, scale=1.0, factor_for=None):
         self.kind, self.unet, self.stats_for, self.scale = kind, unet, stats_for, float(scale)
+        self.factor_for = factor_for
         self.stats: dict[int, NullStats] = {}
+        self.factors: dict[int, float] = {}
 
     def season(self, s) -> Season:
         return self.unet.season(s)
 
-    def day(self, ctx: DayContext) -> np.ndarray:
+    def parts(self, ctx: DayContext):
+        """The day in log10 before its noise: the debiased U-Net (members, H, W) and the
+        members' signed, unscaled draws (members, H, W)."""
         values = self.unet.day(ctx)
         s = ctx.state.fd.season
         if s not in self.stats:
             self.stats[s] = self.stats_for(s)
         stats = self.stats[s]
         logs = np.log10(np.maximum(values, 1e-6)) - stats.bias
+        noise = np.empty(logs.shape)  # float64: added to the float32 logs as before the split
         for k in range(len(logs)):
             draw, sign = member_draw(ctx.member0 + k, antithetic=self.unet.cfg.antithetic)
-            logs[k] += sign * self.scale * draw_null(self.kind, stats, logs.shape[1:],
+            noise[k] = sign * draw_null(self.kind, stats, logs.shape[1:],
                                         null_rng(self.unet.cfg.seed, draw, ctx.day_key, self.kind))
+        return logs, noise
+
+    def day(self, ctx: DayContext) -> np.ndarray:
+        logs, noise = self.parts(ctx)
+        s = ctx.state.fd.season
+        if s not in self.factors:
+            self.factors[s] = 1.0 if self.factor_for is None else float(self.factor_for(s))
+        logs += (self.scale * self.factors[s]) * noise
         return (10.0 ** logs).astype(np.float32)
 
 

@@ -13,7 +13,11 @@ learned model), with its validation bias removed, plus a residual field drawn in
 
 The statistics come from the store's validation days of the season with true lags
 (lenient), fitted once per run, season and projection setting and cached in the run folder
-(``nulls/``). Draws are a pure function of (seed, member, day): no state between days.
+(``nulls/``). With ``sample.null_spread = "rollouts"`` the noise is then scaled by one factor
+per season, picked by the fair CRPS of the null's own strict rollouts over the season's
+validation blocks (:func:`fastds.sampling.pipeline.null_factor`, cached beside them): a
+rollout's errors compound, and true lags do not show it. Draws are a pure function of (seed,
+member, day): no state between days.
 """
 from __future__ import annotations
 
@@ -24,9 +28,14 @@ import numpy as np
 
 from .._io import atomic_path
 
-__all__ = ["NULLS", "NULL_STATS_VERSION", "NullStats", "fit_null_stats", "draw_null", "radial_spectrum", "grf_field"]
+__all__ = ["NULLS", "NULL_SPREADS", "NULL_FIT_MEMBERS", "NULL_STATS_VERSION", "NullStats", "fit_null_stats", "draw_null", "radial_spectrum", "grf_field"]
 
 NULLS = ("unet+iid", "unet+grf", "unet+resample")
+# sample.null_spread: the validation days' error statistics as they are, or times one factor
+# per season fitted on strict validation rollouts (pipeline.null_factor)
+NULL_SPREADS = ("validation", "rollouts")
+NULL_FIT_MEMBERS = 8  # the ensemble a null's rollout factor is fitted with (the fair CRPS does
+                      # not depend on the member count, so one fit serves every request)
 # in the cached statistics' file names: a change to what fit_null_stats computes bumps it, so
 # a run's cache from older code is fitted again instead of read (2: the mirror-extended spectrum)
 NULL_STATS_VERSION = 2

@@ -27,7 +27,7 @@ from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, 
                   spread_widening)
 from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
-from .nulls import NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
+from .nulls import NULL_FIT_MEMBERS, NULL_SPREADS, NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
 from .output import is_zarr, open_output, write_output
 from .rollout import Rollout
 
@@ -389,6 +389,7 @@ def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
             "project_baselines": int(cfg.project_baselines), "spacing": cfg.spacing,
             "antithetic": int(cfg.antithetic),
             **({"spread_scale": float(cfg.spread_scale)} if cfg.spread_scale != 1.0 else {}),
+            **({"null_spread": cfg.null_spread} if cfg.null_spread != "validation" else {}),
             **({"latent_mix": json.dumps([round(float(w), 6) for w in cfg.latent_mix])} if cfg.latent_mix else {}),
             **({"channel_mix": json.dumps([round(float(w), 6) for w in cfg.channel_mix])} if cfg.channel_mix else {})}
 
@@ -435,6 +436,9 @@ def _check(cfg: SampleConfig, model):
                          f"got {cfg.calibrate_to!r}")
     if not (np.isfinite(cfg.spread_scale) and cfg.spread_scale > 0):
         raise ValueError(f"sample: sample.spread_scale must be a positive number, got {cfg.spread_scale!r}")
+    if cfg.null_spread not in NULL_SPREADS:
+        raise ValueError(f"sample: sample.null_spread must be one of {', '.join(NULL_SPREADS)}, "
+                         f"got {cfg.null_spread!r}")
 
 
 def _days(store: Store, start, end) -> pd.DatetimeIndex:
@@ -454,20 +458,25 @@ def downscaler_for(model, *, run, store: Store, cfg: SampleConfig, data=None, de
     if cfg.spread_scale != 1.0 and model not in ENSEMBLE_MODELS:
         raise ValueError(f"sample: sample.spread_scale={cfg.spread_scale} scales an ensemble's spread "
                          f"around its mean; {model} has none (it applies to {', '.join(ENSEMBLE_MODELS)})")
+    if cfg.null_spread != "validation" and model not in NULLS:
+        raise ValueError(f"sample: sample.null_spread={cfg.null_spread!r} sets a null ensemble's noise; "
+                         f"{model} is none (it applies to {', '.join(NULLS)})")
     if model == "interp":
         return Interp(store)
     if model == "clim":
         return Clim(store, run)
     if model == "anchor":
         return Anchor(store, run)
-    # a null ensemble is the U-Net (which has no spread to scale) plus its noise, scaled
-    net = Network("unet" if model in NULLS else model, run=run, store=store,
-                  cfg=dataclasses.replace(cfg, spread_scale=1.0) if model in NULLS else cfg, device=device,
-                  backend=backend, cache_conditioning=cache_conditioning)
-    if model in NULLS:
-        return Null(model, net, lambda s: null_stats(run, store, s, cfg, data=data, device=device),
-                    scale=cfg.spread_scale)
-    return net
+    if model in NULLS:  # the U-Net (which has no spread to scale) plus its noise, scaled
+        plain = dataclasses.replace(cfg, spread_scale=1.0, null_spread="validation")
+        net = Network("unet", run=run, store=store, cfg=plain, device=device, backend=backend,
+                      cache_conditioning=cache_conditioning)
+        fitted = None if cfg.null_spread == "validation" else (
+            lambda s: null_factor(run, store, s, model, cfg, data=data, device=device)["factor"])
+        return Null(model, net, lambda s: null_stats(run, store, s, plain, data=data, device=device),
+                    scale=cfg.spread_scale, factor_for=fitted)
+    return Network(model, run=run, store=store, cfg=cfg, device=device, backend=backend,
+                   cache_conditioning=cache_conditioning)
 
 
 def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, device="cpu") -> NullStats:
@@ -476,11 +485,7 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     Fitted once and cached in ``run/nulls/``. Where the season has no validation day whose lag
     window lies in the fine record, its training days stand in, with a warning."""
     import warnings
-    from .. import _backend
-    # keyed by what changes the U-Net's residuals: projection, patch geometry, arithmetic
-    prec = _backend.resolve_precision(cfg.precision, device)
-    path = (Path(run) / "nulls" /
-            f"season{season}_c{int(cfg.consistency)}_t{cfg.tile}_s{cfg.stride}_{prec}_v{NULL_STATS_VERSION}.npz")
+    path = Path(run) / "nulls" / f"season{season}_{_null_key(cfg, device)}_v{NULL_STATS_VERSION}.npz"
     if path.exists():
         return NullStats.load(path)
     _, conf = load_trained(run, season, "unet", device=device)
@@ -494,9 +499,10 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
                       "error is smaller than on new days", stacklevel=2)
     if len(days) == 0:
         raise ValueError(f"null ensembles: season {season} has no fine day to fit their noise on")
-    lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1, spread_scale=1.0)
+    lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1, spread_scale=1.0,
+                                  null_spread="validation")
     res = []
-    for block in np.split(days, np.flatnonzero(np.diff(days.values).astype("timedelta64[D]").astype(int) > 1) + 1):
+    for block in _blocks(days):
         pred = sample(run=run, start=block[0], end=block[-1], cfg=lenient, model="unet", data=data,
                       device=device, progress=False)[store.variable].values
         truth = store.fine.sel(time=block).values
@@ -505,3 +511,94 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
+
+
+def _null_key(cfg: SampleConfig, device) -> str:
+    """What changes the U-Net's days under a null, for its cached statistics' names: the
+    projection, the patch geometry, the lag inputs and the arithmetic."""
+    from .. import _backend
+    prec = _backend.resolve_precision(cfg.precision, device)
+    return (f"c{int(cfg.consistency)}_t{cfg.tile}_h{cfg.halo}_s{cfg.stride}_l{int(cfg.lag_conditioning)}"
+            f"_{prec}")
+
+
+def _blocks(days: pd.DatetimeIndex) -> list:
+    """Runs of consecutive days."""
+    return np.split(days, np.flatnonzero(np.diff(days.values).astype("timedelta64[D]").astype(int) > 1) + 1)
+
+
+def null_factor(run, store: Store, season, kind, cfg: SampleConfig, *, data=None, device="cpu") -> dict:
+    """The factor on null ``kind``'s noise (``sample.null_spread = "rollouts"``) for one season.
+
+    The null (its validation statistics, :func:`null_stats`) rolls forward strictly, as
+    ``sample`` runs it, over each validation block of the season, from the block's first day
+    whose true lag window lies in the fine record and is free of test days, with
+    ``NULL_FIT_MEMBERS`` members (seed 0) that carry their own histories; then the factor on
+    every member's draw that minimises the fair CRPS (log10, projected as sampled) over those
+    days is picked from :data:`~fastds.sampling.spread.INFLATIONS`. The rollouts are run once
+    at factor 1 (a history drawn at another factor would diverge a little differently; the
+    rollout refinement of the DDPM's widening makes the same approximation).
+
+    Returns {"factor", "factors", "crps_fair", "spread_skill" (per factor), "spread_skill_at_1",
+    "days", "blocks", "members"}; cached in ``run/nulls/`` per kind, season and the settings
+    that change the U-Net's days. A season with no usable validation day gets factor 1, with a
+    warning."""
+    import warnings
+    from .._io import atomic_path
+    from .spread import INFLATIONS, scan_factors
+    path = (Path(run) / "nulls" / f"factor_{kind.replace('+', '-')}_season{season}_{_null_key(cfg, device)}"
+            f"_{cfg.lag_history}_a{int(cfg.antithetic)}_v{NULL_STATS_VERSION}.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    _, conf = load_trained(run, season, "unet", device=device)
+    times, split = store.times, store.ds["split"].values
+    t_lag = conf.data.t_lag
+
+    def usable(d):  # a true lag window, in the fine record and free of test days
+        i = times.get_loc(d)
+        return i >= t_lag and times[i] - times[i - t_lag] == pd.Timedelta(days=t_lag) and not (split[i - t_lag:i] == 2).any()
+    blocks = []
+    for block in _blocks(times[(season_of(times.month) == season) & (split == 1)]):
+        ok = [usable(d) for d in block]
+        if any(ok):
+            blocks.append(block[ok.index(True):])
+    if not blocks:
+        warnings.warn(f"sample.null_spread='rollouts': season {season} has no validation day with a true lag "
+                      f"window in the fine record; {kind}'s noise keeps its validation statistics (factor 1)",
+                      stacklevel=2)
+        return {"factor": 1.0, "days": 0}
+    fit = dataclasses.replace(cfg, mode="strict", members=NULL_FIT_MEMBERS, segments=1, spread_scale=1.0,
+                              null_spread="validation", seed=0)
+    null = downscaler_for(kind, run=run, store=store, cfg=fit, data=data, device=device)
+    coarse_days = _CoarseDays(store)
+    project = _projection(store, coarse_days.values) if cfg.consistency else None
+    record = []
+
+    class Recorder:  # the null at factor 1, its debiased U-Net and its draws kept apart
+        needs_lags = True
+
+        def season(self, s):
+            return null.season(s)
+
+        def day(self, ctx):
+            logs, noise = null.parts(ctx)
+            truth = np.log10(np.maximum(store.fine.sel(time=ctx.day).values, 1e-6))
+            record.append((ctx.c, logs, (0.0, noise.astype(np.float32)), truth))
+            return (10.0 ** (logs + noise)).astype(np.float32)
+
+    for block in blocks:
+        Rollout(store=store, days=block, cfg=fit, coarse_days=coarse_days, finish=project).run(Recorder())
+
+    def to_log(c, z):
+        if project is None:
+            return z
+        return np.log10(np.maximum(project(10.0 ** z, coarse_days.values[c], season), 1e-6))
+    scores, ratios = scan_factors(record, to_log, pairs=fit.antithetic and NULL_FIT_MEMBERS % 2 == 0)
+    one = int(np.argmin(np.abs(INFLATIONS - 1.0)))
+    out = {"kind": kind, "season": int(season), "factor": float(INFLATIONS[int(np.argmin(scores))]),
+           "factors": INFLATIONS.tolist(), "crps_fair": scores, "spread_skill": ratios,
+           "spread_skill_at_1": ratios[one], "days": len(record), "members": NULL_FIT_MEMBERS,
+           "blocks": [[f"{b[0]:%Y-%m-%d}", f"{b[-1]:%Y-%m-%d}"] for b in blocks]}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
+    return out

@@ -24,6 +24,7 @@ from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
                     model_for, run_store, run_variable, season_dir, write_run_meta)
+from ..sampling.spread import INFLATIONS, scan_factors
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 from .oof import fit_fold_means
@@ -259,7 +260,6 @@ def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
     return float(np.concatenate(res).std()) if res else float("nan")
 
 
-INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
 RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of α = 1 (no widening)
 CALIBRATED = (0.8, 1.2)  # the band a calibrated ensemble's spread/skill should fall in
 CALIBRATION_MEMBERS = 8
@@ -498,21 +498,9 @@ def _log10_as_sampled(fd, c, z, project, coarse):
 
 
 def _scan_factors(fd, days, project, coarse, pairs):
-    """Fair CRPS and spread/skill (log10, projected as sampled) for every factor in
-    INFLATIONS; ``days``: (coarse index, mean, (base, spread), truth) per day."""
-    from ..metrics.ensemble import calibrated_variance
-    from ..metrics.proper import fair_crps
-    scores, ratios = [], []
-    for a in INFLATIONS:
-        crps, err2, var = [], [], []
-        for c, m, (base, spread), t in days:
-            log = _log10_as_sampled(fd, c, m + base + a * spread, project, coarse)
-            crps.append(float(np.nanmean(fair_crps(log, t))))
-            err2.append(np.nanmean((log.mean(0) - t) ** 2))
-            var.append(calibrated_variance(log, pairs=pairs))
-        scores.append(float(np.mean(crps)))
-        ratios.append(float(np.sqrt(np.mean(var) / np.mean(err2))))
-    return scores, ratios
+    """:func:`~fastds.sampling.spread.scan_factors` for days in the model's space, projected
+    as sampled."""
+    return scan_factors(days, lambda c, z: _log10_as_sampled(fd, c, z, project, coarse), pairs=pairs)
 
 
 def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS, kind="ddpm"):
