@@ -545,7 +545,7 @@ def null_factor(run, store: Store, season, kind, cfg: SampleConfig, *, data=None
     warning."""
     import warnings
     from .._io import atomic_path
-    from .spread import INFLATIONS, scan_factors
+    from .spread import INFLATIONS, RAW, scan_factors
     path = (Path(run) / "nulls" / f"factor_{kind.replace('+', '-')}_season{season}_{_null_key(cfg, device)}"
             f"_{cfg.lag_history}_a{int(cfg.antithetic)}_v{NULL_STATS_VERSION}.json")
     if path.exists():
@@ -594,10 +594,9 @@ def null_factor(run, store: Store, season, kind, cfg: SampleConfig, *, data=None
             return z
         return np.log10(np.maximum(project(10.0 ** z, coarse_days.values[c], season), 1e-6))
     scores, ratios = scan_factors(record, to_log, pairs=fit.antithetic and NULL_FIT_MEMBERS % 2 == 0)
-    one = int(np.argmin(np.abs(INFLATIONS - 1.0)))
     out = {"kind": kind, "season": int(season), "factor": float(INFLATIONS[int(np.argmin(scores))]),
            "factors": INFLATIONS.tolist(), "crps_fair": scores, "spread_skill": ratios,
-           "spread_skill_at_1": ratios[one], "days": len(record), "members": NULL_FIT_MEMBERS,
+           "spread_skill_at_1": ratios[RAW], "days": len(record), "members": NULL_FIT_MEMBERS,
            "blocks": [[f"{b[0]:%Y-%m-%d}", f"{b[-1]:%Y-%m-%d}"] for b in blocks]}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(out, indent=1))

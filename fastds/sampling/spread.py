@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BAND_SIGMAS", "INFLATIONS", "band_split", "filter_bands", "scan_factors", "widen", "widen_parts"]
+__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "band_split", "filter_bands", "scan_factors", "widen", "widen_parts"]
 
 # the finest band (r − G₀.₅ r) holds wavelengths of about 2–3 px, where a few-step sampler
 # loses the most power; 8 px is the coarse cell of the paper's grids
 BAND_SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # the factors a widening is scanned over (α, a band factor, a rollout or a null's factor)
 INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
+RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of factor 1 (no widening)
 
 
 def band_split(r, sigmas=BAND_SIGMAS) -> np.ndarray:

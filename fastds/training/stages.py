@@ -24,7 +24,7 @@ from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
                     model_for, run_store, run_variable, season_dir, write_run_meta)
-from ..sampling.spread import INFLATIONS, scan_factors
+from ..sampling.spread import INFLATIONS, RAW, scan_factors
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 from .oof import fit_fold_means
@@ -260,7 +260,6 @@ def rollout_residual_sd(model, fd, days, config: Config, device="cpu") -> float:
     return float(np.concatenate(res).std()) if res else float("nan")
 
 
-RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of α = 1 (no widening)
 CALIBRATED = (0.8, 1.2)  # the band a calibrated ensemble's spread/skill should fall in
 CALIBRATION_MEMBERS = 8
 
