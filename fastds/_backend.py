@@ -139,8 +139,8 @@ def report() -> list[tuple[str, bool, str]]:
         rows.append((label, mod is not None and why is None, detail))
     for dev in ("cpu", "cuda"):
         why = bf16_native(dev)
-        rows.append((f"native bf16 ({dev})", why is None, "precision=auto samples in bf16" if why is None
-                     else f"{why}: precision=auto samples in fp32"))
+        rows.append((f"native bf16 ({dev})", why is None, "precision=auto samples and trains in bf16" if why is None
+                     else f"{why}: precision=auto samples and trains in fp32"))
     for cap, runs in (("stitch backends", [b for b in ("cpu", "cuda", "cupy") if why_unavailable(b) is None]),
                       ("sampler-step backends", ["torch"] + [b for b in ("cpu", "cuda", "triton")
                                                                if why_unavailable(b) is None])):
@@ -178,9 +178,15 @@ def bf16_native(device_type: str) -> str | None:
     return "this CPU has neither AVX512-BF16 nor AMX-BF16 (or /proc/cpuinfo is unreadable)"
 
 
-def resolve_precision(precision: str, device) -> str:
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device has it natively (bf16_native)
+
+
+def resolve_precision(precision: str, device, *, setting="sample.precision") -> str:
     """``"auto"`` -> ``"bf16"`` where :func:`bf16_native` says the device has it, else
-    ``"fp32"``; ``"fp32"``/``"bf16"`` stay as asked."""
+    ``"fp32"``; ``"fp32"``/``"bf16"`` stay as asked; anything else is refused, naming
+    ``setting``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{setting} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     import torch

@@ -156,6 +156,31 @@ def test_fit_keeps_the_checkpoint_with_the_best_selection_score(tmp_path):
     assert [h["select"] for h in hist] == [3.0, 1.0, 2.0, 5.0]
 
 
+def test_early_stopping_counts_epochs_without_a_better_selection_score(tmp_path):
+    """With ``select``, patience counts epochs whose score did not beat the best (the
+    checkpoint could not change), however the validation loss moves; without it, the loss."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = list(zip(x, x @ torch.tensor([[1.0], [2.0], [0.5], [-1.0]])))
+
+    def loss(m, b, g):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    scores = iter([1.0, 2.0, 3.0, 0.5, 0.4])
+    model = torch.nn.Linear(4, 1)
+    fit(model, loss, data, data, settings=FitSettings(lr=0.05, batch=16, epochs=5, early_stop=2),
+        ckpt_path=tmp_path / "m.pt", progress=False, select=lambda m: next(scores))
+    hist = load_checkpoint(tmp_path / "m.pt")["loop"]["history"]
+    assert [h["select"] for h in hist] == [1.0, 2.0, 3.0]  # stopped after two worse scores
+    assert hist[2]["val_loss"] < hist[0]["val_loss"]  # while the loss still fell
+    assert load_checkpoint(tmp_path / "m.best.pt")["epoch"] == 1
+    # a NaN score (no rollout blocks) leaves patience to the validation loss
+    model = torch.nn.Linear(4, 1)
+    fit(model, loss, data, data, settings=FitSettings(lr=0.05, batch=16, epochs=3, early_stop=1),
+        ckpt_path=tmp_path / "n.pt", progress=False, select=lambda m: float("nan"))
+    assert len(load_checkpoint(tmp_path / "n.pt")["loop"]["history"]) == 3  # the loss fell every epoch
+
+
 def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_config, trained_run, tmp_path):
     """A U-Net trained with anchor pushforward, conditioning dropout and rollout selection,
     then a DDPM with U-Net pushforward; the fallback sampler refuses a model without dropout."""

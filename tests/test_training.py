@@ -373,3 +373,56 @@ def test_resuming_a_finished_run_rebuilds_nothing(trained_run, store_path, tiny_
         assert stages.train(data=store_path, run=run, config=tiny_config, model=kind, progress=False,
                             resume=True) == [run / "season3" / f"{kind}.best.pt"]
     assert {p: p.stat().st_mtime_ns for p in (run / "season3").glob("*.pt")} == stamps
+
+
+def test_train_precision_resolves_per_device_and_names_a_bad_value(monkeypatch):
+    """``train.precision``: "auto" trains under bf16 autocast where the device has bf16
+    natively, fp32 elsewhere; "fp32"/"bf16" as asked; the older ``train.bf16 = true`` still
+    forces bf16; anything else is refused by the setting's name."""
+    import dataclasses
+    from fastds import _backend
+    from fastds.config import load_config
+    from fastds.training.stages import train_bf16
+    tc = load_config("tiny").train
+    assert tc.precision == "auto" and load_config("paper").train.precision == "fp32"  # the paper's arithmetic
+    for flags, native in (({"avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx2", "fma"}, False)):
+        monkeypatch.setattr(_backend, "_cpu_flags", lambda flags=flags: set(flags))
+        _backend.bf16_native.cache_clear()
+        assert train_bf16(dataclasses.replace(tc, precision="auto"), "cpu") is native
+        assert train_bf16(dataclasses.replace(tc, precision="fp32"), "cpu") is False
+        assert train_bf16(dataclasses.replace(tc, precision="bf16"), "cpu") is True
+        assert train_bf16(dataclasses.replace(tc, precision="fp32", bf16=True), "cpu") is True
+    _backend.bf16_native.cache_clear()
+    with pytest.raises(ValueError, match="train.precision must be one of fp32, bf16, auto, got 'fp16'"):
+        train_bf16(dataclasses.replace(tc, precision="fp16"), "cpu")
+
+
+def test_bf16_training_runs_the_networks_in_bf16_and_keeps_fp32_weights(trained_run, store_path, tiny_config,
+                                                                        tmp_path, monkeypatch):
+    """Stage C with ``train.precision = "bf16"``: the fit gets ``bf16``, the denoiser's
+    convolutions run in bf16 under autocast, and the saved weights, EMA and optimizer state
+    stay fp32 (autocast casts per call, it never converts the parameters)."""
+    import dataclasses
+    import shutil
+
+    import fastds.training.stages as stages
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in (run / "season3").glob("ddpm*"):
+        f.unlink()
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
+        tiny_config.train, precision="bf16", epochs=1, calibrate_spread=False, max_steps=2))
+    seen, dtypes, real_fit = [], set(), stages.fit
+
+    def spy(model, *a, settings, **k):
+        seen.append(settings.bf16)
+        conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if torch.is_grad_enabled() else None)
+        return real_fit(model, *a, settings=settings, **k)
+    monkeypatch.setattr(stages, "fit", spy)
+    stages.train(data=store_path, run=run, config=cfg, model="ddpm", progress=False)
+    assert seen == [True] and dtypes == {torch.bfloat16}
+    ck = load_checkpoint(run / "season3" / "ddpm.pt")
+    floats = [v for v in ck["model"].values() if torch.is_floating_point(v)]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in ck["optimizer"]["state"].values())

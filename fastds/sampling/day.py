@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import _backend
+from .._backend import PRECISIONS
 from ..config import SampleConfig
 from ..models.conditional import FixedBatch
 from ..stitch import StitchPlan, plan_patches, stitch
@@ -33,7 +34,6 @@ from .spread import widen
 __all__ = ["DayInputs", "downscale_day", "member_draws", "inflate_residuals", "spread_widening",
            "PRECISIONS", "sampling_twin"]
 
-PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device has it natively (_backend.bf16_native)
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
 # model -> (its weights' identity, its compiled twin); a twin dies with its model
@@ -155,8 +155,6 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     A joint model of K species (``model.channels`` > 1, inputs as :class:`DayInputs` says)
     gives (members, K, H, W), each species widened and scaled by its own calibration.
     """
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     precision = _backend.resolve_precision(cfg.precision, device)
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,

@@ -23,7 +23,7 @@ from ..runs import (load_checkpoint, load_trained, model_for, run_config, run_st
 from .loop import fit
 from .stages import (_calibration_draws, _model_settings, _sampler_record, _seasons, _settings,
                      calibration_days, calibration_sampler, nothing_left, prepared_sets, residual_scale,
-                     save_widening, widening_fit, CALIBRATION_MEMBERS)
+                     save_widening, train_bf16, widening_fit, CALIBRATION_MEMBERS)
 
 __all__ = ["train_joint", "joint_loss", "calibrate_joint"]
 
@@ -111,7 +111,7 @@ def train_joint(*, runs, run, config: Config | None = None, season=None, resume=
         train_set, val_set = (SpeciesPatches([st[i] for st in sets]) for i in (0, 1))
         done = fit(model, joint_loss(config), train_set, val_set,
                    settings=_settings(config.train, epoch_subset=config.data.max_train_patches,
-                                      **_joint_settings(config, len(runs))),
+                                      bf16=train_bf16(config.train, device), **_joint_settings(config, len(runs))),
                    ckpt_path=ckpt, extra_state={"kind": "joint", "season": s, "config": to_toml(config),
                                                 "species": names, "anchor": None},
                    resume=resume, progress=progress, device=device, on_step=on_step,

@@ -342,14 +342,20 @@ class _Trainer:
         if not math.isnan(val):
             self.sched.step(val)
         key = score if self.select is not None else val
-        if not math.isnan(key) and key < st.get("best_key", st["best_val"]):
+        improved = not math.isnan(key) and key < st.get("best_key", st["best_val"])
+        if improved:
             st["best_key"] = key
             self.save_best(val, epoch + 1)
+        val_improved = not math.isnan(val) and val < st["best_val"]
+        if val_improved:
+            st["best_val"] = val
+        # patience counts epochs without a better checkpoint (the key that picks it), so a
+        # model selected by its rollouts stops once they stop improving, not when its loss
+        # does: epochs after that could only have changed the checkpoint by improving the key
+        watched, better = (key, improved) if not math.isnan(key) else (val, val_improved)
         stop = stopped
-        if not math.isnan(val) and val < st["best_val"]:
-            st["best_val"], st["bad_epochs"] = val, 0
-        elif not math.isnan(val):
-            st["bad_epochs"] += 1
+        if not math.isnan(watched):
+            st["bad_epochs"] = 0 if better else st["bad_epochs"] + 1
             stop = stop or st["bad_epochs"] >= settings.early_stop
         st["epoch"] += 1
         st["step_in_epoch"] = 0

@@ -39,6 +39,13 @@ def _settings(section, *, epoch_subset=0, **extra) -> FitSettings:
     return FitSettings(epoch_subset=epoch_subset, **values)
 
 
+def train_bf16(tc, device) -> bool:
+    """Whether Stage C trains under bf16 autocast: ``train.precision`` resolved on ``device``
+    (``"auto"``: where it has bf16 natively), or the older ``train.bf16 = true``."""
+    from .._backend import resolve_precision
+    return resolve_precision(tc.precision, device, setting="train.precision") == "bf16" or bool(tc.bf16)
+
+
 def _model_settings(model, tc) -> dict:
     """What differs per model in Stage C: only the DDPM keeps an EMA, and it may train longer."""
     if tc.ddpm_epoch_factor < 1:
@@ -698,16 +705,18 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
         def fit_as(kind, net, loss_fn, select=None, s=s, train_set=train_set, val_set=val_set,
                    lag_noise=lag_noise):
             ckpt = season_dir(run, s) / f"{kind}.pt"
+            bf16 = train_bf16(tc, device)
             return ckpt, fit(
                 net, loss_fn, train_set, val_set,
-                settings=_settings(config.train, epoch_subset=d.max_train_patches, **_model_settings(kind, tc)),
+                settings=_settings(config.train, epoch_subset=d.max_train_patches, bf16=bf16,
+                                   **_model_settings(kind, tc)),
                 ckpt_path=ckpt,
                 extra_state={"kind": kind, "season": s, "config": to_toml(config),
                              "norm_x": store.norm_x.to_dict(), "norm_y": store.norm_y.to_dict(),
                              "anchor": train_set.anchor.to_dict() if train_set.anchor else None,
                              "lag_noise": float(lag_noise)},
                 resume=resume, progress=progress, device=device, on_step=on_step,
-                desc=f"train {kind} season {s}", select=select)
+                desc=f"train {kind} season {s}" + (" (bf16)" if bf16 else ""), select=select)
 
         net, loss_fn = _network_and_loss(model, config, run, s, train_set, val_set, device, fit_round=fit_as)
         if model == "ddpm" and net.regression is not None and tc.oof_folds and not (
