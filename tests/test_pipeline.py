@@ -12,6 +12,7 @@ from fastds.data.store import open_store
 from fastds.sampling.graphs import StaticSampler
 from fastds.sampling.pipeline import DayInputs, downscale_day, sample
 from fastds.sampling.samplers import make_plan, run_plan
+from fastds.stitch import plan_patches
 from fastds.training.stages import load_trained
 
 from conftest import TRITON_DEVICE, requires_cuda, requires_triton, requires_triton_run, run_aot
@@ -167,6 +168,48 @@ def test_shared_conditioning_computes_the_mean_from_the_samplers_conditioning(
     with torch.no_grad():
         next(other.regression.transfer.parameters()).add_(1.0)
     assert not other.shares_conditioning()
+
+
+@pytest.mark.parametrize("sampler,lags,precision", [("dpmpp", "own", "fp32"), ("dpmpp", "own", "bf16"),
+                                                    ("ddim", "shared", "fp32"), ("ddpm", "own", "fp32")])
+def test_members_sampled_together_equal_members_one_by_one(trained_run, store_path, test_days, monkeypatch,
+                                                          sampler, lags, precision):
+    """Step fusion with a plan that draws no noise after x_T (DPM-Solver++, DDIM η = 0):
+    the members' images run as one batch (their patches in the same network calls, in
+    groups bounded by MEMBER_BATCH_BYTES); the samples equal those of members sampled one by
+    one, antithetic partners, own lag histories and the regression mean included. A noisy
+    plan (DDPM) keeps one trajectory per member."""
+    import fastds.sampling.day as day_mod
+    import fastds.sampling.fusion as fusion_mod
+    model, conf = load_trained(trained_run, 3)
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    rng = np.random.default_rng(1)
+    if lags == "own":
+        inp = DayInputs(inp.coarse, inp.covariates, np.concatenate(
+            [inp.lags + 0.05 * k * rng.standard_normal(inp.lags.shape).astype(np.float32) for k in range(5)]))
+    cfg = dataclasses.replace(FAST, fusion="step", sampler=sampler, steps=4, precision=precision)
+    kw = dict(T=conf.diffusion.T, prediction=conf.diffusion.prediction, seed=4, members=5, parts=True)
+    images, real = [], fusion_mod.PatchFusedModel.__call__
+    monkeypatch.setattr(fusion_mod.PatchFusedModel, "__call__",
+                        lambda self, x, t, c=None: images.append(x.shape[0]) or real(self, x, t, c))
+    together = downscale_day(model, inp, cfg=cfg, **kw)
+    batched = set(images)
+    images.clear()
+    channels = model.cond(*(torch.zeros(1, *a.shape[-3:]) for a in (inp.coarse, inp.covariates, inp.lags[0]))).shape[1]
+    cond_bytes = len(plan_patches(inp.coarse.shape[-2:], tile=cfg.tile, halo=cfg.halo, stride=cfg.stride)) \
+        * channels * cfg.tile ** 2 * 4  # one member's fp32 conditioning
+    monkeypatch.setattr(day_mod, "MEMBER_BATCH_BYTES", 2 * cond_bytes)  # groups of two: 2, 2, 1
+    pairs = downscale_day(model, inp, cfg=cfg, **kw)
+    assert set(images) == ({1} if sampler == "ddpm" else {2, 1})
+    images.clear()
+    monkeypatch.setattr(day_mod, "MEMBER_BATCH_BYTES", 0)  # one member at a time
+    alone = downscale_day(model, inp, cfg=cfg, **kw)
+    assert set(images) == {1}
+    assert batched == ({1} if sampler == "ddpm" else {5})
+    for a, b, c in zip(together, pairs, alone):  # (means, residuals)
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+    assert not np.allclose(together[1][0], together[1][2])  # the members differ
 
 
 def test_few_step_samplers_match_ddpm_statistics(trained_run, store_path, test_days):

@@ -412,19 +412,35 @@ class _DiffusionPatches(_UNetPatches):
 _PATCH_KINDS = {"unet": _UNetPatches, "vae": _VAEPatches, "ddpm": _DiffusionPatches}
 
 
+MEMBER_BATCH_BYTES = 256 << 20  # conditioning held at once by members sampled together
+
+
+def _together(plans, graphs, cache_conditioning) -> bool:
+    """Whether members can share one trajectory batch: no graph is captured, the
+    conditioning is cached, and the plans draw no noise after x_T, so a mirrored (antithetic)
+    plan takes the same updates as the plain one and a member's draws are all in its x_T."""
+    p0 = plans[0]
+    return (graphs is None and cache_conditioning and not np.any(p0.noisy)
+            and all(np.array_equal(p.timesteps, p0.timesteps) and np.array_equal(p.coef[:, :5], p0.coef[:, :5])
+                    for p in plans))
+
+
 def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_conditioning,
            device, backend, progress, graphs=None, latents: _Latents, on_cond=None):
     """``fusion="step"``: one image-space trajectory per member (see sampling/fusion.py).
     x_T is drawn on the image from the member's generator, so a one-patch geometry gives the
-    unfused sampler's result."""
+    unfused sampler's result. Where :func:`_together` allows, consecutive members run as one
+    batch of images (their patches in the same network calls, up to MEMBER_BATCH_BYTES of
+    conditioning): the same numbers, fewer and fuller calls."""
     H, W = patches.shape
     starts = patches.starts
     splan = StitchPlan(starts, patches.shape, tile=patches.tile, halo=patches.halo)
     shared_lags = inputs.lags.shape[0] == 1
     out = np.empty((len(gens),) + _field_shape(patches), np.float32)
-    cond = None
-    for k, gen in enumerate(gens):
-        if cond is None or not shared_lags:
+    last = {}
+
+    def member_cond(k):
+        if "cond" not in last or not shared_lags:
             lags = patches.lags(inputs.lags[0 if shared_lags else k], slice(None), device)
 
             def cond_of(sl, lags=lags):
@@ -432,11 +448,19 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
                                   _drop(cfg, len(lags[sl]), device))
             # the conditioning once per patch (every step and member that shares the lags
             # reuse it), or, for the reference recipe, recomputed at every step
-            cond = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
-                    if cache_conditioning else cond_of)
+            last["cond"] = (torch.cat([cond_of(sl) for sl in _batches(len(starts), cfg.batch)])
+                            if cache_conditioning else cond_of)
             if on_cond is not None and cache_conditioning:
-                on_cond(k, cond)
-        x_T = latents.draw(k, (1, patches.k, H, W), gen, signs[k])
+                on_cond(k, last["cond"])
+        return last["cond"]
+
+    together, k = _together(plans, graphs, cache_conditioning), 0
+    while k < len(gens):
+        cond = member_cond(k)
+        size = max(1, MEMBER_BATCH_BYTES // (cond.numel() * cond.element_size())) if together else 1
+        ks = range(k, min(k + size, len(gens)))
+        conds = [cond] + [member_cond(j) for j in ks[1:]]
+        x_T = torch.cat([latents.draw(j, (1, patches.k, H, W), gens[j], signs[j]) for j in ks])
         if graphs is not None and cache_conditioning:
             # the whole step (every patch batch, the blend, the fused update) in one graph per
             # geometry; the day's conditioning is copied into its static buffer
@@ -445,15 +469,16 @@ def _fused(model, inputs, patches: _Patches, plans, gens, signs, *, cfg, cache_c
             static = graphs.get(model, key, lambda: StaticSampler(
                 model, plans[k], x_T, cond, clip=cfg.clip or None,
                 wrap=lambda net: PatchFusedModel(net, splan, None, batch=cfg.batch)))
-            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gen,
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.long, generator=gens[k],
                                  device=device)
             x0 = static(x_T, cond, seed)
         else:
-            fused = PatchFusedModel(model, splan, cond, batch=cfg.batch)
-            x0 = run_plan(fused, x_T, plans[k], generator=gen, clip=cfg.clip or None, backend=backend)
-        out[k] = (x0[0, 0] if patches.k == 1 else x0[0]).float().cpu().numpy()
+            fused = PatchFusedModel(model, splan, conds[0] if len(ks) == 1 else torch.cat(conds), batch=cfg.batch)
+            x0 = run_plan(fused, x_T, plans[k], generator=gens[k], clip=cfg.clip or None, backend=backend)
+        out[k:ks.stop] = (x0[:, 0] if patches.k == 1 else x0).float().cpu().numpy()
         if progress is not None:
-            progress.update(len(starts))
+            progress.update(len(starts) * len(ks))
+        k = ks.stop
     return out
 
 

@@ -26,14 +26,16 @@ FUSIONS = ("final", "step")
 
 class PatchFusedModel:
     """An image-space network built from a patch network: ``f(x_img, t, _)`` with x_img
-    (1, C, H, W) -> blended output (1, C, H, W).
+    (M, C, H, W) -> blended output (M, C, H, W): M images of one geometry (members sampled
+    together), whose patches go through the network together, ``batch`` at a time.
 
     model : the patch network ``model(x (B, C, tile, tile), t (B,), cond)``;
-    plan : :class:`~fastds.stitch.StitchPlan` of the day's patch geometry;
-    cond : (N, C_cond, tile, tile) conditioning of every patch, or a function of a slice of
-    patches returning theirs (to recompute it every step), or None to take it from each call's
-    third argument (a CUDA graph's static buffer); batch : patches per call.
-    Pass it to :func:`~fastds.sampling.samplers.run_plan` in place of the network.
+    plan : :class:`~fastds.stitch.StitchPlan` of the day's patch geometry (N patches);
+    cond : (M·N, C_cond, tile, tile) conditioning of every patch of every image (image-major),
+    or a function of a slice of those patches returning theirs (to recompute it every step),
+    or None to take it from each call's third argument (a CUDA graph's static buffer);
+    batch : patches per call. Pass it to :func:`~fastds.sampling.samplers.run_plan` in place
+    of the network; every image must take the same timestep.
     """
 
     def __init__(self, model, plan: StitchPlan, cond, *, batch=1024):
@@ -41,15 +43,18 @@ class PatchFusedModel:
         self.cond = cond if callable(cond) or cond is None else (lambda sl: cond[sl])
 
     def __call__(self, x_img, t, cond=None):
-        if x_img.shape[0] != 1:
-            raise ValueError(f"PatchFusedModel: one image at a time, got batch {x_img.shape[0]}")
         if self.cond is None and cond is None:
             raise ValueError("PatchFusedModel: built with cond=None, so each call must pass the "
                              "patches' conditioning")
         of = self.cond if cond is None else (lambda sl: cond[sl])
-        patches = self.plan.cut(x_img[0])                          # (N, C, tile, tile)
+        m = x_img.shape[0]
+        patches = torch.cat([self.plan.cut(x_img[k]) for k in range(m)]) if m > 1 \
+            else self.plan.cut(x_img[0])                           # (M·N, C, tile, tile)
         tt = t[:1].expand(patches.shape[0])
         out = torch.cat([self.model(patches[i:i + self.batch], tt[i:i + self.batch],
                                     of(slice(i, i + self.batch)))
-                         for i in range(0, patches.shape[0], self.batch)])
-        return self.plan.stitch(out.to(x_img.dtype))[None]        # (1, C, H, W)
+                         for i in range(0, patches.shape[0], self.batch)]).to(x_img.dtype)
+        if m == 1:
+            return self.plan.stitch(out)[None]                     # (1, C, H, W)
+        n = out.shape[0] // m
+        return torch.stack([self.plan.stitch(out[k * n:(k + 1) * n]) for k in range(m)])
