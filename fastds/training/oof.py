@@ -61,11 +61,13 @@ class OOFMeans:
             sel = folds == k
             args = (b["coarse"][sel], b["covariates"][sel], b["lags"][sel],
                     drop[sel] if drop is not None else None)
+            # under bf16 autocast (train.precision) the nets answer in bf16; out keeps the
+            # target's dtype, as the in-sample mean does once subtracted from it
             if k < 0:
-                out[sel] = model.regression_mean(*args)
+                out[sel] = model.regression_mean(*args).to(out.dtype)
             else:
                 net = self.nets[k]
-                out[sel] = net(None, None, net.cond(*args))
+                out[sel] = net(None, None, net.cond(*args)).to(out.dtype)
         return out
 
 
