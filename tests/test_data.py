@@ -154,6 +154,47 @@ def test_prepare_interrupted_leaves_no_store(twin_dir, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_failed_prepare_returns_only_after_its_day_readers_stopped(twin_dir, tmp_path, monkeypatch):
+    """A day that fails must not leave other days' readers inside netCDF-C after prepare
+    raised: the caller's next xarray open races them (xarray's metadata reads take no HDF5
+    lock) and crashed the test suite with a segmentation fault. Three readers on three
+    threads; the bad day fails at once, the others are still reading when it does."""
+    import threading
+    import time
+
+    import dask
+
+    import fastds.data.readers as readers
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    for f in sorted((twin_dir / "fine").glob("*.nc4")):
+        (fine / f.name).symlink_to(f)
+    bad = next(fine.glob("*20050517_1200z.nc4"))
+    bad.unlink()
+    bad.write_bytes(b"not a NetCDF file")
+    running, started, lock = [0], [0], threading.Lock()
+    real = readers._daily_mean
+
+    def slow(files, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            started[0] += 1
+        try:
+            if bad not in files:
+                time.sleep(1.0)
+            return real(files, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(readers, "_daily_mean", slow)
+    with dask.config.set(num_workers=3), pytest.raises(DataError, match=bad.name):
+        prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc", fine=fine,
+                region=BOX, allow_gaps=True, block=1)
+    assert started[0] == 3 and running[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine"]
+
+
 def test_normalisation_inverts(rng):
     times = pd.date_range("2005-01-01", periods=400)
     v = 10 ** rng.normal(-1, 0.4, (400, 5, 6))

@@ -274,14 +274,39 @@ def _compute(write, workers, progress):
     processes (their day readers put warnings in `_notes_sink`'s queue)."""
     import dask
     if not workers:
-        with _day_progress(progress):
-            dask.compute(write)
+        with _day_progress(progress), _joined_thread_pool(write) as pool:
+            dask.compute(write, **({"scheduler": "threads", "pool": pool} if pool else {}))
         return
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(int(workers), mp_context=_mp_context()) as pool, _day_progress(progress):
         # chunksize 1: dask batches 6 tasks per submission by default, which gave one worker
         # six of a week's seven days
         dask.compute(write, scheduler="processes", pool=pool, chunksize=1)
+
+
+@contextlib.contextmanager
+def _joined_thread_pool(write):
+    """A thread pool of prepare's own, shut down (waiting) before prepare returns or raises;
+    None where the user has chosen another scheduler (a distributed client, a pool of theirs).
+
+    dask's threaded scheduler raises a task's error at once and leaves the other tasks it
+    started running on its shared pool. A day reader still inside netCDF-C after prepare
+    raised met the caller's next `xarray.open_dataset`, whose metadata reads run outside the
+    HDF5 lock (pydata/xarray#9779): the test suite's intermittent segmentation fault. Joining
+    the readers also keeps a late chunk write out of the temporary store being removed."""
+    import dask
+    import dask.threaded
+    if dask.base.get_scheduler(collections=[write]) is not dask.threaded.get or dask.config.get("pool", None):
+        yield None
+        return
+    executor = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", None)
+    if executor is None:  # dask before 2025: warnings and contextvars need no propagation there
+        from concurrent.futures import ThreadPoolExecutor as executor
+    pool = executor(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_day(key) -> bool:
