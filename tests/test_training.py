@@ -80,6 +80,43 @@ def test_unet_loss_is_the_setting(name, ref):
         _loss_for("unet", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, unet_loss="huber")))
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_ddpm_loss_takes_its_mean_from_its_own_conditioning_with_the_same_numbers(monkeypatch, drop):
+    """A CorrDiff DDPM whose regression carries the same frozen transfer weights computes a
+    batch's transfer features once per training step (not again for the mean): the loss is
+    the one computed with the mean apart, bit for bit; with other weights the mean is apart."""
+    import copy
+
+    import fastds.models.transfer as transfer_mod
+    from fastds.config import load_config
+    from fastds.training.stages import _loss_for
+    torch.manual_seed(0)
+    ddpm = build_model("ddpm", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8), target="residual")
+    unet = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8), target="residual")
+    unet.transfer.load_state_dict(ddpm.transfer.state_dict())
+    ddpm.set_regression(unet, scale=0.5)
+    b = torch.utils.data.default_collate([_Patches(6)[i] for i in range(6)])
+    if drop:
+        b["drop"] = torch.tensor([True, False] * 3)
+    loss = _loss_for("ddpm", load_config("tiny"))
+    calls = []
+    forward = transfer_mod.TransferEncoder.forward
+    monkeypatch.setattr(transfer_mod.TransferEncoder, "forward",
+                        lambda self, lags: calls.append(self) or forward(self, lags))
+    shared = loss(ddpm, b, torch.Generator().manual_seed(3))
+    assert calls == [ddpm.transfer]
+    calls.clear()
+    monkeypatch.setattr(type(ddpm), "shares_conditioning", lambda self: False)
+    apart = loss(ddpm, b, torch.Generator().manual_seed(3))
+    assert calls == [ddpm.transfer, unet.transfer]
+    torch.testing.assert_close(shared, apart, rtol=0, atol=0)
+    monkeypatch.undo()
+    other = copy.deepcopy(ddpm)
+    with torch.no_grad():
+        next(other.regression.transfer.parameters()).add_(1.0)
+    assert not other.shares_conditioning()
+
+
 def test_the_ddpm_trains_its_epoch_factor_longer():
     import dataclasses
     from fastds.config import load_config

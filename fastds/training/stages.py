@@ -552,8 +552,12 @@ def _loss_for(kind, config: Config, oof=None):
     def ddpm(m, b, gen):
         cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         target = b["target"]
-        mean = (oof(m, b) if oof is not None and m.regression is not None
-                else m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop")))
+        if oof is not None and m.regression is not None:
+            mean = oof(m, b)
+        elif m.regression is not None and m.shares_conditioning():
+            mean = m.regression_mean_of(cond)  # the same numbers; the lags' transfer features once
+        else:
+            mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
         if mean is not None:  # CorrDiff: diffuse the scaled residual of the regression
             target = (target - mean) / m.regression_scale
         return diffusion.loss(m, target, cond, generator=gen)
