@@ -83,7 +83,7 @@ ABLATION = {
     "shipped_bf16_pair": (FAST_BF16, 2, True),
     "shipped_no_cache": (FAST, 1, False),
     "shipped_final": (dataclasses.replace(FAST, fusion="final"), 1, True),
-    "shipped_ref_patches": (dataclasses.replace(FAST, tile=16, halo=4, stride=2), 1, True),
+    "shipped_ref_patches": (dataclasses.replace(FAST, tile=16, halo=4, stride=2, mean_stride=8), 1, True),
     "shipped_ddpm200": (dataclasses.replace(FAST, sampler="ddpm", steps=200), 1, True),
     "shipped_bf16_8": (FAST_BF16, 8, True),
     "distill1": (STUDENT, 1, True),

@@ -264,7 +264,8 @@ def _run(args) -> int:
     elif args.cmd == "sample":
         from .sampling.pipeline import sample
         sc = cfg.sample
-        sc = dataclasses.replace(sc, members=args.members or sc.members, mode=args.mode or sc.mode)
+        members = sc.members if args.members is None else args.members  # 0 is refused, not replaced
+        sc = dataclasses.replace(sc, members=members, mode=args.mode or sc.mode)
         kw = dict(start=args.start, end=args.end, out=args.out, cfg=sc, model=args.model, data=args.data,
                   device=args.device, progress=progress, workers=args.workers, scheduler=args.scheduler)
         if len(args.runs) > 1:

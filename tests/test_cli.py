@@ -170,3 +170,22 @@ def test_demo_species_quick(capsys, tmp_path, monkeypatch):
     for v in ("DUEXTTAU", "SSEXTTAU", "TOTEXTTAU"):
         assert (tmp_path / "d" / f"run-{v}" / "run.json").exists()
         assert (tmp_path / "d" / f"rollout_{v}_ddpm.nc").exists()
+
+
+def test_sample_members_zero_is_refused_not_replaced(capsys, monkeypatch):
+    """`--members 0` once fell back to the config's member count (``args.members or ...``)."""
+    import fastds.sampling.pipeline as P
+    seen = []
+
+    def fake(**kw):
+        P._check(kw["cfg"], "ddpm")
+        seen.append(kw["cfg"].members)
+        return xr.Dataset()
+
+    monkeypatch.setattr(P, "sample", fake)
+    base = ("sample", "--run", "r", "--start", "2005-01-01", "--end", "2005-01-01", "--out", "x.nc", "--quiet")
+    code, _, err = run(capsys, *base, "--members", "0")
+    assert code != 0 and "members must be >= 1, got 0" in err
+    assert run(capsys, *base, "--members", "3")[0] == 0 and seen == [3]
+    code, _, err = run(capsys, *base, "--set", "sample.stride=100")
+    assert code != 0 and "sample.stride=100 must be between 1 and tile - 2*halo" in err

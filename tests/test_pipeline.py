@@ -820,3 +820,41 @@ def test_write_output_zarr_and_netcdf_agree(tmp_path):
     assert raw.attrs["complete"] == 1 and raw["written"].values.tolist() == [1, 1, 1]
     assert raw["V"].chunks[0] == (1, 1, 1)
     assert not list(tmp_path.glob(".a.*tmp-*"))
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(halo=8), "sample.halo=8 leaves no kept region in sample.tile=16"),
+    (dict(halo=-1), "sample.halo=-1 leaves no kept region"),
+    (dict(stride=9), "sample.stride=9 must be between 1 and tile - 2\\*halo = 8"),
+    (dict(stride=0), "sample.stride=0 must be between 1"),
+    (dict(mean_stride=12), "sample.mean_stride=12 must be between 1 and tile - 2\\*mean_halo = 8"),
+    (dict(mean_halo=0, mean_stride=16), None),  # every patch kept whole: allowed
+    (dict(mean_halo=0, mean_stride=17), "sample.mean_stride=17 must be between 1 and tile - 2\\*mean_halo = 16"),
+    (dict(mean_halo=-3), "sample.mean_halo=-3 leaves no kept region"),
+    (dict(steps=0), "sample.steps must be >= 1"),
+    (dict(batch=0), "sample.batch must be >= 1"),
+    (dict(tile=0), "sample.tile must be >= 1"),
+])
+def test_a_patch_geometry_that_leaves_gaps_is_refused_not_clipped(change, named):
+    """Settings a user asks for are never changed silently: a halo with no kept region, a
+    stride that leaves gaps between kept regions (the residual's or the mean's), no steps or
+    no patches per call are refused, naming the setting, by ``sample`` and by
+    ``downscale_day`` before any work; only a domain smaller than the tile shrinks them."""
+    from fastds.sampling.day import check_geometry
+    from fastds.sampling.pipeline import _check
+    cfg = dataclasses.replace(FAST, **change)
+    if named is None:
+        check_geometry(cfg)
+        return
+    for call in (lambda: check_geometry(cfg), lambda: _check(cfg, "ddpm"),
+                 lambda: downscale_day(None, None, cfg=cfg)):
+        with pytest.raises(ValueError, match=named):
+            call()
+
+
+def test_make_plan_refuses_zero_steps_instead_of_taking_a_default():
+    """``steps=0`` once meant "the sampler's default" (20 for DPM-Solver++, 50 for DDIM)."""
+    for sampler in ("ddpm", "ddim", "dpmpp"):
+        with pytest.raises(ValueError, match=f"{sampler} plan: steps must be >= 1"):
+            make_plan(sampler, T=100, steps=0)
+    assert len(make_plan("dpmpp", T=100, steps=None)) == 20

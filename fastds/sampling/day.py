@@ -31,8 +31,8 @@ from .fusion import PatchFusedModel
 from .samplers import make_plan, run_plan
 from .spread import widen
 
-__all__ = ["DayInputs", "downscale_day", "member_draws", "inflate_residuals", "spread_widening",
-           "PRECISIONS", "sampling_twin"]
+__all__ = ["DayInputs", "downscale_day", "check_geometry", "member_draws", "inflate_residuals",
+           "spread_widening", "PRECISIONS", "sampling_twin"]
 
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
@@ -133,6 +133,28 @@ def _batches(n, batch):
     return [slice(i, min(i + batch, n)) for i in range(0, n, batch)]
 
 
+def check_geometry(cfg: SampleConfig):
+    """Refuse patch settings that leave no kept region or leave gaps between kept regions,
+    naming the setting: 0 <= 2·halo < tile, 1 <= stride <= tile - 2·halo, the same for the
+    regression mean's ``mean_halo`` (-1: ``halo``) and ``mean_stride`` (0: ``stride``), and
+    at least one sampler step and one patch per network call. Only a domain smaller than
+    ``tile`` shrinks the geometry (the tile to the domain, then the halo and strides to fit
+    it); a setting the user asked for is never changed silently."""
+    for key in ("tile", "steps", "batch"):
+        if int(getattr(cfg, key)) < 1:
+            raise ValueError(f"sample.{key} must be >= 1, got {getattr(cfg, key)}")
+    mean_halo = cfg.halo if cfg.mean_halo == -1 else cfg.mean_halo
+    mean_stride = cfg.mean_stride or cfg.stride
+    for pre, halo, stride in (("", cfg.halo, cfg.stride), ("mean_", mean_halo, mean_stride)):
+        if not 0 <= 2 * halo < cfg.tile:
+            raise ValueError(f"sample.{pre}halo={halo} leaves no kept region in sample.tile={cfg.tile} "
+                             f"patches: it must be >= 0 and < tile/2" + (" (or -1: sample.halo)" if pre else ""))
+        if not 1 <= stride <= cfg.tile - 2 * halo:
+            raise ValueError(f"sample.{pre}stride={stride} must be between 1 and tile - 2*{pre}halo = "
+                             f"{cfg.tile - 2 * halo}: a larger one leaves gaps between the kept regions"
+                             + (" (0: sample.stride)" if pre else ""))
+
+
 @torch.no_grad()
 def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = SampleConfig(),
                   T=1000, prediction="sample", members=1, seed=0, day_key=0,
@@ -155,6 +177,7 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     A joint model of K species (``model.channels`` > 1, inputs as :class:`DayInputs` says)
     gives (members, K, H, W), each species widened and scaled by its own calibration.
     """
+    check_geometry(cfg)
     precision = _backend.resolve_precision(cfg.precision, device)
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,
@@ -221,7 +244,7 @@ def _mean_patches(inputs, patches: _Patches, cfg, device) -> _Patches:
     halo = cfg.halo if cfg.mean_halo < 0 else cfg.mean_halo
     if (stride, halo) == (cfg.stride, cfg.halo):
         return patches
-    # a stride past tile - 2*halo is cut to it, as the residual's is (_Patches.of)
+    # on a domain smaller than the tile the stride is cut to what fits, as the residual's is
     return _Patches.of(inputs, dataclasses.replace(cfg, stride=stride, halo=halo), device)
 
 

@@ -23,8 +23,8 @@ from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import (distill_settings, joint_species, load_trained, run_config, run_store, run_variable,
                     sample_settings, species_names)
-from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, downscale_day, inflate_residuals, member_draws,
-                  spread_widening)
+from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, check_geometry, downscale_day, inflate_residuals,
+                  member_draws, spread_widening)
 from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULL_FIT_MEMBERS, NULL_SPREADS, NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
@@ -423,6 +423,7 @@ def _check(cfg: SampleConfig, model):
         raise ValueError(f"sample: mode must be 'strict' or 'lenient', got {cfg.mode!r}")
     if cfg.members < 1:
         raise ValueError(f"sample: members must be >= 1, got {cfg.members}")
+    check_geometry(cfg)
     if cfg.kernels not in KERNEL_BACKENDS:
         raise ValueError(f"sample: sample.kernels must be one of {', '.join(KERNEL_BACKENDS)}, "
                          f"got {cfg.kernels!r}")

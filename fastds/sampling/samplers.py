@@ -27,6 +27,8 @@ def alpha_bar_for(T: int) -> np.ndarray:
 
 def make_plan(sampler: str, *, T: int, steps=None, prediction="sample", eta=0.0,
               spacing="leading") -> StepPlan:
+    if steps is not None and int(steps) < 1:  # 0 must not stand for a default count
+        raise ValueError(f"{sampler} plan: steps must be >= 1 (None: the sampler's default), got {steps}")
     ab = alpha_bar_for(T)
     if sampler == "ddpm":
         return ddpm_plan(ab, steps, prediction, spacing)
