@@ -858,3 +858,26 @@ def test_make_plan_refuses_zero_steps_instead_of_taking_a_default():
         with pytest.raises(ValueError, match=f"{sampler} plan: steps must be >= 1"):
             make_plan(sampler, T=100, steps=0)
     assert len(make_plan("dpmpp", T=100, steps=None)) == 20
+
+
+@pytest.mark.parametrize("spacing", ["leading", "karras"])
+def test_the_network_is_called_at_the_spacings_timesteps(trained_run, store_path, test_days, spacing):
+    """``sample.spacing`` reaches the sampler a day runs: DPM-Solver++ with 5 steps calls the
+    residual network exactly at that spacing's timesteps (karras: 991, 965, 802, 164, 0)."""
+    from fastds.sampling.samplers import alpha_bar_for
+    from fastds.sampling.steps import timesteps
+    model, conf = load_trained(trained_run, 3)
+    inp = _day_inputs(trained_run, store_path, test_days[0], conf.data.t_lag)
+    seen = set()
+
+    class Recording(_WithNetwork):
+        def forward(self, x, t, cond):
+            seen.update(int(v) for v in t.unique())
+            return torch.zeros_like(x)
+
+    cfg = dataclasses.replace(FAST, sampler="dpmpp", steps=5, spacing=spacing)
+    downscale_day(Recording(model, None), inp, cfg=cfg, T=conf.diffusion.T, prediction="sample")
+    want = timesteps(conf.diffusion.T, 5, spacing, alpha_bar_for(conf.diffusion.T))[0]
+    assert seen == set(want.tolist())
+    if spacing == "karras":
+        assert sorted(seen) == [0, 164, 802, 965, 991]

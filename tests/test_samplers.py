@@ -506,3 +506,34 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         assert _backend.resolve_precision("bf16", "cpu") == "bf16"
     assert "AVX512-BF16" in _backend.bf16_native("cpu")
     _backend.bf16_native.cache_clear()
+
+
+@pytest.mark.parametrize("spacing, flag", [("karras", "use_karras_sigmas"), ("logsnr", "use_lu_lambdas")])
+@pytest.mark.parametrize("steps", [4, 5])
+def test_noise_level_spacings_step_where_diffusers_does(spacing, flag, steps):
+    """sample.spacing "karras" (EDM's σ^(1/7) ramp) and "logsnr" (Lu et al.'s uniform λ):
+    uncapped, each of our integer timesteps is the nearest to the fractional t at which
+    diffusers' DPMSolverMultistepScheduler puts its σ; as shipped they start at EDM's σ_max =
+    80 (t = 991 on the cosine schedule), not at its capped last step (σ ≈ 2·10⁴, where
+    uncapped spacings put their first steps on t = 999, 998, ... and collide from 10 steps),
+    and the DPM-Solver++ plan steps on them."""
+    from fastds.sampling.samplers import alpha_bar_for
+    from fastds.sampling.steps import SIGMA_MAX, SPACINGS
+    T = 1000
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
+                                                  **{flag: True})
+    sched.set_timesteps(steps)
+    theirs = np.log(sched.sigmas[:-1].double().numpy())
+    ab = alpha_bar_for(T)
+    log_sigma = 0.5 * (np.log1p(-ab) - np.log(ab))
+    ts, prev = SPACINGS[spacing](ab, steps, sigma_max=np.inf)
+    assert ts[0] == T - 1 and ts[-1] == 0 and prev[-1] == -1 and np.all(np.diff(ts) < 0)
+    lo, hi = log_sigma[np.maximum(ts - 1, 0)], log_sigma[np.minimum(ts + 1, T - 1)]
+    assert np.all((lo <= theirs + 1e-5) & (theirs <= hi + 1e-5)), (ts, np.exp(theirs))
+    shipped, _ = SPACINGS[spacing](ab, steps)
+    assert shipped[0] == round(float(np.interp(np.log(SIGMA_MAX), log_sigma, np.arange(T)))) == 991
+    assert make_plan("dpmpp", T=T, steps=steps, spacing=spacing).timesteps.tolist() == shipped.tolist()
+    for n in (10, 20):
+        assert np.all(np.diff(SPACINGS[spacing](ab, n)[0]) < 0)
+    with pytest.raises(ValueError, match=f"spacing '{spacing}' puts two of its 200 steps on one timestep"):
+        SPACINGS[spacing](ab, 200)

@@ -19,7 +19,8 @@ from .. import _backend
 __all__ = ["StepPlan", "ddpm_plan", "ddim_plan", "dpmpp_plan", "fused_step", "fused_step_ref",
            "philox_normal4_ref", "step_noise_ref",
            "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps",
-           "trailing_timesteps", "timesteps", "SPACINGS", "STEP_BACKENDS"]
+           "trailing_timesteps", "karras_timesteps", "logsnr_timesteps", "timesteps", "SPACINGS",
+           "STEP_BACKENDS"]
 
 STEP_BACKENDS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
 
@@ -68,13 +69,67 @@ def trailing_timesteps(T: int, steps: int | None):
     return ts, np.append(ts[1:], -1).astype(np.int64)
 
 
-SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps}
+# where a noise-level spacing starts: EDM's σ_max. The cosine schedule's last steps jump to
+# σ ≈ 2·10⁴ (t = 999, β capped at 0.999), and spacing from there would spend a few-step
+# budget on pure noise (diffusers clips λ for the same reason: lambda_min_clipped)
+SIGMA_MAX = 80.0
 
 
-def timesteps(T: int, steps: int | None, spacing: str = "leading"):
-    """(timesteps, previous timesteps) of a plan with ``spacing`` "leading" or "trailing"."""
+def _sigma_spaced(alpha_bar, steps, spacing, warp, sigma_max=SIGMA_MAX):
+    """n integer timesteps from σ_max (``SIGMA_MAX``, or t = T − 1 if that is lower) down to
+    t = 0, placed by noise level σ (σ² = (1 − ᾱ)/ᾱ, so log σ = −λ): ``warp`` maps a ramp
+    0..1 (n points) to the σ's, then each σ goes to the nearest t of the schedule (diffusers
+    keeps fractional t there; integer t keeps every backend's coefficient tables exact). The
+    previous t of the last is −1 (σ = 0)."""
+    ab = np.asarray(alpha_bar, np.float64)
+    T = len(ab)
+    n = T if steps is None else int(steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    log_sigma = 0.5 * (np.log1p(-ab) - np.log(ab))  # increasing in t
+    if n == 1:  # one step: from the top
+        ts = np.array([round(float(np.interp(np.log(sigma_max), log_sigma, np.arange(T))))], np.int64)
+    else:
+        s_max = min(float(np.exp(log_sigma[-1])), sigma_max)
+        target = np.log(warp(s_max, np.exp(log_sigma[0]), np.linspace(0.0, 1.0, n)))
+        ts = np.round(np.interp(target, log_sigma, np.arange(T))).astype(np.int64)
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(f"spacing {spacing!r} puts two of its {n} steps on one timestep of T={T}; "
+                         f"use fewer steps or another spacing")
+    return ts, np.append(ts[1:], -1).astype(np.int64)
+
+
+def karras_timesteps(alpha_bar, steps: int | None, rho: float = 7.0, sigma_max: float = SIGMA_MAX):
+    """EDM (Karras et al. 2022) spacing, ρ = 7: σ^(1/ρ) uniform from σ_max (t = T − 1) to
+    σ_min (t = 0), which puts most steps at low noise, where the finest scales form
+    (diffusers' ``use_karras_sigmas``)."""
+    def warp(s_max, s_min, ramp):
+        return (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return _sigma_spaced(alpha_bar, steps, "karras", warp, sigma_max)
+
+
+def logsnr_timesteps(alpha_bar, steps: int | None, sigma_max: float = SIGMA_MAX):
+    """Uniform in log-SNR (Lu et al. 2022, DPM-Solver's own spacing; diffusers'
+    ``use_lu_lambdas``): log σ uniform from t = T − 1 to t = 0."""
+    def warp(s_max, s_min, ramp):
+        return np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))
+    return _sigma_spaced(alpha_bar, steps, "logsnr", warp, sigma_max)
+
+
+SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps,
+            "karras": karras_timesteps, "logsnr": logsnr_timesteps}
+_BY_NOISE = ("karras", "logsnr")  # placed by the schedule's σ: they need ᾱ, not only T
+
+
+def timesteps(T: int, steps: int | None, spacing: str = "leading", alpha_bar=None):
+    """(timesteps, previous timesteps) of a plan with ``spacing`` "leading", "trailing",
+    "karras" or "logsnr" (the last two need the schedule ``alpha_bar`` (T,))."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if spacing in _BY_NOISE:
+        if alpha_bar is None or len(alpha_bar) != T:
+            raise ValueError(f"spacing {spacing!r} needs the schedule's alpha_bar (T={T},)")
+        return SPACINGS[spacing](alpha_bar, steps)
     return SPACINGS[spacing](T, steps)
 
 
@@ -94,7 +149,7 @@ def _abar(alpha_bar, t):
 
 def ddpm_plan(alpha_bar, steps=None, prediction="sample", spacing="leading") -> StepPlan:
     """DDPM ancestral sampling, ``fixed_small`` variance (the common DDPMScheduler)."""
-    ts, prev = timesteps(len(alpha_bar), steps, spacing)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing, alpha_bar)
     rows, noisy = [], []
     for t, tp in zip(ts, prev):
         ab, ab_prev = _abar(alpha_bar, t), _abar(alpha_bar, tp)
@@ -111,7 +166,7 @@ def ddpm_plan(alpha_bar, steps=None, prediction="sample", spacing="leading") -> 
 
 def ddim_plan(alpha_bar, steps=50, prediction="sample", eta=0.0, spacing="leading") -> StepPlan:
     """DDIM with η (0: deterministic). ε̂ is re-derived from the (possibly clipped) x̂0."""
-    ts, prev = timesteps(len(alpha_bar), steps, spacing)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing, alpha_bar)
     rows, noisy = [], []
     for t, tp in zip(ts, prev):
         ab, ab_prev = _abar(alpha_bar, t), _abar(alpha_bar, tp)
@@ -129,7 +184,7 @@ def ddim_plan(alpha_bar, steps=50, prediction="sample", eta=0.0, spacing="leadin
 def dpmpp_plan(alpha_bar, steps=20, prediction="sample", spacing="leading") -> StepPlan:
     """DPM-Solver++(2M), data prediction, first order at the first and last step, ending at
     σ = 0 (x_0 = x̂0 of the last step)."""
-    ts, prev = timesteps(len(alpha_bar), steps, spacing)
+    ts, prev = timesteps(len(alpha_bar), steps, spacing, alpha_bar)
 
     def lam(ab):
         return 0.5 * math.log(ab) - 0.5 * math.log(1 - ab)
