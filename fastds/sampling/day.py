@@ -143,8 +143,7 @@ def check_geometry(cfg: SampleConfig):
     for key in ("tile", "steps", "batch"):
         if int(getattr(cfg, key)) < 1:
             raise ValueError(f"sample.{key} must be >= 1, got {getattr(cfg, key)}")
-    mean_halo = cfg.halo if cfg.mean_halo == -1 else cfg.mean_halo
-    mean_stride = cfg.mean_stride or cfg.stride
+    mean_stride, mean_halo = _mean_geometry(cfg)
     for pre, halo, stride in (("", cfg.halo, cfg.stride), ("mean_", mean_halo, mean_stride)):
         if not 0 <= 2 * halo < cfg.tile:
             raise ValueError(f"sample.{pre}halo={halo} leaves no kept region in sample.tile={cfg.tile} "
@@ -236,12 +235,17 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
     return means, res
 
 
+def _mean_geometry(cfg) -> tuple:
+    """The regression mean's (stride, halo): ``mean_stride`` (0: ``stride``) and
+    ``mean_halo`` (-1: ``halo``; other negatives are refused by :func:`check_geometry`)."""
+    return cfg.mean_stride or cfg.stride, cfg.halo if cfg.mean_halo == -1 else cfg.mean_halo
+
+
 def _mean_patches(inputs, patches: _Patches, cfg, device) -> _Patches:
     """The regression mean's geometry: ``mean_stride`` and ``mean_halo`` (0 / -1: the
     residual's stride / halo); the deterministic mean needs no overlap for texture, so a
     sparser geometry is cheaper."""
-    stride = cfg.mean_stride or cfg.stride
-    halo = cfg.halo if cfg.mean_halo < 0 else cfg.mean_halo
+    stride, halo = _mean_geometry(cfg)
     if (stride, halo) == (cfg.stride, cfg.halo):
         return patches
     # on a domain smaller than the tile the stride is cut to what fits, as the residual's is

@@ -87,12 +87,9 @@ def _sigma_spaced(alpha_bar, steps, spacing, warp, sigma_max=SIGMA_MAX):
     if not 1 <= n <= T:
         raise ValueError(f"steps must be in 1..T={T}, got {n}")
     log_sigma = 0.5 * (np.log1p(-ab) - np.log(ab))  # increasing in t
-    if n == 1:  # one step: from the top
-        ts = np.array([round(float(np.interp(np.log(sigma_max), log_sigma, np.arange(T))))], np.int64)
-    else:
-        s_max = min(float(np.exp(log_sigma[-1])), sigma_max)
-        target = np.log(warp(s_max, np.exp(log_sigma[0]), np.linspace(0.0, 1.0, n)))
-        ts = np.round(np.interp(target, log_sigma, np.arange(T))).astype(np.int64)
+    s_max = min(float(np.exp(log_sigma[-1])), sigma_max)  # one step: the ramp's 0, σ_max
+    target = np.log(warp(s_max, np.exp(log_sigma[0]), np.linspace(0.0, 1.0, n)))
+    ts = np.round(np.interp(target, log_sigma, np.arange(T))).astype(np.int64)
     if np.any(np.diff(ts) >= 0):
         raise ValueError(f"spacing {spacing!r} puts two of its {n} steps on one timestep of T={T}; "
                          f"use fewer steps or another spacing")
