@@ -117,6 +117,41 @@ def test_ddpm_loss_takes_its_mean_from_its_own_conditioning_with_the_same_number
     assert not other.shares_conditioning()
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "unet"])
+def test_validation_computes_its_frozen_parts_once_with_the_same_losses(tmp_path, monkeypatch, kind):
+    """The validation items recur unchanged every epoch: their transfer features and (DDPM)
+    CorrDiff mean are computed on the first validation only, and every epoch's validation
+    loss equals the one recomputed from scratch, bit for bit (the DDPM with EMA: its copy of
+    the frozen weights stays equal). Without room to keep them, nothing is kept."""
+    import fastds.models.transfer as transfer_mod
+    import fastds.training.loop as loop
+    from fastds.config import load_config
+    from fastds.training.stages import _loss_for
+
+    def run(budget, name):
+        monkeypatch.setattr(loop, "VAL_CACHE_BYTES", budget)
+        torch.manual_seed(0)
+        model = build_model(kind, widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8), target="residual")
+        if kind == "ddpm":
+            unet = build_model("unet", widths=(8, 8, 8), t_lag=4, transfer_widths=(8, 8, 8), target="residual")
+            unet.transfer.load_state_dict(model.transfer.state_dict())
+            model.set_regression(unet, scale=0.5)
+        calls = []
+        forward = transfer_mod.TransferEncoder.forward
+        monkeypatch.setattr(transfer_mod.TransferEncoder, "forward",
+                            lambda self, lags: calls.append(torch.is_grad_enabled()) or forward(self, lags))
+        settings = FitSettings(lr=1e-2, batch=16, epochs=3, ema=0.9 if kind == "ddpm" else 0.0)
+        hist = fit(model, _loss_for(kind, load_config("tiny")), _Patches(32), _Patches(40, seed=1),
+                   ckpt_path=tmp_path / f"{name}.pt", progress=False, settings=settings)["history"]
+        monkeypatch.undo()
+        return [h["val_loss"] for h in hist], calls.count(False)  # no-grad passes: validation
+
+    kept, passes_kept = run(loop.VAL_CACHE_BYTES, "kept")
+    fresh, passes_fresh = run(0, "fresh")
+    assert kept == fresh and len(kept) == 3 and all(np.isfinite(kept))
+    assert passes_kept == 3 and passes_fresh == 3 * 3  # 40 items in batches of 16, per epoch
+
+
 def test_the_ddpm_trains_its_epoch_factor_longer():
     import dataclasses
     from fastds.config import load_config

@@ -142,19 +142,52 @@ def _batches(dataset, indices, batch, collate):
         yield collate([dataset[j] for j in indices[i:i + batch]])
 
 
-def _val_loss(model, loss_fn, val_set, settings, collate, device):
+# the most device memory the validation batches may keep between epochs (below)
+VAL_CACHE_BYTES = 256 * 2 ** 20
+
+
+def _val_batches(model, loss_fn, val_set, settings, collate, device, cache):
+    """This rank's validation batches on ``device``: the same items every epoch (a fixed
+    subset; validation items draw their offsets, pushforward and dropout from (seed, index),
+    not the epoch). Kept in ``cache`` (a list, filled on first use) while they fit in
+    VAL_CACHE_BYTES, each with the frozen parts of its loss precomputed by
+    ``loss_fn.frozen(model, batch)`` where the loss offers it (the transfer features, the
+    CorrDiff mean: the same numbers every epoch, since frozen weights stay bit-equal in the
+    EMA copy too), so an epoch's validation runs only the trained network."""
+    if cache:
+        yield from cache
+        return
+    rank, world = _world()
+    g = torch.Generator().manual_seed(settings.seed + 11)
+    idx = torch.randperm(len(val_set), generator=g)[: max(settings.epoch_subset // 4, 256)].tolist()
+    idx = idx[rank::world]
+    frozen = getattr(loss_fn, "frozen", None)
+    kept, size = [], 0
+    for b in _batches(val_set, idx, settings.batch, collate):
+        b = _to(b, device)
+        if frozen is not None:
+            b = frozen(model, b)
+        size += sum(v.numel() * v.element_size() for v in b.values()) if isinstance(b, dict) else 0
+        if kept is not None and isinstance(b, dict) and size <= VAL_CACHE_BYTES:
+            kept.append(b)
+        else:
+            kept = None
+        yield b
+    if kept:
+        cache.extend(kept)
+
+
+def _val_loss(model, loss_fn, val_set, settings, collate, device, cache=None):
     if val_set is None or len(val_set) == 0:
         return float("nan")
     rank, world = _world()
     gen = torch.Generator().manual_seed(settings.seed + 7)  # same t/noise every evaluation
-    g = torch.Generator().manual_seed(settings.seed + 11)
-    idx = torch.randperm(len(val_set), generator=g)[: max(settings.epoch_subset // 4, 256)].tolist()
-    idx = idx[rank::world]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for b in _batches(val_set, idx, settings.batch, collate):
-            loss = loss_fn(model, _to(b, device), gen)
+        for b in _val_batches(model, loss_fn, val_set, settings, collate, device,
+                              [] if cache is None else cache):
+            loss = loss_fn(model, b, gen)
             n = _batch_size(b)
             total += float(loss) * n
             count += n
@@ -229,6 +262,7 @@ class _Trainer:
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
                     if settings.ema else None)
         self.gen = torch.Generator().manual_seed(settings.seed + 1)
+        self.val_cache = []  # this fit's validation batches (_val_batches)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val": math.inf,
                       "bad_epochs": 0, "history": [], "done": False, "loss_sum": 0.0, "first_loss": None}
         self.extra_state = {**(extra_state or {}), "settings": asdict(settings)}
@@ -324,7 +358,8 @@ class _Trainer:
         st, settings = self.state, self.settings
         epoch = st["epoch"]
         eval_model = self.ema.module if self.ema is not None else self.model
-        val = _val_loss(eval_model, self.loss_fn, val_set, settings, default_collate, self.device)
+        val = _val_loss(eval_model, self.loss_fn, val_set, settings, default_collate, self.device,
+                        self.val_cache)
         train_loss = st["loss_sum"] / max(st["step_in_epoch"], 1)
         score = float("nan")
         if self.select is not None:

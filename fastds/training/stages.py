@@ -549,29 +549,51 @@ def _loss_for(kind, config: Config, oof=None):
         raise ValueError(f"train.unet_loss must be 'l1' or 'l2', got {config.train.unet_loss!r}")
     point_loss = F.l1_loss if config.train.unet_loss == "l1" else F.mse_loss
 
-    def ddpm(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-        target = b["target"]
+    def conditioning(m, b):
+        if "cond" in b:  # precomputed by `frozen` (validation batches)
+            return b["cond"]
+        return m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+
+    def corrdiff_mean(m, b, cond):
+        if "mean" in b:
+            return b["mean"]
         if oof is not None and m.regression is not None:
-            mean = oof(m, b)
-        elif m.regression is not None and m.shares_conditioning():
-            mean = m.regression_mean_of(cond)  # the same numbers; the lags' transfer features once
-        else:
-            mean = m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+            return oof(m, b)
+        if m.regression is not None and m.shares_conditioning():
+            return m.regression_mean_of(cond)  # the same numbers; the lags' transfer features once
+        return m.regression_mean(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
+
+    def ddpm(m, b, gen):
+        cond = conditioning(m, b)
+        target = b["target"]
+        mean = corrdiff_mean(m, b, cond)
         if mean is not None:  # CorrDiff: diffuse the scaled residual of the regression
             target = (target - mean) / m.regression_scale
         return diffusion.loss(m, target, cond, generator=gen)
 
     def unet(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-        return point_loss(m(None, None, cond), b["target"])
+        return point_loss(m(None, None, conditioning(m, b)), b["target"])
 
     def vae(m, b, gen):
-        cond = m.cond(b["coarse"], b["covariates"], b["lags"], b.get("drop"))
-        recon, mu, logvar = m.net(b["target"], cond)
+        recon, mu, logvar = m.net(b["target"], conditioning(m, b))
         kl = -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
         return F.mse_loss(recon, b["target"]) + beta * kl
 
+    @torch.no_grad()
+    def frozen(m, b):
+        """Batch ``b`` with what its loss computes from frozen weights alone added: the
+        conditioning (when the transfer encoder is frozen: it is the only module in it) and
+        the DDPM's CorrDiff mean (the frozen regression; not out-of-fold means, whose fold
+        depends on the item). For batches that recur unchanged (validation)."""
+        if m.transfer is not None and any(p.requires_grad for p in m.transfer.parameters()):
+            return b
+        b = dict(b, cond=conditioning(m, b))
+        if kind == "ddpm" and oof is None and m.regression is not None:
+            b["mean"] = corrdiff_mean(m, b, b["cond"])
+        return b
+
+    for fn in (ddpm, unet, vae):
+        fn.frozen = frozen
     return {"ddpm": ddpm, "unet": unet, "vae": vae}[kind]
 
 
