@@ -64,12 +64,13 @@ def _seam_lines(rolls, truth, cfg) -> dict:
     """Seam statistic (metrics.seam_statistic) of each rollout's member 0 and of the truth
     on the same days, for the patch geometry the learned models were sampled with."""
     from .metrics import seam_statistic
+    from .sampling.day import fit_to_domain
     from .stitch import plan_patches
     first = next(iter(rolls.values()))
     H, W = first.sizes["lat"], first.sizes["lon"]
-    tile = min(cfg.tile, H, W)
-    halo = min(cfg.halo, (tile - 1) // 2)
-    starts = plan_patches((H, W), tile, halo, min(cfg.stride, tile - 2 * halo))
+    cfg = fit_to_domain(cfg, (H, W))
+    tile, halo = cfg.tile, cfg.halo
+    starts = plan_patches((H, W), tile, halo, cfg.stride)
     out = {}
     for name, da in rolls.items():
         one = da.isel(member=0) if "member" in da.dims else da

@@ -852,6 +852,31 @@ def test_a_patch_geometry_that_leaves_gaps_is_refused_not_clipped(change, named)
             call()
 
 
+def test_a_domain_smaller_than_the_tile_shrinks_the_geometry_and_the_output_says_so(trained_run, store_path,
+                                                                                      test_days):
+    """On a domain smaller than ``sample.tile`` the tile shrinks to it, then the halos and
+    strides to fit (:func:`fit_to_domain`, what a day's patches are cut with); ``sample``
+    warns with the values it runs and its output's attributes record them, not the request."""
+    from fastds.sampling.day import _Patches, fit_to_domain
+    cfg = dataclasses.replace(FAST, tile=64, halo=20, stride=24, mean_stride=20, mean_halo=-1)
+    assert fit_to_domain(cfg, (64, 70)) is cfg
+    small = fit_to_domain(cfg, (30, 41))
+    assert (small.tile, small.halo, small.stride, small.mean_halo, small.mean_stride) == (30, 14, 2, -1, 2)
+    explicit = fit_to_domain(dataclasses.replace(cfg, mean_halo=3, mean_stride=40), (30, 41))
+    assert (explicit.halo, explicit.mean_halo, explicit.mean_stride) == (14, 3, 24)
+    inputs = DayInputs(np.zeros((1, 30, 41), np.float32), np.zeros((2, 30, 41), np.float32), None)
+    patches = _Patches.of(inputs, cfg, "cpu")
+    assert (patches.tile, patches.halo) == (30, 14)
+    np.testing.assert_array_equal(patches.starts, plan_patches((30, 41), 30, 14, 2))
+    st = open_store(store_path)
+    H, W = st.ds.sizes["lat"], st.ds.sizes["lon"]
+    big = dataclasses.replace(FAST, tile=max(H, W) + 8, halo=4, stride=8, members=1)
+    with pytest.warns(UserWarning, match=rf"smaller than sample.tile={big.tile}; sampling with tile={min(H, W)}"):
+        out = sample(run=trained_run, start=test_days[0], end=test_days[0], cfg=big, model="unet",
+                     progress=False)
+    assert (out.attrs["tile"], out.attrs["halo"], out.attrs["stride"]) == (min(H, W), 4, 8)
+
+
 def test_make_plan_refuses_zero_steps_instead_of_taking_a_default():
     """``steps=0`` once meant "the sampler's default" (20 for DPM-Solver++, 50 for DDIM)."""
     for sampler in ("ddpm", "ddim", "dpmpp"):

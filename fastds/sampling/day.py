@@ -97,12 +97,11 @@ class _Patches:
     @classmethod
     def of(cls, inputs: DayInputs, cfg: SampleConfig, device):
         H, W = inputs.coarse.shape[-2:]
-        tile = min(cfg.tile, H, W)
-        halo = min(cfg.halo, (tile - 1) // 2)
-        starts = plan_patches((H, W), tile, halo, min(cfg.stride, tile - 2 * halo))
+        cfg = fit_to_domain(cfg, (H, W))
+        starts = plan_patches((H, W), cfg.tile, cfg.halo, cfg.stride)
         base = np.concatenate([inputs.coarse, inputs.covariates], 0)
-        return cls(starts, tile, halo, (H, W), torch.from_numpy(_patchify(base, starts, tile)).to(device),
-                   len(inputs.coarse))
+        return cls(starts, cfg.tile, cfg.halo, (H, W),
+                   torch.from_numpy(_patchify(base, starts, cfg.tile)).to(device), len(inputs.coarse))
 
     def lags(self, lags, sl=slice(None), device="cpu"):
         """A lag stack (t_lag, H, W) cut into the patches ``sl``: (n, t_lag, tile, tile)."""
@@ -233,6 +232,22 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
         means = np.empty_like(res)
         means[:] = _stitched_means(model, inputs, mpatches, cfg, 1 if shared_lags else members, device)
     return means, res
+
+
+def fit_to_domain(cfg: SampleConfig, shape) -> SampleConfig:
+    """``cfg`` with its patch geometry shrunk to a domain ``shape`` (H, W) smaller than its
+    tile: the tile to the domain's short side, then each halo to below half of it and each
+    stride to what leaves no gaps (``mean_stride`` 0 and ``mean_halo`` -1 keep meaning the
+    residual's). ``cfg`` itself on a domain at least a tile wide. What a day samples with,
+    and what ``sample`` records in its output's attributes."""
+    tile = min(cfg.tile, *shape)
+    if tile == cfg.tile:
+        return cfg
+    halo = min(cfg.halo, (tile - 1) // 2)
+    mean_halo = -1 if cfg.mean_halo == -1 else min(cfg.mean_halo, (tile - 1) // 2)
+    mean_stride = cfg.mean_stride and min(cfg.mean_stride, tile - 2 * (halo if mean_halo == -1 else mean_halo))
+    return dataclasses.replace(cfg, tile=tile, halo=halo, stride=min(cfg.stride, tile - 2 * halo),
+                               mean_halo=mean_halo, mean_stride=mean_stride)
 
 
 def _mean_geometry(cfg) -> tuple:

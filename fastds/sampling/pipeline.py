@@ -23,8 +23,8 @@ from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import (distill_settings, joint_species, load_trained, run_config, run_store, run_variable,
                     sample_settings, species_names)
-from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, check_geometry, downscale_day, inflate_residuals,
-                  member_draws, spread_widening)
+from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, check_geometry, downscale_day,
+                  fit_to_domain, inflate_residuals, member_draws, spread_widening)
 from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULL_FIT_MEMBERS, NULL_SPREADS, NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
@@ -313,6 +313,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     variable = run_variable(run)
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
+    cfg = _fitted(cfg, store)
     attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data, variable), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
@@ -357,6 +358,7 @@ def _sample_joint(*, run, start, end, out, cfg, data, device, backend, cache_con
     data = str(Path(data if data is not None else run_store(run)).resolve())
     stores = [open_store(data, variable=run_variable(r)) for r in species]
     days = _days(stores[0], start, end)
+    cfg = _fitted(cfg, stores[0])
     coarse = [_CoarseDays(st) for st in stores]
     finish = None
     if cfg.consistency:
@@ -371,6 +373,22 @@ def _sample_joint(*, run, start, end, out, cfg, data, device, backend, cache_con
                       finish=finish, coarse_days=_StackedDays(coarse), progress=progress,
                       desc=f"sample joint {cfg.sampler}", species=stores)
     return rollout.run(downscaler)
+
+
+def _fitted(cfg: SampleConfig, store) -> SampleConfig:
+    """``cfg``'s patch geometry as it runs on ``store``'s fine grid (shrunk only on a domain
+    smaller than the tile), with a warning naming what was asked and what runs: the output's
+    attributes then record what ran."""
+    shape = (store.ds.sizes["lat"], store.ds.sizes["lon"])
+    fitted = fit_to_domain(cfg, shape)
+    if fitted != cfg:
+        import warnings
+        keys = ("tile", "halo", "stride", "mean_halo", "mean_stride")
+        warnings.warn(f"sample: the domain ({shape[0]}x{shape[1]} fine pixels) is smaller than "
+                      f"sample.tile={cfg.tile}; sampling with "
+                      + ", ".join(f"{k}={getattr(fitted, k)}" for k in keys if getattr(fitted, k) != getattr(cfg, k))
+                      + " (the output's attributes record these)", stacklevel=3)
+    return fitted
 
 
 def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
