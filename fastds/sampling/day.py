@@ -244,10 +244,11 @@ def fit_to_domain(cfg: SampleConfig, shape) -> SampleConfig:
     if tile == cfg.tile:
         return cfg
     halo = min(cfg.halo, (tile - 1) // 2)
-    mean_halo = -1 if cfg.mean_halo == -1 else min(cfg.mean_halo, (tile - 1) // 2)
-    mean_stride = cfg.mean_stride and min(cfg.mean_stride, tile - 2 * (halo if mean_halo == -1 else mean_halo))
-    return dataclasses.replace(cfg, tile=tile, halo=halo, stride=min(cfg.stride, tile - 2 * halo),
-                               mean_halo=mean_halo, mean_stride=mean_stride)
+    fitted = dataclasses.replace(cfg, tile=tile, halo=halo, stride=min(cfg.stride, tile - 2 * halo),
+                                 mean_halo=cfg.mean_halo if cfg.mean_halo == -1 else min(cfg.mean_halo, (tile - 1) // 2))
+    if not cfg.mean_stride:  # 0: the (fitted) residual stride
+        return fitted
+    return dataclasses.replace(fitted, mean_stride=min(cfg.mean_stride, tile - 2 * _mean_geometry(fitted)[1]))
 
 
 def _mean_geometry(cfg) -> tuple:
