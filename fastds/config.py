@@ -146,7 +146,8 @@ class SampleConfig:
     sampler: str = "ddpm"         # "ddpm", "ddim", "dpmpp"
     steps: int = 200
     spacing: str = "leading"      # timesteps: "leading" (t = k·T/n, the paper's), "trailing"
-                                  # (from t = T-1: few steps keep the noise's variance), or by
+                                  # (from t = T-1: few steps keep the noise's variance), "linspace"
+                                  # (from t = T-1 down to t = 0), or by
                                   # noise level from σ = 80: "karras" (EDM, ρ = 7) or "logsnr"
                                   # (uniform log-SNR, DPM-Solver's own)
     tile: int = 16

@@ -341,6 +341,48 @@ def test_trailing_ddim_matches_diffusers_trajectory(prediction, steps):
         make_plan("ddim", T=T, steps=steps, spacing="linear")
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("steps", [4, 5, 7])
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_dpmpp_matches_diffusers_trajectory(spacing, prediction, steps):
+    """The DPM-Solver++(2M) plan (the shipped sampler) retraces diffusers'
+    DPMSolverMultistepScheduler given the same timesteps (midpoint 2M, first order at the
+    first and the last step, ending at σ = 0), on the shipped leading steps and on
+    sample.spacing = "linspace", whose timesteps are diffusers' DDIMScheduler(timestep_spacing=
+    "linspace") ones (t = T−1 down to 0 in even steps)."""
+    from fastds.sampling.steps import SPACINGS, linspace_timesteps
+    T = 1000
+    ts, prev = SPACINGS[spacing](T, steps)
+    assert ts[-1] == 0 and prev[:-1].tolist() == ts[1:].tolist() and prev[-1] < 0  # < 0: ᾱ = 1
+    if spacing == "linspace":
+        ddim = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
+                                       timestep_spacing="linspace")
+        ddim.set_timesteps(steps)
+        assert ts.tolist() == ddim.timesteps.tolist() and ts[0] == T - 1
+        assert linspace_timesteps(T, 1)[0].tolist() == [T - 1]
+        with pytest.raises(ValueError, match="steps must be in 1..T=1000"):
+            linspace_timesteps(T, 0)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", final_sigmas_type="zero",
+        prediction_type={"v": "v_prediction"}.get(prediction, prediction))
+    sched.set_timesteps(timesteps=ts.tolist())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
+    cond = 0.1 * torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
+    model = ToyModel()
+    ours = run_plan(model, x, make_plan("dpmpp", T=T, steps=steps, prediction=prediction,
+                                        spacing=spacing), cond=cond, backend="ref")
+    theirs = x.clone()
+    for t in sched.timesteps:
+        theirs = sched.step(model(theirs, torch.full((2,), int(t), dtype=torch.long), cond),
+                            t, theirs).prev_sample
+    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), (err, scale)  # diffusers keeps ᾱ in float32
+    plan = make_plan("dpmpp", T=T, steps=steps, prediction=prediction, spacing=spacing)
+    for backend in ("torch", "cpu"):  # the fused steps on the same plan
+        torch.testing.assert_close(run_plan(model, x, plan, cond=cond, backend=backend), ours)
+
+
 def test_band_split_sums_back_and_separates_scales():
     """Bands sum to the field; white noise puts most variance in the finest bands, a smooth
     field in the coarsest; one gain per band scales exactly that band."""

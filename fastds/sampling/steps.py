@@ -19,7 +19,7 @@ from .. import _backend
 __all__ = ["StepPlan", "ddpm_plan", "ddim_plan", "dpmpp_plan", "fused_step", "fused_step_ref",
            "philox_normal4_ref", "step_noise_ref",
            "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps",
-           "trailing_timesteps", "karras_timesteps", "logsnr_timesteps", "timesteps", "SPACINGS",
+           "trailing_timesteps", "linspace_timesteps", "karras_timesteps", "logsnr_timesteps", "timesteps", "SPACINGS",
            "STEP_BACKENDS"]
 
 STEP_BACKENDS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
@@ -69,6 +69,18 @@ def trailing_timesteps(T: int, steps: int | None):
     return ts, np.append(ts[1:], -1).astype(np.int64)
 
 
+def linspace_timesteps(T: int, steps: int | None):
+    """"Linspace" spacing (diffusers' ``timestep_spacing="linspace"``): t = round(k·(T−1)/(n−1))
+    for k = n-1..0, so the first step starts at t = T − 1 (pure noise, as with trailing
+    spacing) and the last at t = 0 (as with leading spacing: the finest scales get a step at
+    low noise). The previous t is the next one in the list (−1 at the end); one step is t = T − 1."""
+    n = T if steps is None else int(steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    ts = np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
+    return ts, np.append(ts[1:], -1).astype(np.int64)
+
+
 # where a noise-level spacing starts: EDM's σ_max. The cosine schedule's last steps jump to
 # σ ≈ 2·10⁴ (t = 999, β capped at 0.999), and spacing from there would spend a few-step
 # budget on pure noise (diffusers clips λ for the same reason: lambda_min_clipped)
@@ -113,14 +125,14 @@ def logsnr_timesteps(alpha_bar, steps: int | None, sigma_max: float = SIGMA_MAX)
     return _sigma_spaced(alpha_bar, steps, "logsnr", warp, sigma_max)
 
 
-SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps,
+SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps, "linspace": linspace_timesteps,
             "karras": karras_timesteps, "logsnr": logsnr_timesteps}
 _BY_NOISE = ("karras", "logsnr")  # placed by the schedule's σ: they need ᾱ, not only T
 
 
 def timesteps(T: int, steps: int | None, spacing: str = "leading", alpha_bar=None):
     """(timesteps, previous timesteps) of a plan with ``spacing`` "leading", "trailing",
-    "karras" or "logsnr" (the last two need the schedule ``alpha_bar`` (T,))."""
+    "linspace", "karras" or "logsnr" (the last two need the schedule ``alpha_bar`` (T,))."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if spacing in _BY_NOISE:
