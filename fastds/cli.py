@@ -180,7 +180,9 @@ def _config(args):
     command from the preset; then ``--config`` and ``--set``."""
     from .config import load_config
     if args.cmd == "sample" and not args.preset:
-        from .runs import run_config
+        from .runs import run_config, run_store
+        for r in args.runs:  # a folder that is not a run is refused here, --dry-run included
+            run_store(r, "sample")
         return load_config(None, args.config, args.set, base=run_config(args.runs[0]))
     if args.cmd == "train" and args.model == "joint" and not args.preset and args.species_runs:
         from .runs import run_config  # the species runs' settings, then --config and --set

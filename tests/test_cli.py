@@ -25,6 +25,14 @@ def test_dry_run_prints_resolved_config(capsys):
     assert code == 0 and "lr = 0.01" in out and 'sampler = "dpmpp"' in out and 'preset = "tiny"' in out
 
 
+def test_sample_dry_run_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
+    """`fastds sample --dry-run` prints the run's settings; on a folder without a run.json it
+    says so, as the real call does, instead of printing the dataclass defaults."""
+    code, out, err = run(capsys, "sample", "--run", str(tmp_path), "--dry-run", "--start", "2001-01-01",
+                         "--end", "2001-01-02", "--out", str(tmp_path / "o.nc"))
+    assert code != 0 and out == "" and f"{tmp_path / 'run.json'} is missing" in err
+
+
 def test_train_without_model_trains_the_default_chain(capsys, monkeypatch):
     """`fastds train` alone trains what the default sampler needs, in order; --model one."""
     import fastds.training.stages as S
@@ -172,10 +180,13 @@ def test_demo_species_quick(capsys, tmp_path, monkeypatch):
         assert (tmp_path / "d" / f"rollout_{v}_ddpm.nc").exists()
 
 
-def test_sample_members_zero_is_refused_not_replaced(capsys, monkeypatch):
+def test_sample_members_zero_is_refused_not_replaced(capsys, monkeypatch, tmp_path):
     """`--members 0` once fell back to the config's member count (``args.members or ...``)."""
     import fastds.sampling.pipeline as P
     seen = []
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run.json").write_text('{"store": "s.zarr"}')  # a run folder, config defaults
 
     def fake(**kw):
         P._check(kw["cfg"], "ddpm")
