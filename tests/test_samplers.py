@@ -370,15 +370,14 @@ def test_dpmpp_matches_diffusers_trajectory(spacing, prediction, steps):
     x = torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
     cond = 0.1 * torch.randn(2, 1, 9, 11, generator=g, dtype=torch.float64)
     model = ToyModel()
-    ours = run_plan(model, x, make_plan("dpmpp", T=T, steps=steps, prediction=prediction,
-                                        spacing=spacing), cond=cond, backend="ref")
+    plan = make_plan("dpmpp", T=T, steps=steps, prediction=prediction, spacing=spacing)
+    ours = run_plan(model, x, plan, cond=cond, backend="ref")
     theirs = x.clone()
     for t in sched.timesteps:
         theirs = sched.step(model(theirs, torch.full((2,), int(t), dtype=torch.long), cond),
                             t, theirs).prev_sample
     err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     assert err <= 1e-4 * max(scale, 1.0), (err, scale)  # diffusers keeps ᾱ in float32
-    plan = make_plan("dpmpp", T=T, steps=steps, prediction=prediction, spacing=spacing)
     for backend in ("torch", "cpu"):  # the fused steps on the same plan
         torch.testing.assert_close(run_plan(model, x, plan, cond=cond, backend=backend), ours)
 

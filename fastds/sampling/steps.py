@@ -47,11 +47,17 @@ class StepPlan:
         return StepPlan(self.timesteps, coef, self.noisy, self.name + "~")
 
 
-def leading_timesteps(T: int, steps: int | None):
-    """"Leading" spacing: t = k·(T//n) for k = n-1..0; previous t is t - T//n (−1 -> ᾱ = 1)."""
+def _step_count(T: int, steps: int | None) -> int:
+    """A plan's step count: ``steps`` (all T when None), refused outside 1..T."""
     n = T if steps is None else int(steps)
     if not 1 <= n <= T:
         raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    return n
+
+
+def leading_timesteps(T: int, steps: int | None):
+    """"Leading" spacing: t = k·(T//n) for k = n-1..0; previous t is t - T//n (−1 -> ᾱ = 1)."""
+    n = _step_count(T, steps)
     ratio = T // n
     ts = (np.arange(n) * ratio)[::-1].astype(np.int64)
     return ts, ts - ratio
@@ -62,9 +68,7 @@ def trailing_timesteps(T: int, steps: int | None):
     for k = 0..n-1, so the first step starts at t = T − 1 (ᾱ ≈ 0, pure noise) however few
     the steps; with leading spacing 5 steps start at t = 800 (ᾱ ≈ 0.09) and the sample keeps
     less of the noise's variance. The previous t is the next one in the list (−1 at the end)."""
-    n = T if steps is None else int(steps)
-    if not 1 <= n <= T:
-        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    n = _step_count(T, steps)
     ts = (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n]
     return ts, np.append(ts[1:], -1).astype(np.int64)
 
@@ -74,9 +78,7 @@ def linspace_timesteps(T: int, steps: int | None):
     for k = n-1..0, so the first step starts at t = T − 1 (pure noise, as with trailing
     spacing) and the last at t = 0 (as with leading spacing: the finest scales get a step at
     low noise). The previous t is the next one in the list (−1 at the end); one step is t = T − 1."""
-    n = T if steps is None else int(steps)
-    if not 1 <= n <= T:
-        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    n = _step_count(T, steps)
     ts = np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
     return ts, np.append(ts[1:], -1).astype(np.int64)
 
@@ -95,9 +97,7 @@ def _sigma_spaced(alpha_bar, steps, spacing, warp, sigma_max=SIGMA_MAX):
     previous t of the last is −1 (σ = 0)."""
     ab = np.asarray(alpha_bar, np.float64)
     T = len(ab)
-    n = T if steps is None else int(steps)
-    if not 1 <= n <= T:
-        raise ValueError(f"steps must be in 1..T={T}, got {n}")
+    n = _step_count(T, steps)
     log_sigma = 0.5 * (np.log1p(-ab) - np.log(ab))  # increasing in t
     s_max = min(float(np.exp(log_sigma[-1])), sigma_max)  # one step: the ramp's 0, σ_max
     target = np.log(warp(s_max, np.exp(log_sigma[0]), np.linspace(0.0, 1.0, n)))
