@@ -202,13 +202,31 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _recalibrate_sample(args):
+    """``fastds train --recalibrate``'s sample settings: the run's saved ``[sample]`` with the
+    ``--set sample.KEY=VALUE`` overrides (None without any); a refit changes no other setting."""
+    if args.config or args.preset:
+        raise ValueError("fastds train --recalibrate: --config and --preset are not used; the run's saved "
+                         "settings are, with --set sample.KEY=VALUE for the sampler to fit the widening for")
+    other = [s for s in args.set if not s.strip().startswith("sample.")]
+    if other:
+        raise ValueError(f"fastds train --recalibrate: --set {other[0]} is not a sample setting; a refit of "
+                         "the widening changes only [sample] settings (others need retraining)")
+    if not args.set:
+        return None
+    from .config import load_config
+    from .runs import run_config, run_store
+    run_store(args.run, "recalibrate")  # an error naming run.json when --run is no run folder
+    return load_config(None, None, args.set, base=run_config(args.run)).sample
+
+
 def _train(args, cfg, progress) -> None:
     """``fastds train``: refit a run's widening (--recalibrate), one joint model of several
     species (--model joint), or the models the default sampler needs (or --model's)."""
     if args.recalibrate:
         from .training.stages import recalibrate
         for season, cal in recalibrate(args.run, season=args.season, model=args.model or "ddpm",
-                                       device=args.device).items():
+                                       device=args.device, sample=_recalibrate_sample(args)).items():
             if cal is None:
                 print(f"season {season}: no validation days to calibrate on; widening unchanged")
                 continue

@@ -148,8 +148,9 @@ class SampleConfig:
     spacing: str = "leading"      # timesteps: "leading" (t = k·T/n, the paper's), "trailing"
                                   # (from t = T-1: few steps keep the noise's variance), "linspace"
                                   # (from t = T-1 down to t = 0), or by
-                                  # noise level from σ = 80: "karras" (EDM, ρ = 7) or "logsnr"
-                                  # (uniform log-SNR, DPM-Solver's own)
+                                  # noise level from σ = 80: "karras" (EDM, ρ = 7), "logsnr"
+                                  # (uniform log-SNR, DPM-Solver's own) or "karras-linear"
+                                  # (karras while t >= T/2, then even in t down to 0)
     tile: int = 16
     halo: int = 4
     stride: int = 2

@@ -129,6 +129,11 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     (["train", "--data", "x", "--run", "y", "--set", "lr"], "--set expects section.key=value"),
     (["train", "--run", "/nonexistent", "--recalibrate"], "recalibrate: /nonexistent/run.json is missing"),
     (["train", "--run", "/nonexistent", "--recalibrate", "--model", "unet"], "only a diffusion model is widened"),
+    (["train", "--run", "/nonexistent", "--recalibrate", "--set", "train.lr=0.1"],
+     "--set train.lr=0.1 is not a sample setting"),
+    (["train", "--run", "/nonexistent", "--recalibrate", "--preset", "tiny"], "--config and --preset are not used"),
+    (["train", "--run", "/nonexistent", "--recalibrate", "--set", "sample.steps=7"],
+     "recalibrate: /nonexistent/run.json is missing"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

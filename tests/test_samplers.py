@@ -343,16 +343,17 @@ def test_trailing_ddim_matches_diffusers_trajectory(prediction, steps):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 @pytest.mark.parametrize("steps", [4, 5, 7])
-@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "karras-linear"])
 def test_dpmpp_matches_diffusers_trajectory(spacing, prediction, steps):
     """The DPM-Solver++(2M) plan (the shipped sampler) retraces diffusers'
     DPMSolverMultistepScheduler given the same timesteps (midpoint 2M, first order at the
-    first and the last step, ending at σ = 0), on the shipped leading steps and on
-    sample.spacing = "linspace", whose timesteps are diffusers' DDIMScheduler(timestep_spacing=
-    "linspace") ones (t = T−1 down to 0 in even steps)."""
-    from fastds.sampling.steps import SPACINGS, linspace_timesteps
+    first and the last step, ending at σ = 0), on the leading steps, on sample.spacing =
+    "linspace", whose timesteps are diffusers' DDIMScheduler(timestep_spacing="linspace") ones
+    (t = T−1 down to 0 in even steps), and on "karras-linear" (uneven steps, so the 2M
+    correction's step ratio r varies)."""
+    from fastds.sampling.steps import linspace_timesteps, timesteps
     T = 1000
-    ts, prev = SPACINGS[spacing](T, steps)
+    ts, prev = timesteps(T, steps, spacing, alpha_bar_for(T))
     assert ts[-1] == 0 and prev[:-1].tolist() == ts[1:].tolist() and prev[-1] < 0  # < 0: ᾱ = 1
     if spacing == "linspace":
         ddim = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2",
@@ -474,6 +475,37 @@ def test_calibrate_to_bands_takes_the_post_projection_gains():
     assert spread_widening(bare, SampleConfig()) == (1.0, None)
 
 
+def test_widening_fitted_for_another_sampler_warns_with_the_refit():
+    """Sampling with other steps, spacing, fusion or projection than the widening was fitted
+    for warns, naming both and the `--recalibrate --set` that refits it; the same sampler,
+    or no record (an older calibration), is silent; a joint model's record is checked too."""
+    import dataclasses as dc
+    import warnings
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig
+    from fastds.sampling.day import spread_widening
+    from fastds.sampling.spread import sampler_record
+    fitted = SampleConfig(sampler="dpmpp", steps=5, spacing="leading")
+    cal = {"final_band_gains": [0.7, 0.8, 1.5], "sampler": sampler_record(fitted)}
+    model = SimpleNamespace(regression_inflation=torch.tensor(1.2),
+                            regression_bands=torch.tensor([1.2, 1.3, 2.4]), calibration=cal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spread_widening(model, dc.replace(fitted, members=4, stride=8))  # not what the widening fits
+        spread_widening(SimpleNamespace(**{**vars(model), "calibration": {"final_band_gains": [1.0] * 3}}),
+                        dc.replace(fitted, spacing="karras"))
+    with pytest.warns(UserWarning, match=r"fitted for spacing='leading' and is applied to "
+                                         r"spacing='karras-linear'.*--recalibrate --set sample.spacing=karras-linear`"):
+        spread_widening(model, dc.replace(fitted, spacing="karras-linear"))
+    with pytest.warns(UserWarning, match=r"steps=5, projection=True .*steps=7, projection=False.*"
+                                         r"--set sample.steps=7 --set sample.consistency=false"):
+        spread_widening(model, dc.replace(fitted, steps=7, consistency=False))
+    joint = SimpleNamespace(regression_inflation=torch.tensor([1.2, 1.1]), regression_bands=torch.zeros(0),
+                            channels=2, calibration={"species": [None, None], "sampler": sampler_record(fitted)})
+    with pytest.warns(UserWarning, match="spacing='leading'"):
+        spread_widening(joint, dc.replace(fitted, spacing="trailing", calibrate_bands=False))
+
+
 def test_spread_scale_multiplies_every_widening_and_never_the_calibration():
     """``sample.spread_scale`` multiplies what the calibration chose (every band gain, one α,
     or the α = 1 of an uncalibrated residual); the calibration itself always samples at 1, so
@@ -547,6 +579,30 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         assert _backend.resolve_precision("bf16", "cpu") == "bf16"
     assert "AVX512-BF16" in _backend.bf16_native("cpu")
     _backend.bf16_native.cache_clear()
+
+
+def test_karras_linear_is_karras_at_high_noise_then_even_in_t():
+    """sample.spacing = "karras-linear": karras' steps while t ≥ T/2 (the same timesteps), then
+    steps even in t (within rounding) from the last of them down to t = 0; 5 steps give
+    991, 965, 802, 401, 0; refused where two steps would share a timestep."""
+    from fastds.sampling.steps import karras_linear_timesteps, karras_timesteps, timesteps
+    T = 1000
+    ab = alpha_bar_for(T)
+    assert karras_linear_timesteps(ab, 5)[0].tolist() == [991, 965, 802, 401, 0]
+    assert karras_linear_timesteps(ab, 1)[0].tolist() == [991]  # one step: from σ_max to σ = 0
+    for n in (2, 4, 5, 7, 10, 20):
+        ts, prev = karras_linear_timesteps(ab, n)
+        kt = karras_timesteps(ab, n)[0]
+        high = kt[kt >= T // 2]
+        assert len(ts) == n and ts[0] == 991 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+        assert ts[:len(high)].tolist() == high.tolist() and prev.tolist() == ts[1:].tolist() + [-1]
+        gaps = -np.diff(ts[len(high) - 1:])
+        assert gaps.max() - gaps.min() <= 1, (n, ts)
+        assert make_plan("dpmpp", T=T, steps=n, spacing="karras-linear").timesteps.tolist() == ts.tolist()
+    with pytest.raises(ValueError, match="spacing 'karras' puts two of its 200 steps"):
+        karras_linear_timesteps(ab, 200)  # karras' own steps collide first
+    with pytest.raises(ValueError, match="needs the schedule's alpha_bar"):
+        timesteps(T, 5, "karras-linear")
 
 
 @pytest.mark.parametrize("spacing, flag", [("karras", "use_karras_sigmas"), ("logsnr", "use_lu_lambdas")])

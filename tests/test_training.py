@@ -498,3 +498,35 @@ def test_bf16_training_runs_the_networks_in_bf16_and_keeps_fp32_weights(trained_
     floats = [v for v in ck["model"].values() if torch.is_floating_point(v)]
     assert floats and all(v.dtype == torch.float32 for v in floats)
     assert all(s["exp_avg"].dtype == torch.float32 for s in ck["optimizer"]["state"].values())
+
+
+def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(trained_run, tmp_path):
+    """``recalibrate(run, sample=...)`` fits the widening with the sampler given (its record
+    in the calibration), then saves those settings as the run's, so ``sample`` without
+    settings samples what the widening was fitted for (no warning); the run's old sampler
+    then warns. Without ``sample`` the run's settings and config are kept."""
+    import dataclasses
+    import shutil
+    import warnings
+
+    from fastds.runs import load_trained, run_config
+    from fastds.sampling.day import spread_widening
+    from fastds.training.stages import recalibrate
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    old = run_config(run).sample
+    new = dataclasses.replace(old, sampler="dpmpp", steps=5, spacing="karras-linear")
+    assert (old.sampler, old.steps, old.spacing) == ("dpmpp", 5, "leading")  # the tiny preset's
+    out = recalibrate(run, season=3, sample=new)
+    assert run_config(run).sample == new and run_config(run).train == run_config(trained_run).train
+    model, _ = load_trained(run, 3, "ddpm")
+    assert model.calibration["sampler"] == out[3]["sampler"]
+    assert model.calibration["sampler"]["spacing"] == "karras-linear" and model.calibration["sampler"]["steps"] == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spread_widening(model, run_config(run).sample)
+    with pytest.warns(UserWarning, match="fitted for spacing='karras-linear' and is applied to spacing='leading'"):
+        spread_widening(model, old)
+    text = (run / "config.toml").read_text()
+    recalibrate(run, season=3)  # the saved settings, unchanged
+    assert (run / "config.toml").read_text() == text

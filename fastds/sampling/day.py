@@ -29,7 +29,7 @@ from ..stitch import StitchPlan, plan_patches, stitch
 from .graphs import GraphCache, StaticSampler
 from .fusion import PatchFusedModel
 from .samplers import make_plan, run_plan
-from .spread import widen
+from .spread import sampler_record, widen
 
 __all__ = ["DayInputs", "downscale_day", "check_geometry", "member_draws", "inflate_residuals",
            "spread_widening", "PRECISIONS", "sampling_twin"]
@@ -564,6 +564,7 @@ def _calibrated_widening(model, cfg: SampleConfig):
     bands = bands.detach().cpu().double().numpy() if bands is not None and bands.numel() > 0 else None
     inflation = model.regression_inflation.detach().cpu().double().numpy().reshape(-1)
     cal = getattr(model, "calibration", None)
+    _check_fitted_sampler(cal, cfg)
     if getattr(model, "channels", 1) == 1:
         return _widening(cfg, float(inflation[0]), bands, cal)
     # a joint model: one widening per species channel, each from its own calibration
@@ -572,6 +573,24 @@ def _calibrated_widening(model, cfg: SampleConfig):
             for j in range(len(inflation))]
     alpha = np.array([a for a, _ in each])
     return alpha, (None if each[0][1] is None else np.stack([g for _, g in each]))
+
+
+def _check_fitted_sampler(cal, cfg: SampleConfig):
+    """Warn when ``cfg`` samples otherwise than the calibration ``cal`` was fitted with: the
+    widening corrects the spread that sampler loses, scale by scale, and another sampler
+    (steps, spacing, fusion, projection) loses a different amount."""
+    fitted = (cal or {}).get("sampler")
+    now = sampler_record(cfg)
+    diff = {k: (fitted[k], v) for k, v in now.items() if fitted and k in fitted and fitted[k] != v}
+    if diff:
+        import warnings
+        sets = " ".join(f"--set sample.{'consistency' if k == 'projection' else k}="
+                        + (str(v).lower() if isinstance(v, bool) else str(v)) for k, (_, v) in diff.items())
+        warnings.warn("sample: the model's spread widening was fitted for "
+                      + ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items()) + " and is applied to "
+                      + ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+                      + f"; refit it for these settings with `fastds train --run RUN --recalibrate {sets}`",
+                      stacklevel=4)
 
 
 def _widening(cfg: SampleConfig, inflation, bands, cal):

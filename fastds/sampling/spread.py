@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "band_split", "filter_bands", "scan_factors", "widen", "widen_parts"]
+__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "band_split", "filter_bands", "sampler_record", "scan_factors",
+           "widen", "widen_parts"]
 
 # the finest band (r − G₀.₅ r) holds wavelengths of about 2–3 px, where a few-step sampler
 # loses the most power; 8 px is the coarse cell of the paper's grids
@@ -20,6 +21,13 @@ BAND_SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # the factors a widening is scanned over (α, a band factor, a rollout or a null's factor)
 INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
 RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of factor 1 (no widening)
+
+
+def sampler_record(cfg) -> dict:
+    """The settings of a ``SampleConfig`` that shape the residual a widening is fitted to
+    (saved with a calibration; sampling with other ones warns)."""
+    return {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
+            "spacing": cfg.spacing, "projection": bool(cfg.consistency)}
 
 
 def band_split(r, sigmas=BAND_SIGMAS) -> np.ndarray:

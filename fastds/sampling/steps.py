@@ -19,7 +19,8 @@ from .. import _backend
 __all__ = ["StepPlan", "ddpm_plan", "ddim_plan", "dpmpp_plan", "fused_step", "fused_step_ref",
            "philox_normal4_ref", "step_noise_ref",
            "ddpm_step_ref", "ddim_step_ref", "dpmpp_step_ref", "leading_timesteps",
-           "trailing_timesteps", "linspace_timesteps", "karras_timesteps", "logsnr_timesteps", "timesteps", "SPACINGS",
+           "trailing_timesteps", "linspace_timesteps", "karras_timesteps", "logsnr_timesteps",
+           "karras_linear_timesteps", "timesteps", "SPACINGS",
            "STEP_BACKENDS"]
 
 STEP_BACKENDS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
@@ -125,14 +126,32 @@ def logsnr_timesteps(alpha_bar, steps: int | None, sigma_max: float = SIGMA_MAX)
     return _sigma_spaced(alpha_bar, steps, "logsnr", warp, sigma_max)
 
 
+def karras_linear_timesteps(alpha_bar, steps: int | None, rho: float = 7.0, sigma_max: float = SIGMA_MAX):
+    """EDM's ρ = 7 steps (``karras_timesteps``) while t ≥ T/2, then even steps in t from the
+    last of those down to t = 0. On the cosine schedule at 5 steps: t = 991, 965, 802, 401,
+    0. Karras steps keep the residual's variance through their evaluations at high noise but
+    crowd there (991, 965, 802, 164, 0), leaving the finest scales one step; the steps below
+    T/2 are spread out again (measured in docs/measurements.md, round 29)."""
+    ts, _ = karras_timesteps(alpha_bar, steps, rho, sigma_max)
+    T = len(alpha_bar)
+    high = ts[ts >= T // 2] if ts[0] >= T // 2 else ts[:1]
+    low = np.round(np.linspace(high[-1], 0, len(ts) - len(high) + 1)[1:]).astype(np.int64)
+    ts = np.concatenate([high, low])
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(f"spacing 'karras-linear' puts two of its {len(ts)} steps on one timestep of T={T}; "
+                         f"use fewer steps or another spacing")
+    return ts, np.append(ts[1:], -1).astype(np.int64)
+
+
 SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps, "linspace": linspace_timesteps,
-            "karras": karras_timesteps, "logsnr": logsnr_timesteps}
-_BY_NOISE = ("karras", "logsnr")  # placed by the schedule's σ: they need ᾱ, not only T
+            "karras": karras_timesteps, "logsnr": logsnr_timesteps, "karras-linear": karras_linear_timesteps}
+_BY_NOISE = ("karras", "logsnr", "karras-linear")  # placed by the schedule's σ: they need ᾱ, not only T
 
 
 def timesteps(T: int, steps: int | None, spacing: str = "leading", alpha_bar=None):
     """(timesteps, previous timesteps) of a plan with ``spacing`` "leading", "trailing",
-    "linspace", "karras" or "logsnr" (the last two need the schedule ``alpha_bar`` (T,))."""
+    "linspace", "karras", "logsnr" or "karras-linear" (the last three need the schedule
+    ``alpha_bar`` (T,))."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if spacing in _BY_NOISE:

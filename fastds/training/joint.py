@@ -20,8 +20,9 @@ from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..runs import (load_checkpoint, load_trained, model_for, run_config, run_store, season_dir, species_names,
                     write_run_meta)
+from ..sampling.spread import sampler_record
 from .loop import fit
-from .stages import (_calibration_draws, _model_settings, _sampler_record, _seasons, _settings,
+from .stages import (_calibration_draws, _model_settings, _seasons, _settings,
                      calibration_days, calibration_sampler, nothing_left, prepared_sets, residual_scale,
                      save_widening, train_bf16, widening_fit, CALIBRATION_MEMBERS)
 
@@ -161,7 +162,7 @@ def calibrate_joint(run, season, fds, val_set, config: Config, device="cpu", day
     model.regression_inflation.copy_(torch.tensor([c["inflation"] for c in cals]))
     model.regression_bands = torch.tensor(np.stack([c["band_factor"] * np.asarray(c["band_gains"]) for c in cals]),
                                           dtype=torch.float32)
-    cal = {"species": cals, "names": list(model.names), "members": members, "sampler": _sampler_record(cfg),
+    cal = {"species": cals, "names": list(model.names), "members": members, "sampler": sampler_record(cfg),
            "raw_spread_skill": [c["raw_spread_skill"] for c in cals]}
     save_widening(best, ck, model, cal)
     return cal

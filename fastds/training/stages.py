@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, config_from_toml, to_toml
+from .._io import atomic_path
+from ..config import Config, SampleConfig, config_from_toml, to_toml
 from ..data.datasets import FinePatches, LagSequences
 from ..data.regions import season_of
 from ..data.store import open_store
@@ -24,7 +25,7 @@ from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
                     model_for, run_store, run_variable, season_dir, write_run_meta)
-from ..sampling.spread import INFLATIONS, RAW, scan_factors
+from ..sampling.spread import INFLATIONS, RAW, sampler_record, scan_factors
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
 from .oof import fit_fold_means
@@ -309,7 +310,7 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     pairs = cfg.antithetic and members >= 4 and members % 2 == 0
     draws = _calibration_draws(model, [fd], pick, cfg, config, members, pairs, device)[0]
     cal = widening_fit(fd, pick, draws, cfg, project, coarse, pairs)
-    cal.update(members=members, sampler=_sampler_record(cfg))
+    cal.update(members=members, sampler=sampler_record(cfg))
     gains = np.asarray(cal["band_gains"])
     model.regression_inflation.fill_(cal["inflation"])
     model.regression_bands = torch.tensor(cal["band_factor"] * gains, dtype=torch.float32)
@@ -406,11 +407,6 @@ def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse
         ratio = np.sqrt(spread_b / np.maximum(err_b, 1e-300))
         g = np.clip(g / np.maximum(ratio, 1e-12), *FINAL_BAND_LIMITS)
     return g, ratio
-
-
-def _sampler_record(cfg) -> dict:
-    return {"fusion": cfg.fusion, "sampler": cfg.sampler, "steps": cfg.steps,
-            "spacing": cfg.spacing, "projection": bool(cfg.consistency)}
 
 
 def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
@@ -518,16 +514,21 @@ def calibration_sampler(config: Config, members=CALIBRATION_MEMBERS, kind="ddpm"
     return distill_settings(cfg, config) if kind == "distill" else cfg
 
 
-def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
+def recalibrate(run, *, season=None, model="ddpm", device="cpu", sample: SampleConfig | None = None) -> dict:
     """Re-run :func:`calibrate_spread` on a trained run's DDPM, or its distilled student
     (``model="distill"``, with the student's own sampler), for each season or ``season``, with
-    the run's saved config and without retraining: {season: calibration}."""
+    the run's saved config and without retraining: {season: calibration}. ``sample``: the
+    sample settings to fit the widening for instead of the run's saved ``[sample]`` (e.g.
+    other steps or spacing); once every season is refitted they are saved as the run's, so
+    ``sample`` then uses them by default."""
     if model not in ("ddpm", "distill"):
         raise ValueError(f"recalibrate: model={model!r}: only a diffusion model is widened "
                          "('ddpm' or 'distill')")
     run = Path(run)
     path = run_store(run, "recalibrate")  # an error naming run.json when run is no run folder
     config = config_from_toml((run / "config.toml").read_text())
+    if sample is not None:
+        config = dataclasses.replace(config, sample=sample)
     store = open_store(path, variable=run_variable(run))
     out = {}
     for s in _seasons(store, config, season):
@@ -536,6 +537,9 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu") -> dict:
             raise FileNotFoundError(f"recalibrate: {best} is missing: run `fastds train --model {model}` first")
         train_set, val_set = training_sets(store, s, config)
         out[s] = calibrate_spread(best, train_set, val_set, config, device, kind=model)
+    if sample is not None:
+        with atomic_path(run / "config.toml") as tmp:
+            tmp.write_text(to_toml(config))
     return out
 
 
