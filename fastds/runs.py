@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "species_names", "joint_species", "run_config", "distill_settings", "sample_settings", "load_checkpoint", "checkpoint_weights", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "species_names", "joint_species", "run_config", "write_run_config", "distill_settings", "sample_settings", "load_checkpoint", "checkpoint_weights", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -38,7 +38,12 @@ def write_run_meta(run, store, config: Config, extra=None):
             "variable": store.variable, **(extra or {})}
     with atomic_path(run / "run.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
-    with atomic_path(run / "config.toml") as tmp:
+    write_run_config(run, config)
+
+
+def write_run_config(run, config: Config):
+    """Replace a run's ``config.toml`` (atomically): the settings ``sample`` uses by default."""
+    with atomic_path(Path(run) / "config.toml") as tmp:
         tmp.write_text(to_toml(config))
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_path
 from ..config import Config, SampleConfig, config_from_toml, to_toml
 from ..data.datasets import FinePatches, LagSequences
 from ..data.regions import season_of
@@ -24,7 +23,7 @@ from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
-                    model_for, run_store, run_variable, season_dir, write_run_meta)
+                    model_for, run_store, run_variable, season_dir, write_run_config, write_run_meta)
 from ..sampling.spread import INFLATIONS, RAW, sampler_record, scan_factors
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
@@ -538,8 +537,7 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu", sample: SampleC
         train_set, val_set = training_sets(store, s, config)
         out[s] = calibrate_spread(best, train_set, val_set, config, device, kind=model)
     if sample is not None:
-        with atomic_path(run / "config.toml") as tmp:
-            tmp.write_text(to_toml(config))
+        write_run_config(run, config)
     return out
 
 
