@@ -9,7 +9,7 @@ import fastds
 ROOT = Path(fastds.__file__).parent
 # lower number: lower layer; a module may import its own layer or any lower one
 LAYERS = [
-    (0, ("fastds._io", "fastds.config", "fastds._backend", "fastds.kernels")),
+    (0, ("fastds._io", "fastds._warn", "fastds.config", "fastds._backend", "fastds.kernels")),
     (1, ("fastds.stitch", "fastds.data")),
     (2, ("fastds.models", "fastds.metrics")),
     (3, ("fastds.diffusion",)),

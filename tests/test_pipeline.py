@@ -853,7 +853,7 @@ def test_a_patch_geometry_that_leaves_gaps_is_refused_not_clipped(change, named)
 
 
 def test_a_domain_smaller_than_the_tile_shrinks_the_geometry_and_the_output_says_so(trained_run, store_path,
-                                                                                      test_days):
+                                                                                      test_days, tmp_path):
     """On a domain smaller than ``sample.tile`` the tile shrinks to it, then the halos and
     strides to fit (:func:`fit_to_domain`, what a day's patches are cut with); ``sample``
     warns with the values it runs and its output's attributes record them, not the request."""
@@ -875,6 +875,12 @@ def test_a_domain_smaller_than_the_tile_shrinks_the_geometry_and_the_output_says
         out = sample(run=trained_run, start=test_days[0], end=test_days[0], cfg=big, model="unet",
                      progress=False)
     assert (out.attrs["tile"], out.attrs["halo"], out.attrs["stride"]) == (min(H, W), 4, 8)
+    # cut into units (two time segments, each its own sample call), it warns once, not per unit
+    with pytest.warns(UserWarning) as seen:
+        out = sample(run=trained_run, start="2005-08-25", end="2005-08-30", model="unet", progress=False,
+                     cfg=dataclasses.replace(big, segments=2, burn_in=2), out=tmp_path / "units.nc")
+    assert [str(w.message).count("smaller than sample.tile") for w in seen] == [1]
+    assert out.attrs["tile"] == min(H, W)
 
 
 def test_make_plan_refuses_zero_steps_instead_of_taking_a_default():

@@ -495,8 +495,18 @@ def test_widening_fitted_for_another_sampler_warns_with_the_refit():
         spread_widening(SimpleNamespace(**{**vars(model), "calibration": {"final_band_gains": [1.0] * 3}}),
                         dc.replace(fitted, spacing="karras"))
     with pytest.warns(UserWarning, match=r"fitted for spacing='leading' and is applied to "
-                                         r"spacing='karras-linear'.*--recalibrate --set sample.spacing=karras-linear`"):
+                                         r"spacing='karras-linear'.*--recalibrate --set sample.spacing=karras-linear`") as seen:
         spread_widening(model, dc.replace(fitted, spacing="karras-linear"))
+    # attributed to the line that asked for the sampling, not to fastds's internals, however
+    # deep inside them the widening is looked up (a day's sampling reaches it four calls down)
+    assert [w.filename for w in seen] == [__file__]
+    from fastds.sampling.day import _widened
+    flat = SimpleNamespace(regression_inflation=torch.tensor(1.0), regression_bands=torch.ones(6),
+                           regression_scale=torch.tensor(1.0),
+                           calibration={"final_band_gains": [1.0] * 6, "sampler": sampler_record(fitted)})
+    with pytest.warns(UserWarning, match="spacing='karras'") as seen:
+        _widened(flat, np.zeros((2, 12, 12)), dc.replace(fitted, spacing="karras"), 0, 1)
+    assert [w.filename for w in seen] == [__file__]
     with pytest.warns(UserWarning, match=r"steps=5, projection=True .*steps=7, projection=False.*"
                                          r"--set sample.steps=7 --set sample.consistency=false"):
         spread_widening(model, dc.replace(fitted, steps=7, consistency=False))

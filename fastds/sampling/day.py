@@ -23,6 +23,7 @@ import torch
 
 from .. import _backend
 from .._backend import PRECISIONS
+from .._warn import warn_caller
 from ..config import SampleConfig
 from ..models.conditional import FixedBatch
 from ..stitch import StitchPlan, plan_patches, stitch
@@ -583,14 +584,12 @@ def _check_fitted_sampler(cal, cfg: SampleConfig):
     now = sampler_record(cfg)
     diff = {k: (fitted[k], v) for k, v in now.items() if fitted and k in fitted and fitted[k] != v}
     if diff:
-        import warnings
         sets = " ".join(f"--set sample.{'consistency' if k == 'projection' else k}="
                         + (str(v).lower() if isinstance(v, bool) else str(v)) for k, (_, v) in diff.items())
-        warnings.warn("sample: the model's spread widening was fitted for "
-                      + ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items()) + " and is applied to "
-                      + ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
-                      + f"; refit it for these settings with `fastds train --run RUN --recalibrate {sets}`",
-                      stacklevel=4)
+        warn_caller("sample: the model's spread widening was fitted for "
+                    + ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items()) + " and is applied to "
+                    + ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+                    + f"; refit it for these settings with `fastds train --run RUN --recalibrate {sets}`")
 
 
 def _widening(cfg: SampleConfig, inflation, bands, cal):

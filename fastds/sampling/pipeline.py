@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .._warn import warn_caller
 from ..config import SampleConfig
 from ..data.regions import season_of
 from ..data.store import Store, open_store
@@ -303,10 +304,11 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
                              cold_start=cold_start, units=(workers, scheduler, cfg.segments > 1 or worker))
     if workers is not None or scheduler is not None or cfg.segments > 1:
         from .distributed import sample_distributed
-        # each unit runs this function in-process (passed in: distributed imports no pipeline)
-        return sample_distributed(run=run, start=start, end=end, out=out, cfg=cfg, model=model,
-                                  data=data, device=device, workers=workers, scheduler=scheduler,
-                                  progress=progress, unit_sampler=sample)
+        # fitted once here, so a small domain warns once; units run this (passed in: no import cycle)
+        cfg = _fitted(cfg, open_store(data or run_store(run), variable=run_variable(run)))
+        return sample_distributed(run=run, start=start, end=end, out=out, cfg=cfg, model=model, data=data,
+                                  device=device, workers=workers, scheduler=scheduler, progress=progress,
+                                  unit_sampler=sample)
     _check(cfg, model)
     keep = _kept if worker else (lambda key, build: build())
     data = str(Path(data if data is not None else run_store(run)).resolve())
@@ -323,9 +325,8 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     # a downscaler does not depend on the member count or the segments of a request
     key = ("downscaler", model, str(run.resolve()), data, str(device), backend, cache_conditioning,
            dataclasses.replace(cfg, members=1, segments=1))
-    downscaler = keep(key, lambda: downscaler_for(model, run=run, store=store, cfg=cfg, data=data,
-                                                  device=device, backend=backend,
-                                                  cache_conditioning=cache_conditioning))
+    downscaler = keep(key, lambda: downscaler_for(model, run=run, store=store, cfg=cfg, data=data, device=device,
+                                                  backend=backend, cache_conditioning=cache_conditioning))
     rollout = Rollout(store=store, days=days, cfg=cfg, member0=member0, cold_start=cold_start,
                       out=out, attrs=attrs, finish=project, coarse_days=coarse_days,
                       progress=progress, desc=f"sample {model} {cfg.sampler}")
@@ -382,12 +383,11 @@ def _fitted(cfg: SampleConfig, store) -> SampleConfig:
     shape = (store.ds.sizes["lat"], store.ds.sizes["lon"])
     fitted = fit_to_domain(cfg, shape)
     if fitted != cfg:
-        import warnings
         keys = ("tile", "halo", "stride", "mean_halo", "mean_stride")
-        warnings.warn(f"sample: the domain ({shape[0]}x{shape[1]} fine pixels) is smaller than "
-                      f"sample.tile={cfg.tile}; sampling with "
-                      + ", ".join(f"{k}={getattr(fitted, k)}" for k in keys if getattr(fitted, k) != getattr(cfg, k))
-                      + " (the output's attributes record these)", stacklevel=3)
+        warn_caller(f"sample: the domain ({shape[0]}x{shape[1]} fine pixels) is smaller than "
+                    f"sample.tile={cfg.tile}; sampling with "
+                    + ", ".join(f"{k}={getattr(fitted, k)}" for k in keys if getattr(fitted, k) != getattr(cfg, k))
+                    + " (the output's attributes record these)")
     return fitted
 
 
