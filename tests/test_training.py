@@ -530,3 +530,22 @@ def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(tr
     text = (run / "config.toml").read_text()
     recalibrate(run, season=3)  # the saved settings, unchanged
     assert (run / "config.toml").read_text() == text
+
+
+def test_a_season_without_validation_days_warns_with_its_fallbacks_at_the_callers_line(
+        store_path, tiny_config, monkeypatch, tmp_path):
+    """A season whose record leaves no validation day (a short record) trains on, and says
+    which fallbacks replace what validation gives: the warning names the season and the
+    store, and points at the line that asked for training, not inside fastds."""
+    import dataclasses
+    import fastds.training.stages as stages
+    from fastds.data.store import open_store
+    store = open_store(store_path)
+    train_set, _ = stages.training_sets(store, 3, tiny_config)
+    monkeypatch.setattr(stages, "training_sets", lambda st, season, config: (train_set, []))
+    config = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, pushforward=0))
+    with pytest.warns(UserWarning, match=rf"season 3 of {store.path} has no validation day.*falling back "
+                                         r"to: the last epoch.*no spread calibration") as seen:
+        got = stages.prepared_sets(tmp_path, store, 3, config)
+    assert got[1] == [] and len(got[0]) == len(train_set)
+    assert [w.filename for w in seen] == [__file__]

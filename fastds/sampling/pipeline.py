@@ -503,7 +503,6 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     validation days of that season, with true lags and the sampler's projection setting.
     Fitted once and cached in ``run/nulls/``. Where the season has no validation day whose lag
     window lies in the fine record, its training days stand in, with a warning."""
-    import warnings
     path = Path(run) / "nulls" / f"season{season}_{_null_key(cfg, device)}_v{NULL_STATS_VERSION}.npz"
     if path.exists():
         return NullStats.load(path)
@@ -513,9 +512,9 @@ def null_stats(run, store: Store, season, cfg: SampleConfig, *, data=None, devic
     days = times[ok & (split == 1)]
     if len(days) == 0:
         days = times[ok & (split == 0)][-28:]
-        warnings.warn(f"null ensembles: season {season} has no validation day in the fine record; "
-                      f"their noise statistics come from {len(days)} training days, where the U-Net's "
-                      "error is smaller than on new days", stacklevel=2)
+        warn_caller(f"null ensembles: season {season} has no validation day in the fine record; "
+                    f"their noise statistics come from {len(days)} training days, where the U-Net's "
+                    "error is smaller than on new days")
     if len(days) == 0:
         raise ValueError(f"null ensembles: season {season} has no fine day to fit their noise on")
     lenient = dataclasses.replace(cfg, mode="lenient", members=1, segments=1, spread_scale=1.0,
@@ -562,7 +561,6 @@ def null_factor(run, store: Store, season, kind, cfg: SampleConfig, *, data=None
     "days", "blocks", "members"}; cached in ``run/nulls/`` per kind, season and the settings
     that change the U-Net's days. A season with no usable validation day gets factor 1, with a
     warning."""
-    import warnings
     from .._io import atomic_path
     from .spread import INFLATIONS, RAW, scan_factors
     path = (Path(run) / "nulls" / f"factor_{kind.replace('+', '-')}_season{season}_{_null_key(cfg, device)}"
@@ -582,9 +580,8 @@ def null_factor(run, store: Store, season, kind, cfg: SampleConfig, *, data=None
         if any(ok):
             blocks.append(block[ok.index(True):])
     if not blocks:
-        warnings.warn(f"sample.null_spread='rollouts': season {season} has no validation day with a true lag "
-                      f"window in the fine record; {kind}'s noise keeps its validation statistics (factor 1)",
-                      stacklevel=2)
+        warn_caller(f"sample.null_spread='rollouts': season {season} has no validation day with a true lag "
+                    f"window in the fine record; {kind}'s noise keeps its validation statistics (factor 1)")
         return {"factor": 1.0, "days": 0}
     fit = dataclasses.replace(cfg, mode="strict", members=NULL_FIT_MEMBERS, segments=1, spread_scale=1.0,
                               null_spread="validation", seed=0)

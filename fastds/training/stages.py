@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._warn import warn_caller
 from ..config import Config, SampleConfig, config_from_toml, to_toml
 from ..data.datasets import FinePatches, LagSequences
 from ..data.regions import season_of
@@ -680,11 +681,10 @@ def prepared_sets(run, store, season, config: Config, device="cpu", model="ddpm"
         raise ValueError(f"train: season {season} has no fine training day with a full "
                          f"{d.t_lag}-day lag window in {store.path}")
     if len(val_set) == 0:
-        import warnings
-        warnings.warn(f"train: season {season} of {store.path} has no validation day with a full "
-                      f"{d.t_lag}-day lag window free of test days; falling back to: the last "
-                      "epoch as the best checkpoint, the residual scale from training "
-                      "patches, and no spread calibration (α = 1)", stacklevel=3)
+        warn_caller(f"train: season {season} of {store.path} has no validation day with a full "
+                    f"{d.t_lag}-day lag window free of test days; falling back to: the last "
+                    "epoch as the best checkpoint, the residual scale from training "
+                    "patches, and no spread calibration (α = 1)")
     if tc.pushforward > 0 and tc.pushforward_source == "unet":
         if model == "unet":
             raise ValueError("train: train.pushforward_source='unet' uses the run's trained U-Net, "
