@@ -1,11 +1,12 @@
 """Warnings that point at the user's line, not at fastds's internals."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep  # the separator: not a sibling "fastds_x/"
 
 
 def warn_caller(message, category=UserWarning):
