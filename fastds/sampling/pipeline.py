@@ -302,17 +302,17 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
         return _sample_joint(run=run, start=start, end=end, out=out, cfg=cfg, data=data, device=device,
                              backend=backend, cache_conditioning=cache_conditioning, progress=progress, member0=member0,
                              cold_start=cold_start, units=(workers, scheduler, cfg.segments > 1 or worker))
+    data = str(Path(data if data is not None else run_store(run)).resolve())
+    variable = run_variable(run)
     if workers is not None or scheduler is not None or cfg.segments > 1:
         from .distributed import sample_distributed
         # fitted once here, so a small domain warns once; units run this (passed in: no import cycle)
-        cfg = _fitted(cfg, open_store(data or run_store(run), variable=run_variable(run)))
+        cfg = _fitted(cfg, open_store(data, variable=variable))
         return sample_distributed(run=run, start=start, end=end, out=out, cfg=cfg, model=model, data=data,
                                   device=device, workers=workers, scheduler=scheduler, progress=progress,
                                   unit_sampler=sample)
     _check(cfg, model)
     keep = _kept if worker else (lambda key, build: build())
-    data = str(Path(data if data is not None else run_store(run)).resolve())
-    variable = run_variable(run)
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
     cfg = _fitted(cfg, store)
