@@ -432,10 +432,16 @@ def test_prepare_in_processes_equals_threads(twin_dir, tmp_path, capsys):
     for f in sorted((twin_dir / "fine").glob("*.nc4"))[:-3]:  # the last day lacks 3 steps
         (fine / f.name).symlink_to(f)
     kw = dict(coarse=twin_dir / "coarse", fine=fine, region=BOX, block=1)
-    with pytest.warns(DataWarning, match="expected valid time steps"):
+    with pytest.warns(DataWarning, match="expected valid time steps") as in_threads:
         a = open_store(prepare(out=tmp_path / "t.zarr", **kw))
-    with pytest.warns(DataWarning, match="expected valid time steps"):
+    with pytest.warns(DataWarning, match="expected valid time steps") as in_processes:
         b = open_store(prepare(out=tmp_path / "p.zarr", workers=2, progress=True, **kw))
+    from fastds.cli import main
+    with pytest.warns(DataWarning, match="expected valid time steps") as via_cli:
+        assert main(["prepare", "--coarse", str(kw["coarse"]), "--fine", str(fine), "--region", BOX,
+                     "--set", "data.split_block=1", "--out", str(tmp_path / "c.zarr"), "--quiet"]) == 0
+    # raised inside dask's readers, re-raised once at the caller's line (here, not the CLI's)
+    assert {w.filename for w in [*in_threads, *in_processes, *via_cli]} == {__file__}
     np.testing.assert_array_equal(a.coarse.values, b.coarse.values)
     np.testing.assert_array_equal(a.fine.values, b.fine.values)
     assert a.ds.attrs["warnings"] == b.ds.attrs["warnings"] != "[]"

@@ -34,6 +34,7 @@ import pandas as pd
 import xarray as xr
 
 from .._io import atomic_path
+from .._warn import warn_caller
 from .readers import GRIDS, MIN_VALID_FRACTION, DataError, DataWarning, _open_many, _resolve, open_elevation
 from .regions import Region, parse_region, wrap_lon
 from .species import cf_attrs
@@ -228,8 +229,8 @@ def _write_prepared(xc, yf, *, out, region, elevation, align, val, test, seed, b
              "align": align, "elevation_source": elev_note, "manifest": json.dumps(manifest),
              "fastds_store_version": STORE_VERSION}
     notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, workers, sink, progress)
-    for note in notes:
-        warnings.warn(DataWarning(note), stacklevel=3)
+    for note in notes:  # at the caller's line (the API, the CLI, the demo), once per note
+        warn_caller(DataWarning(note), DataWarning)
 
 
 def _elevation_on(elevation, yf):
