@@ -230,7 +230,7 @@ def _write_prepared(xc, yf, *, out, region, elevation, align, val, test, seed, b
              "fastds_store_version": STORE_VERSION}
     notes = _write_store(ds, out, attrs, tc, split_c, yf.time.values, split_f, workers, sink, progress)
     for note in notes:  # at the caller's line (the API, the CLI, the demo), once per note
-        warn_caller(DataWarning(note), DataWarning)
+        warn_caller(note, DataWarning)
 
 
 def _elevation_on(elevation, yf):
