@@ -231,8 +231,9 @@ def _train(args, cfg, progress) -> None:
                 print(f"season {season}: no validation days to calibrate on; widening unchanged")
                 continue
             gains = " ".join(f"{g:.2f}" for g in cal["final_band_gains"])
+            texture = f"; grid-scale texture gain {cal['texture_gain']:.2f}" if "texture_gain" in cal else ""
             print(f"season {season}: raw spread/skill {cal['raw_spread_skill']:.2f}; band gains after "
-                  f"the projection {gains}")
+                  f"the projection {gains}{texture}")
     elif args.model == "joint":
         from .training.joint import train_joint
         for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,

@@ -191,6 +191,9 @@ class SampleConfig:
                                   # and Brier better on the development days), or the model-space
                                   # gains times one factor: "spread" (validation spread/skill 1;
                                   # mid-scale power 1.7x the truth's) or "crps" (the fair-CRPS best)
+    calibrate_texture: bool = True  # with calibrate_to "bands": the grid-scale texture gain saved by
+                                  # the calibration (the members' power at 2-3 px wavelengths, which
+                                  # the Gaussian bands cannot reach alone, matched to the truth's)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

@@ -503,7 +503,8 @@ def test_widening_fitted_for_another_sampler_warns_with_the_refit():
     from fastds.sampling.day import _widened
     flat = SimpleNamespace(regression_inflation=torch.tensor(1.0), regression_bands=torch.ones(6),
                            regression_scale=torch.tensor(1.0),
-                           calibration={"final_band_gains": [1.0] * 6, "sampler": sampler_record(fitted)})
+                           calibration={"final_band_gains": [1.0] * 6, "texture_gain": 1.0,
+                                        "sampler": sampler_record(fitted)})
     with pytest.warns(UserWarning, match="spacing='karras'") as seen:
         _widened(flat, np.zeros((2, 12, 12)), dc.replace(fitted, spacing="karras"), 0, 1)
     assert [w.filename for w in seen] == [__file__]
@@ -575,6 +576,83 @@ def test_final_band_gains_match_each_bands_spread_to_its_error():
     assert g[0] < 0.7 and g[4] > 1.4  # undone the way round it was off
     g, _ = fit([n - band_split(n)[-1] for n in noise])
     assert g[-1] == FINAL_BAND_LIMITS[1] and (g >= FINAL_BAND_LIMITS[0]).all()
+
+
+def test_grid_texture_is_the_radial_grid_scale_and_widen_scales_it():
+    """grid_texture keeps a wave above the band's top, drops one below its bottom and takes
+    the ramp's share between (on a 2-D wave of radial wavenumber k, whatever its direction:
+    along an axis or diagonal), with no edge of its own on a non-periodic field; it is
+    linear. widen(..., texture=κ) adds (κ − 1) times that part of the widened spread, keeps
+    the antithetic pairs' means, and κ = 1 is the plain widening."""
+    from fastds.sampling.spread import TEXTURE_BAND, filter_bands, grid_texture, widen
+    H, W = 61, 74  # odd, and no wave below fits either side a whole number of times
+    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
+    lo, hi = TEXTURE_BAND
+    inner = (slice(6, -6), slice(6, -6))
+    for k, share in ((0.48, 1.0), (0.2, 0.0), (0.5 * (lo + hi), 0.5)):
+        for angle in (0.0, np.pi / 4, 0.3):
+            wave = np.cos(2 * np.pi * k * (np.cos(angle) * x + np.sin(angle) * y) + 0.7)
+            got = grid_texture(wave)
+            # a plane wave of one wavenumber: the filter's gain at k (finite-window leakage aside)
+            np.testing.assert_allclose(got[inner], share * wave[inner], atol=0.12)
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 2, 30, 40))
+    np.testing.assert_allclose(grid_texture(a + 2 * b), grid_texture(a) + 2 * grid_texture(b), atol=1e-12)
+    assert grid_texture(np.ones((30, 40))).max() < 1e-12  # a constant has no texture, edges included
+    r = rng.standard_normal((4, 30, 40))
+    g = np.array([0.7, 0.65, 0.9, 1.8, 3.0, 4.0])
+    plain = widen(r, gains=g, antithetic=True)
+    np.testing.assert_array_equal(widen(r, gains=g, texture=1.0, antithetic=True), plain)
+    w = widen(r, gains=g, texture=1.4, antithetic=True)
+    np.testing.assert_allclose(w[0] + w[1], r[0] + r[1], atol=1e-12)  # pair means kept
+    half = filter_bands(0.5 * (r[0] - r[1]), g)
+    np.testing.assert_allclose(0.5 * (w[0] - w[1]), half + 0.4 * grid_texture(half), atol=1e-12)
+    assert widen(r.astype(np.float32), gains=g, texture=1.4).dtype == np.float32
+
+
+def test_texture_gain_matches_the_members_grid_scale_power_to_the_truths():
+    """The texture fit on synthetic days: truth white noise, members drawn alike but with
+    their grid-scale part at half its amplitude: κ ≈ 2, and the members' grid-scale power
+    then matches the truth's; members with the truth's texture get κ ≈ 1."""
+    from types import SimpleNamespace
+    from fastds.sampling.spread import BAND_SIGMAS, grid_texture
+    from fastds.training.stages import texture_gain
+    rng = np.random.default_rng(1)
+    days, M, H, W = 6, 8, 48, 56
+    fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
+                         mu_at=lambda c: None, season=3)
+    cfg, pick, ones = SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1)
+    mean_z = [np.zeros((H, W))] * days
+    truth = [rng.standard_normal((H, W)) for _ in range(days)]
+    truth[0][:3, :5] = np.nan  # unknown pixels: filled, not counted
+    noise = [rng.standard_normal((M, H, W)) for _ in range(days)]
+    kappa, power = texture_gain(fd, pick, mean_z, [n - 0.5 * grid_texture(n) for n in noise], truth, ones, cfg,
+                                None, None)
+    assert abs(kappa - 2.0) < 0.1 and abs(power - 1.0) < 0.05
+    kappa, _ = texture_gain(fd, pick, mean_z, noise, truth, ones, cfg, None, None)
+    assert abs(kappa - 1.0) < 0.05
+
+
+def test_texture_widening_reads_the_calibration_where_the_band_gains_apply():
+    """texture_widening: the saved gain under the default settings (a joint model's per
+    species), 1 when another widening is asked for or calibrate_texture is off, and 1 with a
+    warning naming the refit for a calibration that predates it."""
+    import dataclasses as dc
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig
+    from fastds.sampling.day import texture_widening
+    cfg = SampleConfig()
+    model = SimpleNamespace(calibration={"final_band_gains": [1.0] * 6, "texture_gain": 1.3})
+    np.testing.assert_array_equal(texture_widening(model, cfg), [1.3])
+    for off in ({"calibrate_texture": False}, {"calibrate_to": "spread"}, {"calibrate_bands": False},
+                {"calibrate": False}):
+        np.testing.assert_array_equal(texture_widening(model, dc.replace(cfg, **off)), [1.0])
+    joint = SimpleNamespace(calibration={"species": [{"texture_gain": 1.2}, {"texture_gain": 0.9}]})
+    np.testing.assert_array_equal(texture_widening(joint, cfg, 2), [1.2, 0.9])
+    np.testing.assert_array_equal(texture_widening(SimpleNamespace(), cfg), [1.0])  # not calibrated
+    old = SimpleNamespace(calibration={"final_band_gains": [1.0] * 6})
+    with pytest.warns(UserWarning, match="--recalibrate"):
+        np.testing.assert_array_equal(texture_widening(old, cfg), [1.0])
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

@@ -510,8 +510,8 @@ def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(tr
     import warnings
 
     from fastds.runs import load_trained, run_config
-    from fastds.sampling.day import spread_widening
-    from fastds.training.stages import recalibrate
+    from fastds.sampling.day import spread_widening, texture_widening
+    from fastds.training.stages import FINAL_BAND_LIMITS, recalibrate
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     old = run_config(run).sample
@@ -525,6 +525,10 @@ def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(tr
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spread_widening(model, run_config(run).sample)
+        # the grid-scale texture gain is fitted with the band gains and is what sampling reads
+        kappa = texture_widening(model, run_config(run).sample)
+    assert kappa[0] == out[3]["texture_gain"] and FINAL_BAND_LIMITS[0] <= kappa[0] <= FINAL_BAND_LIMITS[1]
+    assert kappa[0] != 1.0 and out[3]["texture_power"] > 0
     with pytest.warns(UserWarning, match="fitted for spacing='karras-linear' and is applied to spacing='leading'"):
         spread_widening(model, old)
     text = (run / "config.toml").read_text()

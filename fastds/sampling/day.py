@@ -33,7 +33,7 @@ from .samplers import make_plan, run_plan
 from .spread import sampler_record, widen
 
 __all__ = ["DayInputs", "downscale_day", "check_geometry", "member_draws", "inflate_residuals",
-           "spread_widening", "PRECISIONS", "sampling_twin"]
+           "spread_widening", "texture_widening", "PRECISIONS", "sampling_twin"]
 
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
@@ -281,14 +281,16 @@ def _widened(model, res, cfg, member0, k):
     """The residual sample scaled and widened as ``cfg`` says: (members, H, W), or per
     species channel for a joint model ((members, K, H, W), each its own α, gains and scale)."""
     alpha, gains = spread_widening(model, cfg)
+    texture = texture_widening(model, cfg, k)
     scale = model.regression_scale.detach().cpu().double().numpy().reshape(-1)
     if k == 1:
-        return float(scale[0]) * widen(res, alpha, gains=gains, member0=member0, antithetic=cfg.antithetic)
+        return float(scale[0]) * widen(res, alpha, gains=gains, texture=float(texture[0]), member0=member0,
+                                       antithetic=cfg.antithetic)
     out = np.empty_like(res)
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))  # 1.0 when not calibrated
     for j in range(k):
         out[:, j] = scale[j] * widen(res[:, j], float(alpha[j]), gains=None if gains is None else gains[j],
-                                     member0=member0, antithetic=cfg.antithetic)
+                                     texture=float(texture[j]), member0=member0, antithetic=cfg.antithetic)
     return out
 
 
@@ -574,6 +576,27 @@ def _calibrated_widening(model, cfg: SampleConfig):
             for j in range(len(inflation))]
     alpha = np.array([a for a, _ in each])
     return alpha, (None if each[0][1] is None else np.stack([g for _, g in each]))
+
+
+def texture_widening(model, cfg: SampleConfig, k=1) -> np.ndarray:
+    """The grid-scale texture gain of each of the model's ``k`` field channels, (k,): the
+    calibration's ``texture_gain`` (a joint model's: each species' own) where ``cfg``
+    widens by the band gains fitted after the projection (``calibrate``, ``calibrate_bands``,
+    ``calibrate_to = "bands"``) and ``cfg.calibrate_texture``; 1 otherwise. A calibration
+    that predates the texture gain gets 1, with a warning naming the refit."""
+    ones = np.ones(k)
+    if not (cfg.calibrate and cfg.calibrate_bands and cfg.calibrate_to == "bands" and cfg.calibrate_texture):
+        return ones
+    cal = getattr(model, "calibration", None) or {}
+    fields = cal.get("species") or [cal]
+    if not cal or len(fields) != k:
+        return ones
+    if any("texture_gain" not in c for c in fields):
+        warn_caller("sample: the model's calibration predates the grid-scale texture gain, so its "
+                    "finest scale is left as the band gains make it; refit with "
+                    "`fastds train --run RUN --recalibrate`, or --set sample.calibrate_texture=false")
+        return ones
+    return np.array([float(c["texture_gain"]) for c in fields])
 
 
 def _check_fitted_sampler(cal, cfg: SampleConfig):

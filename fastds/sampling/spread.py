@@ -7,13 +7,19 @@ to it exactly (finest first: r − G₀.₅r, G₀.₅r − G₁r, ..., G₄r �
 pixels), and :func:`widen` scales each band by
 its gain. The gains are fitted per band on validation days so that the ensemble's spread
 matches its mean's error at each scale (``training.stages.calibrate_spread``).
+
+The Gaussian bands cannot isolate the grid scale: their finest one spans 0.2 cycles/px to
+the grid's corner, and within it a few-step sample is too rough at 3–5 px wavelengths and
+too smooth at 2–2.5 px, so the band's one gain leaves the finest wavenumbers short (0.72
+of the truth's power on validation days). :func:`grid_texture` is that scale alone (a
+radial high-pass), and ``widen(..., texture=κ)`` scales it after the band gains.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "band_split", "filter_bands", "sampler_record", "scan_factors",
-           "widen", "widen_parts"]
+__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "TEXTURE_BAND", "band_split", "filter_bands", "grid_texture",
+           "sampler_record", "scan_factors", "widen", "widen_parts"]
 
 # the finest band (r − G₀.₅ r) holds wavelengths of about 2–3 px, where a few-step sampler
 # loses the most power; 8 px is the coarse cell of the paper's grids
@@ -21,6 +27,9 @@ BAND_SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # the factors a widening is scanned over (α, a band factor, a rollout or a null's factor)
 INFLATIONS = np.round(np.arange(0.6, 2.001, 0.05), 2)
 RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of factor 1 (no widening)
+# the grid-scale texture band (cycles per pixel): a ramp from 0 at 0.35 to 1 at 0.45, full
+# beyond; the protocol's finest spectrum band is 0.41-0.5, the one before it is left alone
+TEXTURE_BAND = (0.35, 0.45)
 
 
 def sampler_record(cfg) -> dict:
@@ -48,9 +57,25 @@ def filter_bands(r, gains, sigmas=BAND_SIGMAS) -> np.ndarray:
     return np.tensordot(gains, band_split(r, sigmas), axes=1).astype(np.asarray(r).dtype)
 
 
-def widen(r, alpha=1.0, *, gains=None, member0=0, antithetic=False):
+def grid_texture(r, band=TEXTURE_BAND) -> np.ndarray:
+    """The grid-scale part of fields (..., H, W), float64: a radial high-pass whose gain
+    ramps from 0 at ``band[0]`` to 1 at ``band[1]`` cycles per pixel (1 beyond, the corners
+    included). Filtered by FFT on the field mirrored to (2H, 2W), so no wrap-around edge
+    appears; r − grid_texture(r) keeps every coarser scale."""
+    from scipy import fft
+    r = np.asarray(r, np.float64)
+    H, W = r.shape[-2:]
+    even = np.concatenate([r, r[..., ::-1, :]], axis=-2)
+    even = np.concatenate([even, even[..., ::-1]], axis=-1)
+    k = np.hypot(np.fft.fftfreq(2 * H)[:, None], np.fft.rfftfreq(2 * W)[None, :])
+    ramp = np.clip((k - band[0]) / (band[1] - band[0]), 0.0, 1.0)
+    return fft.irfft2(fft.rfft2(even, axes=(-2, -1)) * ramp, s=(2 * H, 2 * W), axes=(-2, -1))[..., :H, :W]
+
+
+def widen(r, alpha=1.0, *, gains=None, texture=1.0, member0=0, antithetic=False):
     """Widen an ensemble's residuals (members, H, W) by α, or by a gain per band (``gains``,
-    α folded in: see :func:`filter_bands`).
+    α folded in: see :func:`filter_bands`), then scale its grid-scale part
+    (:func:`grid_texture`) by ``texture``.
 
     Antithetic pairs (members 2j, 2j+1, both in ``r``) are split into their mean
     e = (r₊ + r₋)/2 and half-difference o = (r₊ − r₋)/2 and become e ± A(o): the widening A
@@ -60,12 +85,18 @@ def widen(r, alpha=1.0, *, gains=None, member0=0, antithetic=False):
     partner is not in ``r`` (a lone member 0), get A(r). The identity (α = 1, no gains)
     returns ``r`` itself.
     """
-    if gains is None and alpha == 1.0:
+    if gains is None and alpha == 1.0 and texture == 1.0:
         return r
     if gains is None:
-        op = lambda x: alpha * x  # noqa: E731
+        scaled = lambda x: alpha * x  # noqa: E731
     else:
-        op = lambda x: filter_bands(x, gains)  # noqa: E731
+        scaled = lambda x: filter_bands(x, gains)  # noqa: E731
+    if texture == 1.0:
+        op = scaled
+    else:
+        def op(x):
+            y = scaled(x)
+            return (y + (texture - 1.0) * grid_texture(y)).astype(y.dtype)
     out = op(r)
     if antithetic:
         for k in range(len(r) - 1):

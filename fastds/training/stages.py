@@ -287,7 +287,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
     - one gain per spatial band (:func:`~fastds.sampling.spread.band_split`): each band's gain
       makes the ensemble's spread in that band match its mean's error there (moments, in the
       model's residual space), then one common factor picked by the fair CRPS; saved as
-      ``regression_bands`` (the factor folded in) and used when ``sample.calibrate_bands``.
+      ``regression_bands`` (the factor folded in) and used when ``sample.calibrate_bands``;
+      the gains fitted after the projection (:func:`final_band_gains`) and, on top of them,
+      the grid-scale texture gain (:func:`texture_gain`) go into the calibration record.
 
     The fair estimator does not reward an under-dispersed small ensemble (the ordinary one's
     optimum at 4 members is about 0.75 of the true spread), so no band rule is needed. One
@@ -364,12 +366,13 @@ def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
     scores, ratios = scan(None)
     scores_b, ratios_b = scan(gains)
     final, final_ratios = final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs)
+    texture, texture_power = texture_gain(fd, pick, mean_z, res_z, truth, final, cfg, project, coarse)
     return {"inflation": float(INFLATIONS[int(np.argmin(scores))]), "inflations": INFLATIONS.tolist(),
             "crps_fair": scores, "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
             "band_gains": gains.tolist(), "band_factor": float(INFLATIONS[int(np.argmin(scores_b))]),
             "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
             "final_band_gains": final.tolist(), "final_band_spread_skill": final_ratios.tolist(),
-            "days": [int(d) for d in pick]}
+            "texture_gain": texture, "texture_power": texture_power, "days": [int(d) for d in pick]}
 
 
 FINAL_BAND_ITERATIONS = 4
@@ -407,6 +410,31 @@ def final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse
         ratio = np.sqrt(spread_b / np.maximum(err_b, 1e-300))
         g = np.clip(g / np.maximum(ratio, 1e-12), *FINAL_BAND_LIMITS)
     return g, ratio
+
+
+def texture_gain(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse,
+                 iterations=FINAL_BAND_ITERATIONS) -> tuple[float, float]:
+    """The grid-scale texture gain κ (``widen(..., texture=κ)``) at which the members' power
+    at the grid scale (:func:`~fastds.sampling.spread.grid_texture`) matches the truth's,
+    in log10 after the projection, on top of the final band gains ``gains`` (bands,); the
+    days as :func:`final_band_gains` gets them. Fixed-point iterations from κ = 1:
+    κ <- κ · sqrt(truth's power / members'), clipped to FINAL_BAND_LIMITS. Returns (κ, the
+    members' power over the truth's at the last iteration, before its update). The truth's
+    unknown pixels are filled with the ensemble mean (no texture of its own) and powers are
+    taken over the known ones."""
+    from ..sampling.spread import grid_texture, widen
+    kappa, ratio = 1.0, 1.0
+    for _ in range(iterations):
+        members, target = 0.0, 0.0
+        for e, m, r, t in zip(pick, mean_z, res_z, truth):
+            log = _log10_as_sampled(fd, fd.cidx[e], m + widen(r, gains=gains, texture=kappa, antithetic=cfg.antithetic),
+                                    project, coarse)
+            ok = np.isfinite(t)
+            members += np.mean(grid_texture(log)[:, ok] ** 2)
+            target += np.mean(grid_texture(np.where(ok, t, log.mean(0)))[ok] ** 2)
+        ratio = float(members / max(target, 1e-300))
+        kappa = float(np.clip(kappa / np.sqrt(max(ratio, 1e-12)), *FINAL_BAND_LIMITS))
+    return kappa, ratio
 
 
 def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
