@@ -545,23 +545,29 @@ def test_spread_scale_multiplies_every_widening_and_never_the_calibration():
     assert _sample_cfg(conf).spread_scale == 1.0
 
 
+def _synthetic_calibration_days(rng, days, members=8, H=48, W=56):
+    """Calibration days for the widening fits without a model: an identity anchor, no
+    projection, independent members; zero U-Net means, white-noise truths and members.
+    Returns (fd, cfg, pick, unit band gains, means, truths, members' residuals)."""
+    from types import SimpleNamespace
+    from fastds.sampling.spread import BAND_SIGMAS
+    fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
+                         mu_at=lambda c: None, season=3)
+    truth = [rng.standard_normal((H, W)) for _ in range(days)]
+    noise = [rng.standard_normal((members, H, W)) for _ in range(days)]
+    return (fd, SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1),
+            [np.zeros((H, W))] * days, truth, noise)
+
+
 def test_final_band_gains_match_each_bands_spread_to_its_error():
     """The post-projection band fit on synthetic days: truth white noise, members drawn alike
     but with their spread off. Spread off by one factor everywhere (2×): the fitted gains
     undo it (≈ 0.5, every band). Off by a different factor per band: each band's
     spread/skill ends near 1. A band the members cannot fill (their coarsest band removed,
     as a projection empties the coarse cell's mean): its gain stops at the upper limit."""
-    from types import SimpleNamespace
-    from fastds.sampling.spread import BAND_SIGMAS, band_split, filter_bands
+    from fastds.sampling.spread import band_split, filter_bands
     from fastds.training.stages import FINAL_BAND_LIMITS, final_band_gains
-    rng = np.random.default_rng(0)
-    days, M, H, W = 12, 8, 48, 56
-    fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
-                         mu_at=lambda c: None, season=3)
-    cfg, pick, ones = SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1)
-    mean_z = [np.zeros((H, W))] * days
-    truth = [rng.standard_normal((H, W)) for _ in range(days)]
-    noise = [rng.standard_normal((M, H, W)) for _ in range(days)]
+    fd, cfg, pick, ones, mean_z, truth, noise = _synthetic_calibration_days(np.random.default_rng(0), 12)
 
     def fit(res):
         return final_band_gains(fd, pick, mean_z, res, truth, ones, cfg, None, None, False)
@@ -614,18 +620,10 @@ def test_texture_gain_matches_the_members_grid_scale_power_to_the_truths():
     """The texture fit on synthetic days: truth white noise, members drawn alike but with
     their grid-scale part at half its amplitude: κ ≈ 2, and the members' grid-scale power
     then matches the truth's; members with the truth's texture get κ ≈ 1."""
-    from types import SimpleNamespace
-    from fastds.sampling.spread import BAND_SIGMAS, grid_texture
+    from fastds.sampling.spread import grid_texture
     from fastds.training.stages import texture_gain
-    rng = np.random.default_rng(1)
-    days, M, H, W = 6, 8, 48, 56
-    fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
-                         mu_at=lambda c: None, season=3)
-    cfg, pick, ones = SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1)
-    mean_z = [np.zeros((H, W))] * days
-    truth = [rng.standard_normal((H, W)) for _ in range(days)]
+    fd, cfg, pick, ones, mean_z, truth, noise = _synthetic_calibration_days(np.random.default_rng(1), 6)
     truth[0][:3, :5] = np.nan  # unknown pixels: filled, not counted
-    noise = [rng.standard_normal((M, H, W)) for _ in range(days)]
     kappa, power = texture_gain(fd, pick, mean_z, [n - 0.5 * grid_texture(n) for n in noise], truth, ones, cfg,
                                 None, None)
     assert abs(kappa - 2.0) < 0.1 and abs(power - 1.0) < 0.05
