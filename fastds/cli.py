@@ -232,8 +232,10 @@ def _train(args, cfg, progress) -> None:
                 continue
             gains = " ".join(f"{g:.2f}" for g in cal["final_band_gains"])
             texture = f"; grid-scale texture gain {cal['texture_gain']:.2f}" if "texture_gain" in cal else ""
+            state = (f"; coarse-state gains {' '.join(f'{g:.2f}' for g in cal['state_gains'])}"
+                     if "state_gains" in cal else "")
             print(f"season {season}: raw spread/skill {cal['raw_spread_skill']:.2f}; band gains after "
-                  f"the projection {gains}{texture}")
+                  f"the projection {gains}{texture}{state}")
     elif args.model == "joint":
         from .training.joint import train_joint
         for p in train_joint(runs=args.species_runs, run=args.run, config=cfg, season=args.season,

@@ -106,6 +106,10 @@ class TrainConfig:
                                   # histories, as sample runs them). Off: on the protocol's
                                   # development days (plume twin, 2 blocks) it tied on CRPS and
                                   # energy and moved rollout spread/skill from 1.13 to 1.18
+    state_rollouts: int = 0       # > 0: the coarse-state spread gains' shape (sample.calibrate_state)
+                                  # refit on strict rollouts over this many validation blocks,
+                                  # where members' own histories add error on high coarse days
+                                  # (the pooled spread kept: the band gains set the level)
     distill_steps: int = 1        # train --model distill: the student's network evaluations per
                                   # sample (DDIM, trailing spacing, deterministic), trained to end
                                   # where the run's DDPM sampler ends from the same latents
@@ -194,6 +198,12 @@ class SampleConfig:
     calibrate_texture: bool = True  # with calibrate_to "bands": the grid-scale texture gain saved by
                                   # the calibration (the members' power at 2-3 px wavelengths, which
                                   # the Gaussian bands cannot reach alone, matched to the truth's)
+    calibrate_state: bool = False  # with the texture gain: the coarse-state spread gain saved by the
+                                  # calibration (a gain per pixel, linear in the day's coarse field
+                                  # between its quintile bins' medians, each bin fitted to
+                                  # validation spread/skill 1; train.state_rollouts refits its shape
+                                  # on rollouts). Off: mixed on the protocol (round 33: variogram
+                                  # at 1 px better; energy, FSS or R² worse on one set of days)
     segments: int = 1             # parallel-in-time: split the period into this many segments,
                                   # each after the first started cold (μ lags) and burnt in
     burn_in: int = 14             # days each cold segment runs before its first kept day

@@ -101,7 +101,25 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
         raise ValueError(f"protocol {path}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(names))}")
     twins = tuple(TwinCase(t.pop("name"), t) for t in (dict(t) for t in raw.pop("twin", [])))
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return ProtocolConfig(**kw, **({"twins": twins} if twins else {}))
+    cfg = ProtocolConfig(**kw, **({"twins": twins} if twins else {}))
+    check_seasons(cfg, path)
+    return cfg
+
+
+def check_seasons(cfg: ProtocolConfig, path="(in memory)") -> None:
+    """Refuse, before anything is trained, a start whose rollout (its burn-in included) has
+    days in a season the tier does not train: sampling them needs that season's models."""
+    from .data.regions import season_of
+    runs = [(a, cfg.rollout_days) for a in cfg.starts]
+    runs += [tuple(cfg.reconstruction)] if cfg.reconstruction else []
+    for start, length in runs:
+        first = pd.Timestamp(start) - pd.Timedelta(days=cfg.burn_in)
+        days = pd.date_range(first, pd.Timestamp(start) + pd.Timedelta(days=int(length) - 1))
+        out = sorted(set(season_of(days.month).tolist()) - set(cfg.seasons))
+        if out:
+            raise ValueError(f"protocol {path}: the rollout from {pd.Timestamp(start):%Y-%m-%d} (burn-in from "
+                             f"{first:%Y-%m-%d}, {length} days) has days in season(s) {out}, which "
+                             f"seasons = {list(cfg.seasons)} does not train; move the start or add the season")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -407,6 +425,7 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
     ``out/results.json`` and ``out/results.md``). A twin with several species trains one run
     per species (and one on their total) and adds the cross-species scores."""
     from .config import load_config
+    check_seasons(cfg)
     out = Path(out)
     cache, sdir = out / "cache", out / "scores"
     sdir.mkdir(parents=True, exist_ok=True)

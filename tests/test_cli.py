@@ -93,6 +93,7 @@ def test_pipeline_end_to_end(capsys, tmp_path):
     after = load_checkpoint(ck)["calibration"]
     assert "band gains after the projection" in out and after["band_gains"] == before["band_gains"]
     assert after["final_band_gains"] == before["final_band_gains"]
+    assert "coarse-state gains " + " ".join(f"{g:.2f}" for g in after["state_gains"]) in out
     pred = tmp_path / "pred.nc"
     code, out, err = run(capsys, "sample", "--run", str(runp), "--start", "2005-08-18", "--end", "2005-08-23",
                          "--out", str(pred), "--members", "2", "--mode", "strict", "--quiet",

@@ -49,6 +49,24 @@ def test_a_tier_file_that_is_not_toml_is_named(tmp_path):
     assert load_protocol(bad).variants["unet+grf-wide"] == {"model": "unet+grf", "spread_scale": 1.1}
 
 
+def test_a_start_whose_burn_in_leaves_the_trained_seasons_is_refused_before_training(tmp_path):
+    """A rollout (its burn-in included) with days outside ``seasons`` is refused when the
+    tier loads and when it runs, naming the start and the season, before anything trains."""
+    text = 'tier = "w"\nseasons = [1]\nburn_in = 10\nrollout_days = 30\nstarts = ["{}"]\n'
+    f = tmp_path / "w.toml"
+    f.write_text(text.format("2007-12-15"))
+    assert load_protocol(f).starts == ("2007-12-15",)
+    f.write_text(text.format("2007-12-10"))  # burn-in from 2007-11-30: autumn
+    with pytest.raises(ValueError, match=r"w\.toml: the rollout from 2007-12-10 .*season\(s\) \[4\]"):
+        load_protocol(f)
+    f.write_text(text.format("2008-02-10"))  # runs into March
+    with pytest.raises(ValueError, match=r"season\(s\) \[2\]"):
+        load_protocol(f)
+    with pytest.raises(ValueError, match=r"reconstruction|2007-06-01"):
+        run_protocol(ProtocolConfig(seasons=(3,), starts=(), reconstruction=("2007-06-01", 200)), out=tmp_path)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
     twin = TwinCase("toy", {"coarse_start": "2005-01-01", "coarse_end": "2005-12-31",
                             "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 11,

@@ -218,7 +218,8 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     dcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select="loss",
                                                               pushforward_source="unet",
                                                               lag_noise_scale=0.5,
-                                                              calibration_rollouts=1))
+                                                              calibration_rollouts=1,
+                                                              state_rollouts=1))
     train(data=store_path, run=run, config=dcfg, model="ddpm", progress=False)
     assert (run / "season3" / "ddpm.best.pt").exists()
     best = load_checkpoint(run / "season3" / "ddpm.best.pt")
@@ -252,6 +253,11 @@ def test_rollout_selection_and_pushforward_train_end_to_end(store_path, tiny_con
     f = cal["rollout_factor"]
     assert cal["rollout_days"] > 0 and f == cal["inflations"][int(np.argmin(cal["rollout_crps_fair"]))]
     np.testing.assert_allclose(best["ema"]["regression_bands"].numpy(), f * cal["band_factor"] * gains, rtol=1e-5)
+    # and the coarse-state gains' shape refit on rollouts: one factor per node, the gains within
+    # their limits
+    assert cal["state_rollout_days"] > 0 and len(cal["state_rollout_factors"]) == len(cal["state_nodes"])
+    assert len(cal["state_gains"]) == len(cal["state_nodes"]) and np.isfinite(cal["state_rollout_spread_skill"]).all()
+    assert all(FINAL_BAND_LIMITS[0] <= g <= FINAL_BAND_LIMITS[1] for g in cal["state_gains"])
     # calibration samples exactly as `sample` does with the run's settings: only the member
     # count, α itself, true lags and the eager loop may differ (fails if the two drift apart)
     shipped = calibration_sampler(dcfg)

@@ -504,9 +504,10 @@ def test_widening_fitted_for_another_sampler_warns_with_the_refit():
     flat = SimpleNamespace(regression_inflation=torch.tensor(1.0), regression_bands=torch.ones(6),
                            regression_scale=torch.tensor(1.0),
                            calibration={"final_band_gains": [1.0] * 6, "texture_gain": 1.0,
+                                        "state_nodes": [0.0], "state_gains": [1.0],
                                         "sampler": sampler_record(fitted)})
     with pytest.warns(UserWarning, match="spacing='karras'") as seen:
-        _widened(flat, np.zeros((2, 12, 12)), dc.replace(fitted, spacing="karras"), 0, 1)
+        _widened(flat, np.zeros((2, 12, 12)), dc.replace(fitted, spacing="karras"), 0, 1, np.zeros((1, 12, 12)))
     assert [w.filename for w in seen] == [__file__]
     with pytest.warns(UserWarning, match=r"steps=5, projection=True .*steps=7, projection=False.*"
                                          r"--set sample.steps=7 --set sample.consistency=false"):
@@ -553,6 +554,9 @@ def _synthetic_calibration_days(rng, days, members=8, H=48, W=56):
     from fastds.sampling.spread import BAND_SIGMAS
     fd = SimpleNamespace(anchor=SimpleNamespace(inverse=lambda z, mu, season: z), cidx=np.arange(days),
                          mu_at=lambda c: None, season=3)
+    # the coarse field on the fine grid: a smooth ramp in x, shifted day by day
+    ramp = np.linspace(0.0, 1.0, W)[None].repeat(H, 0)
+    fd.coarse_on_fine = lambda e: ((ramp + 0.1 * int(e)) % 1.3)[None]
     truth = [rng.standard_normal((H, W)) for _ in range(days)]
     noise = [rng.standard_normal((members, H, W)) for _ in range(days)]
     return (fd, SimpleNamespace(antithetic=False), np.arange(days), np.ones(len(BAND_SIGMAS) + 1),
@@ -651,6 +655,113 @@ def test_texture_widening_reads_the_calibration_where_the_band_gains_apply():
     old = SimpleNamespace(calibration={"final_band_gains": [1.0] * 6})
     with pytest.warns(UserWarning, match="--recalibrate"):
         np.testing.assert_array_equal(texture_widening(old, cfg), [1.0])
+
+
+def test_state_gain_is_piecewise_linear_in_the_coarse_field_and_widen_applies_it_last():
+    """state_nodes: the medians of equal-count bins, strictly increasing, ties merged (a
+    constant field gets one node); state_bin: the nearest node; state_gain interpolates
+    between the nodes and is flat beyond them. widen(..., state=s) multiplies the widened spread by s pixel by pixel,
+    keeps the antithetic pairs' means and the dtype; a field of ones is the plain widening."""
+    from fastds.sampling.spread import (STATE_BINS, filter_bands, grid_texture, state_bin, state_gain,
+                                        state_nodes, widen)
+    rng = np.random.default_rng(5)
+    v = rng.uniform(0, 1, 5000)
+    nodes = state_nodes(v)
+    assert len(nodes) == STATE_BINS and np.diff(nodes).min() > 0
+    np.testing.assert_allclose(nodes, [0.1, 0.3, 0.5, 0.7, 0.9], atol=0.03)
+    np.testing.assert_allclose(np.bincount(state_bin(v, nodes)), 1000, rtol=0.06)  # about equal counts
+    two = state_nodes(np.r_[np.zeros(70), np.ones(30)])
+    assert two[0] == 0.0 and two[-1] == 1.0 and np.diff(two).min() > 0
+    np.testing.assert_array_equal(state_bin([0.0, 0.2, 1.0], two), [0, 0, len(two) - 1])
+    np.testing.assert_array_equal(state_nodes(np.full(10, 0.4)), [0.4])
+    np.testing.assert_array_equal(state_bin([0.0, 3.0], [0.4]), [0, 0])
+    np.testing.assert_allclose(state_gain(np.array([-1.0, 0.0, 0.5, 1.0, 3.0]), [0.0, 1.0], [2.0, 4.0]),
+                               [2.0, 2.0, 3.0, 4.0, 4.0])
+    assert state_gain(np.zeros((2, 3)), [0.4], [1.7]).tolist() == [[1.7] * 3] * 2
+    r = rng.standard_normal((4, 30, 40))
+    g = np.array([0.7, 0.65, 0.9, 1.8, 3.0, 4.0])
+    s = 0.5 + rng.uniform(0, 1, (30, 40))
+    plain = widen(r, gains=g, texture=1.3, antithetic=True)
+    np.testing.assert_array_equal(widen(r, gains=g, texture=1.3, state=np.ones((30, 40)), antithetic=True), plain)
+    w = widen(r, gains=g, texture=1.3, state=s, antithetic=True)
+    np.testing.assert_allclose(w[2] + w[3], r[2] + r[3], atol=1e-12)  # pair means kept
+    half = filter_bands(0.5 * (r[2] - r[3]), g)
+    np.testing.assert_allclose(0.5 * (w[2] - w[3]), s * (half + 0.3 * grid_texture(half)), atol=1e-12)
+    np.testing.assert_allclose(widen(r, 1.5, state=s), 1.5 * s * r, atol=1e-12)  # independent members
+    assert widen(r.astype(np.float32), gains=g, state=s).dtype == np.float32
+
+
+def test_state_gains_match_the_spread_to_the_error_in_each_coarse_bin():
+    """The coarse-state fit on synthetic days: truth white noise, members whose spread grows
+    with the coarse field (0.5 + c): the gains fall with c, about 1 / (0.5 + c) at the
+    nodes, and every bin's spread/skill ends near 1; members that are right everywhere get
+    gains near 1. Unknown truth pixels count in no bin."""
+    from fastds.training.stages import state_gains
+    fd, cfg, pick, ones, mean_z, truth, noise = _synthetic_calibration_days(np.random.default_rng(2), 10)
+    truth[0][:4, :6] = np.nan
+    res = [n * (0.5 + fd.coarse_on_fine(e)[0]) for e, n in zip(pick, noise)]
+    nodes, g, ratio = state_gains(fd, pick, mean_z, res, truth, ones, 1.0, cfg, None, None, False)
+    assert len(nodes) == 5 and np.diff(g).max() < 0
+    np.testing.assert_allclose(g, 1.0 / (0.5 + nodes), rtol=0.08)
+    np.testing.assert_allclose(ratio, 1.0, atol=0.04)
+    _, g, _ = state_gains(fd, pick, mean_z, noise, truth, ones, 1.0, cfg, None, None, False)
+    np.testing.assert_allclose(g, 1.0, atol=0.05)
+
+
+def test_rollout_state_factors_reshape_the_spread_and_keep_its_total():
+    """The rollout refit of the state gains on synthetic rolled-out days: truth white noise,
+    members whose spread grows with the coarse field (0.5 + c). The factors fall as
+    1 / (0.5 + c) at the nodes, up to one common factor that keeps the pooled spread what it
+    was; members right everywhere get factors near 1. The returned spread/skill is the one
+    before the refit."""
+    from fastds.metrics.ensemble import calibrated_variance
+    from fastds.sampling.spread import state_bin, state_gain, state_nodes
+    from fastds.training.stages import rollout_state_factors
+    fd, cfg, pick, _, mean_z, truth, noise = _synthetic_calibration_days(np.random.default_rng(4), 10)
+    levels = [fd.coarse_on_fine(e)[0] for e in pick]
+    nodes = state_nodes(np.concatenate(levels))
+    record = [(e, m, n * (0.5 + c), t, c) for e, m, n, t, c in zip(pick, mean_z, noise, truth, levels)]
+    f, before = rollout_state_factors(fd, record, nodes, cfg, None, None, False)
+    np.testing.assert_allclose(before, 0.5 + nodes, rtol=0.08)
+    shape = f * (0.5 + nodes)
+    assert np.ptp(shape) / shape.mean() < 0.1 and np.diff(f).max() < 0
+    pooled = lambda g: sum(calibrated_variance(r * state_gain(c, nodes, g)) for _, _, r, _, c in record)  # noqa: E731
+    np.testing.assert_allclose(pooled(f), pooled(np.ones_like(f)), rtol=0.03)
+    right = [(e, m, n, t, c) for e, m, n, t, c in zip(pick, mean_z, noise, truth, levels)]
+    f, _ = rollout_state_factors(fd, right, nodes, cfg, None, None, False)
+    np.testing.assert_allclose(f, 1.0, atol=0.05)
+    assert len(np.unique(state_bin(np.concatenate(levels), nodes))) == len(nodes)
+
+
+def test_state_widening_reads_the_calibration_where_the_texture_gain_applies():
+    """state_widening: off by default; asked for, the saved gains on the day's coarse field
+    (a joint model's per species, each on its own coarse channel); None when another
+    widening is asked for or calibrate_state is off; None with a warning naming the refit
+    for a calibration that has the texture gain but predates the state gains."""
+    import dataclasses as dc
+    from types import SimpleNamespace
+    from fastds.config import SampleConfig
+    from fastds.sampling.day import state_widening
+    cfg = SampleConfig(calibrate_state=True)
+    coarse = np.array([[[0.0, 0.5, 1.0]], [[1.0, 1.0, 0.0]]])  # (K, H, W)
+    one = {"final_band_gains": [1.0] * 6, "texture_gain": 1.3, "state_nodes": [0.0, 1.0], "state_gains": [2.0, 1.0]}
+    model = SimpleNamespace(calibration=one)
+    assert state_widening(model, SampleConfig(), coarse[:1]) == [None]  # off by default
+    np.testing.assert_allclose(state_widening(model, cfg, coarse[:1])[0], [[2.0, 1.5, 1.0]])
+    for off in ({"calibrate_state": False}, {"calibrate_texture": False}, {"calibrate_to": "spread"},
+                {"calibrate_bands": False}, {"calibrate": False}):
+        assert state_widening(model, dc.replace(cfg, **off), coarse[:1]) == [None]
+    other = dict(one, state_nodes=[0.0, 2.0], state_gains=[1.0, 3.0])
+    joint = SimpleNamespace(calibration={"species": [one, other]})
+    got = state_widening(joint, cfg, coarse)
+    np.testing.assert_allclose(got[0], [[2.0, 1.5, 1.0]])
+    np.testing.assert_allclose(got[1], [[2.0, 2.0, 1.0]])
+    assert state_widening(SimpleNamespace(), cfg, coarse[:1]) == [None]  # not calibrated
+    older = SimpleNamespace(calibration={"final_band_gains": [1.0] * 6})  # the texture gain's warning covers it
+    assert state_widening(older, cfg, coarse[:1]) == [None]
+    old = SimpleNamespace(calibration={"final_band_gains": [1.0] * 6, "texture_gain": 1.3})
+    with pytest.warns(UserWarning, match="calibrate_state=false"):
+        assert state_widening(old, cfg, coarse[:1]) == [None]
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

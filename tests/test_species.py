@@ -462,6 +462,15 @@ def test_joint_model_refuses_what_it_cannot_do(joint_run, species_runs, trained_
         train_joint(runs=[runs["SSEXTTAU"]], run=tmp_path / "j", progress=False)
     with pytest.raises(ValueError, match="different stores"):
         train_joint(runs=[runs["SSEXTTAU"], trained_run], run=tmp_path / "j", progress=False)
+    import dataclasses
+    from fastds.runs import run_config
+    from fastds.training.joint import _check_configs
+    base = run_config(runs["SSEXTTAU"])
+    for name in ("calibration_rollouts", "state_rollouts"):  # the joint widening has no rollout refit
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **{name: 1}))
+        with pytest.raises(ValueError, match=f"train.{name} > 0 is not supported"):
+            _check_configs([], [], cfg)
+    _check_configs([], [], base)
     with pytest.raises(ValueError, match="one process"):
         sample(run=run, model="joint", start="2005-08-28", end="2005-08-29", segments=2)
     with pytest.raises(ValueError, match="names no species runs"):

@@ -510,7 +510,7 @@ def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(tr
     import warnings
 
     from fastds.runs import load_trained, run_config
-    from fastds.sampling.day import spread_widening, texture_widening
+    from fastds.sampling.day import spread_widening, state_widening, texture_widening
     from fastds.training.stages import FINAL_BAND_LIMITS, recalibrate
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -527,8 +527,15 @@ def test_recalibrate_fits_the_widening_for_new_sample_settings_and_saves_them(tr
         spread_widening(model, run_config(run).sample)
         # the grid-scale texture gain is fitted with the band gains and is what sampling reads
         kappa = texture_widening(model, run_config(run).sample)
+        # and so are the coarse-state gains (asked for): sampling reads them on the day's coarse field
+        coarse = np.linspace(min(out[3]["state_nodes"]) - 1, max(out[3]["state_nodes"]) + 1, 7)[None, None]
+        state = state_widening(model, dataclasses.replace(run_config(run).sample, calibrate_state=True), coarse)
     assert kappa[0] == out[3]["texture_gain"] and FINAL_BAND_LIMITS[0] <= kappa[0] <= FINAL_BAND_LIMITS[1]
     assert kappa[0] != 1.0 and out[3]["texture_power"] > 0
+    assert len(out[3]["state_gains"]) == len(out[3]["state_nodes"]) >= 2
+    assert all(FINAL_BAND_LIMITS[0] <= g <= FINAL_BAND_LIMITS[1] for g in out[3]["state_gains"])
+    assert np.diff(out[3]["state_nodes"]).min() > 0
+    np.testing.assert_array_equal(state[0][0, [0, -1]], [out[3]["state_gains"][0], out[3]["state_gains"][-1]])
     with pytest.warns(UserWarning, match="fitted for spacing='karras-linear' and is applied to spacing='leading'"):
         spread_widening(model, old)
     text = (run / "config.toml").read_text()

@@ -30,10 +30,10 @@ from ..stitch import StitchPlan, plan_patches, stitch
 from .graphs import GraphCache, StaticSampler
 from .fusion import PatchFusedModel
 from .samplers import make_plan, run_plan
-from .spread import sampler_record, widen
+from .spread import sampler_record, state_gain, widen
 
 __all__ = ["DayInputs", "downscale_day", "check_geometry", "member_draws", "inflate_residuals",
-           "spread_widening", "texture_widening", "PRECISIONS", "sampling_twin"]
+           "spread_widening", "state_widening", "texture_widening", "PRECISIONS", "sampling_twin"]
 
 # captured StaticSamplers per model and batch shape (CUDA only), bounded and evicted LRU
 _GRAPHS = GraphCache(max_entries=4)
@@ -228,7 +228,7 @@ def _corrdiff(model, inputs, *, cfg, members, member0, device, **run):
             means[k:] = mpatches.stitch(mpatches.channels(torch.cat(parts)))  # members after k share it until their own
     res = _generate(model, inputs, cfg=cfg, members=members, member0=member0, device=device,
                     patches=patches, on_cond=on_cond, **run)
-    res = _widened(model, res, cfg, member0, patches.k)
+    res = _widened(model, res, cfg, member0, patches.k, inputs.coarse)
     if means is None:
         means = np.empty_like(res)
         means[:] = _stitched_means(model, inputs, mpatches, cfg, 1 if shared_lags else members, device)
@@ -277,20 +277,23 @@ def _rows_within(starts, within):
     return None if None in rows else np.asarray(rows, np.int64)
 
 
-def _widened(model, res, cfg, member0, k):
+def _widened(model, res, cfg, member0, k, coarse):
     """The residual sample scaled and widened as ``cfg`` says: (members, H, W), or per
-    species channel for a joint model ((members, K, H, W), each its own α, gains and scale)."""
+    species channel for a joint model ((members, K, H, W), each its own α, gains and scale).
+    ``coarse``: the day's coarse field(s) on the fine grid (K, H, W), for the state gain."""
     alpha, gains = spread_widening(model, cfg)
     texture = texture_widening(model, cfg, k)
+    state = state_widening(model, cfg, coarse)
     scale = model.regression_scale.detach().cpu().double().numpy().reshape(-1)
     if k == 1:
-        return float(scale[0]) * widen(res, alpha, gains=gains, texture=float(texture[0]), member0=member0,
-                                       antithetic=cfg.antithetic)
+        return float(scale[0]) * widen(res, alpha, gains=gains, texture=float(texture[0]), state=state[0],
+                                       member0=member0, antithetic=cfg.antithetic)
     out = np.empty_like(res)
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))  # 1.0 when not calibrated
     for j in range(k):
         out[:, j] = scale[j] * widen(res[:, j], float(alpha[j]), gains=None if gains is None else gains[j],
-                                     texture=float(texture[j]), member0=member0, antithetic=cfg.antithetic)
+                                     texture=float(texture[j]), state=state[j], member0=member0,
+                                     antithetic=cfg.antithetic)
     return out
 
 
@@ -597,6 +600,31 @@ def texture_widening(model, cfg: SampleConfig, k=1) -> np.ndarray:
                     "`fastds train --run RUN --recalibrate`, or --set sample.calibrate_texture=false")
         return ones
     return np.array([float(c["texture_gain"]) for c in fields])
+
+
+def state_widening(model, cfg: SampleConfig, coarse) -> list:
+    """The coarse-state spread gain field of each of the model's field channels: a list of
+    (H, W) arrays or None, one per channel of ``coarse`` (K, H, W) (the day's normalised coarse
+    field(s) on the fine grid, as :class:`DayInputs` holds them). The calibration's
+    ``state_nodes`` and ``state_gains`` (:func:`~fastds.sampling.spread.state_gain`) where the
+    texture gain applies (:func:`texture_widening`) and ``cfg.calibrate_state``; None
+    otherwise. A calibration with a texture gain but no state gains gets None, with a warning
+    naming the refit (an older one has had the texture gain's warning)."""
+    k = len(coarse)
+    none = [None] * k
+    if not (cfg.calibrate_state and cfg.calibrate and cfg.calibrate_bands and cfg.calibrate_to == "bands"
+            and cfg.calibrate_texture):
+        return none
+    cal = getattr(model, "calibration", None) or {}
+    fields = cal.get("species") or [cal]
+    if not cal or len(fields) != k or any("texture_gain" not in c for c in fields):
+        return none
+    if any("state_gains" not in c for c in fields):
+        warn_caller("sample: the model's calibration predates the coarse-state spread gain, so its "
+                    "spread does not follow the coarse field; refit with "
+                    "`fastds train --run RUN --recalibrate`, or --set sample.calibrate_state=false")
+        return none
+    return [state_gain(c_j, c["state_nodes"], c["state_gains"]) for c_j, c in zip(coarse, fields)]
 
 
 def _check_fitted_sampler(cal, cfg: SampleConfig):

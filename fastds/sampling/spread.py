@@ -13,13 +13,20 @@ the grid's corner, and within it a few-step sample is too rough at 3–5 px wave
 too smooth at 2–2.5 px, so the band's one gain leaves the finest wavenumbers short (0.72
 of the truth's power on validation days). :func:`grid_texture` is that scale alone (a
 radial high-pass), and ``widen(..., texture=κ)`` scales it after the band gains.
+
+Neither depends on where the spread is needed: a field's error grows with its coarse state
+(plume days, high coarse AOD) faster than a uniformly widened spread does.
+:func:`state_gain` is a spread gain per pixel, piecewise linear in the day's coarse field on
+the fine grid between a few quantile nodes (fitted per coarse bin on validation days), and
+``widen(..., state=field)`` applies it last.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "TEXTURE_BAND", "band_split", "filter_bands", "grid_texture",
-           "sampler_record", "scan_factors", "widen", "widen_parts"]
+__all__ = ["BAND_SIGMAS", "INFLATIONS", "RAW", "STATE_BINS", "TEXTURE_BAND", "band_split", "filter_bands",
+           "grid_texture", "sampler_record", "scan_factors", "state_bin", "state_gain", "state_nodes", "widen",
+           "widen_parts"]
 
 # the finest band (r − G₀.₅ r) holds wavelengths of about 2–3 px, where a few-step sampler
 # loses the most power; 8 px is the coarse cell of the paper's grids
@@ -30,6 +37,8 @@ RAW = int(np.argmin(np.abs(INFLATIONS - 1.0)))  # the index of factor 1 (no wide
 # the grid-scale texture band (cycles per pixel): a ramp from 0 at 0.35 to 1 at 0.45, full
 # beyond; the protocol's finest spectrum band is 0.41-0.5, the one before it is left alone
 TEXTURE_BAND = (0.35, 0.45)
+# coarse-state bins of the state gain: quintiles, as the protocol's spread/error reliability
+STATE_BINS = 5
 
 
 def sampler_record(cfg) -> dict:
@@ -72,10 +81,34 @@ def grid_texture(r, band=TEXTURE_BAND) -> np.ndarray:
     return fft.irfft2(fft.rfft2(even, axes=(-2, -1)) * ramp, s=(2 * H, 2 * W), axes=(-2, -1))[..., :H, :W]
 
 
-def widen(r, alpha=1.0, *, gains=None, texture=1.0, member0=0, antithetic=False):
+def state_nodes(values, bins=STATE_BINS) -> np.ndarray:
+    """The nodes of a state gain from coarse-state ``values`` (any shape, finite): the
+    medians of ``bins`` equal-count bins of the sorted values, (n,), n <= ``bins``, strictly
+    increasing (bins that ties give one median are merged)."""
+    v = np.sort(np.asarray(values, np.float64).ravel())
+    return np.unique([np.median(chunk) for chunk in np.array_split(v, bins) if len(chunk)])
+
+
+def state_bin(coarse, nodes) -> np.ndarray:
+    """The index of the node nearest each value of ``coarse`` (any shape): the bin a state
+    gain is fitted over."""
+    nodes = np.asarray(nodes, np.float64)
+    return np.digitize(np.asarray(coarse, np.float64), 0.5 * (nodes[1:] + nodes[:-1]))
+
+
+def state_gain(coarse, nodes, gains) -> np.ndarray:
+    """The spread gain at each pixel, (..., H, W) float64, from the day's coarse field on the
+    fine grid ``coarse`` (..., H, W), in the units ``nodes`` (n,) were taken in: linear
+    between the nodes' ``gains`` (n,), flat beyond the end nodes."""
+    return np.interp(np.asarray(coarse, np.float64), np.asarray(nodes, np.float64),
+                     np.asarray(gains, np.float64))
+
+
+def widen(r, alpha=1.0, *, gains=None, texture=1.0, state=None, member0=0, antithetic=False):
     """Widen an ensemble's residuals (members, H, W) by α, or by a gain per band (``gains``,
     α folded in: see :func:`filter_bands`), then scale its grid-scale part
-    (:func:`grid_texture`) by ``texture``.
+    (:func:`grid_texture`) by ``texture``, then multiply it by a gain per pixel ``state``
+    (H, W) (:func:`state_gain`; None: none).
 
     Antithetic pairs (members 2j, 2j+1, both in ``r``) are split into their mean
     e = (r₊ + r₋)/2 and half-difference o = (r₊ − r₋)/2 and become e ± A(o): the widening A
@@ -85,18 +118,16 @@ def widen(r, alpha=1.0, *, gains=None, texture=1.0, member0=0, antithetic=False)
     partner is not in ``r`` (a lone member 0), get A(r). The identity (α = 1, no gains)
     returns ``r`` itself.
     """
-    if gains is None and alpha == 1.0 and texture == 1.0:
+    if gains is None and alpha == 1.0 and texture == 1.0 and state is None:
         return r
-    if gains is None:
-        scaled = lambda x: alpha * x  # noqa: E731
-    else:
-        scaled = lambda x: filter_bands(x, gains)  # noqa: E731
-    if texture == 1.0:
-        op = scaled
-    else:
-        def op(x):
-            y = scaled(x)
-            return (y + (texture - 1.0) * grid_texture(y)).astype(y.dtype)
+
+    def op(x):
+        y = alpha * x if gains is None else filter_bands(x, gains)
+        if texture != 1.0:
+            y = y + (texture - 1.0) * grid_texture(y)
+        if state is not None:
+            y = y * state
+        return np.asarray(y).astype(np.asarray(x).dtype)
     out = op(r)
     if antithetic:
         for k in range(len(r) - 1):

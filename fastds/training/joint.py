@@ -60,9 +60,10 @@ def _check_configs(runs, configs, config: Config):
     if config.data.covariates == "events":
         raise ValueError("train --model joint: data.covariates='events' differ per species (each "
                          "species' own coarse field); use 'bounded' or 'paper'")
-    if config.train.calibration_rollouts > 0:
-        raise ValueError("train --model joint: train.calibration_rollouts > 0 is not supported "
-                         "(the joint widening is fitted on validation days with true lags)")
+    for name in ("calibration_rollouts", "state_rollouts"):
+        if getattr(config.train, name) > 0:
+            raise ValueError(f"train --model joint: train.{name} > 0 is not supported "
+                             "(the joint widening is fitted on validation days with true lags)")
 
 
 def joint_loss(config: Config):

@@ -324,6 +324,9 @@ def calibrate_spread(best, train_set, val_set, config: Config, device="cpu", day
         model.regression_inflation.mul_(f)
         model.regression_bands.mul_(f)
         cal["final_band_gains"] = [f * g for g in cal["final_band_gains"]]
+    if config.train.state_rollouts > 0 and cal.get("state_nodes"):
+        cal.update(_rollout_state(model, fd, val_set, config, members, project, coarse_days, pairs, device,
+                                  cal, kind))
     save_widening(best, ck, model, cal)
     return cal
 
@@ -367,12 +370,16 @@ def widening_fit(fd, pick, draws, cfg, project, coarse, pairs) -> dict:
     scores_b, ratios_b = scan(gains)
     final, final_ratios = final_band_gains(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse, pairs)
     texture, texture_power = texture_gain(fd, pick, mean_z, res_z, truth, final, cfg, project, coarse)
+    nodes, state, state_ratios = state_gains(fd, pick, mean_z, res_z, truth, final, texture, cfg, project, coarse,
+                                             pairs)
     return {"inflation": float(INFLATIONS[int(np.argmin(scores))]), "inflations": INFLATIONS.tolist(),
             "crps_fair": scores, "spread_skill": ratios, "raw_spread_skill": ratios[RAW],
             "band_gains": gains.tolist(), "band_factor": float(INFLATIONS[int(np.argmin(scores_b))]),
             "crps_fair_bands": scores_b, "spread_skill_bands": ratios_b,
             "final_band_gains": final.tolist(), "final_band_spread_skill": final_ratios.tolist(),
-            "texture_gain": texture, "texture_power": texture_power, "days": [int(d) for d in pick]}
+            "texture_gain": texture, "texture_power": texture_power, "state_nodes": nodes.tolist(),
+            "state_gains": state.tolist(), "state_spread_skill": state_ratios.tolist(),
+            "days": [int(d) for d in pick]}
 
 
 FINAL_BAND_ITERATIONS = 4
@@ -437,20 +444,65 @@ def texture_gain(fd, pick, mean_z, res_z, truth, gains, cfg, project, coarse,
     return kappa, ratio
 
 
-def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
-    """Refine a widening by strict rollouts, as ``sample`` runs them: over the longest
-    validation blocks (``train.calibration_rollouts``), every member rolls forward from the
-    block's true lag window with its own history, widened as it ships; then one factor f on
-    each day's widened spread is picked by the fair CRPS (log10, projected). Members that
-    roll out carry their own histories' divergence, which days with true lags do not show."""
+def state_gains(fd, pick, mean_z, res_z, truth, gains, texture, cfg, project, coarse, pairs,
+                iterations=FINAL_BAND_ITERATIONS):
+    """The coarse-state spread gains (``widen(..., state=state_gain(coarse, nodes, g))``) at
+    which the spread matches its mean's error in each quantile bin of the day's coarse field
+    on the fine grid (``fd.coarse_on_fine``, the units ``sample`` sees), log10 after the
+    projection, on top of the final band gains ``gains`` (bands,) and texture gain
+    ``texture``; the days as :func:`final_band_gains` gets them. Nodes from the calibration
+    days' pixels with a known truth (:func:`~fastds.sampling.spread.state_nodes`), each pixel
+    in its nearest node's bin (:func:`~fastds.sampling.spread.state_bin`); fixed-point
+    iterations from 1: g_q <- g_q · error_q / spread_q, clipped to FINAL_BAND_LIMITS. Returns
+    (nodes (n,), gains (n,), the per-bin spread/skill of the last iteration, before its
+    update)."""
+    from ..sampling.spread import state_bin, state_gain, state_nodes, widen
+    levels = [fd.coarse_on_fine(e)[0].astype(np.float64) for e in pick]
+    nodes = state_nodes(np.concatenate([c[np.isfinite(t)] for c, t in zip(levels, truth)]))
+    which = [state_bin(c, nodes) for c in levels]
+    g, ratio = np.ones(len(nodes)), np.ones(len(nodes))
+    for _ in range(iterations):
+        var, err = np.zeros_like(g), np.zeros_like(g)
+        for e, m, r, t, c, b in zip(pick, mean_z, res_z, truth, levels, which):
+            z = m + widen(r, gains=gains, texture=texture, state=state_gain(c, nodes, g), antithetic=cfg.antithetic)
+            _add_bin_moments(var, err, _log10_as_sampled(fd, fd.cidx[e], z, project, coarse), t, b, pairs)
+        ratio = _bin_ratio(var, err)
+        g = np.clip(g / np.maximum(ratio, 1e-12), *FINAL_BAND_LIMITS)
+    return nodes, g, ratio
+
+
+def _add_bin_moments(var, err, log, truth, bins, pairs):
+    """Add one day's per-bin spread and error to ``var`` and ``err`` (n,), in place: the
+    pixel-weighted calibrated variance of members ``log`` (members, H, W) and the squared
+    error of their mean against ``truth`` (H, W; NaN unknown), over the pixels in each bin
+    of ``bins`` (H, W)."""
+    from ..metrics.ensemble import calibrated_variance
+    ok = np.isfinite(truth)
+    mean = log.mean(0)
+    for q in range(len(var)):
+        sel = ok & (bins == q)
+        if sel.any():
+            var[q] += sel.sum() * calibrated_variance(log[:, sel], pairs=pairs)
+            err[q] += np.sum((mean[sel] - truth[sel]) ** 2)
+
+
+def _bin_ratio(var, err):
+    """Per-bin spread/skill from pooled moments; 1 in a bin without pixels."""
+    return np.where(err > 0, np.sqrt(var / np.maximum(err, 1e-300)), 1.0)
+
+
+def _validation_rollouts(model, fd, val_set, config, members, project, coarse_days, device, blocks_n, kind="ddpm"):
+    """Strict rollouts as ``sample`` runs them over the ``blocks_n`` longest validation blocks:
+    every member rolls forward from the block's true lag window with its own history, widened
+    as it ships. Per day: (coarse index, means (members, H, W), widened residuals (members, H,
+    W), truth (H, W) log10, the coarse field on the fine grid (H, W) as sampling sees it)."""
     from ..sampling.day import downscale_day
     from ..sampling.downscalers import Season
     from ..sampling.rollout import Rollout
-    from ..sampling.spread import widen_parts
     cfg = dataclasses.replace(calibration_sampler(config, members, kind), calibrate=True, mode="strict")
     days = np.unique(val_set.days)
     blocks = np.split(days, np.flatnonzero(np.diff(days) > 1) + 1)
-    blocks = sorted(blocks, key=len, reverse=True)[:config.train.calibration_rollouts]
+    blocks = sorted(blocks, key=len, reverse=True)[:blocks_n]
     record = []
 
     class Recorder:  # the shipped DDPM, its per-member means kept beside each day
@@ -465,19 +517,73 @@ def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, p
                                    day_key=ctx.day_key, cfg=cfg, members=ctx.members, device=device,
                                    parts=True)
             z = m + res
-            record.append((ctx.c, m, z - m, fd.logy_at(fd.index_of(ctx.day))))
+            record.append((ctx.c, m, z - m, fd.logy_at(fd.index_of(ctx.day)), ctx.inputs.coarse[0]))
             return fd.to_physical(z, ctx.c)
 
     for block in blocks:
         Rollout(store=fd.store, days=fd.times[block], cfg=cfg, coarse_days=coarse_days,
                 finish=project).run(Recorder())
-    widened = [(c, m, widen_parts(r, None, antithetic=cfg.antithetic), t) for c, m, r, t in record]
+    return record, cfg
+
+
+def _rollout_factor(model, fd, val_set, config, members, project, coarse_days, pairs, device, kind="ddpm") -> dict:
+    """Refine a widening by strict rollouts over validation blocks
+    (``train.calibration_rollouts``, :func:`_validation_rollouts`): one factor f on each day's
+    widened spread, picked by the fair CRPS (log10, projected). Members that roll out carry
+    their own histories' divergence, which days with true lags do not show."""
+    from ..sampling.spread import widen_parts
+    record, cfg = _validation_rollouts(model, fd, val_set, config, members, project, coarse_days, device,
+                                       config.train.calibration_rollouts, kind)
+    widened = [(c, m, widen_parts(r, None, antithetic=cfg.antithetic), t) for c, m, r, t, _ in record]
     scores, ratios = _scan_factors(fd, widened, project, coarse_days.values if project is not None else None,
                                    pairs)
     k = int(np.argmin(scores))
     return {"rollout_factor": float(INFLATIONS[k]), "rollout_days": len(record),
             "rollout_crps_fair": scores, "rollout_spread_skill": ratios,
             "rollout_spread_skill_at_1": ratios[RAW]}
+
+
+def _rollout_state(model, fd, val_set, config, members, project, coarse_days, pairs, device, cal,
+                   kind="ddpm") -> dict:
+    """Refit the coarse-state gains' shape on strict rollouts over validation blocks
+    (``train.state_rollouts``, :func:`_validation_rollouts`), where the members' own
+    histories make the error grow most on high coarse days: ``cal``'s state gains times
+    :func:`rollout_state_factors`."""
+    record, cfg = _validation_rollouts(model, fd, val_set, config, members, project, coarse_days, device,
+                                       config.train.state_rollouts, kind)
+    f, ratio = rollout_state_factors(fd, record, cal["state_nodes"], cfg, project,
+                                     coarse_days.values if project is not None else None, pairs)
+    gains = np.clip(np.asarray(cal["state_gains"]) * f, *FINAL_BAND_LIMITS)
+    return {"state_gains": gains.tolist(), "state_rollout_factors": f.tolist(),
+            "state_rollout_spread_skill": ratio.tolist(), "state_rollout_days": len(record)}
+
+
+def rollout_state_factors(fd, record, nodes, cfg, project, coarse, pairs, iterations=FINAL_BAND_ITERATIONS):
+    """Per-node factors (n,) on the widened spread of rolled-out days ``record`` (as
+    :func:`_validation_rollouts` returns them) that bring each coarse-state bin's
+    spread/skill (log10, projected) to one common value: fixed-point iterations f_q <- f_q ·
+    error_q / spread_q, then one factor so the pooled spread is what it was at f = 1 (the
+    shape moves, the total stays: the level is the band gains'). Returns (factors, the
+    per-bin spread/skill at f = 1)."""
+    from ..sampling.spread import state_bin, state_gain, widen_parts
+    days = [(c, m, widen_parts(r, None, antithetic=cfg.antithetic), t, cf, state_bin(cf, nodes))
+            for c, m, r, t, cf in record]
+
+    def per_bin(f):
+        var, err = np.zeros(len(nodes)), np.zeros(len(nodes))
+        for c, m, (base, spread), t, cf, b in days:
+            log = _log10_as_sampled(fd, c, m + base + state_gain(cf, nodes, f) * spread, project, coarse)
+            _add_bin_moments(var, err, log, t, b, pairs)
+        return var, err
+
+    f = np.ones(len(nodes))
+    var0, err0 = per_bin(f)
+    var, err = var0, err0
+    for _ in range(iterations):
+        f = f / _bin_ratio(var, err)
+        var, err = per_bin(f)
+    f = f * np.sqrt(var0.sum() / max(var.sum(), 1e-300))
+    return f, _bin_ratio(var0, err0)
 
 
 def _calibration_draws(model, fds, pick, cfg, config, members, pairs, device):
