@@ -106,18 +106,25 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     return cfg
 
 
+def periods(cfg: ProtocolConfig) -> list:
+    """The tier's scored runs, (first kept day, days) each: every start's rollout, then the
+    reconstruction if there is one."""
+    runs = [(pd.Timestamp(a), int(cfg.rollout_days)) for a in cfg.starts]
+    if cfg.reconstruction:
+        runs.append((pd.Timestamp(cfg.reconstruction[0]), int(cfg.reconstruction[1])))
+    return runs
+
+
 def check_seasons(cfg: ProtocolConfig, path="(in memory)") -> None:
     """Refuse, before anything is trained, a start whose rollout (its burn-in included) has
     days in a season the tier does not train: sampling them needs that season's models."""
     from .data.regions import season_of
-    runs = [(a, cfg.rollout_days) for a in cfg.starts]
-    runs += [tuple(cfg.reconstruction)] if cfg.reconstruction else []
-    for start, length in runs:
-        first = pd.Timestamp(start) - pd.Timedelta(days=cfg.burn_in)
-        days = pd.date_range(first, pd.Timestamp(start) + pd.Timedelta(days=int(length) - 1))
+    for start, length in periods(cfg):
+        first = start - pd.Timedelta(days=cfg.burn_in)
+        days = pd.date_range(first, start + pd.Timedelta(days=length - 1))
         out = sorted(set(season_of(days.month).tolist()) - set(cfg.seasons))
         if out:
-            raise ValueError(f"protocol {path}: the rollout from {pd.Timestamp(start):%Y-%m-%d} (burn-in from "
+            raise ValueError(f"protocol {path}: the rollout from {start:%Y-%m-%d} (burn-in from "
                              f"{first:%Y-%m-%d}, {length} days) has days in season(s) {out}, which "
                              f"seasons = {list(cfg.seasons)} does not train; move the start or add the season")
 
@@ -258,10 +265,7 @@ class _Case:
         return self.tdir / f"run-seed{self.seed}-joint"
 
     def periods(self):
-        runs = [(pd.Timestamp(a), self.cfg.rollout_days) for a in self.cfg.starts]
-        if self.cfg.reconstruction:
-            runs.append((pd.Timestamp(self.cfg.reconstruction[0]), int(self.cfg.reconstruction[1])))
-        return runs
+        return periods(self.cfg)
 
 
 def _references(case: _Case, variable, days):

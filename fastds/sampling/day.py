@@ -581,24 +581,34 @@ def _calibrated_widening(model, cfg: SampleConfig):
     return alpha, (None if each[0][1] is None else np.stack([g for _, g in each]))
 
 
+def _fine_calibrations(model, cfg: SampleConfig, k: int, extra: bool) -> list | None:
+    """The calibration records of the model's ``k`` field channels (a joint model's: each
+    species' own) where ``cfg`` widens by the band gains fitted after the projection
+    (``calibrate``, ``calibrate_bands``, ``calibrate_to = "bands"``), with the texture gain
+    (``calibrate_texture``) and ``extra`` (a further setting); None otherwise, or for a model
+    without a calibration for ``k`` channels."""
+    if not (extra and cfg.calibrate and cfg.calibrate_bands and cfg.calibrate_to == "bands"
+            and cfg.calibrate_texture):
+        return None
+    cal = getattr(model, "calibration", None) or {}
+    fields = cal.get("species") or [cal]
+    return fields if cal and len(fields) == k else None
+
+
 def texture_widening(model, cfg: SampleConfig, k=1) -> np.ndarray:
     """The grid-scale texture gain of each of the model's ``k`` field channels, (k,): the
     calibration's ``texture_gain`` (a joint model's: each species' own) where ``cfg``
     widens by the band gains fitted after the projection (``calibrate``, ``calibrate_bands``,
     ``calibrate_to = "bands"``) and ``cfg.calibrate_texture``; 1 otherwise. A calibration
     that predates the texture gain gets 1, with a warning naming the refit."""
-    ones = np.ones(k)
-    if not (cfg.calibrate and cfg.calibrate_bands and cfg.calibrate_to == "bands" and cfg.calibrate_texture):
-        return ones
-    cal = getattr(model, "calibration", None) or {}
-    fields = cal.get("species") or [cal]
-    if not cal or len(fields) != k:
-        return ones
+    fields = _fine_calibrations(model, cfg, k, True)
+    if fields is None:
+        return np.ones(k)
     if any("texture_gain" not in c for c in fields):
         warn_caller("sample: the model's calibration predates the grid-scale texture gain, so its "
                     "finest scale is left as the band gains make it; refit with "
                     "`fastds train --run RUN --recalibrate`, or --set sample.calibrate_texture=false")
-        return ones
+        return np.ones(k)
     return np.array([float(c["texture_gain"]) for c in fields])
 
 
@@ -610,20 +620,14 @@ def state_widening(model, cfg: SampleConfig, coarse) -> list:
     texture gain applies (:func:`texture_widening`) and ``cfg.calibrate_state``; None
     otherwise. A calibration with a texture gain but no state gains gets None, with a warning
     naming the refit (an older one has had the texture gain's warning)."""
-    k = len(coarse)
-    none = [None] * k
-    if not (cfg.calibrate_state and cfg.calibrate and cfg.calibrate_bands and cfg.calibrate_to == "bands"
-            and cfg.calibrate_texture):
-        return none
-    cal = getattr(model, "calibration", None) or {}
-    fields = cal.get("species") or [cal]
-    if not cal or len(fields) != k or any("texture_gain" not in c for c in fields):
-        return none
+    fields = _fine_calibrations(model, cfg, len(coarse), cfg.calibrate_state)
+    if fields is None or any("texture_gain" not in c for c in fields):
+        return [None] * len(coarse)
     if any("state_gains" not in c for c in fields):
         warn_caller("sample: the model's calibration predates the coarse-state spread gain, so its "
                     "spread does not follow the coarse field; refit with "
                     "`fastds train --run RUN --recalibrate`, or --set sample.calibrate_state=false")
-        return none
+        return [None] * len(coarse)
     return [state_gain(c_j, c["state_nodes"], c["state_gains"]) for c_j, c in zip(coarse, fields)]
 
 

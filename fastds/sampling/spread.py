@@ -115,8 +115,8 @@ def widen(r, alpha=1.0, *, gains=None, texture=1.0, state=None, member0=0, antit
     acts on the spread and leaves the pair mean (the generator's own mean correction) alone;
     each member's variance over draws becomes Var(e) + Var(A(o)) (e is even and o odd in the
     latents, so they are uncorrelated). Independent members, and a pair member whose
-    partner is not in ``r`` (a lone member 0), get A(r). The identity (α = 1, no gains)
-    returns ``r`` itself.
+    partner is not in ``r`` (a lone member 0), get A(r). The identity (α = 1, no gains,
+    texture 1, no state) returns ``r`` itself.
     """
     if gains is None and alpha == 1.0 and texture == 1.0 and state is None:
         return r
@@ -127,7 +127,7 @@ def widen(r, alpha=1.0, *, gains=None, texture=1.0, state=None, member0=0, antit
             y = y + (texture - 1.0) * grid_texture(y)
         if state is not None:
             y = y * state
-        return np.asarray(y).astype(np.asarray(x).dtype)
+        return np.asarray(y).astype(np.asarray(x).dtype, copy=False)
     out = op(r)
     if antithetic:
         for k in range(len(r) - 1):
