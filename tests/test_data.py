@@ -467,6 +467,48 @@ def test_cf_attributes_of_species_and_unknown_variables(twin_dir, tmp_path):
     assert st.fine.attrs == {"units": "kg m-2", "long_name": "my column load"}
 
 
+def test_source_covariates_are_the_training_days_anchor_maps(twin_dir, tmp_path):
+    """covariates='sources': the bounded set plus the anchor's static maps, from the training
+    days only: its mean fine-scale residual (less the regional mean, in residual sds) and the
+    log of each pixel's residual sd over the season's, smoothed; the same for every day, a
+    patch's maps are the day's on its window; the anchor's round trip keeps them; an anchor
+    without them, or the absolute target, is refused by name."""
+    from scipy.ndimage import gaussian_filter
+    from fastds.data.datasets import FineDays
+    from fastds.data.transforms import (COVARIATE_SETS, SPLITS, SPREAD_SMOOTH, Anchor, covariate_maps,
+                                        source_maps)
+    st = open_store(prepare(out=tmp_path / "s.zarr", coarse=twin_dir / "coarse_daily.nc",
+                            fine=twin_dir / "fine_daily.nc", region=BOX))
+    fd = FineDays(st, season=3, t_lag=10, space="residual", covariates="sources")
+    a = fd.anchor
+    whole = fd.covariates_at(st.times[20])
+    assert whole.shape == (len(COVARIATE_SETS["sources"]),) + fd.shape
+    np.testing.assert_array_equal(whole[7:], fd.covariates_at(st.times[30])[7:])  # static
+    win = (slice(5, 21), slice(7, 23))
+    np.testing.assert_array_equal(fd.covariates_at(st.times[20], win), whole[:, win[0], win[1]])
+    bounded = FineDays(st, season=3, t_lag=10, space="residual", covariates="bounded")
+    np.testing.assert_array_equal(whole[:7], bounded.covariates_at(st.times[20]))
+    # brute force from the season's training days
+    idx = np.flatnonzero((st.ds["split"].values == SPLITS["train"]) & (st.times.month.isin([6, 7, 8])))
+    res = fd.logy[idx].astype(np.float64) - fd.coarse_log_at(fd.cidx[idx]) - a.clim[3]
+    sd = np.nanstd(res)
+    np.testing.assert_allclose(whole[7], (a.clim[3] - a.clim[3].mean()) / a.sd[3], rtol=1e-5, atol=1e-6)
+    want = gaussian_filter(np.log(np.nanstd(res, axis=0) / sd), SPREAD_SMOOTH, mode="nearest")
+    np.testing.assert_allclose(whole[8], want, atol=2e-4)
+    assert whole[8].std() > 0.01  # the twin's residual sd varies over the region
+    back = Anchor.from_dict(a.to_dict())
+    np.testing.assert_array_equal(source_maps(back, 3), whole[7:])
+    old = a.to_dict()
+    del old["spread"]
+    with pytest.raises(ValueError, match="no residual spread map for season 3.*retrain"):
+        source_maps(Anchor.from_dict(old), 3)
+    with pytest.raises(ValueError, match="covariates='sources' needs the residual target"):
+        FineDays(st, season=3, t_lag=10, covariates="sources")
+    with pytest.raises(ValueError, match="needs the day's sources maps"):
+        covariate_maps(np.zeros((4, 4)), np.arange(4.0), np.arange(4.0), lat_range=(0, 3), lon_range=(0, 3),
+                       elev_scale=1.0, time=st.times[0], day_index=0, day_scale=1.0, encoding="sources")
+
+
 def test_event_covariates(twin_dir, tmp_path):
     """covariates='events': the bounded set plus the log10 coarse field's gradient magnitude
     and its change since the day before, per coarse cell and interpolated like the field; a
@@ -489,7 +531,7 @@ def test_event_covariates(twin_dir, tmp_path):
     gy, gx = np.gradient(logc[c].astype(np.float64))
     np.testing.assert_allclose(maps[0], np.hypot(gy, gx), rtol=1e-5)
     assert np.all(event_maps(logc[0], None)[1] == 0)
-    with pytest.raises(ValueError, match="event maps"):
+    with pytest.raises(ValueError, match="events maps"):
         from fastds.data.transforms import covariate_maps
         covariate_maps(np.zeros((4, 4)), np.arange(4.0), np.arange(4.0), lat_range=(0, 3), lon_range=(0, 3),
                        elev_scale=1.0, time=t, day_index=0, day_scale=1.0, encoding="events")

@@ -470,6 +470,10 @@ def test_joint_model_refuses_what_it_cannot_do(joint_run, species_runs, trained_
         cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **{name: 1}))
         with pytest.raises(ValueError, match=f"train.{name} > 0 is not supported"):
             _check_configs([], [], cfg)
+    for cov in ("events", "sources"):  # per-species maps: the joint model's channels share one set
+        cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, covariates=cov))
+        with pytest.raises(ValueError, match=f"data.covariates='{cov}' differ per species"):
+            _check_configs([], [], cfg)
     _check_configs([], [], base)
     with pytest.raises(ValueError, match="one process"):
         sample(run=run, model="joint", start="2005-08-28", end="2005-08-29", segments=2)

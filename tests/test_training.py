@@ -560,3 +560,28 @@ def test_a_season_without_validation_days_warns_with_its_fallbacks_at_the_caller
         got = stages.prepared_sets(tmp_path, store, 3, config)
     assert got[1] == [] and len(got[0]) == len(train_set)
     assert [w.filename for w in seen] == [__file__]
+
+
+def test_source_covariates_train_and_sample_from_the_saved_anchor(trained_run, store_path, tiny_config, tmp_path):
+    """data.covariates='sources' end to end: the U-Net takes nine covariate channels, its
+    checkpoint's anchor carries the source maps, and sampling (beyond what training saw: the
+    store's anchor is never refitted) reads them from the checkpoint."""
+    import dataclasses
+    import shutil
+
+    from fastds.runs import load_trained
+    from fastds.sampling.pipeline import sample
+    from fastds.training.stages import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in (run / "season3").glob("*.pt"):
+        if not f.name.startswith("pretrain"):
+            f.unlink()
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, covariates="sources"),
+                              train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2))
+    train(data=store_path, run=run, config=cfg, model="unet", progress=False)
+    net, saved = load_trained(run, 3, "unet")
+    assert saved.data.covariates == "sources"
+    assert net.anchor.spread[3].shape == net.anchor.clim[3].shape
+    ds = sample(run=run, start="2005-08-25", end="2005-08-26", model="unet", progress=False)
+    assert np.isfinite(ds[list(ds.data_vars)[0]].values).all()

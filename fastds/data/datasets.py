@@ -16,7 +16,8 @@ from ..stitch import plan_patches
 from .regions import season_of
 from .store import Store
 from .transforms import (COVARIATE_SETS, FLOOR, SPLITS, Anchor, align_index, covariate_maps,
-                         event_maps, fit_anchor, from_log, to_log, upsample, window_index)
+                         event_maps, fit_anchor, from_log, source_maps, to_log, upsample,
+                         window_index)
 
 __all__ = ["LagSequences", "FinePatches", "SpeciesPatches", "FineDays", "SPACES"]
 
@@ -85,6 +86,9 @@ class _FineBase:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
         if covariates not in COVARIATE_SETS:
             raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {covariates!r}")
+        if covariates == "sources" and space != "residual":
+            raise ValueError("covariates='sources' needs the residual target (train.target="
+                             "'residual'): the source maps are the anchor's")
         self.store = store
         self.season = int(season)
         self.t_lag = int(t_lag)
@@ -179,17 +183,19 @@ class _FineBase:
         """Covariate maps (C, h, w) for any date ``t`` of the coarse record (also beyond the
         fine record)."""
         t = pd.Timestamp(t)
-        events = None
+        events = sources = None
         if self.covariate_encoding == "events":
             c = self.store.times_c.get_loc(t)
             coarse = event_maps(self.logx[c], self.logx[c - 1] if c > 0 else None)
             events = upsample(coarse, window_index(self.iy, win[0]), window_index(self.ix, win[1]))
+        elif self.covariate_encoding == "sources":
+            sources = source_maps(self.anchor, self.season, win)
         return covariate_maps(self.elev[win], self.lat[win[0]], self.lon[win[1]],
                               lat_range=(self.lat[0], self.lat[-1]),
                               lon_range=(self.lon[0], self.lon[-1]), elev_scale=self.elev_scale,
                               time=t, day_index=(t - self.day0).days, day_scale=self.day_scale,
                               encoding=self.covariate_encoding, year_range=self.year_range,
-                              events=events)
+                              events=events, sources=sources)
 
     def target_days(self, split, *, purge=None):
         """Fine-day indices of this season in ``split`` with a full lag window.
@@ -223,7 +229,8 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
     Item -> dict of float32 tensors:
       ``target`` (1, t, t)    y[d] in model space (min-max, or the standardised residual)
       ``coarse`` (1, t, t)    x[d] aligned to the fine grid (nearest, bilinear or conservative)
-      ``covariates`` (C, t, t) see COVARIATE_SETS (6 for "paper", 7 for "bounded", 9 for "events")
+      ``covariates`` (C, t, t) see COVARIATE_SETS (6 for "paper", 7 for "bounded", 9 for "events"
+                          or "sources")
       ``lags`` (T_lag, t, t)  y[d - T_lag .. d - 1], the fine history the transfer encoder sees
     plus ``day`` and ``start`` (y0, x0) as int64 tensors. ``t = tile``; patch starts come from
     :func:`fastds.plan_patches` with ``stride``; ``random_offsets`` shifts each item's start by

@@ -1,6 +1,7 @@
 """Model-ready transforms (METHOD.md §1): log10 + min-max, coarse->fine alignment, covariates."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +11,8 @@ from .regions import season_of
 
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
-           "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "year_scale", "split_days", "SPLITS",
+           "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES",
+           "source_maps", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
@@ -191,8 +193,14 @@ COVARIATE_SETS = {
     # before (arriving or leaving events), both per coarse cell, interpolated like the field
     "events": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year",
                "coarse_grad", "coarse_change"),
+    # bounded plus static source maps from the fine record's training days (the anchor's):
+    # where fixed structure lifts the fine field, and where it varies most (sources and the
+    # paths their plumes take), so the spread can follow them
+    "sources": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year",
+                "residual_clim", "residual_spread"),
 }
 EVENT_COVARIATES = ("coarse_grad", "coarse_change")
+SOURCE_COVARIATES = ("residual_clim", "residual_spread")
 
 
 def event_maps(log_today, log_before):
@@ -206,8 +214,22 @@ def event_maps(log_today, log_before):
     return np.stack([np.hypot(*grads), change]).astype(np.float32)
 
 
+def source_maps(anchor, season, win=(slice(None), slice(None))):
+    """The "sources" covariates of ``season`` on window ``win`` of the fine grid, float32
+    (2, h, w): the anchor's mean fine-scale residual less its regional mean, in units of the
+    residual sd, and log of each pixel's residual sd over the season's (smoothed, see
+    :func:`fit_anchor`). Both come from the training days only, like the anchor itself."""
+    s = int(season)
+    if s not in anchor.spread:
+        raise ValueError(f"covariates='sources': the anchor has no residual spread map for season "
+                         f"{s} (a model saved before the source maps existed); retrain it")
+    clim = anchor.clim[s]
+    return np.stack([(clim[win] - float(clim.mean())) / anchor.sd[s],
+                     np.log(anchor.spread[s][win])]).astype(np.float32)
+
+
 def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, time, day_index,
-                   day_scale, encoding="paper", year_range=None, events=None):
+                   day_scale, encoding="paper", year_range=None, events=None, sources=None):
     """Covariate channels on (a window of) the fine grid for one day.
 
     elevation : (h, w) metres; lat (h,), lon (w,) degrees; lat_range/lon_range: the region's
@@ -219,18 +241,22 @@ def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, tim
     sin and cos of 2π·day-of-year/365.25, and the normalised year clamped to ``year_range``
     (first, last year of the fine record). ``"events"`` -> float32 (9, h, w): ``"bounded"``
     then ``events`` (2, h, w), the day's :func:`event_maps` already on the window (required).
+    ``"sources"`` -> float32 (9, h, w): ``"bounded"`` then ``sources`` (2, h, w), the season's
+    :func:`source_maps` on the window (required).
     The channel names are ``COVARIATE_SETS[encoding]``.
     """
     if encoding not in COVARIATE_SETS:
         raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {encoding!r}")
-    if encoding == "events":
-        if events is None or np.shape(events) != (2,) + np.shape(elevation):
-            raise ValueError(f"covariates='events' needs the day's event maps (2, h, w), got "
-                             f"{None if events is None else np.shape(events)}")
+    extra = {"events": events, "sources": sources}
+    if encoding in extra:
+        maps = extra[encoding]
+        if maps is None or np.shape(maps) != (2,) + np.shape(elevation):
+            raise ValueError(f"covariates={encoding!r} needs the day's {encoding} maps (2, h, w), got "
+                             f"{None if maps is None else np.shape(maps)}")
         base = covariate_maps(elevation, lat, lon, lat_range=lat_range, lon_range=lon_range,
                               elev_scale=elev_scale, time=time, day_index=day_index,
                               day_scale=day_scale, encoding="bounded", year_range=year_range)
-        return np.concatenate([base, np.asarray(events, np.float32)])
+        return np.concatenate([base, np.asarray(maps, np.float32)])
     h, w = elevation.shape
     lat_s = (np.asarray(lat) - lat_range[0]) / max(lat_range[1] - lat_range[0], 1e-9)
     lon_s = (np.asarray(lon) - lon_range[0]) / max(lon_range[1] - lon_range[0], 1e-9)
@@ -303,12 +329,15 @@ class Anchor:
     ``clim`` : dict season -> float32 (H, W), the mean over the fine record's training days
     of ``log10 fine - interpolated log10 coarse`` (the mean fine-scale residual, a BCSD-style
     spatial disaggregation); ``mean``/``sd`` : dict season -> float, the residual's own
-    training statistics; ``align`` : the interpolation that made them.
+    training statistics; ``align`` : the interpolation that made them; ``spread`` : dict
+    season -> float32 (H, W), each pixel's residual sd over ``sd[s]``, smoothed (the
+    "sources" covariates; empty in models saved before them).
     """
     clim: dict = field(default_factory=dict)
     mean: dict = field(default_factory=dict)
     sd: dict = field(default_factory=dict)
     align: str = "bilinear"
+    spread: dict = field(default_factory=dict)
 
     def mu(self, coarse_log_fine, season, win=(slice(None), slice(None))):
         """log10 μ from the coarse field already on the fine grid (log10, (..., h, w)),
@@ -328,13 +357,15 @@ class Anchor:
     def to_dict(self):
         return {"clim": {str(k): np.asarray(v, np.float32) for k, v in self.clim.items()},
                 "mean": {str(k): float(v) for k, v in self.mean.items()},
-                "sd": {str(k): float(v) for k, v in self.sd.items()}, "align": self.align}
+                "sd": {str(k): float(v) for k, v in self.sd.items()}, "align": self.align,
+                "spread": {str(k): np.asarray(v, np.float32) for k, v in self.spread.items()}}
 
     @classmethod
     def from_dict(cls, d):
         return cls({int(k): np.asarray(v, np.float32) for k, v in d["clim"].items()},
                    {int(k): float(v) for k, v in d["mean"].items()},
-                   {int(k): float(v) for k, v in d["sd"].items()}, d.get("align", "bilinear"))
+                   {int(k): float(v) for k, v in d["sd"].items()}, d.get("align", "bilinear"),
+                   {int(k): np.asarray(v, np.float32) for k, v in d.get("spread", {}).items()})
 
 
 def _shrink(res, c):
@@ -350,6 +381,9 @@ def _shrink(res, c):
     signal = max(float(((c - bias) ** 2).mean() - noise.mean()), 0.0)
     w = signal / (signal + noise) if signal > 0 else np.zeros_like(noise)
     return bias + w * (c - bias)
+
+
+SPREAD_SMOOTH = 2.0  # fine pixels: the Gaussian sd smoothing the anchor's log spread map
 
 
 def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear",
@@ -369,8 +403,13 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
     ``n_eff = n(1-ρ)/(1+ρ)``; the weight is ``signal/(signal + noise)`` with the signal
     variance the spread of the pixel means less the mean noise variance (James-Stein style).
     Where the fine-scale structure is fixed (terrain, sources) the weight is near 1.
+
+    ``spread[s]`` is each pixel's sd of ``res - clim`` over ``sd[s]``, its log smoothed by a
+    Gaussian of ``SPREAD_SMOOTH`` pixels: a pixel's own sd over one season of a short record
+    is mostly the few events that crossed it, which the smoothing spreads to their neighbours.
     """
-    clim, mean, sd = {}, {}, {}
+    from scipy.ndimage import gaussian_filter
+    clim, mean, sd, spread = {}, {}, {}, {}
     for s, idx in season_fit_days(times, train_mask).items():
         res = np.asarray(log_fine[idx], np.float64) - np.asarray(coarse_log_fine[idx], np.float64)
         c = np.nan_to_num(np.nanmean(res, axis=0), nan=0.0)
@@ -380,4 +419,9 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
         r = res - clim[s]
         mean[s] = float(np.nanmean(r))
         sd[s] = float(max(np.nanstd(r), 1e-6))
-    return Anchor(clim, mean, sd, align)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: ratio 1 below
+            ratio = np.log(np.maximum(np.nanstd(r, axis=0), 1e-6) / sd[s])
+        ratio = gaussian_filter(np.nan_to_num(ratio, nan=0.0), SPREAD_SMOOTH, mode="nearest")
+        spread[s] = np.exp(ratio).astype(np.float32)
+    return Anchor(clim, mean, sd, align, spread)

@@ -57,9 +57,10 @@ def _check_configs(runs, configs, config: Config):
                                  "for the joint model; the species runs must share it")
     if config.train.target != "residual":
         raise ValueError("train --model joint: needs train.target='residual' (the species' U-Net means)")
-    if config.data.covariates == "events":
-        raise ValueError("train --model joint: data.covariates='events' differ per species (each "
-                         "species' own coarse field); use 'bounded' or 'paper'")
+    if config.data.covariates in ("events", "sources"):
+        raise ValueError(f"train --model joint: data.covariates={config.data.covariates!r} differ "
+                         "per species (each species' own coarse field or anchor); use 'bounded' or "
+                         "'paper'")
     for name in ("calibration_rollouts", "state_rollouts"):
         if getattr(config.train, name) > 0:
             raise ValueError(f"train --model joint: train.{name} > 0 is not supported "
