@@ -509,30 +509,6 @@ def test_source_covariates_are_the_training_days_anchor_maps(twin_dir, tmp_path)
                        elev_scale=1.0, time=st.times[0], day_index=0, day_scale=1.0, encoding="sources")
 
 
-def test_shrunk_spread_map_keeps_fixed_structure_and_flattens_noise():
-    """With the shrunk anchor the log spread map is pulled to its regional mean by its
-    split-half reliability: residuals of one sd everywhere give a near-flat map (the unshrunk
-    map is their noise), residuals whose sd is fixed in space keep nearly all of it."""
-    import pandas as pd
-    from fastds.data.transforms import fit_anchor, spread_reliability
-    rng = np.random.default_rng(0)
-    times = pd.date_range("2006-06-01", periods=92)
-    x = np.linspace(0, 2 * np.pi, 40)
-    fixed = np.exp(0.5 * np.sin(x))[None, None, :] * np.ones((1, 32, 1))
-    for scale, want in ((np.ones((1, 32, 40)), "flat"), (fixed, "kept")):
-        r = rng.standard_normal((92, 32, 40)) * scale
-        plain, shrunk = (fit_anchor(r, np.zeros_like(r), times, np.ones(92, bool), shrink=k).spread[3]
-                         for k in (False, True))
-        w = spread_reliability(r, float(r.std()))
-        lp, ls = np.log(plain), np.log(shrunk)
-        np.testing.assert_allclose(ls - ls.mean(), w * (lp - lp.mean()), atol=1e-5)
-        if want == "flat":
-            assert w < 0.3 and ls.std() < 0.3 * lp.std()
-        else:
-            assert w > 0.95 and np.corrcoef(ls.ravel(), np.log(fixed[0]).ravel())[0, 1] > 0.95
-    assert spread_reliability(r[:3], 1.0) == 0.0
-
-
 def test_event_covariates(twin_dir, tmp_path):
     """covariates='events': the bounded set plus the log10 coarse field's gradient magnitude
     and its change since the day before, per coarse cell and interpolated like the field; a

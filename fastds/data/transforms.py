@@ -12,7 +12,7 @@ from .regions import season_of
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
            "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES",
-           "source_maps", "spread_reliability", "year_scale", "split_days", "SPLITS",
+           "source_maps", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
@@ -407,10 +407,8 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
     ``spread[s]`` is each pixel's sd of ``res - clim`` over ``sd[s]``, its log smoothed by a
     Gaussian of ``SPREAD_SMOOTH`` pixels: a pixel's own sd over one season of a short record
     is mostly the few events that crossed it, which the smoothing spreads to their neighbours.
-    ``shrink=True`` also pulls the log map towards its regional mean by its split-half
-    reliability (:func:`spread_reliability`): where nothing fixed shapes the variance, the
-    map is the training days' noise, which a model would otherwise learn as structure.
     """
+    from scipy.ndimage import gaussian_filter
     clim, mean, sd, spread = {}, {}, {}, {}
     for s, idx in season_fit_days(times, train_mask).items():
         res = np.asarray(log_fine[idx], np.float64) - np.asarray(coarse_log_fine[idx], np.float64)
@@ -421,38 +419,9 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
         r = res - clim[s]
         mean[s] = float(np.nanmean(r))
         sd[s] = float(max(np.nanstd(r), 1e-6))
-        spread[s] = _spread_map(r, sd[s], shrink=shrink)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: ratio 1 below
+            ratio = np.log(np.maximum(np.nanstd(r, axis=0), 1e-6) / sd[s])
+        ratio = gaussian_filter(np.nan_to_num(ratio, nan=0.0), SPREAD_SMOOTH, mode="nearest")
+        spread[s] = np.exp(ratio).astype(np.float32)
     return Anchor(clim, mean, sd, align, spread)
-
-
-def _log_spread(r, sd):
-    """log(pixel sd of ``r`` (days, H, W) / ``sd``), smoothed by ``SPREAD_SMOOTH`` pixels."""
-    from scipy.ndimage import gaussian_filter
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: ratio 1 below
-        ratio = np.log(np.maximum(np.nanstd(r, axis=0), 1e-6) / sd)
-    return gaussian_filter(np.nan_to_num(ratio, nan=0.0), SPREAD_SMOOTH, mode="nearest")
-
-
-def _spread_map(r, sd, *, shrink):
-    """The anchor's ``spread`` map of :func:`fit_anchor`, float32 (H, W)."""
-    log = _log_spread(r, sd)
-    if shrink:
-        log = log.mean() + spread_reliability(r, sd) * (log - log.mean())
-    return np.exp(log).astype(np.float32)
-
-
-def spread_reliability(r, sd) -> float:
-    """Split-half reliability of the smoothed log spread map of residuals ``r`` (days, H, W):
-    the maps of the first and the second half of the days correlate r over the pixels, and
-    the whole record's map is ``2r / (1 + r)`` signal (Spearman-Brown; 0 for r <= 0 or fewer
-    than 4 days). No noise model is needed: heavy tails and persistent events, which make a
-    pixel's sd noisier than a Gaussian's, lower r by themselves."""
-    if len(r) < 4:
-        return 0.0
-    half = len(r) // 2
-    a, b = _log_spread(r[:half], sd).ravel(), _log_spread(r[half:], sd).ravel()
-    if a.std() == 0 or b.std() == 0:
-        return 0.0
-    rho = float(np.corrcoef(a, b)[0, 1])
-    return 2 * rho / (1 + rho) if rho > 0 else 0.0
