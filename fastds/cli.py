@@ -162,6 +162,12 @@ def _evaluation_commands(sub):
     p.add_argument("--tier", default="quick",
                    help="quick (one twin, two rollouts, under 20 min), full (hours), or a TOML path")
     p.add_argument("--out", default="fastds-benchmark", help="results and cache folder")
+    p.add_argument("--pair", action="append", default=[], metavar="OUT:MODEL:LABEL",
+                   help="instead of running a tier, pair models that earlier runs scored on the "
+                        "same days (a protocol --out folder, a model it scored, its label here; "
+                        "repeat); writes --out as Markdown")
+    p.add_argument("--reference", help="with --pair: the label the others are paired against")
+    p.add_argument("--twin", help="with --pair: keep this twin only")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -194,7 +200,17 @@ def _config(args):
 
 
 def _benchmark(args) -> int:
-    from .protocol import load_protocol, run_protocol
+    from .protocol import load_protocol, pair_tiers, run_protocol, write_pairing
+    if args.pair:
+        entries = [tuple(e.rsplit(":", 2)) for e in args.pair]
+        bad = [e for e, t in zip(args.pair, entries) if len(t) != 3 or not all(t)]
+        if bad or not args.reference:
+            raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL, got {bad}" if bad
+                             else "benchmark --pair needs --reference LABEL")
+        means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin)
+        print(write_pairing(means, paired, args.out, title=f"{args.reference} paired against "
+                            + ", ".join(sorted(set(paired.model)))), end="")
+        return 0
     cfg = load_protocol(args.tier)
     run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)
     print((Path(args.out) / "results.md").read_text(), end="")
@@ -334,14 +350,13 @@ def main(argv=None) -> int:
         for name, ok, detail in _backend.report():
             print(f"  {'ok ' if ok else 'no '} {name:32s} {detail}")
         return 0
-    if args.cmd == "benchmark":
-        return _benchmark(args)
     if not args.cmd:
         ap.print_help()
         return 2
     t0 = time.time()
     try:
-        code = _run(args)
+        # the protocol takes no run config; its errors get the same one line as the others'
+        code = _benchmark(args) if args.cmd == "benchmark" else _run(args)
         loop = sys.modules.get("fastds.training.loop")  # loaded only by commands that train
         if loop is not None:
             loop.shutdown_distributed()
@@ -349,7 +364,7 @@ def main(argv=None) -> int:
         print("fastds: interrupted (completed work is kept; re-run to resume)", file=sys.stderr)
         return 130
     except Exception as err:  # one clear line; the traceback only on request
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"fastds {args.cmd}: error: {msg}", file=sys.stderr)

@@ -30,7 +30,7 @@ import pandas as pd
 from ._io import atomic_path
 
 __all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "run_protocol", "block_bootstrap_ci",
-           "paired_differences"]
+           "paired_differences", "pair_tiers"]
 
 ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target is 1
     "crps_fair": -1, "energy_p1": -1, "energy_p4": -1, "energy_p16": -1, "energy_cell": -1,
@@ -183,6 +183,42 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
                          "low": lo, "high": hi,
                          "verdict": f"{reference} better" if better else (f"{reference} worse" if worse else "tie")})
     return pd.DataFrame(rows)
+
+
+def pair_tiers(entries, *, reference, twin=None, block=7, reps=2000):
+    """Pair models scored by different protocol runs on the same days, e.g. a run trained with
+    a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
+    a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
+    ``reference`` is one of the labels; ``twin`` keeps that twin only. Returns ``(means,
+    paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
+    of ``reference`` against every other label over the days they share."""
+    frames = []
+    for out, model, label in entries:
+        files = sorted((Path(out) / "scores").glob("*.csv"))
+        rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+        rows = rows[(rows.model == model) & ((rows.twin == twin) if twin else True)] if len(rows) else rows
+        if not len(rows):
+            raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
+                                    + (f" on twin {twin!r}" if twin else "") + "; run `fastds benchmark` there first")
+        frames.append(rows.assign(model=label))
+    scores = pd.concat(frames, ignore_index=True)
+    if reference not in set(scores.model):
+        raise ValueError(f"pair: reference {reference!r} is none of the labels {sorted(set(scores.model))}")
+    extra = [c for c in scores if c.startswith(("spectrum_ratio", "spread_error"))]
+    means = scores.groupby("model")[[c for c in HEADLINE if c in scores] + extra].mean().T
+    return means, paired_differences(scores, reference=reference, block=block, reps=reps)
+
+
+def write_pairing(means, paired, path, *, title):
+    """:func:`pair_tiers`'s tables as Markdown at ``path`` (atomic)."""
+    d = paired.assign(interval=[f"[{a:+.6f}, {b:+.6f}]" for a, b in zip(paired.low, paired.high)])
+    text = "\n".join([f"# {title}", "", "Mean over days:", "",
+                      _markdown(means.rename_axis("metric"), "{:.5f}"), "",
+                      "Paired differences (reference − model), mean and 95 % moving-block interval:", "",
+                      _markdown(d[["metric", "model", "days", "diff", "interval", "verdict"]], "{:+.6f}"), ""])
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+    return text
 
 
 # ----------------------------------------------------------------------------- the runs

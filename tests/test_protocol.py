@@ -176,3 +176,49 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path,
     monkeypatch.setattr(pipeline, "sample", no_sampling)
     run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
     pd.testing.assert_frame_equal(pd.read_csv(score), before)
+
+
+def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_path, capsys):
+    """``pair_tiers`` (and ``fastds benchmark --pair``): the same model scored by two protocol
+    runs, relabelled, paired on the days they share (twins kept apart); a missing model, a
+    reference that is no label and a malformed spec are refused by name."""
+    from fastds.cli import main
+    from fastds.protocol import pair_tiers
+    rng = np.random.default_rng(0)
+    days = pd.date_range("2007-07-01", periods=30)
+    base = rng.normal(0.12, 0.01, len(days))
+    for out, shift in (("new", -0.002), ("old", 0.0)):
+        (tmp_path / out / "scores").mkdir(parents=True)
+        for twin in ("plume", "smooth"):
+            for model, extra in (("ddpm", 0.0), ("unet", 0.05)):
+                pd.DataFrame({"twin": twin, "seed": 0, "start": "2007-07-01+30d", "model": model,
+                              "time": days, "crps_fair": base + shift + extra + (twin == "smooth"),
+                              "r2_mean": 0.5 - shift}).to_csv(
+                    tmp_path / out / "scores" / f"{twin}_s0_20070701_30d_{model}.csv", index=False)
+    entries = [(tmp_path / "new", "ddpm", "ddpm-new"), (tmp_path / "old", "ddpm", "ddpm-old"),
+               (tmp_path / "old", "unet", "unet-old")]
+    means, paired = pair_tiers(entries, reference="ddpm-new", twin="plume", reps=200)
+    assert means.loc["crps_fair", "ddpm-new"] == pytest.approx(base.mean() - 0.002)
+    assert means.loc["crps_fair", "unet-old"] == pytest.approx(base.mean() + 0.05)
+    d = paired.set_index(["metric", "model"])
+    assert d.loc[("crps_fair", "ddpm-old"), "diff"] == pytest.approx(-0.002)
+    assert d.loc[("crps_fair", "ddpm-old"), "days"] == 30
+    assert d.loc[("crps_fair", "ddpm-old"), "verdict"] == "ddpm-new better"
+    assert d.loc[("r2_mean", "ddpm-old"), "verdict"] == "ddpm-new better"
+    both, _ = pair_tiers(entries, reference="ddpm-new", reps=200)  # both twins, paired per day and twin
+    assert both.loc["crps_fair", "ddpm-new"] == pytest.approx(base.mean() - 0.002 + 0.5)
+    with pytest.raises(FileNotFoundError, match="no scores of model 'vae'"):
+        pair_tiers([(tmp_path / "old", "vae", "v")], reference="v")
+    with pytest.raises(ValueError, match="reference 'x' is none of the labels"):
+        pair_tiers(entries, reference="x")
+    md = tmp_path / "paired.md"
+    args = ["benchmark", "--pair", f"{tmp_path / 'new'}:ddpm:ddpm-new", "--pair", f"{tmp_path / 'old'}:ddpm:ddpm-old",
+            "--reference", "ddpm-new", "--twin", "plume", "--out", str(md)]
+    assert main(args) == 0
+    text = md.read_text()
+    assert "| crps_fair | ddpm-old | 30 | -0.002000 |" in text and "ddpm-new better" in text
+    assert text in capsys.readouterr().out
+    assert main(["benchmark", "--pair", "only-a-folder", "--reference", "x", "--out", str(md)]) == 2
+    assert "OUT:MODEL:LABEL" in capsys.readouterr().err
+    assert main([a for a in args if a not in ("--reference", "ddpm-new")]) == 2
+    assert "needs --reference" in capsys.readouterr().err
