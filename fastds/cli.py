@@ -165,7 +165,7 @@ def _evaluation_commands(sub):
     p.add_argument("--pair", action="append", default=[], metavar="OUT:MODEL:LABEL",
                    help="instead of running a tier, pair models that earlier runs scored on the "
                         "same days (a protocol --out folder, a model it scored, its label here; "
-                        "repeat); writes --out as Markdown")
+                        "repeat); writes --out if it ends in .md, else --out/paired.md")
     p.add_argument("--reference", help="with --pair: the label the others are paired against")
     p.add_argument("--twin", help="with --pair: keep this twin only")
     p.add_argument("--quiet", action="store_true")
@@ -208,7 +208,10 @@ def _benchmark(args) -> int:
             raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL, got {bad}" if bad
                              else "benchmark --pair needs --reference LABEL")
         means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin)
-        print(write_pairing(means, paired, args.out, title=f"{args.reference} paired against "
+        # --out names a Markdown file, or a folder (the default's) that gets paired.md
+        out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
                             + ", ".join(sorted(set(paired.model)))), end="")
         return 0
     cfg = load_protocol(args.tier)

@@ -218,6 +218,9 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     text = md.read_text()
     assert "| crps_fair | ddpm-old | 30 | -0.002000 |" in text and "ddpm-new better" in text
     assert text in capsys.readouterr().out
+    folder = [a if a != str(md) else str(tmp_path / "pairs") for a in args]  # a folder gets paired.md
+    assert main(folder) == 0 and (tmp_path / "pairs" / "paired.md").read_text() == text
+    capsys.readouterr()
     assert main(["benchmark", "--pair", "only-a-folder", "--reference", "x", "--out", str(md)]) == 2
     assert "OUT:MODEL:LABEL" in capsys.readouterr().err
     assert main([a for a in args if a not in ("--reference", "ddpm-new")]) == 2
