@@ -30,7 +30,7 @@ import pandas as pd
 from ._io import atomic_path
 
 __all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "run_protocol", "block_bootstrap_ci",
-           "paired_differences", "pair_tiers"]
+           "paired_differences", "pair_tiers", "write_pairing"]
 
 ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target is 1
     "crps_fair": -1, "energy_p1": -1, "energy_p4": -1, "energy_p16": -1, "energy_cell": -1,
@@ -192,12 +192,15 @@ def pair_tiers(entries, *, reference, twin=None, block=7, reps=2000):
     ``reference`` is one of the labels; ``twin`` keeps that twin only. Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
-    frames = []
+    frames, read = [], {}
     for out, model, label in entries:
-        files = sorted((Path(out) / "scores").glob("*.csv"))
-        rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else pd.DataFrame()
-        rows = rows[(rows.model == model) & ((rows.twin == twin) if twin else True)] if len(rows) else rows
-        if not len(rows):
+        if out not in read:  # a folder named by several entries is read once
+            files = sorted((Path(out) / "scores").glob("*.csv"))
+            read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
+        rows = read[out]
+        keep = None if rows is None else (rows.model == model) & (rows.twin == twin if twin else True)
+        rows = None if keep is None else rows[keep]
+        if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
                                     + (f" on twin {twin!r}" if twin else "") + "; run `fastds benchmark` there first")
         frames.append(rows.assign(model=label))
@@ -211,11 +214,10 @@ def pair_tiers(entries, *, reference, twin=None, block=7, reps=2000):
 
 def write_pairing(means, paired, path, *, title):
     """:func:`pair_tiers`'s tables as Markdown at ``path`` (atomic)."""
-    d = paired.assign(interval=[f"[{a:+.6f}, {b:+.6f}]" for a, b in zip(paired.low, paired.high)])
     text = "\n".join([f"# {title}", "", "Mean over days:", "",
                       _markdown(means.rename_axis("metric"), "{:.5f}"), "",
                       "Paired differences (reference − model), mean and 95 % moving-block interval:", "",
-                      _markdown(d[["metric", "model", "days", "diff", "interval", "verdict"]], "{:+.6f}"), ""])
+                      _paired_markdown(paired, 6), ""])
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)
     return text
@@ -506,6 +508,13 @@ def _markdown(df: pd.DataFrame, fmt="{:.4f}") -> str:
     return "\n".join(lines)
 
 
+def _paired_markdown(d: pd.DataFrame, digits: int) -> str:
+    """:func:`paired_differences`'s rows as a Markdown table, the interval in one column."""
+    f = f"{{:+.{digits}f}}"
+    d = d.assign(interval=[f"[{f.format(a)}, {f.format(b)}]" for a, b in zip(d.low, d.high)])
+    return _markdown(d[["metric", "model", "days", "diff", "interval", "verdict"]], f)
+
+
 def _cross_tables(cross: pd.DataFrame):
     """Cross-species summaries: per twin, model and pair the mean correlations and bias over
     rollouts and seeds; and per twin and model the mean over pairs of |bias| (the target:
@@ -547,11 +556,8 @@ def _write_results(cfg, scores, out, cross=None):
                   _markdown(reliability.loc[twin], "{:.3f}"), "",
                   f"Paired differences {cfg.reference} − model, mean and 95 % moving-block interval "
                   f"(block {cfg.block} days):", ""]
-        d = diffs[twin]
-        if len(d):
-            d = d.assign(interval=[f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(d.low, d.high)])
-            lines += [_markdown(d[["metric", "model", "days", "diff", "interval", "verdict"]],
-                                "{:+.4f}"), ""]
+        if len(diffs[twin]):
+            lines += [_paired_markdown(diffs[twin], 4), ""]
     if cross is not None:
         lines += ["## Cross-species", "", "Inter-species correlation (per pixel over a rollout's days, "
                   "log10; a prediction's map is the mean of its members' maps), prediction − truth:", "",
