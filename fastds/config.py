@@ -185,9 +185,12 @@ class SampleConfig:
                                   # state, updates and stitching stay fp32) or "auto": bf16 where
                                   # the device has it natively (AVX512-BF16/AMX, bf16 GPUs), else
                                   # fp32 (protocol: bf16 within 0.01 % of fp32 on every score)
-    compile: bool = False         # torch.compile the networks for sampling (inductor), one batch
-                                  # shape each (partial batches padded): ~40 s once for the tiny
-                                  # student's two networks on 2 cores, then 1.2-1.4x a day
+    compile: bool | str = "auto"  # torch.compile the networks for sampling (inductor), one batch
+                                  # shape each (partial batches padded): ~40-60 s once for two
+                                  # tiny networks on 2 cores, then 1.2-1.4x a day; "auto":
+                                  # where the job is long enough to pay that back
+                                  # (fastds.sampling.day.compile_pays: a few Area-1 ensemble
+                                  # days, never the demo's); true / false: always / never
     calibrate: bool = True        # CorrDiff DDPM: scale the residual by the inflation saved with
                                   # the model (train.calibrate_spread: the CRPS-best calibrated one)
     calibrate_bands: bool = True  # with calibrate: one gain per spatial band (saved by the same
@@ -249,6 +252,8 @@ def _coerce(cls, section, key, value):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"config: {section}.{key} must be a list, got {value!r}")
         return tuple(value)
+    if f.type == "bool | str" and isinstance(value, bool):  # a switch with "auto"
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise TypeError(f"config: {section}.{key} must be true or false, got {value!r}")

@@ -436,6 +436,58 @@ def test_compiled_sampling_twin_leaves_the_model_alone(trained_run):
     assert alive() is None and len(day_mod._TWINS) == n - 1
 
 
+def test_compile_auto_compiles_where_the_job_pays_the_compilation_back():
+    """sample.compile = "auto" (the default): compiled where the job's network
+    pixel-evaluations reach COMPILE_PAYBACK, never for the demo's short rollouts; true and
+    false as set; anything else refused, naming the setting."""
+    from fastds.config import load_config
+    from fastds.sampling.day import COMPILE_PAYBACK, compile_pays
+    cfg = load_config("tiny").sample
+    assert cfg.compile == "auto" and SampleConfig().compile == "auto"
+    assert load_config("tiny", overrides=["sample.compile=true"]).sample.compile is True
+    assert load_config("tiny", overrides=["sample.compile=auto"]).sample.compile == "auto"
+    kw = dict(cfg=cfg, members=8, evals=cfg.steps)
+    # Area 1 (357x432): 572 residual patches of 32 px, 5 steps: 23.4 M pixel-evaluations a day
+    day = 8 * 572 * 5 * 32 ** 2
+    assert len(plan_patches((357, 432), cfg.tile, cfg.halo, cfg.stride)) == 572
+    need = int(np.ceil(COMPILE_PAYBACK / day))
+    assert not compile_pays("auto", shape=(357, 432), days=need - 1, **kw)
+    assert compile_pays("auto", shape=(357, 432), days=need, **kw)
+    assert 5 <= need <= 12
+    # the demo's twin (64x80, 12 patches), 16 members: over 200 days before it pays
+    assert not compile_pays("auto", shape=(64, 80), days=200, cfg=cfg, members=16, evals=5)
+    assert compile_pays(True, shape=(64, 80), days=1, **kw) is True
+    assert compile_pays(False, shape=(357, 432), days=10 ** 6, **kw) is False
+    with pytest.raises(ValueError, match="sample.compile must be true, false or"):
+        compile_pays("yes", shape=(64, 80), days=1, **kw)
+    with pytest.raises(TypeError, match="sample.compile"):
+        load_config("tiny", overrides=["sample.compile=3"])
+
+
+def test_sample_resolves_compile_auto_for_its_job(trained_run, test_days, monkeypatch):
+    """sample() resolves "auto" for the whole job (days x members x patches x steps) and the
+    days see a plain bool; the baselines, with no network, are never compiled."""
+    from fastds.sampling import day as day_mod
+    from fastds.sampling import pipeline as pipe
+    asked = []
+
+    def spy(model, *, compile):
+        asked.append(compile)
+        return model
+    monkeypatch.setattr(day_mod, "sampling_twin", spy)
+    kw = dict(run=trained_run, start=test_days[0], end=test_days[1], model="unet", progress=False,
+              cfg=dataclasses.replace(FAST, mode="lenient", compile="auto"))
+    sample(**kw)
+    assert asked and not any(asked)
+    monkeypatch.setattr(day_mod, "COMPILE_PAYBACK", 1.0)
+    asked.clear()
+    sample(**kw)
+    assert asked and all(a is True for a in asked)
+    st = open_store(pipe.run_store(trained_run), variable=pipe.run_variable(trained_run))
+    assert pipe._compiled_for(FAST, st, run=trained_run, model="clim", days=10 ** 6).compile is False
+    assert pipe._compiled_for(FAST, st, run=trained_run, model="ddpm", days=1).compile is True
+
+
 def test_strict_and_lenient_differ_inside_record(trained_run, test_days):
     day0 = test_days[2]
     kw = dict(run=trained_run, start=day0 - pd.Timedelta(days=3), end=day0, progress=False)

@@ -61,6 +61,27 @@ def sampling_twin(model: torch.nn.Module, *, compile: bool) -> torch.nn.Module:
     return twin
 
 
+# network pixel-evaluations after which torch.compile pays for itself on 2 CPU cores: its
+# ~40-60 s for two tiny-preset networks over the ~0.25 us it saves a pixel-evaluation (bf16,
+# an Area-1 member 3.04 -> 2.23 s a day, the 4-member student 3.85 -> 3.08 s; round 19)
+COMPILE_PAYBACK = 2e8
+
+
+def compile_pays(compile, *, shape, cfg: SampleConfig, days: int, members: int, evals: int) -> bool:
+    """``sample.compile`` resolved for a job: ``True``/``False`` as set; ``"auto"``: True when
+    the job's network pixel-evaluations, estimated as ``days × members × residual patches ×
+    evals × tile²`` on the fine grid ``shape`` (H, W) (``evals``: network calls a patch gets,
+    the sampler's steps for a DDPM, 1 for a U-Net), reach :data:`COMPILE_PAYBACK`. The demo's
+    64×80 twin needs about 200 days of 16 members; an 8-member Area-1 (357×432) ensemble 9."""
+    if isinstance(compile, bool):
+        return compile
+    if compile != "auto":
+        raise ValueError(f"sample.compile must be true, false or \"auto\", got {compile!r}")
+    fitted = fit_to_domain(cfg, tuple(shape))
+    patches = len(plan_patches(tuple(shape), fitted.tile, fitted.halo, fitted.stride))
+    return float(days) * members * patches * max(int(evals), 1) * fitted.tile ** 2 >= COMPILE_PAYBACK
+
+
 def _weights_key(model: torch.nn.Module) -> tuple:
     """What a cached twin is valid for: each parameter's storage and version counter."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
@@ -178,6 +199,10 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     """
     check_geometry(cfg)
     precision = _backend.resolve_precision(cfg.precision, device)
+    # "auto" for one day: what a job of one day would do (a job resolves it for its length)
+    cfg = dataclasses.replace(cfg, compile=compile_pays(
+        cfg.compile, shape=inputs.coarse.shape[-2:], cfg=cfg, days=1, members=members,
+        evals=cfg.steps if kind == "ddpm" else 1))
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,
                backend=backend, progress=progress, member0=member0)
