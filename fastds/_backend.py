@@ -178,6 +178,25 @@ def bf16_native(device_type: str) -> str | None:
     return "this CPU has neither AVX512-BF16 nor AMX-BF16 (or /proc/cpuinfo is unreadable)"
 
 
+@functools.lru_cache(maxsize=None)
+def compile_unavailable(device_type: str) -> str | None:
+    """None when ``torch.compile`` (inductor) compiles and runs a small function on
+    ``device_type`` here, else why not (no C++ compiler for inductor's CPU code, no Triton
+    for its GPU code, ...): ``sample.compile = "auto"`` then samples eager. Compiles once a
+    process (seconds), only when a job asks."""
+    import torch
+    if device_type == "cuda" and not _cuda_available():
+        return "no CUDA device"
+    try:
+        x = torch.linspace(-1.0, 1.0, 64, device=device_type)
+        got = torch.compile(lambda t: torch.nn.functional.silu(t) * 2.0 + 1.0, dynamic=False)(x)
+        if not torch.allclose(got, torch.nn.functional.silu(x) * 2.0 + 1.0, atol=1e-6):
+            return "torch.compile returned other numbers than eager on a probe"
+    except Exception as e:  # any failure of the toolchain means: do not compile
+        return f"torch.compile failed on a probe: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device has it natively (bf16_native)
 
 

@@ -484,8 +484,17 @@ def test_sample_resolves_compile_auto_for_its_job(trained_run, test_days, monkey
     sample(**kw)
     assert asked and all(a is True for a in asked)
     st = open_store(pipe.run_store(trained_run), variable=pipe.run_variable(trained_run))
-    assert pipe._compiled_for(FAST, st, run=trained_run, model="clim", days=10 ** 6).compile is False
-    assert pipe._compiled_for(FAST, st, run=trained_run, model="ddpm", days=1).compile is True
+    assert pipe._compiled_for(FAST, st, run=trained_run, model="clim", days=10 ** 6, device="cpu").compile is False
+    assert pipe._compiled_for(FAST, st, run=trained_run, model="ddpm", days=1, device="cpu").compile is True
+    # where torch.compile cannot run, "auto" says why and samples eager; an explicit true is
+    # left to fail where it fails
+    from fastds import _backend
+    assert _backend.compile_unavailable("cpu") is None  # this machine compiles (CI too)
+    monkeypatch.setattr(_backend, "compile_unavailable", lambda device_type: "no C++ compiler (a test)")
+    with pytest.warns(UserWarning, match=r"sample.compile='auto' would compile this job, but no C\+\+ compiler"):
+        assert pipe._compiled_for(FAST, st, run=trained_run, model="ddpm", days=1, device="cpu").compile is False
+    forced = dataclasses.replace(FAST, compile=True)
+    assert pipe._compiled_for(forced, st, run=trained_run, model="ddpm", days=1, device="cpu").compile is True
 
 
 def test_strict_and_lenient_differ_inside_record(trained_run, test_days):

@@ -82,6 +82,20 @@ def compile_pays(compile, *, shape, cfg: SampleConfig, days: int, members: int, 
     return float(days) * members * patches * max(int(evals), 1) * fitted.tile ** 2 >= COMPILE_PAYBACK
 
 
+def resolve_compile(compile, *, device, **job) -> bool:
+    """``sample.compile`` for a job (``job``: :func:`compile_pays`'s keywords): true / false
+    as set; ``"auto"``: compiled where the job pays it back and ``torch.compile`` runs on
+    ``device`` (:func:`fastds._backend.compile_unavailable`; otherwise a warning says why and
+    the job samples eager, as it would have before "auto")."""
+    if not compile_pays(compile, **job):
+        return False
+    why = None if compile is True else _backend.compile_unavailable(torch.device(device).type)
+    if why:
+        warn_caller(f"sample: sample.compile='auto' would compile this job, but {why}; sampling eager "
+                    "(--set sample.compile=false silences this)")
+    return why is None
+
+
 def _weights_key(model: torch.nn.Module) -> tuple:
     """What a cached twin is valid for: each parameter's storage and version counter."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
@@ -200,8 +214,8 @@ def downscale_day(model, inputs: DayInputs, *, kind="ddpm", cfg: SampleConfig = 
     check_geometry(cfg)
     precision = _backend.resolve_precision(cfg.precision, device)
     # "auto" for one day: what a job of one day would do (a job resolves it for its length)
-    cfg = dataclasses.replace(cfg, compile=compile_pays(
-        cfg.compile, shape=inputs.coarse.shape[-2:], cfg=cfg, days=1, members=members,
+    cfg = dataclasses.replace(cfg, compile=resolve_compile(
+        cfg.compile, device=device, shape=inputs.coarse.shape[-2:], cfg=cfg, days=1, members=members,
         evals=cfg.steps if kind == "ddpm" else 1))
     run = dict(kind=kind, cfg=cfg, T=T, prediction=prediction, members=members, seed=seed,
                day_key=day_key, cache_conditioning=cache_conditioning, device=device,

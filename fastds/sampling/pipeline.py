@@ -24,8 +24,8 @@ from ..data.store import Store, open_store
 from ..models.norm import KERNEL_BACKENDS
 from ..runs import (distill_settings, joint_species, load_trained, run_config, run_store, run_variable,
                     sample_settings, species_names)
-from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, check_geometry, compile_pays, downscale_day,
-                  fit_to_domain, inflate_residuals, member_draws, spread_widening)
+from .day import (CALIBRATE_TO, LATENT_STREAM_STRIDE, DayInputs, check_geometry, downscale_day,
+                  fit_to_domain, inflate_residuals, member_draws, resolve_compile, spread_widening)
 from .downscalers import Anchor, Clim, Interp, JointNetwork, Network, Null, interp_field
 from .fusion import FUSIONS
 from .nulls import NULL_FIT_MEMBERS, NULL_SPREADS, NULL_STATS_VERSION, NULLS, NullStats, fit_null_stats
@@ -315,7 +315,7 @@ def sample(*, run, start, end, out=None, cfg: SampleConfig | None = None, model=
     keep = _kept if worker else (lambda key, build: build())
     store = keep(("store", data, variable), lambda: open_store(data, dask=not worker, variable=variable))
     days = _days(store, start, end)
-    cfg = _compiled_for(_fitted(cfg, store), store, run=run, model=model, days=len(days))
+    cfg = _compiled_for(_fitted(cfg, store), store, run=run, model=model, days=len(days), device=device)
     attrs = _attrs(cfg, run=run, model=model, member0=member0, cold_start=cold_start)
     coarse_days = keep(("coarse", data, variable), lambda: _CoarseDays(store))
     # every model gets the same projection (or none); sample.project_baselines=false keeps the
@@ -359,7 +359,8 @@ def _sample_joint(*, run, start, end, out, cfg, data, device, backend, cache_con
     data = str(Path(data if data is not None else run_store(run)).resolve())
     stores = [open_store(data, variable=run_variable(r)) for r in species]
     days = _days(stores[0], start, end)
-    cfg = _compiled_for(_fitted(cfg, stores[0]), stores[0], run=run, model="joint", days=len(days))
+    cfg = _compiled_for(_fitted(cfg, stores[0]), stores[0], run=run, model="joint", days=len(days),
+                        device=device)
     coarse = [_CoarseDays(st) for st in stores]
     finish = None
     if cfg.consistency:
@@ -391,7 +392,7 @@ def _fitted(cfg: SampleConfig, store) -> SampleConfig:
     return fitted
 
 
-def _compiled_for(cfg: SampleConfig, store, *, run, model, days) -> SampleConfig:
+def _compiled_for(cfg: SampleConfig, store, *, run, model, days, device) -> SampleConfig:
     """``cfg`` with ``sample.compile`` resolved for this job (``"auto"``: compiled where the
     job's network work pays the compilation back, :func:`~fastds.sampling.day.compile_pays`);
     the baselines have no network to compile."""
@@ -399,8 +400,8 @@ def _compiled_for(cfg: SampleConfig, store, *, run, model, days) -> SampleConfig
     if model == "distill":
         evals = distill_settings(cfg, run_config(run)).steps
     shape = (store.ds.sizes["lat"], store.ds.sizes["lon"])
-    return dataclasses.replace(cfg, compile=model not in BASELINES and compile_pays(
-        cfg.compile, shape=shape, cfg=cfg, days=days, members=cfg.members, evals=evals))
+    return dataclasses.replace(cfg, compile=model not in BASELINES and resolve_compile(
+        cfg.compile, device=device, shape=shape, cfg=cfg, days=days, members=cfg.members, evals=evals))
 
 
 def _attrs(cfg: SampleConfig, *, run, model, member0, cold_start) -> dict:
