@@ -87,6 +87,11 @@ class TrainConfig:
                                   # the DDPM keeps the loss)
     mean: str = "unet"            # DDPM residual around: "unet" (CorrDiff: the run's trained U-Net,
                                   # so train --model unet first) or "clim" (the anchor alone)
+    mean_covariates: str = ""     # CorrDiff DDPM: the covariate set of its U-Net mean ("": the
+                                  # DDPM's own, data.covariates); a set whose channels lead the
+                                  # DDPM's, e.g. "bounded" under data.covariates = "sources":
+                                  # the maps condition the residual only, the mean stays the
+                                  # run's bounded U-Net
     unet_loss: str = "l2"         # the U-Net's (and so the DDPM's regression mean's) loss:
                                   # "l2" (CorrDiff's regression: a mean, what R² and RMSE
                                   # reward) or "l1" (the paper's baseline: a median)

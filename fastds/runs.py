@@ -163,7 +163,7 @@ def model_for(kind, config: Config, run, season):
     if kind == "ddpm" and tcfg.mean == "unet":
         if tcfg.target != "residual":
             raise ValueError("train.mean='unet' needs train.target='residual'")
-        model.set_regression(model_for("unet", config, run, season))
+        model.set_regression(_mean_for(config, run, season))
     elif tcfg.mean not in ("clim", "unet"):
         raise ValueError(f"train.mean must be 'clim' or 'unet', got {tcfg.mean!r}")
     if model.transfer is not None:
@@ -175,6 +175,30 @@ def model_for(kind, config: Config, run, season):
         enc = {k[len("encoder."):]: v for k, v in ck["model"].items() if k.startswith("encoder.")}
         model.transfer.encoder.load_state_dict(enc)
     return model
+
+
+def _mean_for(config: Config, run, season):
+    """A CorrDiff DDPM's untrained U-Net mean: on the DDPM's covariates, or on
+    ``train.mean_covariates``, a set whose channels lead the DDPM's (the mean then reads
+    those leading channels of whatever the DDPM is given)."""
+    own, mean_cov = config.data.covariates, config.train.mean_covariates or config.data.covariates
+    if mean_cov == own:
+        return model_for("unet", config, run, season)
+    if mean_cov not in COVARIATE_SETS:
+        raise ValueError(f"train.mean_covariates must be one of {', '.join(COVARIATE_SETS)} (or \"\"), "
+                         f"got {mean_cov!r}")
+    lead = COVARIATE_SETS[mean_cov]
+    if COVARIATE_SETS[own][:len(lead)] != lead:
+        raise ValueError(f"train.mean_covariates={mean_cov!r}: its channels {list(lead)} do not lead "
+                         f"data.covariates={own!r}'s {list(COVARIATE_SETS[own])}, so the U-Net mean cannot "
+                         "read them from the DDPM's inputs")
+    if config.train.oof_folds:
+        raise ValueError("train.mean_covariates and train.oof_folds: the out-of-fold U-Nets are trained "
+                         "on data.covariates; set one of them")
+    mean = model_for("unet", dataclasses.replace(config, data=dataclasses.replace(config.data, covariates=mean_cov)),
+                     run, season)
+    mean.covariate_channels = len(lead)
+    return mean
 
 
 def _joint_for(config: Config, run, season):

@@ -585,3 +585,48 @@ def test_source_covariates_train_and_sample_from_the_saved_anchor(trained_run, s
     assert net.anchor.spread[3].shape == net.anchor.clim[3].shape
     ds = sample(run=run, start="2005-08-25", end="2005-08-26", model="unet", progress=False)
     assert np.isfinite(ds[list(ds.data_vars)[0]].values).all()
+
+
+def test_source_maps_for_the_ddpm_alone_keep_the_bounded_unet_mean(trained_run, store_path, tiny_config, tmp_path):
+    """train.mean_covariates='bounded' under data.covariates='sources': the DDPM reads the
+    nine covariate channels, its U-Net mean is the run's bounded U-Net (its weights, seven
+    channels: the leading ones of the DDPM's inputs), the two do not share a conditioning
+    tensor, and sampling works from the checkpoint; a set that does not lead the DDPM's, or
+    out-of-fold U-Nets beside it, is refused by name."""
+    import dataclasses
+    import shutil
+
+    from fastds.data.transforms import COVARIATE_SETS
+    from fastds.runs import load_trained, model_for
+    from fastds.sampling.pipeline import sample
+    from fastds.training.stages import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in (run / "season3").glob("ddpm*"):
+        f.unlink()
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, covariates="sources"),
+                              train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2,
+                                                        mean_covariates="bounded"))
+    train(data=store_path, run=run, config=cfg, model="ddpm", progress=False)
+    ddpm, saved = load_trained(run, 3, "ddpm")
+    unet, unet_cfg = load_trained(run, 3, "unet")
+    assert saved.data.covariates == "sources" and unet_cfg.data.covariates == "bounded"
+    n_b, n_s = len(COVARIATE_SETS["bounded"]), len(COVARIATE_SETS["sources"])
+    assert ddpm.regression.covariate_channels == n_b and ddpm.covariate_channels is None
+    for (k, a), b in zip(ddpm.regression.state_dict().items(), unet.state_dict().values()):
+        assert torch.equal(a, b), k  # the run's U-Net, unchanged
+    assert not ddpm.shares_conditioning()
+    x = torch.rand(2, 1, 32, 32), torch.rand(2, n_s, 32, 32), torch.rand(2, saved.data.t_lag, 32, 32)
+    got = ddpm.regression_mean(*x)
+    want = unet(None, None, unet.cond(x[0], x[1][:, :n_b], x[2]))
+    torch.testing.assert_close(got, want)
+    assert ddpm.cond(*x).shape[1] == ddpm.regression.cond(*x).shape[1] + n_s - n_b
+    ds = sample(run=run, start="2005-08-25", end="2005-08-26", model="ddpm", progress=False,
+                members=2, steps=2)
+    assert np.isfinite(ds[list(ds.data_vars)[0]].values).all()
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mean_covariates="paper"))
+    with pytest.raises(ValueError, match="train.mean_covariates='paper'.*do not lead"):
+        model_for("ddpm", bad, run, 3)
+    oof = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, oof_folds=2))
+    with pytest.raises(ValueError, match="train.mean_covariates and train.oof_folds"):
+        model_for("ddpm", oof, run, 3)

@@ -30,6 +30,9 @@ class ConditionalModel(nn.Module):
         self.kind = kind
         self.net = net
         self.transfer = transfer
+        # the leading covariate channels this model reads, or None: all it is given (a U-Net
+        # mean on a narrower set than its DDPM's, train.mean_covariates)
+        self.covariate_channels = None
         self.anchor = None  # the residual anchor a trained model carries (load_trained sets it)
         self.regression = None  # CorrDiff-style mean: a frozen regression model (set_regression)
 
@@ -47,6 +50,8 @@ class ConditionalModel(nn.Module):
     def cond(self, coarse, covariates, lags=None, drop=None):
         """``drop`` (B,) bool or None: items whose lag information (transfer features and lag
         channels) is zeroed, the coarse-only fallback that conditioning dropout trains."""
+        if self.covariate_channels is not None:
+            covariates = covariates[:, :self.covariate_channels]
         parts = [coarse, covariates]
         lag_parts = []
         if self.transfer is not None:
@@ -104,7 +109,7 @@ class ConditionalModel(nn.Module):
         once, not twice. Compared each call: cheap next to one network call."""
         reg = self.regression
         if reg is None or self.transfer is None or reg.transfer is None \
-                or reg.lag_channels != self.lag_channels:
+                or reg.lag_channels != self.lag_channels or reg.covariate_channels is not None:
             return False
         a, b = self.transfer.state_dict(), reg.transfer.state_dict()
         return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
