@@ -31,8 +31,7 @@ class DataConfig:
     covariates: str = "bounded"   # "bounded" (sin/cos day of year, clamped year), "paper", "events"
                                   # (bounded + coarse gradient and day-to-day change) or "sources"
                                   # (bounded + the anchor's static maps from the training days:
-                                  # mean fine-scale residual and residual sd per pixel) or
-                                  # "sources_clim" (the first of those maps alone)
+                                  # mean fine-scale residual and residual sd per pixel)
     random_offsets: bool = True   # jitter training patch starts (every cell phase is seen)
     split_block: int = 14         # prepare: contiguous split blocks in days (1: reference)
     seasons: tuple = (1, 2, 3, 4)

@@ -472,8 +472,7 @@ def test_source_covariates_are_the_training_days_anchor_maps(twin_dir, tmp_path)
     days only: its mean fine-scale residual (less the regional mean, in residual sds) and the
     log of each pixel's residual sd over the season's, smoothed; the same for every day, a
     patch's maps are the day's on its window; the anchor's round trip keeps them; an anchor
-    without them, or the absolute target, is refused by name. 'sources_clim' is the set less
-    its last map."""
+    without them, or the absolute target, is refused by name."""
     from scipy.ndimage import gaussian_filter
     from fastds.data.datasets import FineDays
     from fastds.data.transforms import (COVARIATE_SETS, SPLITS, SPREAD_SMOOTH, Anchor, covariate_maps,
@@ -503,13 +502,6 @@ def test_source_covariates_are_the_training_days_anchor_maps(twin_dir, tmp_path)
     del old["spread"]
     with pytest.raises(ValueError, match="no residual spread map for season 3.*retrain"):
         source_maps(Anchor.from_dict(old), 3)
-    # "sources_clim": the mean residual map alone, which needs no spread map
-    np.testing.assert_array_equal(source_maps(Anchor.from_dict(old), 3, maps=1), whole[7:8])
-    one = FineDays(st, season=3, t_lag=10, space="residual", covariates="sources_clim")
-    assert len(COVARIATE_SETS["sources_clim"]) == 8
-    np.testing.assert_array_equal(one.covariates_at(st.times[20], win), whole[:8, win[0], win[1]])
-    with pytest.raises(ValueError, match="covariates='sources_clim' needs the residual target"):
-        FineDays(st, season=3, t_lag=10, covariates="sources_clim")
     with pytest.raises(ValueError, match="covariates='sources' needs the residual target"):
         FineDays(st, season=3, t_lag=10, covariates="sources")
     with pytest.raises(ValueError, match="needs the day's sources maps"):

@@ -470,7 +470,7 @@ def test_joint_model_refuses_what_it_cannot_do(joint_run, species_runs, trained_
         cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **{name: 1}))
         with pytest.raises(ValueError, match=f"train.{name} > 0 is not supported"):
             _check_configs([], [], cfg)
-    for cov in ("events", "sources", "sources_clim"):  # per-species maps: the joint model's channels share one set
+    for cov in ("events", "sources"):  # per-species maps: the joint model's channels share one set
         cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, covariates=cov))
         with pytest.raises(ValueError, match=f"data.covariates='{cov}' differ per species"):
             _check_configs([], [], cfg)

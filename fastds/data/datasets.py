@@ -16,7 +16,7 @@ from ..stitch import plan_patches
 from .regions import season_of
 from .store import Store
 from .transforms import (COVARIATE_SETS, FLOOR, SPLITS, Anchor, align_index, covariate_maps,
-                         SOURCE_SETS, event_maps, fit_anchor, from_log, source_maps, to_log, upsample,
+                         event_maps, fit_anchor, from_log, source_maps, to_log, upsample,
                          window_index)
 
 __all__ = ["LagSequences", "FinePatches", "SpeciesPatches", "FineDays", "SPACES"]
@@ -86,8 +86,8 @@ class _FineBase:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
         if covariates not in COVARIATE_SETS:
             raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {covariates!r}")
-        if covariates in SOURCE_SETS and space != "residual":
-            raise ValueError(f"covariates={covariates!r} needs the residual target (train.target="
+        if covariates == "sources" and space != "residual":
+            raise ValueError("covariates='sources' needs the residual target (train.target="
                              "'residual'): the source maps are the anchor's")
         self.store = store
         self.season = int(season)
@@ -188,9 +188,8 @@ class _FineBase:
             c = self.store.times_c.get_loc(t)
             coarse = event_maps(self.logx[c], self.logx[c - 1] if c > 0 else None)
             events = upsample(coarse, window_index(self.iy, win[0]), window_index(self.ix, win[1]))
-        elif self.covariate_encoding in SOURCE_SETS:
-            sources = source_maps(self.anchor, self.season, win,
-                                  maps=SOURCE_SETS[self.covariate_encoding])
+        elif self.covariate_encoding == "sources":
+            sources = source_maps(self.anchor, self.season, win)
         return covariate_maps(self.elev[win], self.lat[win[0]], self.lon[win[1]],
                               lat_range=(self.lat[0], self.lat[-1]),
                               lon_range=(self.lon[0], self.lon[-1]), elev_scale=self.elev_scale,
@@ -231,7 +230,7 @@ class FinePatches(_FineBase, torch.utils.data.Dataset):
       ``target`` (1, t, t)    y[d] in model space (min-max, or the standardised residual)
       ``coarse`` (1, t, t)    x[d] aligned to the fine grid (nearest, bilinear or conservative)
       ``covariates`` (C, t, t) see COVARIATE_SETS (6 for "paper", 7 for "bounded", 9 for "events"
-                          or "sources", 8 for "sources_clim")
+                          or "sources")
       ``lags`` (T_lag, t, t)  y[d - T_lag .. d - 1], the fine history the transfer encoder sees
     plus ``day`` and ``start`` (y0, x0) as int64 tensors. ``t = tile``; patch starts come from
     :func:`fastds.plan_patches` with ``stride``; ``random_offsets`` shifts each item's start by

@@ -11,7 +11,7 @@ from .regions import season_of
 
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
-           "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES", "SOURCE_SETS",
+           "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES",
            "source_maps", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
@@ -198,15 +198,9 @@ COVARIATE_SETS = {
     # paths their plumes take), so the spread can follow them
     "sources": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year",
                 "residual_clim", "residual_spread"),
-    # the first map alone: a pixel's sd over one season of a short record is mostly the few
-    # events that crossed it, noise where no source is fixed
-    "sources_clim": ("elevation", "lat", "lon", "season", "doy_sin", "doy_cos", "year",
-                     "residual_clim"),
 }
 EVENT_COVARIATES = ("coarse_grad", "coarse_change")
 SOURCE_COVARIATES = ("residual_clim", "residual_spread")
-# the sets that end in maps of the anchor's (the residual target's), and how many
-SOURCE_SETS = {"sources": 2, "sources_clim": 1}
 
 
 def event_maps(log_today, log_before):
@@ -220,20 +214,18 @@ def event_maps(log_today, log_before):
     return np.stack([np.hypot(*grads), change]).astype(np.float32)
 
 
-def source_maps(anchor, season, win=(slice(None), slice(None)), *, maps=2):
+def source_maps(anchor, season, win=(slice(None), slice(None))):
     """The "sources" covariates of ``season`` on window ``win`` of the fine grid, float32
-    (maps, h, w): the anchor's mean fine-scale residual less its regional mean, in units of the
-    residual sd, and (``maps=2``) log of each pixel's residual sd over the season's (smoothed,
-    see :func:`fit_anchor`). Both come from the training days only, like the anchor itself."""
+    (2, h, w): the anchor's mean fine-scale residual less its regional mean, in units of the
+    residual sd, and log of each pixel's residual sd over the season's (smoothed, see
+    :func:`fit_anchor`). Both come from the training days only, like the anchor itself."""
     s = int(season)
+    if s not in anchor.spread:
+        raise ValueError(f"covariates='sources': the anchor has no residual spread map for season "
+                         f"{s} (a model saved before the source maps existed); retrain it")
     clim = anchor.clim[s]
-    out = [(clim[win] - float(clim.mean())) / anchor.sd[s]]
-    if maps > 1:
-        if s not in anchor.spread:
-            raise ValueError(f"covariates='sources': the anchor has no residual spread map for season "
-                             f"{s} (a model saved before the source maps existed); retrain it")
-        out.append(np.log(anchor.spread[s][win]))
-    return np.stack(out).astype(np.float32)
+    return np.stack([(clim[win] - float(clim.mean())) / anchor.sd[s],
+                     np.log(anchor.spread[s][win])]).astype(np.float32)
 
 
 def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, time, day_index,
@@ -250,16 +242,16 @@ def covariate_maps(elevation, lat, lon, *, lat_range, lon_range, elev_scale, tim
     (first, last year of the fine record). ``"events"`` -> float32 (9, h, w): ``"bounded"``
     then ``events`` (2, h, w), the day's :func:`event_maps` already on the window (required).
     ``"sources"`` -> float32 (9, h, w): ``"bounded"`` then ``sources`` (2, h, w), the season's
-    :func:`source_maps` on the window (required); ``"sources_clim"`` -> (8, h, w), its first.
+    :func:`source_maps` on the window (required).
     The channel names are ``COVARIATE_SETS[encoding]``.
     """
     if encoding not in COVARIATE_SETS:
         raise ValueError(f"covariates must be one of {', '.join(COVARIATE_SETS)}, got {encoding!r}")
-    extra = {"events": events} | dict.fromkeys(SOURCE_SETS, sources)
+    extra = {"events": events, "sources": sources}
     if encoding in extra:
-        maps, n = extra[encoding], SOURCE_SETS.get(encoding, 2)
-        if maps is None or np.shape(maps) != (n,) + np.shape(elevation):
-            raise ValueError(f"covariates={encoding!r} needs the day's {encoding} maps ({n}, h, w), got "
+        maps = extra[encoding]
+        if maps is None or np.shape(maps) != (2,) + np.shape(elevation):
+            raise ValueError(f"covariates={encoding!r} needs the day's {encoding} maps (2, h, w), got "
                              f"{None if maps is None else np.shape(maps)}")
         base = covariate_maps(elevation, lat, lon, lat_range=lat_range, lon_range=lon_range,
                               elev_scale=elev_scale, time=time, day_index=day_index,

@@ -17,7 +17,6 @@ import torch
 from ..config import Config, to_toml
 from ..data.datasets import SpeciesPatches
 from ..data.store import open_store
-from ..data.transforms import SOURCE_SETS
 from ..diffusion.schedule import Diffusion
 from ..runs import (load_checkpoint, load_trained, model_for, run_config, run_store, season_dir, species_names,
                     write_run_meta)
@@ -58,7 +57,7 @@ def _check_configs(runs, configs, config: Config):
                                  "for the joint model; the species runs must share it")
     if config.train.target != "residual":
         raise ValueError("train --model joint: needs train.target='residual' (the species' U-Net means)")
-    if config.data.covariates in ("events", *SOURCE_SETS):
+    if config.data.covariates in ("events", "sources"):
         raise ValueError(f"train --model joint: data.covariates={config.data.covariates!r} differ "
                          "per species (each species' own coarse field or anchor); use 'bounded' or "
                          "'paper'")
