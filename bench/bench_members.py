@@ -24,6 +24,7 @@ import torch
 
 import fastds.models.conditional as C
 from fastds.config import load_config
+from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
 from fastds.sampling.day import DayInputs, downscale_day
@@ -37,7 +38,7 @@ def _model(config):
     kw = dict(widths=tc.widths, attention=tc.attention, t_lag=config.data.t_lag,
               transfer_widths=config.pretrain.widths, transfer_attention=config.pretrain.attention,
               prediction=config.diffusion.prediction, target="residual",
-              n_covariates=len(COVARIATE_SETS[config.data.covariates]))
+              n_covariates=len(COVARIATE_SETS[covariate_set(config)]))
     torch.manual_seed(0)
     model = build_model("ddpm", **kw)
     model.set_regression(build_model("unet", **kw))
@@ -74,7 +75,7 @@ def test_per_member_fixed_work(benchmark, record, monkeypatch, grid, mean):
     model = _model(config)
     H, W = GRIDS[grid]
     rng = np.random.default_rng(0)
-    n_cov = len(COVARIATE_SETS[config.data.covariates])
+    n_cov = len(COVARIATE_SETS[covariate_set(config)])
     inputs = DayInputs(rng.random((1, H, W), np.float32), rng.random((n_cov, H, W), np.float32),
                        rng.random((MEMBERS, config.data.t_lag, H, W), np.float32))
     mean_stride, _, mean_halo = mean.partition("h")

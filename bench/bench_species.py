@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastds.config import load_config
+from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
 from fastds.models.joint import build_joint
@@ -32,7 +33,7 @@ def _kw(config):
     return dict(widths=tc.widths, attention=tc.attention, t_lag=config.data.t_lag,
                 transfer_widths=config.pretrain.widths, transfer_attention=config.pretrain.attention,
                 prediction=config.diffusion.prediction, target="residual",
-                n_covariates=len(COVARIATE_SETS[config.data.covariates]))
+                n_covariates=len(COVARIATE_SETS[covariate_set(config)]))
 
 
 def _separate(config, k):
@@ -48,7 +49,7 @@ def _joint(config, models):
     torch.manual_seed(SPECIES)
     return build_joint([m.regression for m in models], [f"S{k}" for k in range(SPECIES)],
                        widths=config.train.widths, attention=config.train.attention,
-                       n_covariates=len(COVARIATE_SETS[config.data.covariates])).eval()
+                       n_covariates=len(COVARIATE_SETS[covariate_set(config)])).eval()
 
 
 @pytest.mark.parametrize("grid", [g if g == "toy" else pytest.param(g, marks=pytest.mark.slow) for g in GRIDS])
@@ -58,7 +59,7 @@ def test_species_day(benchmark, record, grid, provider):
     H, W = GRIDS[grid]
     t_lag = config.data.t_lag
     rng = np.random.default_rng(0)
-    n_cov = len(COVARIATE_SETS[config.data.covariates])
+    n_cov = len(COVARIATE_SETS[covariate_set(config)])
     coarse = rng.random((SPECIES, H, W), np.float32)
     cov = rng.random((n_cov, H, W), np.float32)
     lags = rng.random((MEMBERS, SPECIES * t_lag, H, W), np.float32)

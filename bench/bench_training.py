@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastds.config import load_config
+from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
 from fastds.training.stages import _loss_for
@@ -27,7 +28,7 @@ def test_train_throughput(benchmark, record, size, provider):
     tile, t_lag = config.data.tile, config.data.t_lag
     kw = dict(widths=widths, t_lag=t_lag, transfer_widths=None if provider == "no_transfer" else twidths,
               prediction=config.diffusion.prediction, target="residual",
-              n_covariates=len(COVARIATE_SETS[config.data.covariates]))
+              n_covariates=len(COVARIATE_SETS[covariate_set(config)]))
     torch.manual_seed(0)
     model = build_model("ddpm", **kw)
     model.set_regression(build_model("unet", **kw))

@@ -28,10 +28,13 @@ class DataConfig:
     train_stride: int = 8
     align: str = "store"          # coarse -> fine: "store" (what prepare chose), "nearest"
                                   # (reference code), "bilinear" or "conservative"
-    covariates: str = "bounded"   # "bounded" (sin/cos day of year, clamped year), "paper", "events"
-                                  # (bounded + coarse gradient and day-to-day change) or "sources"
+    covariates: str = "auto"      # "bounded" (sin/cos day of year, clamped year), "paper", "events"
+                                  # (bounded + coarse gradient and day-to-day change), "sources"
                                   # (bounded + the anchor's static maps from the training days:
-                                  # mean fine-scale residual and residual sd per pixel)
+                                  # mean fine-scale residual and residual sd per pixel) or "auto":
+                                  # a season's CorrDiff DDPM reads the maps (its U-Net mean stays
+                                  # bounded) where the anchor's map is mostly signal (fixed
+                                  # sources), every other model "bounded" (runs.season_config)
     random_offsets: bool = True   # jitter training patch starts (every cell phase is seen)
     split_block: int = 14         # prepare: contiguous split blocks in days (1: reference)
     seasons: tuple = (1, 2, 3, 4)

@@ -20,7 +20,7 @@ from .config import Config, SampleConfig, config_from_toml, to_toml
 from .data.datasets import FineDays
 from .data.transforms import COVARIATE_SETS, Anchor
 
-__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "species_names", "joint_species", "run_config", "write_run_config", "distill_settings", "sample_settings", "load_checkpoint", "checkpoint_weights", "fine_kwargs",
+__all__ = ["season_dir", "write_run_meta", "run_store", "run_variable", "species_names", "joint_species", "run_config", "write_run_config", "distill_settings", "sample_settings", "load_checkpoint", "checkpoint_weights", "covariate_set", "season_config", "trained_covariates", "fine_kwargs",
            "fine_days", "model_for", "load_trained"]
 
 
@@ -120,6 +120,51 @@ def checkpoint_weights(ck: dict, use_ema=True) -> dict:
     return ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
 
 
+# data.covariates = "auto": the anchor's map reliability (signal share of its mean residual
+# map's variance) from which a season's DDPM reads the source maps: signal equal to noise.
+# Measured on the twins (round 36): plume 0.71 (summer) / 0.55 (winter), smooth 0.35 / 0.27,
+# rough 0.15 / 0.25; not fitted to them.
+SOURCE_RELIABILITY = 0.5
+
+
+def covariate_set(config: Config) -> str:
+    """The covariate set ``config`` builds inputs with: ``data.covariates``, with ``"auto"``
+    meaning ``"bounded"`` wherever no season's DDPM has decided (:func:`season_config`)."""
+    return "bounded" if config.data.covariates == "auto" else config.data.covariates
+
+
+def season_config(config: Config, *, kind, store, season, run=None) -> Config:
+    """``config`` as ``train --model kind`` fits season ``season`` with it: unchanged unless
+    ``data.covariates = "auto"``, which becomes a concrete set (the one its checkpoint keeps).
+    A CorrDiff DDPM (residual target, U-Net mean, no out-of-fold U-Nets) reads the source maps
+    (``"sources"``, its U-Net mean staying on ``"bounded"``) where the season's anchor map is at
+    least :data:`SOURCE_RELIABILITY` signal (fixed sources or terrain), ``"bounded"`` elsewhere;
+    a distilled student takes its teacher's choice; every other model ``"bounded"``."""
+    if config.data.covariates != "auto":
+        return config
+    tc = config.train
+    if kind == "distill" and run is not None and (season_dir(run, season) / "ddpm.best.pt").exists():
+        return trained_covariates(config, season_dir(run, season) / "ddpm.best.pt")
+    cov, mean_cov = "bounded", tc.mean_covariates
+    if kind == "ddpm" and tc.mean == "unet" and tc.target == "residual" and not tc.oof_folds:
+        bounded = dataclasses.replace(config, data=dataclasses.replace(config.data, covariates="bounded"))
+        if fine_days(store, bounded, season).anchor.reliability.get(int(season), 0.0) >= SOURCE_RELIABILITY:
+            cov, mean_cov = "sources", mean_cov or "bounded"
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, covariates=cov),
+                               train=dataclasses.replace(tc, mean_covariates=mean_cov))
+
+
+def trained_covariates(config: Config, checkpoint) -> Config:
+    """``config`` with ``data.covariates = "auto"`` replaced by the covariate sets the model in
+    ``checkpoint`` (a path) was trained on (and so must be fed); other configs unchanged."""
+    if config.data.covariates != "auto":
+        return config
+    saved = config_from_toml(load_checkpoint(checkpoint)["config"])
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, covariates=saved.data.covariates),
+        train=dataclasses.replace(config.train, mean_covariates=saved.train.mean_covariates))
+
+
 def fine_kwargs(config: Config) -> dict:
     """How a config sees the fine record: the one mapping from settings to dataset options,
     shared by training and sampling so both see the same inputs."""
@@ -127,7 +172,7 @@ def fine_kwargs(config: Config) -> dict:
     if config.train.anchor not in ("shrunk", "clim"):
         raise ValueError(f"train.anchor must be 'shrunk' or 'clim', got {config.train.anchor!r}")
     return {"t_lag": d.t_lag, "align": d.align, "space": config.train.target,
-            "covariates": d.covariates, "shrink": config.train.anchor == "shrunk"}
+            "covariates": covariate_set(config), "shrink": config.train.anchor == "shrunk"}
 
 
 def fine_days(store, config: Config, season, *, anchor: Anchor | None = None) -> FineDays:
@@ -158,7 +203,7 @@ def model_for(kind, config: Config, run, season):
     model = build_model(kind, widths=tcfg.widths, attention=tcfg.attention, t_lag=config.data.t_lag,
                         transfer_widths=transfer_widths, transfer_attention=config.pretrain.attention,
                         prediction=config.diffusion.prediction, vae_latent=tcfg.vae_latent,
-                        n_covariates=len(COVARIATE_SETS[config.data.covariates]),
+                        n_covariates=len(COVARIATE_SETS[covariate_set(config)]),
                         target=tcfg.target, lag_channels=tcfg.lag_channels)
     if kind == "ddpm" and tcfg.mean == "unet":
         if tcfg.target != "residual":
@@ -181,7 +226,8 @@ def _mean_for(config: Config, run, season):
     """A CorrDiff DDPM's untrained U-Net mean: on the DDPM's covariates, or on
     ``train.mean_covariates``, a set whose channels lead the DDPM's (the mean then reads
     those leading channels of whatever the DDPM is given)."""
-    own, mean_cov = config.data.covariates, config.train.mean_covariates or config.data.covariates
+    own = covariate_set(config)
+    mean_cov = config.train.mean_covariates or own
     if mean_cov == own:
         return model_for("unet", config, run, season)
     if mean_cov not in COVARIATE_SETS:
@@ -212,7 +258,7 @@ def _joint_for(config: Config, run, season):
     torch.manual_seed(config.train.seed)
     return build_joint(means, [run_variable(r) for r in runs], widths=config.train.widths,
                        attention=config.train.attention,
-                       n_covariates=len(COVARIATE_SETS[config.data.covariates]))
+                       n_covariates=len(COVARIATE_SETS[covariate_set(config)]))
 
 
 def load_trained(run, season, kind="ddpm", *, use_ema=True, device="cpu"):

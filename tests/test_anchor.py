@@ -365,3 +365,9 @@ def test_shrunk_anchor_keeps_fixed_structure_and_drops_weather_noise():
             assert shrunk.std() < 0.3 * plain.std()
         else:
             assert shrunk.std() > 0.8 * plain.std()
+        # the map's reliability, what data.covariates="auto" reads: signal / (signal + noise),
+        # here 0.09 / (0.09 + 0.0625 / n_eff) with n_eff = 92 (1 - 0.8) / (1 + 0.8) ≈ 10.2: 0.94
+        rel = fit_anchor(logf, up, times, np.ones(n, bool)).reliability[2]
+        assert rel == fit_anchor(logf, up, times, np.ones(n, bool), shrink=True).reliability[2]
+        assert (rel < 0.15) if expect == "noise" else (0.88 < rel < 0.99)
+        assert Anchor.from_dict(Anchor(reliability={2: rel}).to_dict()).reliability == {2: rel}

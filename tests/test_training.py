@@ -630,3 +630,52 @@ def test_source_maps_for_the_ddpm_alone_keep_the_bounded_unet_mean(trained_run, 
     oof = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, oof_folds=2))
     with pytest.raises(ValueError, match="train.mean_covariates and train.oof_folds"):
         model_for("ddpm", oof, run, 3)
+
+
+def test_auto_covariates_give_a_seasons_ddpm_the_source_maps_where_its_anchor_map_is_signal(
+        trained_run, store_path, tiny_config, tmp_path, monkeypatch):
+    """data.covariates='auto' (the default): every model but the CorrDiff DDPM trains on the
+    bounded set; the DDPM takes the source maps, over the run's bounded U-Net mean, exactly
+    where the season's anchor map reliability reaches runs.SOURCE_RELIABILITY, and its
+    checkpoint keeps the concrete set, so sampling needs no decision; a distilled student
+    takes its teacher's set, a refit of the widening the model's; the out-of-fold recipe and the
+    U-Net stay bounded."""
+    import dataclasses
+    import shutil
+
+    import fastds.runs as R
+    from fastds.data.transforms import COVARIATE_SETS
+    from fastds.runs import load_trained, season_config
+    from fastds.sampling.pipeline import sample
+    from fastds.data.store import open_store
+    from fastds.training.stages import recalibrate, train
+    assert tiny_config.data.covariates == "auto"
+    _, unet_cfg = load_trained(trained_run, 3, "unet")
+    _, ddpm_cfg = load_trained(trained_run, 3, "ddpm")
+    st = open_store(store_path)
+    rel = R.fine_days(st, unet_cfg, 3).anchor.reliability[3]
+    assert 0.0 <= rel < R.SOURCE_RELIABILITY  # the smooth test twin: no fixed sources
+    assert unet_cfg.data.covariates == "bounded" and ddpm_cfg.data.covariates == "bounded"
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for f in (run / "season3").glob("ddpm*"):
+        f.unlink()
+    monkeypatch.setattr(R, "SOURCE_RELIABILITY", rel)  # the threshold reached: the maps go in
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2))
+    for kind in ("unet", "vae"):
+        assert season_config(cfg, kind=kind, store=st, season=3).data.covariates == "bounded"
+    oof = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, oof_folds=2))
+    assert season_config(oof, kind="ddpm", store=st, season=3).data.covariates == "bounded"
+    train(data=store_path, run=run, config=cfg, model="ddpm", progress=False)
+    ddpm, saved = load_trained(run, 3, "ddpm")
+    assert saved.data.covariates == "sources" and saved.train.mean_covariates == "bounded"
+    assert ddpm.regression.covariate_channels == len(COVARIATE_SETS["bounded"])
+    assert season_config(cfg, kind="distill", store=st, season=3, run=run).data.covariates == "sources"
+    assert 3 in recalibrate(run, season=3)  # the run's "auto" config, fed as the DDPM was trained
+    ds = sample(run=run, start="2005-08-25", end="2005-08-26", model="ddpm", progress=False,
+                members=2, steps=2)
+    assert np.isfinite(ds[list(ds.data_vars)[0]].values).all()
+    monkeypatch.setattr(R, "SOURCE_RELIABILITY", rel + 1e-6)  # just short of it: bounded
+    assert season_config(cfg, kind="ddpm", store=st, season=3).data.covariates == "bounded"
+    pinned = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, covariates="bounded"))
+    assert season_config(pinned, kind="ddpm", store=st, season=3) is pinned  # a named set is kept

@@ -12,7 +12,7 @@ from .regions import season_of
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
            "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES",
-           "source_maps", "year_scale", "split_days", "SPLITS",
+           "source_maps", "map_reliability", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
@@ -331,13 +331,16 @@ class Anchor:
     spatial disaggregation); ``mean``/``sd`` : dict season -> float, the residual's own
     training statistics; ``align`` : the interpolation that made them; ``spread`` : dict
     season -> float32 (H, W), each pixel's residual sd over ``sd[s]``, smoothed (the
-    "sources" covariates; empty in models saved before them).
+    "sources" covariates; empty in models saved before them); ``reliability`` : dict season ->
+    float, the share of the plain mean residual map's spatial variance that is signal rather
+    than sampling noise (:func:`map_reliability`; what ``data.covariates = "auto"`` reads).
     """
     clim: dict = field(default_factory=dict)
     mean: dict = field(default_factory=dict)
     sd: dict = field(default_factory=dict)
     align: str = "bilinear"
     spread: dict = field(default_factory=dict)
+    reliability: dict = field(default_factory=dict)
 
     def mu(self, coarse_log_fine, season, win=(slice(None), slice(None))):
         """log10 μ from the coarse field already on the fine grid (log10, (..., h, w)),
@@ -358,18 +361,21 @@ class Anchor:
         return {"clim": {str(k): np.asarray(v, np.float32) for k, v in self.clim.items()},
                 "mean": {str(k): float(v) for k, v in self.mean.items()},
                 "sd": {str(k): float(v) for k, v in self.sd.items()}, "align": self.align,
-                "spread": {str(k): np.asarray(v, np.float32) for k, v in self.spread.items()}}
+                "spread": {str(k): np.asarray(v, np.float32) for k, v in self.spread.items()},
+                "reliability": {str(k): float(v) for k, v in self.reliability.items()}}
 
     @classmethod
     def from_dict(cls, d):
         return cls({int(k): np.asarray(v, np.float32) for k, v in d["clim"].items()},
                    {int(k): float(v) for k, v in d["mean"].items()},
                    {int(k): float(v) for k, v in d["sd"].items()}, d.get("align", "bilinear"),
-                   {int(k): np.asarray(v, np.float32) for k, v in d.get("spread", {}).items()})
+                   {int(k): np.asarray(v, np.float32) for k, v in d.get("spread", {}).items()},
+                   {int(k): float(v) for k, v in d.get("reliability", {}).items()})
 
 
-def _shrink(res, c):
-    """The reliability-weighted pixel means of :func:`fit_anchor` (see there)."""
+def _map_noise(res, c):
+    """(regional mean, signal variance, per-pixel noise variance (H, W)) of the pixel-mean map
+    ``c`` of residual days ``res`` (time, H, W), as :func:`fit_anchor` describes."""
     a = np.nan_to_num(res - c, nan=0.0)
     var = a.var(0)
     # ρ from consecutive rows: the training days of a season are mostly consecutive
@@ -378,9 +384,24 @@ def _shrink(res, c):
     n_eff = len(a) * (1 - rho) / (1 + rho)
     noise = var / np.maximum(n_eff, 1.0)
     bias = float(c.mean())
-    signal = max(float(((c - bias) ** 2).mean() - noise.mean()), 0.0)
+    return bias, max(float(((c - bias) ** 2).mean() - noise.mean()), 0.0), noise
+
+
+def _shrink(res, c):
+    """The reliability-weighted pixel means of :func:`fit_anchor` (see there)."""
+    bias, signal, noise = _map_noise(res, c)
     w = signal / (signal + noise) if signal > 0 else np.zeros_like(noise)
     return bias + w * (c - bias)
+
+
+def map_reliability(res, c) -> float:
+    """signal / (signal + mean noise) of the pixel-mean map ``c`` of residual days ``res``
+    (time, H, W): 0 where the map is all sampling noise, near 1 where fixed structure
+    (terrain, sources) dominates it; 0.5 where signal and noise are equal."""
+    if len(res) < 3:
+        return 0.0
+    _, signal, noise = _map_noise(res, c)
+    return signal / (signal + float(noise.mean())) if signal > 0 else 0.0
 
 
 SPREAD_SMOOTH = 2.0  # fine pixels: the Gaussian sd smoothing the anchor's log spread map
@@ -403,16 +424,18 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
     ``n_eff = n(1-ρ)/(1+ρ)``; the weight is ``signal/(signal + noise)`` with the signal
     variance the spread of the pixel means less the mean noise variance (James-Stein style).
     Where the fine-scale structure is fixed (terrain, sources) the weight is near 1.
+    ``reliability[s]`` is that weight for the whole plain map (:func:`map_reliability`).
 
     ``spread[s]`` is each pixel's sd of ``res - clim`` over ``sd[s]``, its log smoothed by a
     Gaussian of ``SPREAD_SMOOTH`` pixels: a pixel's own sd over one season of a short record
     is mostly the few events that crossed it, which the smoothing spreads to their neighbours.
     """
     from scipy.ndimage import gaussian_filter
-    clim, mean, sd, spread = {}, {}, {}, {}
+    clim, mean, sd, spread, reliability = {}, {}, {}, {}, {}
     for s, idx in season_fit_days(times, train_mask).items():
         res = np.asarray(log_fine[idx], np.float64) - np.asarray(coarse_log_fine[idx], np.float64)
         c = np.nan_to_num(np.nanmean(res, axis=0), nan=0.0)
+        reliability[s] = map_reliability(res, c)
         if shrink and len(idx) > 2:
             c = _shrink(res, c)
         clim[s] = c.astype(np.float32)
@@ -424,4 +447,4 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
             ratio = np.log(np.maximum(np.nanstd(r, axis=0), 1e-6) / sd[s])
         ratio = gaussian_filter(np.nan_to_num(ratio, nan=0.0), SPREAD_SMOOTH, mode="nearest")
         spread[s] = np.exp(ratio).astype(np.float32)
-    return Anchor(clim, mean, sd, align, spread)
+    return Anchor(clim, mean, sd, align, spread, reliability)

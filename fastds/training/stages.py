@@ -10,6 +10,7 @@ Run folder layout::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from ..data.store import open_store
 from ..diffusion.schedule import Diffusion
 from ..models.unet import TemporalUNet
 from ..runs import (checkpoint_weights, distill_settings, fine_days, fine_kwargs, load_checkpoint, load_trained,
-                    model_for, run_store, run_variable, season_dir, write_run_config, write_run_meta)
+                    model_for, run_store, run_variable, season_config, season_dir, trained_covariates,
+                    write_run_config, write_run_meta)
 from ..sampling.spread import INFLATIONS, RAW, sampler_record, scan_factors
 from .distill import DISTILL_METHODS, distill_rounds, progressive_loss, trajectory_loss
 from .loop import FitSettings, fit
@@ -669,8 +671,9 @@ def recalibrate(run, *, season=None, model="ddpm", device="cpu", sample: SampleC
         best = season_dir(run, s) / f"{model}.best.pt"
         if not best.exists():
             raise FileNotFoundError(f"recalibrate: {best} is missing: run `fastds train --model {model}` first")
-        train_set, val_set = training_sets(store, s, config)
-        out[s] = calibrate_spread(best, train_set, val_set, config, device, kind=model)
+        trained = trained_covariates(config, best)  # "auto": the set the model was fitted on
+        train_set, val_set = training_sets(store, s, trained)
+        out[s] = calibrate_spread(best, train_set, val_set, trained, device, kind=model)
     if sample is not None:
         write_run_config(run, config)
     return out
@@ -855,12 +858,17 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
     out = []
     # what calibrate_spread is run on after the fit: a CorrDiff DDPM or its student
     calibrates = config.train.calibrate_spread and model in ("ddpm", "distill") and config.train.mean == "unet"
-    for s in _seasons(store, config, season):
-        d = config.data
-        tc = config.train
+    base = config
+    for s in _seasons(store, base, season):
         if resume and nothing_left(season_dir(run, s) / f"{model}.pt", calibrates):
             out.append(season_dir(run, s) / f"{model}.best.pt")  # trained (and calibrated): nothing to rebuild
             continue
+        # data.covariates = "auto" decided for this season's model (its checkpoint keeps the set)
+        config = season_config(base, kind=model, store=store, season=s, run=run)
+        if progress and config.data.covariates != base.data.covariates:
+            print(f"train {model} season {s}: data.covariates = auto -> {config.data.covariates!r}", file=sys.stderr)
+        d = config.data
+        tc = config.train
         train_set, val_set = prepared_sets(run, store, s, config, device, model)
         lag_noise = train_set.lag_noise
 
