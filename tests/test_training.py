@@ -638,8 +638,8 @@ def test_auto_covariates_give_a_seasons_ddpm_the_source_maps_where_its_anchor_ma
     bounded set; the DDPM takes the source maps, over the run's bounded U-Net mean, exactly
     where the season's anchor map reliability reaches runs.SOURCE_RELIABILITY, and its
     checkpoint keeps the concrete set, so sampling needs no decision; a distilled student
-    takes its teacher's set, a refit of the widening the model's; the out-of-fold recipe and the
-    U-Net stay bounded."""
+    takes its teacher's set, a refit of the widening or a resumed fit the model's; the
+    out-of-fold recipe and the U-Net stay bounded."""
     import dataclasses
     import shutil
 
@@ -677,5 +677,12 @@ def test_auto_covariates_give_a_seasons_ddpm_the_source_maps_where_its_anchor_ma
     assert np.isfinite(ds[list(ds.data_vars)[0]].values).all()
     monkeypatch.setattr(R, "SOURCE_RELIABILITY", rel + 1e-6)  # just short of it: bounded
     assert season_config(cfg, kind="ddpm", store=st, season=3).data.covariates == "bounded"
+    # a resumed fit (here: its widening left to refit) goes on with the set it started with
+    best = run / "season3" / "ddpm.best.pt"
+    ck = torch.load(best, weights_only=False)
+    del ck["calibration"]
+    torch.save(ck, best)
+    train(data=store_path, run=run, config=cfg, model="ddpm", progress=False, resume=True)
+    assert load_trained(run, 3, "ddpm")[1].data.covariates == "sources"
     pinned = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, covariates="bounded"))
     assert season_config(pinned, kind="ddpm", store=st, season=3) is pinned  # a named set is kept

@@ -863,8 +863,11 @@ def train(*, data, run, config: Config, model="ddpm", season=None, resume=False,
         if resume and nothing_left(season_dir(run, s) / f"{model}.pt", calibrates):
             out.append(season_dir(run, s) / f"{model}.best.pt")  # trained (and calibrated): nothing to rebuild
             continue
-        # data.covariates = "auto" decided for this season's model (its checkpoint keeps the set)
-        config = season_config(base, kind=model, store=store, season=s, run=run)
+        # data.covariates = "auto" decided for this season's model (its checkpoint keeps the set;
+        # a resumed fit goes on with the set it started with)
+        started = season_dir(run, s) / f"{model}.pt"
+        config = (trained_covariates(base, started) if resume and started.exists()
+                  else season_config(base, kind=model, store=store, season=s, run=run))
         if progress and config.data.covariates != base.data.covariates:
             print(f"train {model} season {s}: data.covariates = auto -> {config.data.covariates!r}", file=sys.stderr)
         d = config.data
