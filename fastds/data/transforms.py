@@ -12,7 +12,7 @@ from .regions import season_of
 __all__ = ["FLOOR", "to_log", "from_log", "MinMax", "fit_minmax", "align_index", "cell_of",
            "ALIGN_METHODS",
            "covariate_maps", "event_maps", "COVARIATES", "COVARIATE_SETS", "EVENT_COVARIATES", "SOURCE_COVARIATES",
-           "source_maps", "map_reliability", "year_scale", "split_days", "SPLITS",
+           "source_maps", "year_scale", "split_days", "SPLITS",
            "Anchor", "fit_anchor", "season_fit_days"]
 
 FLOOR = 1e-6
@@ -333,7 +333,7 @@ class Anchor:
     season -> float32 (H, W), each pixel's residual sd over ``sd[s]``, smoothed (the
     "sources" covariates; empty in models saved before them); ``reliability`` : dict season ->
     float, the share of the plain mean residual map's spatial variance that is signal rather
-    than sampling noise (:func:`map_reliability`; what ``data.covariates = "auto"`` reads).
+    than sampling noise (see :func:`fit_anchor`; what ``data.covariates = "auto"`` reads).
     """
     clim: dict = field(default_factory=dict)
     mean: dict = field(default_factory=dict)
@@ -387,20 +387,17 @@ def _map_noise(res, c):
     return bias, max(float(((c - bias) ** 2).mean() - noise.mean()), 0.0), noise
 
 
-def _shrink(res, c):
-    """The reliability-weighted pixel means of :func:`fit_anchor` (see there)."""
-    bias, signal, noise = _map_noise(res, c)
+def _shrink(c, bias, signal, noise):
+    """The reliability-weighted pixel means of :func:`fit_anchor` (see there), from
+    :func:`_map_noise`'s terms of the plain map ``c``."""
     w = signal / (signal + noise) if signal > 0 else np.zeros_like(noise)
     return bias + w * (c - bias)
 
 
-def map_reliability(res, c) -> float:
-    """signal / (signal + mean noise) of the pixel-mean map ``c`` of residual days ``res``
-    (time, H, W): 0 where the map is all sampling noise, near 1 where fixed structure
-    (terrain, sources) dominates it; 0.5 where signal and noise are equal."""
-    if len(res) < 3:
-        return 0.0
-    _, signal, noise = _map_noise(res, c)
+def _reliability(signal, noise) -> float:
+    """signal / (signal + mean noise) of a pixel-mean map, from :func:`_map_noise`'s terms: 0
+    where the map is all sampling noise, near 1 where fixed structure (terrain, sources)
+    dominates it; 0.5 where signal and noise are equal."""
     return signal / (signal + float(noise.mean())) if signal > 0 else 0.0
 
 
@@ -424,7 +421,8 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
     ``n_eff = n(1-ρ)/(1+ρ)``; the weight is ``signal/(signal + noise)`` with the signal
     variance the spread of the pixel means less the mean noise variance (James-Stein style).
     Where the fine-scale structure is fixed (terrain, sources) the weight is near 1.
-    ``reliability[s]`` is that weight for the whole plain map (:func:`map_reliability`).
+    ``reliability[s]`` is that weight for the whole plain map, signal / (signal + mean noise)
+    (0 with fewer than 3 days).
 
     ``spread[s]`` is each pixel's sd of ``res - clim`` over ``sd[s]``, its log smoothed by a
     Gaussian of ``SPREAD_SMOOTH`` pixels: a pixel's own sd over one season of a short record
@@ -435,9 +433,12 @@ def fit_anchor(log_fine, coarse_log_fine, times, train_mask, *, align="bilinear"
     for s, idx in season_fit_days(times, train_mask).items():
         res = np.asarray(log_fine[idx], np.float64) - np.asarray(coarse_log_fine[idx], np.float64)
         c = np.nan_to_num(np.nanmean(res, axis=0), nan=0.0)
-        reliability[s] = map_reliability(res, c)
-        if shrink and len(idx) > 2:
-            c = _shrink(res, c)
+        reliability[s] = 0.0
+        if len(idx) > 2:  # one pass over the days gives both the reliability and the shrinkage
+            bias, signal, noise = _map_noise(res, c)
+            reliability[s] = _reliability(signal, noise)
+            if shrink:
+                c = _shrink(c, bias, signal, noise)
         clim[s] = c.astype(np.float32)
         r = res - clim[s]
         mean[s] = float(np.nanmean(r))
