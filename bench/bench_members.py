@@ -24,9 +24,9 @@ import torch
 
 import fastds.models.conditional as C
 from fastds.config import load_config
-from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
+from fastds.runs import covariate_set
 from fastds.sampling.day import DayInputs, downscale_day
 
 MEMBERS = 8

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from fastds.config import load_config
-from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
 from fastds.models.joint import build_joint
+from fastds.runs import covariate_set
 from fastds.sampling.day import DayInputs, downscale_day
 
 MEMBERS = 8

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fastds.config import load_config
-from fastds.runs import covariate_set
 from fastds.data.transforms import COVARIATE_SETS
 from fastds.models.conditional import build_model
+from fastds.runs import covariate_set
 from fastds.training.stages import _loss_for
 
 SIZES = {"tiny": ((24, 48, 48), (16, 32, 32)), "medium": ((64, 128, 128), (32, 64, 64))}
