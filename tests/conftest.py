@@ -34,6 +34,16 @@ def run_aot(script: str) -> str:
     return res.stdout
 
 
+def copied_run(trained_run, dest, *, drop=()):
+    """A copy of ``trained_run`` at ``dest`` (returned) without the files of any season that
+    match a glob in ``drop`` (``"ddpm*"``: a run whose DDPM is to be fitted again)."""
+    shutil.copytree(trained_run, dest)
+    for pattern in drop:
+        for f in dest.glob(f"season*/{pattern}"):
+            f.unlink()
+    return dest
+
+
 requires_cupy_gpu = pytest.mark.skipif(
     not _backend.CUPY_CUDA, reason="cupy has no CUDA device (cupy.cuda.is_available() is False)")
 

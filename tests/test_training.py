@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import copied_run
 from fastds.models.baselines import VAE, DeterministicUNet
 from fastds.models.conditional import build_model
 from fastds.models.transfer import TransferEncoder
@@ -400,14 +401,10 @@ def test_ddpm_trains_on_out_of_fold_means(trained_run, store_path, tiny_config, 
     """``train.oof_folds = 2``: two fold U-Nets are fitted next to the run's, and the DDPM's
     loss takes every training item's mean from the fold U-Net that never saw its day."""
     import dataclasses
-    import shutil
 
     from fastds.training import oof as oof_mod
     from fastds.training.stages import train
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    for f in (run / "season3").glob("ddpm*"):
-        f.unlink()
+    run = copied_run(trained_run, tmp_path / "run", drop=("ddpm*",))
     cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
         tiny_config.train, oof_folds=2, epochs=1, calibrate_spread=False))
     calls, real = [], oof_mod.OOFMeans.__call__
@@ -475,13 +472,9 @@ def test_bf16_training_runs_the_networks_in_bf16_and_keeps_fp32_weights(trained_
     convolutions run in bf16 under autocast, and the saved weights, EMA and optimizer state
     stay fp32 (autocast casts per call, it never converts the parameters)."""
     import dataclasses
-    import shutil
 
     import fastds.training.stages as stages
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    for f in (run / "season3").glob("ddpm*"):
-        f.unlink()
+    run = copied_run(trained_run, tmp_path / "run", drop=("ddpm*",))
     cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
         tiny_config.train, precision="bf16", epochs=1, calibrate_spread=False, max_steps=2))
     seen, dtypes, real_fit = [], set(), stages.fit
@@ -567,16 +560,11 @@ def test_source_covariates_train_and_sample_from_the_saved_anchor(trained_run, s
     checkpoint's anchor carries the source maps, and sampling (beyond what training saw: the
     store's anchor is never refitted) reads them from the checkpoint."""
     import dataclasses
-    import shutil
 
     from fastds.runs import load_trained
     from fastds.sampling.pipeline import sample
     from fastds.training.stages import train
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    for f in (run / "season3").glob("*.pt"):
-        if not f.name.startswith("pretrain"):
-            f.unlink()
+    run = copied_run(trained_run, tmp_path / "run", drop=("[!p]*.pt",))  # all but Stage A's
     cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, covariates="sources"),
                               train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2))
     train(data=store_path, run=run, config=cfg, model="unet", progress=False)
@@ -594,16 +582,12 @@ def test_source_maps_for_the_ddpm_alone_keep_the_bounded_unet_mean(trained_run, 
     tensor, and sampling works from the checkpoint; a set that does not lead the DDPM's, or
     out-of-fold U-Nets beside it, is refused by name."""
     import dataclasses
-    import shutil
 
     from fastds.data.transforms import COVARIATE_SETS
     from fastds.runs import load_trained, model_for
     from fastds.sampling.pipeline import sample
     from fastds.training.stages import train
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    for f in (run / "season3").glob("ddpm*"):
-        f.unlink()
+    run = copied_run(trained_run, tmp_path / "run", drop=("ddpm*",))
     cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, covariates="sources"),
                               train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2,
                                                         mean_covariates="bounded"))
@@ -641,7 +625,6 @@ def test_auto_covariates_give_a_seasons_ddpm_the_source_maps_where_its_anchor_ma
     takes its teacher's set, a refit of the widening or a resumed fit the model's; the
     out-of-fold recipe and the U-Net stay bounded."""
     import dataclasses
-    import shutil
 
     import fastds.runs as R
     from fastds.data.transforms import COVARIATE_SETS
@@ -656,10 +639,7 @@ def test_auto_covariates_give_a_seasons_ddpm_the_source_maps_where_its_anchor_ma
     rel = R.fine_days(st, unet_cfg, 3).anchor.reliability[3]
     assert 0.0 <= rel < R.SOURCE_RELIABILITY  # the smooth test twin: no fixed sources
     assert unet_cfg.data.covariates == "bounded" and ddpm_cfg.data.covariates == "bounded"
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    for f in (run / "season3").glob("ddpm*"):
-        f.unlink()
+    run = copied_run(trained_run, tmp_path / "run", drop=("ddpm*",))
     monkeypatch.setattr(R, "SOURCE_RELIABILITY", rel)  # the threshold reached: the maps go in
     cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, epochs=1, max_steps=2))
     for kind in ("unet", "vae"):
