@@ -36,6 +36,9 @@ def test_shipped_tiers_load():
     assert len(q.twins) == 1 and len(q.starts) == 2 and len(q.seeds) == 1
     assert len(f.twins) >= 3 and any("plumes" in t.spec for t in f.twins)
     assert len(f.starts) >= 8 and len(f.seeds) >= 3 and f.reconstruction
+    # the full tier scores what ships, unwidened too, against every null and baseline
+    assert {"ddpm", "ddpm-raw", "unet", "unet+iid", "unet+grf", "unet+resample", "interp", "clim",
+            "anchor"} <= set(f.models)
     with pytest.raises(FileNotFoundError, match="no shipped tier"):
         load_protocol("nope")
 
