@@ -167,7 +167,11 @@ def _evaluation_commands(sub):
                         "same days (a protocol --out folder, a model it scored, its label here; "
                         "repeat); writes --out if it ends in .md, else --out/paired.md")
     p.add_argument("--reference", help="with --pair: the label the others are paired against")
-    p.add_argument("--twin", help="with --pair: keep this twin only")
+    p.add_argument("--twin", action="append", default=[],
+                   help="run only this twin of the tier (repeat for several; a part of a long tier, "
+                        "cached as the whole tier's); with --pair: keep this twin only (once)")
+    p.add_argument("--seed", action="append", default=[], type=int,
+                   help="run only this training seed of the tier (repeat for several)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -200,21 +204,24 @@ def _config(args):
 
 
 def _benchmark(args) -> int:
-    from .protocol import load_protocol, pair_tiers, run_protocol, write_pairing
+    from .protocol import load_protocol, pair_tiers, run_protocol, tier_part, write_pairing
     if args.pair:
         entries = [tuple(e.rsplit(":", 2)) for e in args.pair]
         bad = [e for e, t in zip(args.pair, entries) if len(t) != 3 or not all(t)]
         if bad or not args.reference:
             raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL, got {bad}" if bad
                              else "benchmark --pair needs --reference LABEL")
-        means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin)
+        if len(args.twin) > 1 or args.seed:
+            raise ValueError("benchmark --pair keeps one --twin (or all) and takes no --seed: the "
+                             "pairing pools the seeds that scored the same days")
+        means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None)
         # --out names a Markdown file, or a folder (the default's) that gets paired.md
         out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
                             + ", ".join(sorted(set(paired.model)))), end="")
         return 0
-    cfg = load_protocol(args.tier)
+    cfg = tier_part(load_protocol(args.tier), twins=args.twin, seeds=args.seed)
     run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'results.json'}")

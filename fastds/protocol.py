@@ -29,7 +29,7 @@ import pandas as pd
 
 from ._io import atomic_path
 
-__all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "run_protocol", "block_bootstrap_ci",
+__all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "tier_part", "run_protocol", "block_bootstrap_ci",
            "paired_differences", "pair_tiers", "write_pairing"]
 
 ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target is 1
@@ -104,6 +104,23 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     cfg = ProtocolConfig(**kw, **({"twins": twins} if twins else {}))
     check_seasons(cfg, path)
     return cfg
+
+
+def tier_part(cfg: ProtocolConfig, *, twins=(), seeds=()) -> ProtocolConfig:
+    """``cfg`` restricted to the twins named in ``twins`` and the training seeds in ``seeds``
+    (empty: all of them), in the tier's order. A part of a long tier runs on its own (one at a
+    time, or on another machine sharing the ``out`` folder): it trains and scores into the
+    whole tier's cache, so a later run of the whole tier reuses every rollout the part scored;
+    its ``results`` files cover the part only. Unknown names or seeds are an error naming the
+    tier's."""
+    known = [t.name for t in cfg.twins]
+    bad = [n for n in twins if n not in known] + [str(s) for s in seeds if int(s) not in cfg.seeds]
+    if bad:
+        raise ValueError(f"protocol {cfg.tier}: no twin or seed {', '.join(bad)} in this tier "
+                         f"(twins: {', '.join(known)}; seeds: {', '.join(map(str, cfg.seeds))})")
+    return dataclasses.replace(
+        cfg, twins=tuple(t for t in cfg.twins if not twins or t.name in twins),
+        seeds=tuple(s for s in cfg.seeds if not seeds or s in {int(x) for x in seeds}))
 
 
 def periods(cfg: ProtocolConfig) -> list:

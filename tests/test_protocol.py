@@ -1,5 +1,6 @@
 """The evaluation protocol's code on a toy size (its tiers run outside CI), and the coverage
 of its bootstrap intervals."""
+import dataclasses
 import json
 
 import numpy as np
@@ -41,6 +42,22 @@ def test_shipped_tiers_load():
             "anchor"} <= set(f.models)
     with pytest.raises(FileNotFoundError, match="no shipped tier"):
         load_protocol("nope")
+
+
+def test_a_part_of_a_tier_keeps_the_named_twins_and_seeds_in_the_tiers_order(tmp_path, capsys):
+    from fastds.cli import main
+    from fastds.protocol import tier_part
+    f = load_protocol("full")
+    part = tier_part(f, twins=["plume", "smooth"], seeds=[2, 0])
+    assert [t.name for t in part.twins] == ["smooth", "plume"] and part.seeds == (0, 2)
+    assert dataclasses.replace(part, twins=f.twins, seeds=f.seeds) == f  # nothing else changes
+    assert tier_part(f) == f
+    with pytest.raises(ValueError, match=r"no twin or seed dusty, 5 in this tier \(twins: smooth, rough, plume; seeds: 0, 1, 2\)"):
+        tier_part(f, twins=["dusty", "plume"], seeds=[5])
+    assert main(["benchmark", "--tier", "full", "--twin", "dusty", "--out", str(tmp_path)]) == 2
+    assert "no twin or seed dusty" in capsys.readouterr().err
+    assert main(["benchmark", "--pair", f"{tmp_path}:ddpm:a", "--reference", "a", "--seed", "0"]) == 2
+    assert "takes no --seed" in capsys.readouterr().err
 
 
 def test_a_tier_file_that_is_not_toml_is_named(tmp_path):
