@@ -108,9 +108,9 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
 
 def tier_part(cfg: ProtocolConfig, *, twins=(), seeds=()) -> ProtocolConfig:
     """``cfg`` restricted to the twins named in ``twins`` and the training seeds in ``seeds``
-    (empty: all of them), in the tier's order. A part of a long tier runs on its own (one at a
-    time, or on another machine sharing the ``out`` folder): it trains and scores into the
-    whole tier's cache, so a later run of the whole tier reuses every rollout the part scored;
+    (empty: all of them), in the tier's order. A part of a long tier runs on its own (one part
+    at a time per ``out`` folder): it trains and scores into the whole tier's cache, so a
+    later run of the whole tier reuses every rollout the part scored;
     its ``results`` files cover the part only. Unknown names or seeds are an error naming the
     tier's."""
     known = [t.name for t in cfg.twins]
