@@ -78,7 +78,7 @@ def load_protocol(path_or_name="quick") -> ProtocolConfig:
     """A protocol config from a TOML file, or a shipped tier by name (``quick``, ``full``)."""
     from .config import tomllib
     path = Path(path_or_name)
-    if not path.exists():
+    if not path.is_file():  # a folder named like a tier (e.g. `--out full`) is not a tier file
         path = Path(__file__).parent / "configs" / f"protocol_{path_or_name}.toml"
     if not path.exists():
         raise FileNotFoundError(f"protocol: no file {path_or_name} and no shipped tier of that name "

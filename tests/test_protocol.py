@@ -32,7 +32,9 @@ def test_block_bootstrap_covers_a_known_difference_near_its_nominal_rate():
     assert 0.86 <= hits / n <= 0.99, hits / n
 
 
-def test_shipped_tiers_load():
+def test_shipped_tiers_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()  # a folder named like a tier (`--out full`) is not the tier
     q, f = load_protocol("quick"), load_protocol("full")
     assert len(q.twins) == 1 and len(q.starts) == 2 and len(q.seeds) == 1
     assert len(f.twins) >= 3 and any("plumes" in t.spec for t in f.twins)
