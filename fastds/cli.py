@@ -171,7 +171,8 @@ def _evaluation_commands(sub):
                    help="run only this twin of the tier (repeat for several; a part of a long tier, "
                         "cached as the whole tier's); with --pair: keep this twin only (once)")
     p.add_argument("--seed", action="append", default=[], type=int,
-                   help="run only this training seed of the tier (repeat for several)")
+                   help="run only this training seed of the tier (repeat for several); with --pair: "
+                        "keep these seeds only (default: pool every seed that scored the same days)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -211,10 +212,10 @@ def _benchmark(args) -> int:
         if bad or not args.reference:
             raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL, got {bad}" if bad
                              else "benchmark --pair needs --reference LABEL")
-        if len(args.twin) > 1 or args.seed:
-            raise ValueError("benchmark --pair keeps one --twin (or all) and takes no --seed: the "
-                             "pairing pools the seeds that scored the same days")
-        means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None)
+        if len(args.twin) > 1:
+            raise ValueError("benchmark --pair keeps one --twin (or all)")
+        means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None,
+                                   seeds=args.seed)
         # --out names a Markdown file, or a folder (the default's) that gets paired.md
         out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -202,11 +202,12 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     return pd.DataFrame(rows)
 
 
-def pair_tiers(entries, *, reference, twin=None, block=7, reps=2000):
+def pair_tiers(entries, *, reference, twin=None, seeds=(), block=7, reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
     a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
     a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
-    ``reference`` is one of the labels; ``twin`` keeps that twin only. Returns ``(means,
+    ``reference`` is one of the labels; ``twin`` keeps that twin only, ``seeds`` (ints) those
+    training seeds only (e.g. one seed at a time, to see how the seeds agree). Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
     frames, read = [], {}
@@ -215,11 +216,14 @@ def pair_tiers(entries, *, reference, twin=None, block=7, reps=2000):
             files = sorted((Path(out) / "scores").glob("*.csv"))
             read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
         rows = read[out]
-        keep = None if rows is None else (rows.model == model) & (rows.twin == twin if twin else True)
+        keep = None if rows is None else ((rows.model == model) & (rows.twin == twin if twin else True)
+                                          & (rows.seed.isin([int(s) for s in seeds]) if seeds else True))
         rows = None if keep is None else rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
-                                    + (f" on twin {twin!r}" if twin else "") + "; run `fastds benchmark` there first")
+                                    + (f" on twin {twin!r}" if twin else "")
+                                    + (f" for seed {', '.join(map(str, seeds))}" if seeds else "")
+                                    + "; run `fastds benchmark` there first")
         frames.append(rows.assign(model=label))
     scores = pd.concat(frames, ignore_index=True)
     if reference not in set(scores.model):

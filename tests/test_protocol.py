@@ -58,8 +58,9 @@ def test_a_part_of_a_tier_keeps_the_named_twins_and_seeds_in_the_tiers_order(tmp
         tier_part(f, twins=["dusty", "plume"], seeds=[5])
     assert main(["benchmark", "--tier", "full", "--twin", "dusty", "--out", str(tmp_path)]) == 2
     assert "no twin or seed dusty" in capsys.readouterr().err
-    assert main(["benchmark", "--pair", f"{tmp_path}:ddpm:a", "--reference", "a", "--seed", "0"]) == 2
-    assert "takes no --seed" in capsys.readouterr().err
+    assert main(["benchmark", "--pair", f"{tmp_path}:ddpm:a", "--reference", "a", "--twin", "plume",
+                 "--twin", "smooth"]) == 2
+    assert "keeps one --twin" in capsys.readouterr().err
 
 
 def test_a_tier_file_that_is_not_toml_is_named(tmp_path):
@@ -247,3 +248,19 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     assert "OUT:MODEL:LABEL" in capsys.readouterr().err
     assert main([a for a in args if a not in ("--reference", "ddpm-new")]) == 2
     assert "needs --reference" in capsys.readouterr().err
+    # two training seeds on the same days: pooled per day by default, one at a time with seeds
+    for model, extra in (("ddpm", -0.01), ("unet", 0.05)):
+        pd.DataFrame({"twin": "plume", "seed": 1, "start": "2007-07-01+30d", "model": model, "time": days,
+                      "crps_fair": base + extra}).to_csv(
+            tmp_path / "old" / "scores" / f"plume_s1_20070701_30d_{model}.csv", index=False)
+    seeds = [(tmp_path / "old", "ddpm", "ddpm"), (tmp_path / "old", "unet", "unet")]
+    diff = {s: pair_tiers(seeds, reference="ddpm", twin="plume", seeds=s, reps=200)[1]
+            .set_index("metric").loc["crps_fair", "diff"] for s in ((0,), (1,), ())}
+    assert diff[(0,)] == pytest.approx(-0.05) and diff[(1,)] == pytest.approx(-0.06)
+    assert diff[()] == pytest.approx(-0.055)
+    with pytest.raises(FileNotFoundError, match="no scores of model 'ddpm' on twin 'plume' for seed 2"):
+        pair_tiers(seeds, reference="ddpm", twin="plume", seeds=(2,))
+    one = tmp_path / "s1.md"
+    assert main(["benchmark", "--pair", f"{tmp_path / 'old'}:ddpm:ddpm", "--pair", f"{tmp_path / 'old'}:unet:unet",
+                 "--reference", "ddpm", "--twin", "plume", "--seed", "1", "--out", str(one)]) == 0
+    assert "| crps_fair | unet | 30 | -0.060000 |" in one.read_text()
