@@ -173,6 +173,9 @@ def _evaluation_commands(sub):
     p.add_argument("--seed", action="append", default=[], type=int,
                    help="run only this training seed of the tier (repeat for several); with --pair: "
                         "keep these seeds only (default: pool every seed that scored the same days)")
+    p.add_argument("--season", action="append", default=[], type=int, choices=[1, 2, 3, 4],
+                   help="with --pair: keep the days of this season only (1=DJF .. 4=SON, by each "
+                        "day's month; repeat for several)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -205,6 +208,7 @@ def _config(args):
 
 
 def _benchmark(args) -> int:
+    from .data.regions import season_name
     from .protocol import load_protocol, pair_tiers, run_protocol, tier_part, write_pairing
     if args.pair:
         entries = [tuple(e.rsplit(":", 2)) for e in args.pair]
@@ -215,13 +219,19 @@ def _benchmark(args) -> int:
         if len(args.twin) > 1:
             raise ValueError("benchmark --pair keeps one --twin (or all)")
         means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None,
-                                   seeds=args.seed)
+                                   seeds=args.seed, seasons=args.season)
         # --out names a Markdown file, or a folder (the default's) that gets paired.md
         out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
         out.parent.mkdir(parents=True, exist_ok=True)
+        only = [f"seed {', '.join(map(str, args.seed))}"] if args.seed else []
+        only += [", ".join(season_name(s) for s in args.season)] if args.season else []
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
-                            + ", ".join(sorted(set(paired.model)))), end="")
+                            + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else "")),
+              end="")
         return 0
+    if args.season:
+        raise ValueError("benchmark --season selects days to pair (with --pair); a tier trains and "
+                         "scores the seasons its file names")
     cfg = tier_part(load_protocol(args.tier), twins=args.twin, seeds=args.seed)
     run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)
     print((Path(args.out) / "results.md").read_text(), end="")

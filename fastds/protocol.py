@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ._io import atomic_path
+from .data.regions import season_of
 
 __all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "tier_part", "run_protocol", "block_bootstrap_ci",
            "paired_differences", "pair_tiers", "write_pairing"]
@@ -202,12 +203,13 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     return pd.DataFrame(rows)
 
 
-def pair_tiers(entries, *, reference, twin=None, seeds=(), block=7, reps=2000):
+def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), block=7, reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
     a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
     a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
     ``reference`` is one of the labels; ``twin`` keeps that twin only, ``seeds`` (ints) those
-    training seeds only (e.g. one seed at a time, to see how the seeds agree). Returns ``(means,
+    training seeds only (e.g. one seed at a time, to see how the seeds agree), ``seasons``
+    (1 = DJF ... 4 = SON) the days of those seasons only, by each day's own month. Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
     frames, read = [], {}
@@ -216,13 +218,16 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), block=7, reps=2000):
             files = sorted((Path(out) / "scores").glob("*.csv"))
             read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
         rows = read[out]
-        keep = None if rows is None else ((rows.model == model) & (rows.twin == twin if twin else True)
-                                          & (rows.seed.isin([int(s) for s in seeds]) if seeds else True))
+        keep = None if rows is None else (
+            (rows.model == model) & (rows.twin == twin if twin else True)
+            & (rows.seed.isin([int(s) for s in seeds]) if seeds else True)
+            & (np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons]) if seasons else True))
         rows = None if keep is None else rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
                                     + (f" on twin {twin!r}" if twin else "")
                                     + (f" for seed {', '.join(map(str, seeds))}" if seeds else "")
+                                    + (f" in season {', '.join(map(str, seasons))}" if seasons else "")
                                     + "; run `fastds benchmark` there first")
         frames.append(rows.assign(model=label))
     scores = pd.concat(frames, ignore_index=True)

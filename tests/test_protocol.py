@@ -264,3 +264,21 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     assert main(["benchmark", "--pair", f"{tmp_path / 'old'}:ddpm:ddpm", "--pair", f"{tmp_path / 'old'}:unet:unet",
                  "--reference", "ddpm", "--twin", "plume", "--seed", "1", "--out", str(one)]) == 0
     assert "| crps_fair | unet | 30 | -0.060000 |" in one.read_text()
+    # days of one season only, by each day's own month (a rollout may cross a season's edge)
+    (tmp_path / "edge" / "scores").mkdir(parents=True)
+    edge = pd.date_range("2007-08-17", periods=30)  # 15 JJA days, 15 SON days
+    for model, extra in (("ddpm", np.where(edge.month == 8, -0.01, -0.03)), ("unet", 0.0)):
+        pd.DataFrame({"twin": "plume", "seed": 0, "start": "2007-08-17+30d", "model": model, "time": edge,
+                      "crps_fair": 0.12 + extra}).to_csv(
+            tmp_path / "edge" / "scores" / f"plume_s0_20070817_30d_{model}.csv", index=False)
+    edge = [(tmp_path / "edge", "ddpm", "ddpm"), (tmp_path / "edge", "unet", "unet")]
+    for season, want in ((3, -0.01), (4, -0.03)):
+        d = pair_tiers(edge, reference="ddpm", seasons=(season,), reps=200)[1].set_index("metric")
+        assert d.loc["crps_fair", "diff"] == pytest.approx(want) and d.loc["crps_fair", "days"] == 15
+    with pytest.raises(FileNotFoundError, match="in season 1"):
+        pair_tiers(edge, reference="ddpm", seasons=(1,))
+    assert main(["benchmark", "--pair", f"{tmp_path / 'edge'}:ddpm:ddpm", "--pair", f"{tmp_path / 'edge'}:unet:u",
+                 "--reference", "ddpm", "--season", "4", "--out", str(one)]) == 0
+    assert "| crps_fair | u | 15 | -0.030000 |" in one.read_text() and "(SON)" in one.read_text()
+    assert main(["benchmark", "--season", "4", "--out", str(tmp_path / "t")]) == 2
+    assert "selects days to pair" in capsys.readouterr().err
