@@ -218,11 +218,13 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), block=7, 
             files = sorted((Path(out) / "scores").glob("*.csv"))
             read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
         rows = read[out]
-        keep = None if rows is None else (
-            (rows.model == model) & (rows.twin == twin if twin else True)
-            & (rows.seed.isin([int(s) for s in seeds]) if seeds else True)
-            & (np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons]) if seasons else True))
-        rows = None if keep is None else rows[keep]
+        if rows is not None:
+            keep = rows.model == model
+            keep &= (rows.twin == twin) if twin else True
+            keep &= rows.seed.isin([int(s) for s in seeds]) if seeds else True
+            if seasons:  # by each day's own month: a rollout may cross a season's edge
+                keep &= np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons])
+            rows = rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
                                     + (f" on twin {twin!r}" if twin else "")
