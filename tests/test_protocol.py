@@ -201,6 +201,15 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path,
     pd.testing.assert_frame_equal(pd.read_csv(score), before)
 
 
+def _scores(out, twin, seed, model, days, **columns):
+    """One rollout's score file as the protocol writes it (``out/scores``), its rows ``days``."""
+    start = days[0]
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"twin": twin, "seed": seed, "start": f"{start:%Y-%m-%d}+{len(days)}d", "model": model,
+                  "time": days, **columns}).to_csv(
+        out / "scores" / f"{twin}_s{seed}_{start:%Y%m%d}_{len(days)}d_{model}.csv", index=False)
+
+
 def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_path, capsys):
     """``pair_tiers`` (and ``fastds benchmark --pair``): the same model scored by two protocol
     runs, relabelled, paired on the days they share (twins kept apart); a missing model, a
@@ -211,13 +220,10 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     days = pd.date_range("2007-07-01", periods=30)
     base = rng.normal(0.12, 0.01, len(days))
     for out, shift in (("new", -0.002), ("old", 0.0)):
-        (tmp_path / out / "scores").mkdir(parents=True)
         for twin in ("plume", "smooth"):
             for model, extra in (("ddpm", 0.0), ("unet", 0.05)):
-                pd.DataFrame({"twin": twin, "seed": 0, "start": "2007-07-01+30d", "model": model,
-                              "time": days, "crps_fair": base + shift + extra + (twin == "smooth"),
-                              "r2_mean": 0.5 - shift}).to_csv(
-                    tmp_path / out / "scores" / f"{twin}_s0_20070701_30d_{model}.csv", index=False)
+                _scores(tmp_path / out, twin, 0, model, days, crps_fair=base + shift + extra + (twin == "smooth"),
+                        r2_mean=0.5 - shift)
     entries = [(tmp_path / "new", "ddpm", "ddpm-new"), (tmp_path / "old", "ddpm", "ddpm-old"),
                (tmp_path / "old", "unet", "unet-old")]
     means, paired = pair_tiers(entries, reference="ddpm-new", twin="plume", reps=200)
@@ -250,9 +256,7 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     assert "needs --reference" in capsys.readouterr().err
     # two training seeds on the same days: pooled per day by default, one at a time with seeds
     for model, extra in (("ddpm", -0.01), ("unet", 0.05)):
-        pd.DataFrame({"twin": "plume", "seed": 1, "start": "2007-07-01+30d", "model": model, "time": days,
-                      "crps_fair": base + extra}).to_csv(
-            tmp_path / "old" / "scores" / f"plume_s1_20070701_30d_{model}.csv", index=False)
+        _scores(tmp_path / "old", "plume", 1, model, days, crps_fair=base + extra)
     seeds = [(tmp_path / "old", "ddpm", "ddpm"), (tmp_path / "old", "unet", "unet")]
     diff = {s: pair_tiers(seeds, reference="ddpm", twin="plume", seeds=s, reps=200)[1]
             .set_index("metric").loc["crps_fair", "diff"] for s in ((0,), (1,), ())}
@@ -265,12 +269,9 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
                  "--reference", "ddpm", "--twin", "plume", "--seed", "1", "--out", str(one)]) == 0
     assert "| crps_fair | unet | 30 | -0.060000 |" in one.read_text()
     # days of one season only, by each day's own month (a rollout may cross a season's edge)
-    (tmp_path / "edge" / "scores").mkdir(parents=True)
     edge = pd.date_range("2007-08-17", periods=30)  # 15 JJA days, 15 SON days
     for model, extra in (("ddpm", np.where(edge.month == 8, -0.01, -0.03)), ("unet", 0.0)):
-        pd.DataFrame({"twin": "plume", "seed": 0, "start": "2007-08-17+30d", "model": model, "time": edge,
-                      "crps_fair": 0.12 + extra}).to_csv(
-            tmp_path / "edge" / "scores" / f"plume_s0_20070817_30d_{model}.csv", index=False)
+        _scores(tmp_path / "edge", "plume", 0, model, edge, crps_fair=0.12 + extra)
     edge = [(tmp_path / "edge", "ddpm", "ddpm"), (tmp_path / "edge", "unet", "unet")]
     for season, want in ((3, -0.01), (4, -0.03)):
         d = pair_tiers(edge, reference="ddpm", seasons=(season,), reps=200)[1].set_index("metric")
