@@ -2,6 +2,7 @@
 of its bootstrap intervals."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -283,3 +284,22 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
     assert "| crps_fair | u | 15 | -0.030000 |" in one.read_text() and "(SON)" in one.read_text()
     assert main(["benchmark", "--season", "4", "--out", str(tmp_path / "t")]) == 2
     assert "selects days to pair" in capsys.readouterr().err
+
+
+def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path):
+    """The full tier's committed tables come from the per-day scores committed beside them
+    (``docs/protocol/full/scores``): rebuilt by ``pair_tiers``, the means and every paired
+    difference (not the bootstrap intervals, which depend on ``reps``) equal the committed
+    table's, so a later seed can be pooled with them from a clean clone."""
+    from fastds.protocol import pair_tiers, write_pairing
+    docs = Path(__file__).resolve().parents[1] / "docs" / "protocol"
+    models = load_protocol("full").models
+    means, paired = pair_tiers([(docs / "full", m, m) for m in models], reference="ddpm", twin="smooth",
+                               seeds=(0,), reps=50)
+    text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
+    committed = (docs / "full-smooth-s0-rollouts-paired.md").read_text()
+    assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
+    rows = [r for r in text.splitlines() if r.startswith("| ") and r.count("|") == 7 and "[" in r]
+    assert len(rows) == len(paired) > 100
+    for r in rows:  # "| metric | model | days | diff |": the interval and verdict follow
+        assert "|".join(r.split("|")[:5]) + "|" in committed, r
