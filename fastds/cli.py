@@ -176,6 +176,8 @@ def _evaluation_commands(sub):
     p.add_argument("--season", action="append", default=[], type=int, choices=[1, 2, 3, 4],
                    help="with --pair: keep the days of this season only (1=DJF .. 4=SON, by each "
                         "day's month; repeat for several)")
+    p.add_argument("--lead", metavar="FIRST:LAST",
+                   help="with --pair: keep the days FIRST..LAST of each rollout only (1 = its start day)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -218,25 +220,40 @@ def _benchmark(args) -> int:
                              else "benchmark --pair needs --reference LABEL")
         if len(args.twin) > 1:
             raise ValueError("benchmark --pair keeps one --twin (or all)")
+        leads = _leads(args.lead)
         means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None,
-                                   seeds=args.seed, seasons=args.season)
+                                   seeds=args.seed, seasons=args.season, leads=leads)
         # --out names a Markdown file, or a folder (the default's) that gets paired.md
         out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         only = [f"seed {', '.join(map(str, args.seed))}"] if args.seed else []
         only += [", ".join(season_name(s) for s in args.season)] if args.season else []
+        only += [f"days {leads[0]}–{leads[1]} of each rollout"] if leads else []
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
                             + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else "")),
               end="")
         return 0
-    if args.season:
-        raise ValueError("benchmark --season selects days to pair (with --pair); a tier trains and "
+    if args.season or args.lead:
+        raise ValueError("benchmark --season and --lead select days to pair (with --pair); a tier trains and "
                          "scores the seasons its file names")
     cfg = tier_part(load_protocol(args.tier), twins=args.twin, seeds=args.seed)
     run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _leads(text):
+    """``--lead FIRST:LAST`` as (first, last) days of a rollout, or None."""
+    if text is None:
+        return None
+    try:
+        first, last = (int(v) for v in text.split(":"))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise ValueError(f"benchmark --lead takes FIRST:LAST days of a rollout, 1 <= FIRST <= LAST, got {text!r}")
+    return first, last
 
 
 def _recalibrate_sample(args):

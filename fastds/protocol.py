@@ -203,13 +203,15 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     return pd.DataFrame(rows)
 
 
-def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), block=7, reps=2000):
+def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=None, block=7, reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
     a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
     a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
     ``reference`` is one of the labels; ``twin`` keeps that twin only, ``seeds`` (ints) those
     training seeds only (e.g. one seed at a time, to see how the seeds agree), ``seasons``
-    (1 = DJF ... 4 = SON) the days of those seasons only, by each day's own month. Returns ``(means,
+    (1 = DJF ... 4 = SON) the days of those seasons only, by each day's own month; ``leads``
+    ``(first, last)`` the days that lie that many days into their rollout only (1 = its first
+    day; a long reconstruction's late days show drift its early ones hide). Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
     frames, read = [], {}
@@ -224,12 +226,15 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), block=7, 
             keep &= rows.seed.isin([int(s) for s in seeds]) if seeds else True
             if seasons:  # by each day's own month: a rollout may cross a season's edge
                 keep &= np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons])
+            if leads:
+                keep &= _lead(rows).between(*leads)
             rows = rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
                                     + (f" on twin {twin!r}" if twin else "")
                                     + (f" for seed {', '.join(map(str, seeds))}" if seeds else "")
                                     + (f" in season {', '.join(map(str, seasons))}" if seasons else "")
+                                    + (f" at leads {leads[0]}-{leads[1]} days" if leads else "")
                                     + "; run `fastds benchmark` there first")
         frames.append(rows.assign(model=label))
     scores = pd.concat(frames, ignore_index=True)
@@ -238,6 +243,12 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), block=7, 
     extra = [c for c in scores if c.startswith(("spectrum_ratio", "spread_error"))]
     means = scores.groupby("model")[[c for c in HEADLINE if c in scores] + extra].mean().T
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
+
+
+def _lead(rows) -> pd.Series:
+    """Each score row's day of its rollout, 1 on the start date (``start`` is "YYYY-MM-DD+Nd")."""
+    start = pd.to_datetime(rows.start.str.split("+").str[0])
+    return (pd.to_datetime(rows.time) - start).dt.days + 1
 
 
 def write_pairing(means, paired, path, *, title):

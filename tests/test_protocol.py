@@ -283,7 +283,35 @@ def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_p
                  "--reference", "ddpm", "--season", "4", "--out", str(one)]) == 0
     assert "| crps_fair | u | 15 | -0.030000 |" in one.read_text() and "(SON)" in one.read_text()
     assert main(["benchmark", "--season", "4", "--out", str(tmp_path / "t")]) == 2
-    assert "selects days to pair" in capsys.readouterr().err
+    assert "select days to pair" in capsys.readouterr().err
+
+
+def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
+    """``leads`` (``--lead FIRST:LAST``) keeps the days that lie that far into their own
+    rollout, whatever its start (so two rollouts pool by lead); a bad window is refused."""
+    from fastds.cli import main
+    from fastds.protocol import pair_tiers
+    for start in ("2007-07-01", "2008-01-10"):
+        days = pd.date_range(start, periods=30)
+        late = np.arange(30) >= 10  # the 11th day on: lead 11..30
+        for model, extra in (("ddpm", np.where(late, -0.03, -0.01)), ("unet", 0.0)):
+            _scores(tmp_path / "r", "plume", 0, model, days, crps_fair=0.12 + extra)
+    entries = [(tmp_path / "r", "ddpm", "ddpm"), (tmp_path / "r", "unet", "unet")]
+    for leads, want, n in (((1, 10), -0.01, 20), ((11, 30), -0.03, 40), ((10, 11), -0.02, 4)):
+        d = pair_tiers(entries, reference="ddpm", leads=leads, reps=200)[1].set_index("metric")
+        assert d.loc["crps_fair", "diff"] == pytest.approx(want) and d.loc["crps_fair", "days"] == n
+    with pytest.raises(FileNotFoundError, match="at leads 31-40 days"):
+        pair_tiers(entries, reference="ddpm", leads=(31, 40))
+    md = tmp_path / "lead.md"
+    args = ["benchmark", "--pair", f"{tmp_path / 'r'}:ddpm:ddpm", "--pair", f"{tmp_path / 'r'}:unet:unet",
+            "--reference", "ddpm", "--out", str(md)]
+    assert main(args + ["--lead", "11:30"]) == 0
+    assert "| crps_fair | unet | 40 | -0.030000 |" in md.read_text() and "days 11–30 of each rollout" in md.read_text()
+    for bad in ("0:5", "9:3", "x", "1:2:3"):
+        assert main(args + ["--lead", bad]) == 2
+        assert "--lead takes FIRST:LAST" in capsys.readouterr().err
+    assert main(["benchmark", "--lead", "1:5", "--out", str(tmp_path / "t")]) == 2
+    assert "select days to pair" in capsys.readouterr().err
 
 
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path):
