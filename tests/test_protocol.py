@@ -314,18 +314,26 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
-def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path):
+@pytest.mark.parametrize("folders, leads, table", [
+    (("full",), None, "full-smooth-s0-rollouts"),
+    (("full-recon",), None, "full-smooth-s0-reconstruction"),
+    (("full-recon",), (1, 190), "full-smooth-s0-reconstruction-days1-190"),
+    (("full-recon",), (191, 380), "full-smooth-s0-reconstruction-days191-380"),
+    (("full-recon",), (381, 570), "full-smooth-s0-reconstruction-days381-570"),
+    (("full", "full-recon"), None, "full-smooth-s0")])
+def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, table):
     """The full tier's committed tables come from the per-day scores committed beside them
-    (``docs/protocol/full/scores``): rebuilt by ``pair_tiers``, the means and every paired
-    difference (not the bootstrap intervals, which depend on ``reps``) equal the committed
-    table's, so a later seed can be pooled with them from a clean clone."""
+    (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
+    reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
+    bootstrap intervals, which depend on ``reps``) equal the committed table's, so a later
+    seed can be pooled with them from a clean clone."""
     from fastds.protocol import pair_tiers, write_pairing
     docs = Path(__file__).resolve().parents[1] / "docs" / "protocol"
     models = load_protocol("full").models
-    means, paired = pair_tiers([(docs / "full", m, m) for m in models], reference="ddpm", twin="smooth",
-                               seeds=(0,), reps=50)
+    means, paired = pair_tiers([(docs / f, m, m) for f in folders for m in models], reference="ddpm",
+                               twin="smooth", seeds=(0,), leads=leads, reps=50)
     text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
-    committed = (docs / "full-smooth-s0-rollouts-paired.md").read_text()
+    committed = (docs / f"{table}-paired.md").read_text()
     assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
     rows = [r for r in text.splitlines() if r.startswith("| ") and r.count("|") == 7 and "[" in r]
     assert len(rows) == len(paired) > 100
