@@ -245,8 +245,13 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
 
 
+def _start_label(start, length) -> str:
+    """A rollout's ``start`` column, "YYYY-MM-DD+Nd" (its first day and length; :func:`_lead` reads it)."""
+    return f"{pd.Timestamp(start):%Y-%m-%d}+{length}d"
+
+
 def _lead(rows) -> pd.Series:
-    """Each score row's day of its rollout, 1 on the start date (``start`` is "YYYY-MM-DD+Nd")."""
+    """Each score row's day of its rollout, 1 on the start date (``start``: :func:`_start_label`)."""
     start = pd.to_datetime(rows.start.str.split("+").str[0])
     return (pd.to_datetime(rows.time) - start).dt.days + 1
 
@@ -366,7 +371,7 @@ def _references(case: _Case, variable, days):
 
 def _labelled(frame, case: _Case, start, length, model, label=None):
     frame.insert(0, "model", model)
-    frame.insert(0, "start", f"{start:%Y-%m-%d}+{length}d")
+    frame.insert(0, "start", _start_label(start, length))
     frame.insert(0, "seed", case.seed)
     frame.insert(0, "twin", label or case.label)
     return frame
@@ -485,7 +490,7 @@ def _cross_species(case: _Case) -> tuple[list, list]:
         for name in cfg.cross_models:
             preds = {v: xr.open_dataarray(case.pred_path(start, length, name, v)).load() for v in spec.species}
             cb = correlation_bias(preds, {v: truth[v].sel(time=days) for v in spec.species})
-            rows.append(cb.assign(twin=case.name, seed=case.seed, start=f"{start:%Y-%m-%d}+{length}d", model=name))
+            rows.append(cb.assign(twin=case.name, seed=case.seed, start=_start_label(start, length), model=name))
             if total is None:
                 continue
             path = total.score_path(start, length, f"{name}-sum")
