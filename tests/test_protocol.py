@@ -314,14 +314,15 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("folders, leads, table", [
-    (("full",), None, "full-smooth-s0-rollouts"),
-    (("full-recon",), None, "full-smooth-s0-reconstruction"),
-    (("full-recon",), (1, 190), "full-smooth-s0-reconstruction-days1-190"),
-    (("full-recon",), (191, 380), "full-smooth-s0-reconstruction-days191-380"),
-    (("full-recon",), (381, 570), "full-smooth-s0-reconstruction-days381-570"),
-    (("full", "full-recon"), None, "full-smooth-s0")])
-def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, table):
+@pytest.mark.parametrize("folders, leads, twin, table", [
+    (("full",), None, "smooth", "full-smooth-s0-rollouts"),
+    (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
+    (("full-recon",), (1, 190), "smooth", "full-smooth-s0-reconstruction-days1-190"),
+    (("full-recon",), (191, 380), "smooth", "full-smooth-s0-reconstruction-days191-380"),
+    (("full-recon",), (381, 570), "smooth", "full-smooth-s0-reconstruction-days381-570"),
+    (("full", "full-recon"), None, "smooth", "full-smooth-s0"),
+    (("full",), None, "rough", "full-rough-s0-rollouts")])
+def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
     reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
@@ -331,7 +332,7 @@ def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders,
     docs = Path(__file__).resolve().parents[1] / "docs" / "protocol"
     models = load_protocol("full").models
     means, paired = pair_tiers([(docs / f, m, m) for f in folders for m in models], reference="ddpm",
-                               twin="smooth", seeds=(0,), leads=leads, reps=50)
+                               twin=twin, seeds=(0,), leads=leads, reps=50)
     text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
     committed = (docs / f"{table}-paired.md").read_text()
     assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
