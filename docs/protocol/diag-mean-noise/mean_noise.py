@@ -1,6 +1,9 @@
 """Where the DDPM's ensemble-mean R^2 gap comes from: finite-ensemble noise in the pair means,
 or its conditional mean itself. A diagnostic on development days (2004, before the fine record;
-no tier reports these twins' 2004 days), not a design choice. Usage: python mean_noise.py CACHE_TWIN_DIR OUT.csv START [START...], CACHE_TWIN_DIR a full-tier
+no tier reports these twins' 2004 days), not a design choice. R^2 and MSE of the ensemble mean
+as ``metrics.proper.day_scores_ensemble`` defines r2_mean; the rollout sampled as
+``protocol._sample_rollout`` samples one.
+Usage: python mean_noise.py CACHE_TWIN_DIR OUT.csv START [START...], CACHE_TWIN_DIR a full-tier
 twin's cache (`fastds benchmark --tier full --out OUT --twin T --seed 0`: OUT/cache/T); here the
 rough and smooth twins, starts 2004-03-01, 2004-07-01, 2004-10-15."""
 import dataclasses, sys

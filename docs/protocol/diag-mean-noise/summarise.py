@@ -9,9 +9,9 @@ for f in sys.argv[1:]:
     d["r2_inf_ddpm"] = 2 * d.r2_ddpm - d.r2_half_ddpm
     d["r2_inf_iid"] = 2 * d["r2_unet+iid"] - d["r2_half_unet+iid"]
     print(f, len(d), "days")
-    print(d[["r2_ddpm", "r2_half_ddpm", "r2_inf_ddpm", "r2_unet", "r2_unet+iid", "r2_inf_iid", "mse_ddpm", "mse_inf_ddpm",
-             "meannoise_ddpm", "mse_unet+iid", "meannoise_unet+iid"]].mean().round(5).to_string())
-    for a, b in (("r2_ddpm", "r2_unet"), ("r2_inf_ddpm", "r2_unet"), ("r2_ddpm", "r2_unet+iid"), ("r2_inf_ddpm", "r2_inf_iid"),
-                 ("mse_ddpm", "mse_unet+iid"), ("mse_inf_ddpm", "mse_inf_unet+iid")):
+    print(d[["r2_ddpm", "r2_half_ddpm", "r2_inf_ddpm", "r2_unet", "r2_unet+iid", "r2_inf_iid", "mse_ddpm",
+             "mse_inf_ddpm", "meannoise_ddpm", "mse_unet+iid", "meannoise_unet+iid"]].mean().round(5).to_string())
+    for a, b in (("r2_ddpm", "r2_unet"), ("r2_inf_ddpm", "r2_unet"), ("r2_ddpm", "r2_unet+iid"),
+                 ("r2_inf_ddpm", "r2_inf_iid"), ("mse_ddpm", "mse_unet+iid"), ("mse_inf_ddpm", "mse_inf_unet+iid")):
         x = (d[a] - d[b]).values
         print(f"{a} - {b}: {x.mean():+.5f}", block_bootstrap_ci(x, d.start.values, block=7, reps=4000))
