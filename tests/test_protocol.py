@@ -2,6 +2,7 @@
 of its bootstrap intervals."""
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -326,18 +327,22 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     (("full-recon",), (1, 190), "rough", "full-rough-s0-reconstruction-days1-190"),
     (("full-recon",), (191, 380), "rough", "full-rough-s0-reconstruction-days191-380"),
     (("full-recon",), (381, 570), "rough", "full-rough-s0-reconstruction-days381-570"),
-    (("full", "full-recon"), None, "rough", "full-rough-s0")])
+    (("full", "full-recon"), None, "rough", "full-rough-s0"),
+    (("full",), None, "rough", "full-rough-s1-rollouts"),
+    (("full",), None, "rough", "full-rough-s01-rollouts")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
     reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
     bootstrap intervals, which depend on ``reps``) equal the committed table's, so a later
-    seed can be pooled with them from a clean clone."""
+    seed can be pooled with them from a clean clone. The table's name says its seeds (``s01``:
+    seeds 0 and 1, their differences averaged per day)."""
     from fastds.protocol import pair_tiers, write_pairing
     docs = Path(__file__).resolve().parents[1] / "docs" / "protocol"
     models = load_protocol("full").models
     means, paired = pair_tiers([(docs / f, m, m) for f in folders for m in models], reference="ddpm",
-                               twin=twin, seeds=(0,), leads=leads, reps=50)
+                               twin=twin, seeds=tuple(map(int, re.search(r"-s(\d+)", table)[1])),
+                               leads=leads, reps=50)
     text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
     committed = (docs / f"{table}-paired.md").read_text()
     assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
