@@ -334,7 +334,10 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     (("full",), None, "smooth", "full-smooth-s01-rollouts"),
     (("full",), None, "plume", "full-plume-s0-rollouts"),
     (("full",), None, "plume", "full-plume-s2-rollouts"),
-    (("full",), None, "plume", "full-plume-s02-rollouts")])
+    (("full",), None, "plume", "full-plume-s02-rollouts"),
+    (("full",), None, "plume", "full-plume-s1-rollouts"),
+    (("full",), None, "plume", "full-plume-s01-rollouts"),
+    (("full",), None, "plume", "full-plume-s012-rollouts")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
