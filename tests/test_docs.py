@@ -46,15 +46,20 @@ def _readme_rows():
             if re.match(r"\| (plume|smooth|rough), seeds? ", line) and "docs/protocol/full-" in line]
 
 
+def _table_of(row):
+    """The committed table a README row links, relative to the checkout."""
+    return re.search(r"\((docs/protocol/[^)]+)\)", row)[1]
+
+
 def test_readme_has_a_full_tier_row_per_committed_twin():
     twins = {_cells(r)[0].split(",")[0] for r in _readme_rows()}
     assert twins == {"plume", "smooth", "rough"}
 
 
-@pytest.mark.parametrize("row", _readme_rows(), ids=lambda r: re.search(r"\((docs/protocol/[^)]+)\)", r)[1])
+@pytest.mark.parametrize("row", _readme_rows(), ids=_table_of)
 def test_readme_full_tier_row_matches_its_table(row):
     c = _cells(row)
-    path = ROOT / re.search(r"\((docs/protocol/[^)]+)\)", row)[1]
+    path = ROOT / _table_of(row)
     means, paired = _paired_table(path)
     seeds = re.search(r"-s(\d+)", path.name)[1]
     assert ("seeds" if len(seeds) > 1 else "seed") in c[0] and c[0].endswith(seeds[-1]), (c[0], path.name)
