@@ -37,7 +37,7 @@ ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target
     "crps_fair": -1, "energy_p1": -1, "energy_p4": -1, "energy_p16": -1, "energy_cell": -1,
     "variogram_p1": -1, "variogram_p4": -1, "variogram_p16": -1, "variogram_cell": -1,
     "twcrps_q90": -1, "twcrps_q99": -1, "brier_q90": -1, "brier_q99": -1, "fss_q90": 1,
-    "fss_q99": 1, "rmse_mean": -1, "mae_mean": -1, "r2_mean": 1, "ralsd": -1,
+    "fss_q99": 1, "fss_ens_q90": 1, "fss_ens_q99": 1, "rmse_mean": -1, "mae_mean": -1, "r2_mean": 1, "ralsd": -1,
 }
 HEADLINE = ("crps_fair", "energy_p4", "variogram_p4", "twcrps_q90", "r2_mean", "rmse_mean",
             "mae_mean", "bias_mean", "spread_skill", "ralsd")
@@ -177,7 +177,8 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     The bootstrap's unit is the day: training seeds rolled out over the same days share
     those days' weather, so their differences are averaged per (twin, start, day) first
     (bootstrapping seeds as if independent rollouts would narrow the interval by up to
-    sqrt(seeds)); ``days`` counts the distinct days."""
+    sqrt(seeds)); ``days`` counts the distinct days. A metric that some seed's rows lack
+    altogether (scores written before it existed) is left out, not pooled from the rest."""
     key = ["twin", "seed", "start", "time"]
     ref = scores[scores.model == reference].set_index(key)
     rows = []
@@ -187,7 +188,10 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
         for metric in ORIENT:
             if metric not in ref or metric not in other:
                 continue
-            d = ref.loc[both, metric].astype(float) - other.loc[both, metric].astype(float)
+            a, b = ref.loc[both, metric].astype(float), other.loc[both, metric].astype(float)
+            if not (a.notna().groupby(level="seed").any().all() and b.notna().groupby(level="seed").any().all()):
+                continue  # a seed scored before this metric existed: pooled, it would be the others' figure alone
+            d = a - b
             d = d[np.isfinite(d)].groupby(level=["twin", "start", "time"]).mean()
             if len(d) < 2:
                 continue

@@ -77,6 +77,32 @@ def test_brier_and_fss_brute_force():
     assert proper.fss(f, o, t, w) == pytest.approx(brute, rel=1e-9)
 
 
+def test_ensemble_fss_brute_force():
+    """The ensemble FSS's forecast fraction is the members' mean neighbourhood fraction; one
+    member gives that member's FSS, and members that straddle the truth's edge beat any one
+    of them (no double penalty)."""
+    ens, obs, t, w = rng.normal(size=(5, 11, 13)), rng.normal(size=(11, 13)), 0.6, 3
+    pad = w // 2
+
+    def fractions(b):
+        return np.array([[b[y - pad:y + pad + 1, x - pad:x + pad + 1].mean()
+                          for x in range(pad, b.shape[1] - pad)] for y in range(pad, b.shape[0] - pad)])
+    pf = np.mean([fractions((e > t).astype(float)) for e in ens], axis=0)
+    po = fractions((obs > t).astype(float))
+    brute = 1 - ((pf - po) ** 2).sum() / ((pf ** 2).sum() + (po ** 2).sum())
+    assert proper.fss_ensemble(ens, obs, t, w) == pytest.approx(brute, rel=1e-9)
+    assert proper.fss_ensemble(ens[:1], obs, t, w) == pytest.approx(proper.fss(ens[0], obs, t, w), rel=1e-12)
+    truth = np.zeros((20, 20))
+    truth[:, 10:] = 1.0  # an edge at column 10; the two members put it at 8 and 12
+    left, right = np.zeros_like(truth), np.zeros_like(truth)
+    left[:, 8:], right[:, 12:] = 1.0, 1.0
+    pair = np.stack([left, right])
+    assert proper.fss_ensemble(pair, truth, 0.5, 3) > max(proper.fss(m, truth, 0.5, 3) for m in pair)
+    scores = proper.day_scores_ensemble(ens, obs, thresholds={"q90": t}, pools=(1,), fss_window=w)
+    assert scores["fss_ens_q90"] == pytest.approx(brute, rel=1e-9)
+    assert scores["fss_q90"] == pytest.approx(proper.fss(ens[0], obs, t, w), rel=1e-12)
+
+
 def test_pooling():
     f = rng.normal(size=(3, 9, 10))
     np.testing.assert_allclose(proper.pool(f, 4)[1, 1, 1], f[1, 4:8, 4:8].mean())

@@ -152,6 +152,28 @@ def test_seeds_on_the_same_days_are_one_day_each_in_the_interval():
                                [one["diff"], one["low"], one["high"]], rtol=1e-9, atol=1e-12)
 
 
+def test_a_metric_some_seeds_lack_is_left_out_of_the_pooled_pairing():
+    """Seed 1's scores were written before ``fss_ens_q90`` existed (read back from CSV, the
+    column is empty for its rows): pooled with seed 0 the metric is left out, not reported
+    from seed 0 alone; seed 0 by itself keeps it, and a day that is NaN for a scored metric
+    (no exceedance) only drops that day."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for seed in (0, 1):
+        for day in range(20):
+            for model, v in (("ddpm", 0.6), ("null", 0.5)):
+                row = {"twin": "t", "seed": seed, "start": "a", "time": day, "model": model,
+                       "fss_q90": v + 0.01 * rng.normal()}
+                if seed == 0:
+                    row["fss_ens_q90"] = np.nan if day == 3 else v + 0.01 * rng.normal()
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    pooled = paired_differences(df, reference="ddpm", reps=100)
+    assert set(pooled.metric) == {"fss_q90"}
+    alone = paired_differences(df[df.seed == 0], reference="ddpm", reps=100).set_index("metric")
+    assert alone.loc["fss_ens_q90", "days"] == 19 and alone.loc["fss_ens_q90", "verdict"] == "ddpm better"
+
+
 def test_species_protocol_scores_each_species_and_the_species_together(tmp_path, monkeypatch):
     """A twin of two species and their total: one run per variable, each scored under
     ``twin:VARIABLE``; the cross-species correlation bias per model; the species' sum scored

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["pool", "pool_cells", "fair_crps", "energy_score", "variogram_score", "tw_crps",
-           "brier", "fss", "power_spectrum_ratio", "ralsd", "spread_error_by_bin",
+           "brier", "fss", "fss_ensemble", "power_spectrum_ratio", "ralsd", "spread_error_by_bin",
            "independent_sets", "day_scores_ensemble", "VARIOGRAM_PIXELS"]
 
 VARIOGRAM_PIXELS = 800  # the variogram score is O(M·D²): unpooled fields use this many pixels
@@ -92,6 +92,24 @@ def fss(field, obs, threshold, window):
     import scores.spatial as ss
     return float(ss.fss_2d_single_field(np.asarray(field, float), np.asarray(obs, float),
                                         event_threshold=float(threshold), window_size=(window, window)))
+
+
+def fss_ensemble(ens, obs, threshold, window):
+    """Ensemble fractions skill score (Schwartz et al. 2010): the forecast's fraction in each
+    ``window``×``window`` neighbourhood is the members' mean fraction, i.e. the fraction of
+    their exceedance probability field, scored by ``scores``' FSS against the truth's event
+    field. ens (M, H, W), obs (H, W) -> float in [0, 1] (nan when neither exceeds anywhere);
+    M = 1 is :func:`fss`. Unlike the FSS of one member, a textured ensemble pays no double
+    penalty for a plume edge the members place differently: their disagreement spreads the
+    probability, as it does for the truth's own uncertainty."""
+    import scores.spatial as ss
+    from scores.utils import left_identity_operator
+    prob = (np.asarray(ens, float) > threshold).mean(axis=0)
+    event = (np.asarray(obs, float) > threshold).astype(float)
+    # both fields are already the events' fractions, so they pass as they are: the identity
+    # operator is the one ``scores``' own binary FSS uses (its threshold is then unused)
+    return float(ss.fss_2d_single_field(prob, event, event_threshold=0.5, window_size=(window, window),
+                                        threshold_operator=left_identity_operator))
 
 
 def _radial_power(field, nbins):
@@ -173,7 +191,8 @@ def day_scores_ensemble(ens, obs, *, thresholds, cells=None, pools=(1, 4, 16), b
     members are antithetic pairs; the fair CRPS, energy score and twCRPS are then the mean of
     their values on the even and on the odd members (:func:`independent_sets`), and the
     spread the pairs' calibrated form (the variogram and Brier scores have no cross-member
-    term and score every member either way)."""
+    term and score every member either way). ``fss_q90`` is member 0's FSS (one field's
+    texture, double penalty included), ``fss_ens_q90`` the ensemble's (:func:`fss_ensemble`)."""
     from .ensemble import calibrated_variance
     ens, obs = np.asarray(ens, float), np.asarray(obs, float)
     sets = independent_sets(ens, pairs)
@@ -197,7 +216,8 @@ def day_scores_ensemble(ens, obs, *, thresholds, cells=None, pools=(1, 4, 16), b
     for name, t in thresholds.items():
         out[f"twcrps_{name}"] = fair(tw_crps, obs, t)
         out[f"brier_{name}"] = float(brier(ens, obs, t).mean())
-        out[f"fss_{name}"] = fss(ens[0], obs, t, fss_window)
+        out[f"fss_{name}"] = fss(ens[0], obs, t, fss_window)  # one member's texture, as a user sees a day
+        out[f"fss_ens_{name}"] = fss_ensemble(ens, obs, t, fss_window)
     ratio = power_spectrum_ratio(ens[0], obs, cell_px=cell_px)
     out.update({f"spectrum_ratio_b{i + 1}": float(r) for i, r in enumerate(ratio)})
     out["ralsd"] = ralsd(ens[0], obs, cell_px=cell_px)
