@@ -70,3 +70,22 @@ def test_readme_full_tier_row_matches_its_table(row):
     lo, hi = r2[4].strip("[]").split(",")
     assert c[7] == f"{_signed(r2[3])} [{_signed(lo)}, {_signed(hi)}]", "R² against the U-Net"
     assert c[8] == f"{float(means['spread_skill']['ddpm-raw']):.3f}", "raw spread/skill"
+
+
+def test_readme_spectrum_ranges_are_the_linked_tables():
+    """The sentence after the full-tier table gives each model's range of one member's
+    power-spectrum ratio (every band, every linked table): the tables' own extremes."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    tables = [_paired_table(ROOT / _table_of(r))[0] for r in _readme_rows()]
+
+    def extremes(model):
+        v = [float(m[k][model]) for m in tables for k in m if k.startswith("spectrum_ratio_b")]
+        return min(v), max(v)
+    lo, hi = extremes("ddpm")
+    assert f"power-spectrum ratio is {lo:.2f}–{hi:.2f} in every band" in text
+    assert f"finest band, {hi:.3f}, is above it" in text
+    for model, label, digits in (("unet", "the U-Net", 2), ("unet+grf", "`unet+grf`", 2),
+                                 ("unet+resample", "`unet+resample`", 2), ("unet+iid", "`unet+iid`", 0)):
+        lo, hi = extremes(model)
+        want = f"{label} {lo:.2f}–{hi:.{digits}f}"
+        assert want in text, want
