@@ -178,6 +178,9 @@ def _evaluation_commands(sub):
                         "day's month; repeat for several)")
     p.add_argument("--lead", metavar="FIRST:LAST",
                    help="with --pair: keep the days FIRST..LAST of each rollout only (1 = its start day)")
+    p.add_argument("--start", action="append", default=[], metavar="YYYY-MM-DD",
+                   help="with --pair: keep the rollouts that start on this date only (repeat for several; "
+                        "e.g. the rollouts a seed still missing some has scored)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("demo", help="the whole method on a synthetic twin, end to end")
@@ -222,19 +225,20 @@ def _benchmark(args) -> int:
             raise ValueError("benchmark --pair keeps one --twin (or all)")
         leads = _leads(args.lead)
         means, paired = pair_tiers(entries, reference=args.reference, twin=args.twin[0] if args.twin else None,
-                                   seeds=args.seed, seasons=args.season, leads=leads)
+                                   seeds=args.seed, seasons=args.season, leads=leads, starts=args.start)
         # --out names a Markdown file, or a folder (the default's) that gets paired.md
         out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "paired.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         only = [f"seed {', '.join(map(str, args.seed))}"] if args.seed else []
         only += [", ".join(season_name(s) for s in args.season)] if args.season else []
         only += [f"days {leads[0]}–{leads[1]} of each rollout"] if leads else []
+        only += [f"rollouts from {', '.join(args.start)}"] if args.start else []
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
                             + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else "")),
               end="")
         return 0
-    if args.season or args.lead:
-        raise ValueError("benchmark --season and --lead select days to pair (with --pair); a tier trains and "
+    if args.season or args.lead or args.start:
+        raise ValueError("benchmark --season, --lead and --start select days to pair (with --pair); a tier trains and "
                          "scores the seasons its file names")
     cfg = tier_part(load_protocol(args.tier), twins=args.twin, seeds=args.seed)
     run_protocol(cfg, out=args.out, progress=not args.quiet, echo=print)

@@ -207,7 +207,8 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     return pd.DataFrame(rows)
 
 
-def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=None, block=7, reps=2000):
+def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=None, starts=(), block=7,
+               reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
     a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
     a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
@@ -215,7 +216,9 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     training seeds only (e.g. one seed at a time, to see how the seeds agree), ``seasons``
     (1 = DJF ... 4 = SON) the days of those seasons only, by each day's own month; ``leads``
     ``(first, last)`` the days that lie that many days into their rollout only (1 = its first
-    day; a long reconstruction's late days show drift its early ones hide). Returns ``(means,
+    day; a long reconstruction's late days show drift its early ones hide); ``starts``
+    ("YYYY-MM-DD") the rollouts that start on those dates only (seeds pooled on the rollouts
+    they all scored, when one seed has not scored every start yet). Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
     frames, read = [], {}
@@ -232,6 +235,8 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
                 keep &= np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons])
             if leads:
                 keep &= _lead(rows).between(*leads)
+            if starts:
+                keep &= pd.to_datetime(rows.start.str.split("+").str[0]).isin(pd.to_datetime(list(starts)))
             rows = rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
@@ -239,6 +244,7 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
                                     + (f" for seed {', '.join(map(str, seeds))}" if seeds else "")
                                     + (f" in season {', '.join(map(str, seasons))}" if seasons else "")
                                     + (f" at leads {leads[0]}-{leads[1]} days" if leads else "")
+                                    + (f" in rollouts from {', '.join(map(str, starts))}" if starts else "")
                                     + "; run `fastds benchmark` there first")
         frames.append(rows.assign(model=label))
     scores = pd.concat(frames, ignore_index=True)

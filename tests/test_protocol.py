@@ -337,6 +337,30 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
+def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
+    """``starts`` (``--start YYYY-MM-DD``) keeps the rollouts that start on those dates: two
+    seeds pool on the rollouts both scored while the second still misses one."""
+    from fastds.cli import main
+    from fastds.protocol import pair_tiers
+    for seed, starts in ((0, ("2007-07-01", "2008-01-10")), (1, ("2007-07-01",))):
+        for start in starts:
+            days = pd.date_range(start, periods=30)
+            gain = -0.01 if start == "2007-07-01" else -0.05
+            for model, extra in (("ddpm", gain - 0.002 * seed), ("unet", 0.0)):
+                _scores(tmp_path / "r", "plume", seed, model, days, crps_fair=0.12 + extra)
+    entries = [(tmp_path / "r", "ddpm", "ddpm"), (tmp_path / "r", "unet", "unet")]
+    d = pair_tiers(entries, reference="ddpm", starts=("2007-07-01",), reps=200)[1].set_index("metric")
+    assert d.loc["crps_fair", "diff"] == pytest.approx(-0.011) and d.loc["crps_fair", "days"] == 30
+    with pytest.raises(FileNotFoundError, match="in rollouts from 2009-01-01"):
+        pair_tiers(entries, reference="ddpm", starts=("2009-01-01",))
+    md = tmp_path / "start.md"
+    assert main(["benchmark", "--pair", f"{tmp_path / 'r'}:ddpm:ddpm", "--pair", f"{tmp_path / 'r'}:unet:unet",
+                 "--reference", "ddpm", "--out", str(md), "--start", "2008-01-10"]) == 0
+    assert "| crps_fair | unet | 30 | -0.050000 |" in md.read_text() and "rollouts from 2008-01-10" in md.read_text()
+    assert main(["benchmark", "--start", "2008-01-10", "--out", str(tmp_path / "t")]) == 2
+    assert "select days to pair" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("folders, leads, twin, table", [
     (("full",), None, "smooth", "full-smooth-s0-rollouts"),
     (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
