@@ -361,6 +361,11 @@ def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
+# the tables of rollouts some seed has not all scored: pooled on the starts every seed scored
+FULL_TIER_STARTS = {"full-smooth-s012-rollouts-5starts": ("2007-06-01", "2007-09-01", "2007-11-01",
+                                                         "2008-01-15", "2008-03-20")}
+
+
 @pytest.mark.parametrize("folders, leads, twin, table", [
     (("full",), None, "smooth", "full-smooth-s0-rollouts"),
     (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
@@ -383,7 +388,9 @@ def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
     (("full",), None, "plume", "full-plume-s02-rollouts"),
     (("full",), None, "plume", "full-plume-s1-rollouts"),
     (("full",), None, "plume", "full-plume-s01-rollouts"),
-    (("full",), None, "plume", "full-plume-s012-rollouts")])
+    (("full",), None, "plume", "full-plume-s012-rollouts"),
+    (("full",), None, "smooth", "full-smooth-s2-rollouts"),
+    (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
@@ -396,7 +403,7 @@ def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders,
     models = load_protocol("full").models
     means, paired = pair_tiers([(docs / f, m, m) for f in folders for m in models], reference="ddpm",
                                twin=twin, seeds=tuple(map(int, re.search(r"-s(\d+)", table)[1])),
-                               leads=leads, reps=50)
+                               leads=leads, starts=FULL_TIER_STARTS.get(table, ()), reps=50)
     text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
     committed = (docs / f"{table}-paired.md").read_text()
     assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
