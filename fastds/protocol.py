@@ -236,7 +236,7 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
             if leads:
                 keep &= _lead(rows).between(*leads)
             if starts:
-                keep &= pd.to_datetime(rows.start.str.split("+").str[0]).isin(pd.to_datetime(list(starts)))
+                keep &= _start_date(rows).isin(pd.to_datetime(list(starts)))
             rows = rows[keep]
         if rows is None or not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
@@ -260,10 +260,14 @@ def _start_label(start, length) -> str:
     return f"{pd.Timestamp(start):%Y-%m-%d}+{length}d"
 
 
+def _start_date(rows) -> pd.Series:
+    """Each score row's rollout start date (its ``start`` column: :func:`_start_label`)."""
+    return pd.to_datetime(rows.start.str.split("+").str[0])
+
+
 def _lead(rows) -> pd.Series:
-    """Each score row's day of its rollout, 1 on the start date (``start``: :func:`_start_label`)."""
-    start = pd.to_datetime(rows.start.str.split("+").str[0])
-    return (pd.to_datetime(rows.time) - start).dt.days + 1
+    """Each score row's day of its rollout, 1 on the start date."""
+    return (pd.to_datetime(rows.time) - _start_date(rows)).dt.days + 1
 
 
 def write_pairing(means, paired, path, *, title):
