@@ -361,11 +361,6 @@ def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
-# the tables of rollouts some seed has not all scored: pooled on the starts every seed scored
-FULL_TIER_STARTS = {"full-smooth-s012-rollouts-5starts": ("2007-06-01", "2007-09-01", "2007-11-01",
-                                                         "2008-01-15", "2008-03-20")}
-
-
 @pytest.mark.parametrize("folders, leads, twin, table", [
     (("full",), None, "smooth", "full-smooth-s0-rollouts"),
     (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
@@ -397,15 +392,17 @@ def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders,
     reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
     bootstrap intervals, which depend on ``reps``) equal the committed table's, so a later
     seed can be pooled with them from a clean clone. The table's name says its seeds (``s01``:
-    seeds 0 and 1, their differences averaged per day)."""
+    seeds 0 and 1, their differences averaged per day); a table pooled on some rollouts only
+    names their starts in its title (``--start``: "rollouts from 2007-06-01, ...")."""
     from fastds.protocol import pair_tiers, write_pairing
     docs = Path(__file__).resolve().parents[1] / "docs" / "protocol"
     models = load_protocol("full").models
+    committed = (docs / f"{table}-paired.md").read_text()
+    starts = re.search(r"rollouts from ([-\d, ]+)\)", committed.split("\n# ")[1].splitlines()[0])
     means, paired = pair_tiers([(docs / f, m, m) for f in folders for m in models], reference="ddpm",
                                twin=twin, seeds=tuple(map(int, re.search(r"-s(\d+)", table)[1])),
-                               leads=leads, starts=FULL_TIER_STARTS.get(table, ()), reps=50)
+                               leads=leads, starts=tuple(starts[1].split(", ")) if starts else (), reps=50)
     text = write_pairing(means, paired, tmp_path / "p.md", title="rebuilt")
-    committed = (docs / f"{table}-paired.md").read_text()
     assert text.split("Paired differences")[0].split("Mean over days:")[1] in committed
     rows = [r for r in text.splitlines() if r.startswith("| ") and r.count("|") == 7 and "[" in r]
     assert len(rows) == len(paired) > 100
