@@ -385,7 +385,8 @@ def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
     (("full",), None, "plume", "full-plume-s01-rollouts"),
     (("full",), None, "plume", "full-plume-s012-rollouts"),
     (("full",), None, "smooth", "full-smooth-s2-rollouts"),
-    (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts")])
+    (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts"),
+    (("full",), None, "smooth", "full-smooth-s012-rollouts")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
