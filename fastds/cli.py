@@ -41,7 +41,8 @@ def _parser():
     p = sub.add_parser("synth", help="write a synthetic twin region in the native NASA formats")
     _common(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--region", default=None, help="area0, area1 or LAT_MIN,LAT_MAX,LON_MIN,LON_MAX (default: a small box)")
+    p.add_argument("--region", default=None,
+                   help="area0, area1 or LAT_MIN,LAT_MAX,LON_MIN,LON_MAX (default: a small box)")
     p.add_argument("--coarse-start", default="2004-01-01")
     p.add_argument("--coarse-end", default="2008-12-31")
     p.add_argument("--fine-start", default="2005-05-16")

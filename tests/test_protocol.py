@@ -56,7 +56,8 @@ def test_a_part_of_a_tier_keeps_the_named_twins_and_seeds_in_the_tiers_order(tmp
     assert [t.name for t in part.twins] == ["smooth", "plume"] and part.seeds == (0, 2)
     assert dataclasses.replace(part, twins=f.twins, seeds=f.seeds) == f  # nothing else changes
     assert tier_part(f) == f
-    with pytest.raises(ValueError, match=r"no twin or seed dusty, 5 in this tier \(twins: smooth, rough, plume; seeds: 0, 1, 2\)"):
+    with pytest.raises(ValueError, match=r"no twin or seed dusty, 5 in this tier "
+                                         r"\(twins: smooth, rough, plume; seeds: 0, 1, 2\)"):
         tier_part(f, twins=["dusty", "plume"], seeds=[5])
     assert main(["benchmark", "--tier", "full", "--twin", "dusty", "--out", str(tmp_path)]) == 2
     assert "no twin or seed dusty" in capsys.readouterr().err
@@ -329,7 +330,8 @@ def test_pair_tiers_keeps_the_days_of_a_lead_window(tmp_path, capsys):
     args = ["benchmark", "--pair", f"{tmp_path / 'r'}:ddpm:ddpm", "--pair", f"{tmp_path / 'r'}:unet:unet",
             "--reference", "ddpm", "--out", str(md)]
     assert main(args + ["--lead", "11:30"]) == 0
-    assert "| crps_fair | unet | 40 | -0.030000 |" in md.read_text() and "days 11–30 of each rollout" in md.read_text()
+    text = md.read_text()
+    assert "| crps_fair | unet | 40 | -0.030000 |" in text and "days 11–30 of each rollout" in text
     for bad in ("0:5", "9:3", "x", "1:2:3"):
         assert main(args + ["--lead", bad]) == 2
         assert "--lead takes FIRST:LAST" in capsys.readouterr().err
