@@ -166,7 +166,8 @@ def _evaluation_commands(sub):
     p.add_argument("--pair", action="append", default=[], metavar="OUT:MODEL:LABEL",
                    help="instead of running a tier, pair models that earlier runs scored on the "
                         "same days (a protocol --out folder, a model it scored, its label here; "
-                        "repeat); writes --out if it ends in .md, else --out/paired.md")
+                        "OUT:all for every model OUT scored, by its own name; repeat); writes --out "
+                        "if it ends in .md, else --out/paired.md")
     p.add_argument("--reference", help="with --pair: the label the others are paired against")
     p.add_argument("--twin", action="append", default=[],
                    help="run only this twin of the tier (repeat for several; a part of a long tier, "
@@ -215,12 +216,15 @@ def _config(args):
 
 def _benchmark(args) -> int:
     from .data.regions import season_name
-    from .protocol import load_protocol, pair_tiers, run_protocol, tier_part, write_pairing
+    from .protocol import EVERY_MODEL, load_protocol, pair_tiers, run_protocol, tier_part, write_pairing
     if args.pair:
-        entries = [tuple(e.rsplit(":", 2)) for e in args.pair]
-        bad = [e for e, t in zip(args.pair, entries) if len(t) != 3 or not all(t)]
+        entries = [(e[:-len(EVERY_MODEL) - 1], EVERY_MODEL, EVERY_MODEL) if e.endswith(f":{EVERY_MODEL}")
+                   else tuple(e.rsplit(":", 2)) for e in args.pair]
+        bad = [e for e, t in zip(args.pair, entries) if len(t) != 3 or not all(t)
+               or (t[1] == EVERY_MODEL) != (t[2] == EVERY_MODEL)]
         if bad or not args.reference:
-            raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL, got {bad}" if bad
+            raise ValueError(f"benchmark --pair takes OUT:MODEL:LABEL or OUT:{EVERY_MODEL} (every model "
+                             f"OUT scored, by its own name), got {bad}" if bad
                              else "benchmark --pair needs --reference LABEL")
         if len(args.twin) > 1:
             raise ValueError("benchmark --pair keeps one --twin (or all)")

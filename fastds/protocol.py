@@ -207,11 +207,16 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
     return pd.DataFrame(rows)
 
 
+EVERY_MODEL = "all"  # pair_tiers' model (and `--pair OUT:all`): every model a folder scored, by its own name
+
+
 def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=None, starts=(), block=7,
                reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
     a new setting against the shipped one: ``entries`` are ``(out, model, label)`` triples,
-    a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here;
+    a protocol ``--out`` folder, a model (or variant) it scored and the name it takes here
+    (model ``"all"``: every model the folder scored, each under its own name; its label unused;
+    a label given by entries of several folders pools their days, e.g. rollouts and a reconstruction);
     ``reference`` is one of the labels; ``twin`` keeps that twin only, ``seeds`` (ints) those
     training seeds only (e.g. one seed at a time, to see how the seeds agree), ``seasons``
     (1 = DJF ... 4 = SON) the days of those seasons only, by each day's own month; ``leads``
@@ -228,7 +233,7 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
             read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
         rows = read[out]
         if rows is not None:
-            keep = rows.model == model
+            keep = (rows.model == model) if model != EVERY_MODEL else np.ones(len(rows), bool)
             keep &= (rows.twin == twin) if twin else True
             keep &= rows.seed.isin([int(s) for s in seeds]) if seeds else True
             if seasons:  # by each day's own month: a rollout may cross a season's edge
@@ -239,14 +244,15 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
                 keep &= _start_date(rows).isin(pd.to_datetime(list(starts)))
             rows = rows[keep]
         if rows is None or not len(rows):
-            raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of model {model!r}"
+            raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of "
+                                    + ("any model" if model == EVERY_MODEL else f"model {model!r}")
                                     + (f" on twin {twin!r}" if twin else "")
                                     + (f" for seed {', '.join(map(str, seeds))}" if seeds else "")
                                     + (f" in season {', '.join(map(str, seasons))}" if seasons else "")
                                     + (f" at leads {leads[0]}-{leads[1]} days" if leads else "")
                                     + (f" in rollouts from {', '.join(map(str, starts))}" if starts else "")
                                     + "; run `fastds benchmark` there first")
-        frames.append(rows.assign(model=label))
+        frames.append(rows if model == EVERY_MODEL else rows.assign(model=label))
     scores = pd.concat(frames, ignore_index=True)
     if reference not in set(scores.model):
         raise ValueError(f"pair: reference {reference!r} is none of the labels {sorted(set(scores.model))}")

@@ -363,6 +363,35 @@ def test_pair_tiers_keeps_the_rollouts_of_the_starts_named(tmp_path, capsys):
     assert "select days to pair" in capsys.readouterr().err
 
 
+def test_pair_every_model_a_folder_scored(tmp_path, capsys):
+    """Model ``"all"`` (``--pair OUT:all``) pairs every model the folder scored under its own
+    name: the same table as naming each; a label after it is refused by name."""
+    from fastds.cli import main
+    from fastds.protocol import pair_tiers
+    days = pd.date_range("2007-07-01", periods=30)
+    for twin in ("plume", "smooth"):
+        for model, extra in (("ddpm", -0.01), ("unet", 0.0), ("unet+iid", -0.004)):
+            _scores(tmp_path / "r", twin, 0, model, days, crps_fair=0.12 + extra + (twin == "smooth"))
+    named = [(tmp_path / "r", m, m) for m in ("ddpm", "unet", "unet+iid")]
+    want = pair_tiers(named, reference="ddpm", twin="smooth", reps=200)
+    got = pair_tiers([(tmp_path / "r", "all", "all")], reference="ddpm", twin="smooth", reps=200)
+    pd.testing.assert_frame_equal(got[0], want[0])
+    pd.testing.assert_frame_equal(got[1], want[1])
+    assert set(got[1].model) == {"unet", "unet+iid"}
+    with pytest.raises(FileNotFoundError, match="holds no scores of any model on twin 'rough'"):
+        pair_tiers([(tmp_path / "r", "all", "all")], reference="ddpm", twin="rough")
+    md, every = tmp_path / "all.md", tmp_path / "named.md"
+    assert main(["benchmark", "--pair", f"{tmp_path / 'r'}:all", "--reference", "ddpm", "--twin", "smooth",
+                 "--out", str(md)]) == 0
+    assert main(["benchmark", *sum((["--pair", f"{o}:{m}:{m}"] for o, m, _ in named), []), "--reference", "ddpm",
+                 "--twin", "smooth", "--out", str(every)]) == 0
+    assert md.read_text() == every.read_text() and "| crps_fair | unet+iid | 30 | -0.006000 |" in md.read_text()
+    capsys.readouterr()
+    assert main(["benchmark", "--pair", f"{tmp_path / 'r'}:all:everything", "--reference", "ddpm",
+                 "--out", str(md)]) == 2
+    assert "OUT:all (every model OUT scored" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("folders, leads, twin, table", [
     (("full",), None, "smooth", "full-smooth-s0-rollouts"),
     (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
