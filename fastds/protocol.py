@@ -303,6 +303,45 @@ def _twin_store(case: TwinCase, cache: Path, config):
     return spec, store, tdir
 
 
+def machine_record(config, device="cpu") -> dict:
+    """What decides a part's numbers besides its seed and the code: this machine's CPU model,
+    the arithmetic Stage C trains and the sampler runs in here (``precision = "auto"`` is bf16
+    only where the CPU has it natively), and torch's and fastds' versions. A rerun on a machine
+    whose record differs is another replicate of the seed, not a check of the first (even
+    ``interp``'s scores differ in the seventh digit across CPU kinds)."""
+    import platform
+
+    import torch
+
+    from . import __version__, _backend
+    from .training.stages import train_bf16
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "train_precision": "bf16" if train_bf16(config.train, device) else "fp32",
+            "sample_precision": _backend.resolve_precision(config.sample.precision, device),
+            "torch": torch.__version__, "fastds": __version__}
+
+
+def record_machine(path: Path, record: dict, echo=print) -> list:
+    """Add ``record`` to the machines listed in ``path`` (JSON, atomic) unless it is there;
+    a case whose scores now come from machines of two kinds is said so through ``echo``.
+    Returns the list."""
+    seen = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    if record in seen:
+        return seen
+    if seen:
+        echo(f"protocol: {Path(path).name}: this case's scores were begun on {seen[-1]} and now continue on "
+             f"{record}; its rollouts mix machines, whose numbers differ")
+    seen = seen + [record]
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_text(json.dumps(seen, indent=1))
+    return seen
+
+
 def _trained(store, run: Path, config, progress, distill=False):
     """Stage A, the U-Net and the DDPM of a run (cached), and its distilled student when a
     model of the protocol samples one."""
@@ -353,9 +392,17 @@ class _Case:
     def run(self) -> Path:
         return self.tdir / (f"run-seed{self.seed}-{self.variable}" if self.species else f"run-seed{self.seed}")
 
+    @property
+    def _stem(self) -> str:
+        return f"{self.name}-{self.variable}" if self.species else self.name
+
     def score_path(self, start, length, model) -> Path:
-        stem = f"{self.name}-{self.variable}" if self.species else self.name
-        return self.sdir / f"{stem}_s{self.seed}_{start:%Y%m%d}_{length}d_{model}.csv"
+        return self.sdir / f"{self._stem}_s{self.seed}_{start:%Y%m%d}_{length}d_{model}.csv"
+
+    @property
+    def machine_path(self) -> Path:
+        """The machines that made this case's scores (:func:`record_machine`), beside them."""
+        return self.sdir / f"{self._stem}_s{self.seed}_machine.json"
 
     def pred_path(self, start, length, model, variable=None) -> Path:
         """Where a species twin keeps a rollout's fields for the cross-species scores."""
@@ -554,6 +601,8 @@ def run_protocol(cfg: ProtocolConfig, *, out, progress=False, echo=print) -> dic
                 train_joint(runs=[c.run for c in cases if _is_species(c)], run=cases[0].joint_run,
                             resume=True, progress=progress)
             for case, vconfig in zip(cases, configs):
+                # beside the scores: which machine kind made them (a rerun elsewhere differs)
+                record_machine(case.machine_path, machine_record(vconfig), echo)
                 frames += _rollouts(case, vconfig, progress, echo)
             if spec.species:
                 f, c = _cross_species(_Case(cfg, twin.name, spec, spec.species[0], seed, tdir, sdir))

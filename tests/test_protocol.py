@@ -118,6 +118,24 @@ def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")}
     run_protocol(cfg, out=tmp_path, echo=lambda *a: None)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").glob("*.csv")} == stamps
+    # beside the scores, the machine kind that made them, once for a resume on the same kind
+    machines = json.loads((tmp_path / "scores" / "toy_s0_machine.json").read_text())
+    assert len(machines) == 1 and machines[0]["sample_precision"] in ("fp32", "bf16")
+    assert machines[0]["torch"] and machines[0]["fastds"] and machines[0]["cpu"]
+
+
+def test_record_machine_lists_each_kind_once_and_says_when_a_case_mixes_them(tmp_path):
+    from fastds.protocol import record_machine
+    path, said = tmp_path / "scores" / "plume_s0_machine.json", []
+    path.parent.mkdir()
+    here = {"cpu": "AMD EPYC", "train_precision": "fp32", "sample_precision": "fp32", "torch": "2.13.0",
+            "fastds": "0.2.0"}
+    assert record_machine(path, here, said.append) == [here] and said == []
+    assert record_machine(path, dict(here), said.append) == [here] and said == []  # a resume, same kind
+    xeon = dict(here, cpu="Intel Xeon", train_precision="bf16", sample_precision="bf16")
+    assert record_machine(path, xeon, said.append) == [here, xeon]
+    assert len(said) == 1 and "plume_s0_machine.json" in said[0] and "mix machines" in said[0]
+    assert json.loads(path.read_text()) == [here, xeon]
 
 
 def test_paired_differences_verdicts():
