@@ -10,7 +10,8 @@ import importlib
 from pathlib import Path
 
 __all__ = ["BackendUnavailable", "capabilities", "report", "require", "needs_grad",
-           "triton_inference", "csrc_dir", "cpu_ext", "cuda_ext", "bf16_native", "resolve_precision"]
+           "triton_inference", "csrc_dir", "cpu_ext", "cuda_ext", "bf16_native", "resolve_precision",
+           "cpu_model"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -157,6 +158,19 @@ def _cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """This CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=None)

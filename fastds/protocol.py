@@ -309,19 +309,11 @@ def machine_record(config, device="cpu") -> dict:
     only where the CPU has it natively), and torch's and fastds' versions. A rerun on a machine
     whose record differs is another replicate of the seed, not a check of the first (even
     ``interp``'s scores differ in the seventh digit across CPU kinds)."""
-    import platform
-
     import torch
 
     from . import __version__, _backend
     from .training.stages import train_bf16
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "train_precision": "bf16" if train_bf16(config.train, device) else "fp32",
+    return {"cpu": _backend.cpu_model(), "train_precision": "bf16" if train_bf16(config.train, device) else "fp32",
             "sample_precision": _backend.resolve_precision(config.sample.precision, device),
             "torch": torch.__version__, "fastds": __version__}
 
