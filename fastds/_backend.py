@@ -149,28 +149,32 @@ def report() -> list[tuple[str, bool, str]]:
     return rows
 
 
-def _cpu_flags() -> set:
+@functools.lru_cache(maxsize=None)
+def _cpuinfo(path="/proc/cpuinfo") -> dict:
+    """The first processor's ``key: value`` fields of ``path`` ({} where unreadable); read
+    once a process, for the CPU flags and the model name alike."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break  # the first processor's block ends at its blank line
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def _cpu_flags() -> set:
+    return set(_cpuinfo().get("flags", "").split())
 
 
 def cpu_model() -> str:
     """This CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
     import platform
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=None)

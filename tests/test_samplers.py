@@ -778,6 +778,26 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     _backend.bf16_native.cache_clear()
 
 
+def test_cpuinfo_reader_serves_flags_and_model_from_the_first_processor(tmp_path, monkeypatch):
+    """One reader of /proc/cpuinfo: the first processor's flags and model name (a later
+    processor's differing lines are not mixed in); unreadable gives no flags and the model
+    name ``platform`` knows."""
+    import platform
+    from fastds import _backend
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: fpu\n\n")
+    assert _backend._cpuinfo(str(info)) == {"processor": "0", "model name": "Test CPU 9000",
+                                            "flags": "fpu avx2 amx_bf16"}
+    assert _backend._cpuinfo(str(tmp_path / "missing")) == {}
+    real = _backend._cpuinfo
+    monkeypatch.setattr(_backend, "_cpuinfo", lambda: real(str(info)))
+    assert _backend._cpu_flags() == {"fpu", "avx2", "amx_bf16"} and _backend.cpu_model() == "Test CPU 9000"
+    monkeypatch.setattr(_backend, "_cpuinfo", lambda: {})
+    assert _backend._cpu_flags() == set()
+    assert _backend.cpu_model() == (platform.processor() or platform.machine())
+
+
 def test_karras_linear_is_karras_at_high_noise_then_even_in_t():
     """sample.spacing = "karras-linear": karras' steps while t ≥ T/2 (the same timesteps), then
     steps even in t (within rounding) from the last of them down to t = 0; 5 steps give
