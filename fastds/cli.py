@@ -216,7 +216,7 @@ def _config(args):
 
 def _benchmark(args) -> int:
     from .data.regions import season_name
-    from .protocol import EVERY_MODEL, load_protocol, pair_tiers, run_protocol, tier_part, write_pairing
+    from .protocol import EVERY_MODEL, load_protocol, pair_machines, pair_tiers, run_protocol, tier_part, write_pairing
     if args.pair:
         entries = [(e[:-len(EVERY_MODEL) - 1], EVERY_MODEL, EVERY_MODEL) if e.endswith(f":{EVERY_MODEL}")
                    else tuple(e.rsplit(":", 2)) for e in args.pair]
@@ -238,9 +238,10 @@ def _benchmark(args) -> int:
         only += [", ".join(season_name(s) for s in args.season)] if args.season else []
         only += [f"days {leads[0]}–{leads[1]} of each rollout"] if leads else []
         only += [f"rollouts from {', '.join(args.start)}"] if args.start else []
+        machines = pair_machines(entries, twin=args.twin[0] if args.twin else None, seeds=args.seed)
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
-                            + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else "")),
-              end="")
+                            + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else ""),
+                            machines=machines), end="")
         return 0
     if args.season or args.lead or args.start:
         raise ValueError("benchmark --season, --lead and --start select days to pair (with --pair); a tier trains and "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ._io import atomic_path
 from .data.regions import season_of
 
 __all__ = ["ProtocolConfig", "TwinCase", "load_protocol", "tier_part", "run_protocol", "block_bootstrap_ci",
-           "paired_differences", "pair_tiers", "write_pairing"]
+           "paired_differences", "pair_tiers", "pair_machines", "write_pairing"]
 
 ORIENT = {  # +1: higher is better; -1: lower is better; 0: a ratio whose target is 1
     "crps_fair": -1, "energy_p1": -1, "energy_p4": -1, "energy_p16": -1, "energy_cell": -1,
@@ -261,6 +262,59 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
 
 
+_SCORE_FILE = re.compile(r"^(?P<case>.+)_s(?P<seed>\d+)_\d{8}_\d+d_(?P<model>.+)\.csv$")
+
+
+def pair_machines(entries, *, twin=None, seeds=()) -> dict:
+    """The machines that made the scores :func:`pair_tiers` pairs, read from the records
+    :func:`record_machine` keeps beside them: ``{(out, case, seed): [record, ...]}`` for each
+    folder of ``entries`` and each case (a twin, or ``TWIN-VAR`` for a species twin's
+    ``TWIN:VAR``) and seed it scored for their model (all for ``"all"``), ``twin`` and
+    ``seeds`` as :func:`pair_tiers` takes them; ``[]`` where a case's scores predate the records."""
+    found = {}
+    for out, model, _ in entries:
+        for f in sorted((Path(out) / "scores").glob("*.csv")):
+            m = _SCORE_FILE.match(f.name)
+            if m is None or (model != EVERY_MODEL and m["model"] != model):
+                continue
+            case, seed = m["case"], int(m["seed"])
+            if (twin and case != twin.replace(":", "-")) or (seeds and seed not in set(map(int, seeds))):
+                continue
+            if (out, case, seed) not in found:
+                path = Path(out) / "scores" / f"{case}_s{seed}_machine.json"
+                found[(out, case, seed)] = json.loads(path.read_text()) if path.exists() else []
+    return found
+
+
+def _machines_markdown(machines) -> str:
+    """:func:`pair_machines`' records as a Markdown section: a row per case, then what the
+    pairing mixes (machines of several kinds, a case that mixes them, cases with no record)."""
+    kinds = []
+    for records in machines.values():
+        kinds += [r for r in records if r not in kinds]
+    name = lambda r: f"{r.get('cpu', '?')}, train {r.get('train_precision', '?')}, sample {r.get('sample_precision', '?')}, torch {r.get('torch', '?')}, fastds {r.get('fastds', '?')}"  # noqa: E731
+    lines = ["Made on (each case's `CASE_sSEED_machine.json` beside its scores):", "",
+             "| folder | case | seed | machines |", "|---|---|---|---|"]
+    for (out, case, seed), records in machines.items():
+        lines.append(f"| {Path(out).name} | {case} | {seed} | "
+                     + ("; ".join(name(r) for r in records) if records else "not recorded") + " |")
+    mixed = [f"{case} seed {seed} ({Path(out).name})" for (out, case, seed), r in machines.items() if len(r) > 1]
+    unknown = sum(not r for r in machines.values())
+    lines.append("")
+    if len(kinds) > 1:
+        lines.append(f"These scores come from machines of {len(kinds)} kinds: a difference between models scored "
+                     "on different machines holds the machines' difference too (even `interp` differs in the "
+                     "seventh digit across CPU kinds).")
+    if mixed:
+        lines.append(f"Cases whose rollouts mix machines: {', '.join(mixed)}.")
+    if unknown:
+        lines.append(f"{unknown} of {len(machines)} cases were scored before the records existed: their "
+                     "machines are not known from the files.")
+    if len(kinds) == 1 and not mixed and not unknown:
+        lines.append("Every case was scored on machines of one kind.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _start_label(start, length) -> str:
     """A rollout's ``start`` column, "YYYY-MM-DD+Nd" (its first day and length; :func:`_lead` reads it)."""
     return f"{pd.Timestamp(start):%Y-%m-%d}+{length}d"
@@ -276,12 +330,15 @@ def _lead(rows) -> pd.Series:
     return (pd.to_datetime(rows.time) - _start_date(rows)).dt.days + 1
 
 
-def write_pairing(means, paired, path, *, title):
-    """:func:`pair_tiers`'s tables as Markdown at ``path`` (atomic)."""
+def write_pairing(means, paired, path, *, title, machines=None):
+    """:func:`pair_tiers`'s tables as Markdown at ``path`` (atomic), with the machines that
+    made the scores (:func:`pair_machines`) after them when given."""
     text = "\n".join([f"# {title}", "", "Mean over days:", "",
                       _markdown(means.rename_axis("metric"), "{:.5f}"), "",
                       "Paired differences (reference − model), mean and 95 % moving-block interval:", "",
                       _paired_markdown(paired, 6), ""])
+    if machines:
+        text += "\n" + _machines_markdown(machines)
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)
     return text

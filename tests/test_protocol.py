@@ -410,6 +410,50 @@ def test_pair_every_model_a_folder_scored(tmp_path, capsys):
     assert "OUT:all (every model OUT scored" in capsys.readouterr().err
 
 
+def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(tmp_path, capsys):
+    """``pair_machines`` reads the records ``record_machine`` keeps beside the scores, per
+    folder, case and seed that the pairing reads (twin, seeds and model kept as ``pair_tiers``
+    keeps them: a species twin's ``TWIN:VAR`` is the case ``TWIN-VAR``); ``--pair`` prints them after
+    the tables and says when they mix kinds, a case mixes them, or a case has no record."""
+    from fastds.cli import main
+    from fastds.protocol import pair_machines, record_machine, write_pairing, pair_tiers
+    days = pd.date_range("2007-07-01", periods=20)
+    epyc = {"cpu": "AMD EPYC", "train_precision": "fp32", "sample_precision": "fp32", "torch": "2.13.0",
+            "fastds": "0.2.0"}
+    xeon = dict(epyc, cpu="Intel Xeon", train_precision="bf16", sample_precision="bf16")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, case, seed in ((a, "plume", 0), (a, "plume", 1), (a, "smooth", 0), (b, "plume", 0),
+                            (a, "species-SSEXTTAU", 0)):
+        for model in ("ddpm", "unet"):
+            _scores(out, case, seed, model, days, crps_fair=0.1 + (model == "unet") * 0.01 + 0.001 * np.arange(20))
+    record_machine(a / "scores" / "plume_s0_machine.json", epyc, lambda _: None)
+    for r in (epyc, xeon):
+        record_machine(a / "scores" / "plume_s1_machine.json", r, lambda _: None)
+    record_machine(a / "scores" / "smooth_s0_machine.json", xeon, lambda _: None)
+    got = pair_machines([(a, "all", "all"), (b, "ddpm", "old")], twin="plume")
+    assert got == {(a, "plume", 0): [epyc], (a, "plume", 1): [epyc, xeon], (b, "plume", 0): []}
+    assert pair_machines([(a, "ddpm", "ddpm")], twin="smooth") == {(a, "smooth", 0): [xeon]}
+    assert pair_machines([(a, "ddpm", "ddpm")], twin="plume", seeds=(0,)) == {(a, "plume", 0): [epyc]}
+    assert pair_machines([(a, "unet", "unet")], twin="species:SSEXTTAU") == {(a, "species-SSEXTTAU", 0): []}
+    assert len(pair_machines([(a, "all", "all")])) == 4  # every twin
+    assert pair_machines([(a, "vae", "vae")], twin="plume") == {}  # a model the folder never scored
+    means, paired = pair_tiers([(a, "all", "all")], reference="ddpm", twin="smooth", reps=50)
+    one = write_pairing(means, paired, tmp_path / "one.md", title="t", machines={(a, "smooth", 0): [xeon]})
+    assert "| a | smooth | 0 | Intel Xeon, train bf16, sample bf16, torch 2.13.0, fastds 0.2.0 |" in one
+    assert "Every case was scored on machines of one kind." in one and "kinds" not in one
+    assert "Made on" not in write_pairing(means, paired, tmp_path / "none.md", title="t")
+    md = tmp_path / "p.md"
+    assert main(["benchmark", "--pair", f"{a}:all", "--pair", f"{b}:ddpm:old", "--reference", "ddpm",
+                 "--twin", "plume", "--out", str(md)]) == 0
+    text = md.read_text()
+    assert text == capsys.readouterr().out
+    assert text.index("Paired differences") < text.index("Made on")
+    assert "| a | plume | 1 | AMD EPYC, train fp32, sample fp32, torch 2.13.0, fastds 0.2.0; Intel Xeon" in text
+    assert "| b | plume | 0 | not recorded |" in text
+    assert "machines of 2 kinds" in text and "mix machines: plume seed 1 (a)" in text
+    assert "1 of 3 cases were scored before the records existed" in text
+
+
 @pytest.mark.parametrize("folders, leads, twin, table", [
     (("full",), None, "smooth", "full-smooth-s0-rollouts"),
     (("full-recon",), None, "smooth", "full-smooth-s0-reconstruction"),
