@@ -308,8 +308,8 @@ def _machines_markdown(machines) -> str:
     if mixed:
         lines.append(f"Cases whose rollouts mix machines: {', '.join(mixed)}.")
     if unknown:
-        lines.append(f"{unknown} of {len(machines)} cases were scored before the records existed: their "
-                     "machines are not known from the files.")
+        lines.append(f"{unknown} of {len(machines)} cases have no machine record (scored before runs kept them, "
+                     "or the file is gone): their machines are not known from the files.")
     if len(kinds) == 1 and not mixed and not unknown:
         lines.append("Every case was scored on machines of one kind.")
     return "\n".join(lines).rstrip() + "\n"

@@ -451,7 +451,7 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     assert "| a | plume | 1 | AMD EPYC, train fp32, sample fp32, torch 2.13.0, fastds 0.2.0; Intel Xeon" in text
     assert "| b | plume | 0 | not recorded |" in text
     assert "machines of 2 kinds" in text and "mix machines: plume seed 1 (a)" in text
-    assert "1 of 3 cases were scored before the records existed" in text
+    assert "1 of 3 cases have no machine record" in text
 
 
 @pytest.mark.parametrize("folders, leads, twin, table", [
