@@ -62,7 +62,8 @@ def test_readme_full_tier_row_matches_its_table(row):
     path = ROOT / _table_of(row)
     means, paired = _paired_table(path)
     seeds = re.search(r"-s(\d+)", path.name)[1]
-    label = c[0].split(",")[1].strip()  # "seed 2", "seeds 0–2", "seeds 0 and 2" (then what part, if not all)
+    # "seed 2", "seeds 0–2", "seeds 0 and 2", "seed 0 (fp32 replicate)": which run, in brackets
+    label = re.sub(r"\s*\(.*\)$", "", c[0].split(",", 1)[1].strip())
     assert label.startswith("seeds " if len(seeds) > 1 else "seed ") and label.endswith(seeds[-1]), (c[0], path.name)
     r2 = paired[("r2_mean", "unet")]
     assert c[1] == r2[2], "days"
