@@ -270,20 +270,27 @@ def pair_machines(entries, *, twin=None, seeds=()) -> dict:
     :func:`record_machine` keeps beside them: ``{(out, case, seed): [record, ...]}`` for each
     folder of ``entries`` and each case (a twin, or ``TWIN-VAR`` for a species twin's
     ``TWIN:VAR``) and seed it scored for their model (all for ``"all"``), ``twin`` and
-    ``seeds`` as :func:`pair_tiers` takes them; ``[]`` where a case's scores predate the records."""
-    found = {}
+    ``seeds`` as :func:`pair_tiers` takes them; ``[]`` where a case has no record."""
+    found, keep = {}, {int(s) for s in seeds}
     for out, model, _ in entries:
         for f in sorted((Path(out) / "scores").glob("*.csv")):
             m = _SCORE_FILE.match(f.name)
             if m is None or (model != EVERY_MODEL and m["model"] != model):
                 continue
             case, seed = m["case"], int(m["seed"])
-            if (twin and case != twin.replace(":", "-")) or (seeds and seed not in set(map(int, seeds))):
+            if (twin and case != twin.replace(":", "-")) or (keep and seed not in keep):
                 continue
             if (out, case, seed) not in found:
                 path = Path(out) / "scores" / f"{case}_s{seed}_machine.json"
                 found[(out, case, seed)] = json.loads(path.read_text()) if path.exists() else []
     return found
+
+
+def _machine_name(r) -> str:
+    """One machine record in words (keys a record lacks shown as ?)."""
+    g = lambda k: r.get(k, "?")  # noqa: E731
+    return (f"{g('cpu')}, train {g('train_precision')}, sample {g('sample_precision')}, "
+            f"torch {g('torch')}, fastds {g('fastds')}")
 
 
 def _machines_markdown(machines) -> str:
@@ -292,12 +299,11 @@ def _machines_markdown(machines) -> str:
     kinds = []
     for records in machines.values():
         kinds += [r for r in records if r not in kinds]
-    name = lambda r: f"{r.get('cpu', '?')}, train {r.get('train_precision', '?')}, sample {r.get('sample_precision', '?')}, torch {r.get('torch', '?')}, fastds {r.get('fastds', '?')}"  # noqa: E731
     lines = ["Made on (each case's `CASE_sSEED_machine.json` beside its scores):", "",
              "| folder | case | seed | machines |", "|---|---|---|---|"]
     for (out, case, seed), records in machines.items():
         lines.append(f"| {Path(out).name} | {case} | {seed} | "
-                     + ("; ".join(name(r) for r in records) if records else "not recorded") + " |")
+                     + ("; ".join(map(_machine_name, records)) if records else "not recorded") + " |")
     mixed = [f"{case} seed {seed} ({Path(out).name})" for (out, case, seed), r in machines.items() if len(r) > 1]
     unknown = sum(not r for r in machines.values())
     lines.append("")
