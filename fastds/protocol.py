@@ -262,7 +262,13 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
 
 
-_SCORE_FILE = re.compile(r"^(?P<case>.+)_s(?P<seed>\d+)_\d{8}_\d+d_(?P<model>.+)\.csv$")
+_SCORE_FILE = re.compile(r"^(?P<case>.+)_s(?P<seed>\d+)_\d{8}_\d+d_(?P<model>.+)\.csv$")  # _Case.score_path's names
+
+
+def _machine_file(sdir, case, seed) -> Path:
+    """Where :func:`record_machine` keeps the machines of case ``case`` (a twin, or
+    ``TWIN-VAR``), seed ``seed``, beside its scores in ``sdir``."""
+    return Path(sdir) / f"{case}_s{seed}_machine.json"
 
 
 def pair_machines(entries, *, twin=None, seeds=()) -> dict:
@@ -281,7 +287,7 @@ def pair_machines(entries, *, twin=None, seeds=()) -> dict:
             if (twin and case != twin.replace(":", "-")) or (keep and seed not in keep):
                 continue
             if (out, case, seed) not in found:
-                path = Path(out) / "scores" / f"{case}_s{seed}_machine.json"
+                path = _machine_file(Path(out) / "scores", case, seed)
                 found[(out, case, seed)] = json.loads(path.read_text()) if path.exists() else []
     return found
 
@@ -457,7 +463,7 @@ class _Case:
     @property
     def machine_path(self) -> Path:
         """The machines that made this case's scores (:func:`record_machine`), beside them."""
-        return self.sdir / f"{self._stem}_s{self.seed}_machine.json"
+        return _machine_file(self.sdir, self._stem, self.seed)
 
     def pred_path(self, start, length, model, variable=None) -> Path:
         """Where a species twin keeps a rollout's fields for the cross-species scores."""
