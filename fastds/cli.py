@@ -238,7 +238,8 @@ def _benchmark(args) -> int:
         only += [", ".join(season_name(s) for s in args.season)] if args.season else []
         only += [f"days {leads[0]}–{leads[1]} of each rollout"] if leads else []
         only += [f"rollouts from {', '.join(args.start)}"] if args.start else []
-        machines = pair_machines(entries, twin=args.twin[0] if args.twin else None, seeds=args.seed)
+        machines = pair_machines(entries, twin=args.twin[0] if args.twin else None, seeds=args.seed,
+                                 seasons=args.season, leads=leads, starts=args.start)
         print(write_pairing(means, paired, out, title=f"{args.reference} paired against "
                             + ", ".join(sorted(set(paired.model))) + (f" ({'; '.join(only)})" if only else ""),
                             machines=machines), end="")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +210,29 @@ def paired_differences(scores: pd.DataFrame, *, reference, block=7, reps=2000) -
 EVERY_MODEL = "all"  # pair_tiers' model (and `--pair OUT:all`): every model a folder scored, by its own name
 
 
+def _kept_scores(entries, *, twin=None, seeds=(), seasons=(), leads=None, starts=()):
+    """The score rows each of ``entries`` (``(out, model, label)``) keeps under :func:`pair_tiers`'
+    filters: ``(out, model, label, rows)`` per entry, ``rows`` empty where none is kept. A folder
+    named by several entries is read once."""
+    read = {}
+    for out, model, label in entries:
+        if out not in read:
+            files = sorted((Path(out) / "scores").glob("*.csv"))
+            read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else pd.DataFrame(
+                columns=["twin", "seed", "start", "model", "time"])
+        rows = read[out]
+        keep = (rows.model == model) if model != EVERY_MODEL else np.ones(len(rows), bool)
+        keep &= (rows.twin == twin) if twin else True
+        keep &= rows.seed.isin([int(s) for s in seeds]) if seeds else True
+        if seasons:  # by each day's own month: a rollout may cross a season's edge
+            keep &= np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons])
+        if leads:
+            keep &= _lead(rows).between(*leads)
+        if starts:
+            keep &= _start_date(rows).isin(pd.to_datetime(list(starts)))
+        yield out, model, label, rows[keep]
+
+
 def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=None, starts=(), block=7,
                reps=2000):
     """Pair models scored by different protocol runs on the same days, e.g. a run trained with
@@ -227,24 +249,10 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     they all scored, when one seed has not scored every start yet). Returns ``(means,
     paired)``: the headline scores per label (mean over days) and :func:`paired_differences`
     of ``reference`` against every other label over the days they share."""
-    frames, read = [], {}
-    for out, model, label in entries:
-        if out not in read:  # a folder named by several entries is read once
-            files = sorted((Path(out) / "scores").glob("*.csv"))
-            read[out] = pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
-        rows = read[out]
-        if rows is not None:
-            keep = (rows.model == model) if model != EVERY_MODEL else np.ones(len(rows), bool)
-            keep &= (rows.twin == twin) if twin else True
-            keep &= rows.seed.isin([int(s) for s in seeds]) if seeds else True
-            if seasons:  # by each day's own month: a rollout may cross a season's edge
-                keep &= np.isin(season_of(pd.to_datetime(rows.time).dt.month), [int(s) for s in seasons])
-            if leads:
-                keep &= _lead(rows).between(*leads)
-            if starts:
-                keep &= _start_date(rows).isin(pd.to_datetime(list(starts)))
-            rows = rows[keep]
-        if rows is None or not len(rows):
+    frames = []
+    for out, model, label, rows in _kept_scores(entries, twin=twin, seeds=seeds, seasons=seasons, leads=leads,
+                                                starts=starts):
+        if not len(rows):
             raise FileNotFoundError(f"pair: {Path(out) / 'scores'} holds no scores of "
                                     + ("any model" if model == EVERY_MODEL else f"model {model!r}")
                                     + (f" on twin {twin!r}" if twin else "")
@@ -262,30 +270,22 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
 
 
-_SCORE_FILE = re.compile(r"^(?P<case>.+)_s(?P<seed>\d+)_\d{8}_\d+d_(?P<model>.+)\.csv$")  # _Case.score_path's names
-
-
 def _machine_file(sdir, case, seed) -> Path:
     """Where :func:`record_machine` keeps the machines of case ``case`` (a twin, or
     ``TWIN-VAR``), seed ``seed``, beside its scores in ``sdir``."""
     return Path(sdir) / f"{case}_s{seed}_machine.json"
 
 
-def pair_machines(entries, *, twin=None, seeds=()) -> dict:
+def pair_machines(entries, *, twin=None, seeds=(), seasons=(), leads=None, starts=()) -> dict:
     """The machines that made the scores :func:`pair_tiers` pairs, read from the records
     :func:`record_machine` keeps beside them: ``{(out, case, seed): [record, ...]}`` for each
     folder of ``entries`` and each case (a twin, or ``TWIN-VAR`` for a species twin's
-    ``TWIN:VAR``) and seed it scored for their model (all for ``"all"``), ``twin`` and
-    ``seeds`` as :func:`pair_tiers` takes them; ``[]`` where a case has no record."""
-    found, keep = {}, {int(s) for s in seeds}
-    for out, model, _ in entries:
-        for f in sorted((Path(out) / "scores").glob("*.csv")):
-            m = _SCORE_FILE.match(f.name)
-            if m is None or (model != EVERY_MODEL and m["model"] != model):
-                continue
-            case, seed = m["case"], int(m["seed"])
-            if (twin and case != twin.replace(":", "-")) or (keep and seed not in keep):
-                continue
+    ``TWIN:VAR``) and seed of the rows :func:`pair_tiers` keeps under the same filters (so a
+    case whose days the filters all drop is not listed); ``[]`` where a case has no record."""
+    found = {}
+    for out, _, _, rows in _kept_scores(entries, twin=twin, seeds=seeds, seasons=seasons, leads=leads,
+                                        starts=starts):
+        for case, seed in dict.fromkeys(zip(rows.twin.astype(str).str.replace(":", "-"), rows.seed.astype(int))):
             if (out, case, seed) not in found:
                 path = _machine_file(Path(out) / "scores", case, seed)
                 found[(out, case, seed)] = json.loads(path.read_text()) if path.exists() else []

@@ -245,12 +245,13 @@ def test_species_protocol_scores_each_species_and_the_species_together(tmp_path,
 
 
 def _scores(out, twin, seed, model, days, **columns):
-    """One rollout's score file as the protocol writes it (``out/scores``), its rows ``days``."""
+    """One rollout's score file as the protocol writes it (``out/scores``), its rows ``days``
+    (a species twin's ``TWIN:VAR`` rows go to a file named ``TWIN-VAR``)."""
     start = days[0]
     (out / "scores").mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"twin": twin, "seed": seed, "start": f"{start:%Y-%m-%d}+{len(days)}d", "model": model,
                   "time": days, **columns}).to_csv(
-        out / "scores" / f"{twin}_s{seed}_{start:%Y%m%d}_{len(days)}d_{model}.csv", index=False)
+        out / "scores" / f"{twin.replace(':', '-')}_s{seed}_{start:%Y%m%d}_{len(days)}d_{model}.csv", index=False)
 
 
 def test_pair_tiers_pairs_models_scored_by_different_runs_on_the_same_days(tmp_path, capsys):
@@ -412,8 +413,9 @@ def test_pair_every_model_a_folder_scored(tmp_path, capsys):
 
 def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(tmp_path, capsys):
     """``pair_machines`` reads the records ``record_machine`` keeps beside the scores, per
-    folder, case and seed that the pairing reads (twin, seeds and model kept as ``pair_tiers``
-    keeps them: a species twin's ``TWIN:VAR`` is the case ``TWIN-VAR``); ``--pair`` prints them after
+    folder, case and seed of the rows the pairing keeps (twin, seeds, model, seasons, leads and
+    starts kept as ``pair_tiers`` keeps them, so a case the filters leave no day of is not
+    listed; a species twin's ``TWIN:VAR`` is the case ``TWIN-VAR``); ``--pair`` prints them after
     the tables and says when they mix kinds, a case mixes them, or a case has no record."""
     from fastds.cli import main
     from fastds.protocol import pair_machines, record_machine, write_pairing, pair_tiers
@@ -423,19 +425,27 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     xeon = dict(epyc, cpu="Intel Xeon", train_precision="bf16", sample_precision="bf16")
     a, b = tmp_path / "a", tmp_path / "b"
     for out, case, seed in ((a, "plume", 0), (a, "plume", 1), (a, "smooth", 0), (b, "plume", 0),
-                            (a, "species-SSEXTTAU", 0)):
+                            (a, "species:SSEXTTAU", 0)):
         for model in ("ddpm", "unet"):
             _scores(out, case, seed, model, days, crps_fair=0.1 + (model == "unet") * 0.01 + 0.001 * np.arange(20))
+    autumn = pd.date_range("2007-09-01", periods=20)  # plume seed 1's second rollout, in SON
+    for model in ("ddpm", "unet"):
+        _scores(a, "plume", 2, model, autumn, crps_fair=0.1 + (model == "unet") * 0.01 + 0.001 * np.arange(20))
     record_machine(a / "scores" / "plume_s0_machine.json", epyc, lambda _: None)
     for r in (epyc, xeon):
         record_machine(a / "scores" / "plume_s1_machine.json", r, lambda _: None)
     record_machine(a / "scores" / "smooth_s0_machine.json", xeon, lambda _: None)
     got = pair_machines([(a, "all", "all"), (b, "ddpm", "old")], twin="plume")
-    assert got == {(a, "plume", 0): [epyc], (a, "plume", 1): [epyc, xeon], (b, "plume", 0): []}
+    assert got == {(a, "plume", 0): [epyc], (a, "plume", 1): [epyc, xeon], (a, "plume", 2): [], (b, "plume", 0): []}
+    summer = {(a, "plume", 0): [epyc], (a, "plume", 1): [epyc, xeon], (b, "plume", 0): []}
+    for drop in ({"starts": ("2007-07-01",)}, {"seasons": (3,)}):  # seed 2 scored no day of these
+        assert pair_machines([(a, "all", "all"), (b, "ddpm", "old")], twin="plume", **drop) == summer
+    assert pair_machines([(a, "ddpm", "ddpm")], twin="plume", seasons=(4,)) == {(a, "plume", 2): []}
+    assert pair_machines([(a, "ddpm", "ddpm")], twin="plume", leads=(21, 30)) == {}
     assert pair_machines([(a, "ddpm", "ddpm")], twin="smooth") == {(a, "smooth", 0): [xeon]}
     assert pair_machines([(a, "ddpm", "ddpm")], twin="plume", seeds=(0,)) == {(a, "plume", 0): [epyc]}
     assert pair_machines([(a, "unet", "unet")], twin="species:SSEXTTAU") == {(a, "species-SSEXTTAU", 0): []}
-    assert len(pair_machines([(a, "all", "all")])) == 4  # every twin
+    assert len(pair_machines([(a, "all", "all")])) == 5  # every twin
     assert pair_machines([(a, "vae", "vae")], twin="plume") == {}  # a model the folder never scored
     means, paired = pair_tiers([(a, "all", "all")], reference="ddpm", twin="smooth", reps=50)
     one = write_pairing(means, paired, tmp_path / "one.md", title="t", machines={(a, "smooth", 0): [xeon]})
@@ -444,12 +454,12 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     assert "Made on" not in write_pairing(means, paired, tmp_path / "none.md", title="t")
     md = tmp_path / "p.md"
     assert main(["benchmark", "--pair", f"{a}:all", "--pair", f"{b}:ddpm:old", "--reference", "ddpm",
-                 "--twin", "plume", "--out", str(md)]) == 0
+                 "--twin", "plume", "--start", "2007-07-01", "--out", str(md)]) == 0
     text = md.read_text()
     assert text == capsys.readouterr().out
     assert text.index("Paired differences") < text.index("Made on")
     assert "| a | plume | 1 | AMD EPYC, train fp32, sample fp32, torch 2.13.0, fastds 0.2.0; Intel Xeon" in text
-    assert "| b | plume | 0 | not recorded |" in text
+    assert "| b | plume | 0 | not recorded |" in text and "| a | plume | 2 |" not in text  # --start left it no day
     assert "machines of 2 kinds" in text and "mix machines: plume seed 1 (a)" in text
     assert "1 of 3 cases have no machine record" in text
 
