@@ -472,6 +472,7 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     (("full-recon",), (381, 570), "smooth", "full-smooth-s0-reconstruction-days381-570"),
     (("full", "full-recon"), None, "smooth", "full-smooth-s0"),
     (("full-epyc",), None, "plume", "full-epyc-plume-s0-rollouts"),
+    (("full-epyc",), None, "plume", "full-epyc-plume-s0-rollouts-5starts"),
     (("full",), None, "rough", "full-rough-s0-rollouts"),
     (("full-recon",), None, "rough", "full-rough-s0-reconstruction"),
     (("full-recon",), (1, 190), "rough", "full-rough-s0-reconstruction-days1-190"),
