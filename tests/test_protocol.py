@@ -428,7 +428,7 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
                             (a, "species:SSEXTTAU", 0)):
         for model in ("ddpm", "unet"):
             _scores(out, case, seed, model, days, crps_fair=0.1 + (model == "unet") * 0.01 + 0.001 * np.arange(20))
-    autumn = pd.date_range("2007-09-01", periods=20)  # plume seed 1's second rollout, in SON
+    autumn = pd.date_range("2007-09-01", periods=20)  # plume seed 2, scored in SON only
     for model in ("ddpm", "unet"):
         _scores(a, "plume", 2, model, autumn, crps_fair=0.1 + (model == "unet") * 0.01 + 0.001 * np.arange(20))
     record_machine(a / "scores" / "plume_s0_machine.json", epyc, lambda _: None)
