@@ -491,7 +491,9 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     (("full",), None, "plume", "full-plume-s012-rollouts"),
     (("full",), None, "smooth", "full-smooth-s2-rollouts"),
     (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts"),
-    (("full",), None, "smooth", "full-smooth-s012-rollouts")])
+    (("full",), None, "smooth", "full-smooth-s012-rollouts"),
+    (("full",), None, "rough", "full-rough-s2-rollouts"),
+    (("full",), None, "rough", "full-rough-s012-rollouts")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
