@@ -270,6 +270,12 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
     return means, paired_differences(scores, reference=reference, block=block, reps=reps)
 
 
+def _case_stem(label: str) -> str:
+    """A case's name in its file names: its label, ``TWIN`` or a species twin's ``TWIN:VAR``
+    with ``:`` (not allowed in Windows file names) made ``-``."""
+    return label.replace(":", "-")
+
+
 def _machine_file(sdir, case, seed) -> Path:
     """Where :func:`record_machine` keeps the machines of case ``case`` (a twin, or
     ``TWIN-VAR``), seed ``seed``, beside its scores in ``sdir``."""
@@ -285,7 +291,7 @@ def pair_machines(entries, *, twin=None, seeds=(), seasons=(), leads=None, start
     found = {}
     for out, _, _, rows in _kept_scores(entries, twin=twin, seeds=seeds, seasons=seasons, leads=leads,
                                         starts=starts):
-        for case, seed in dict.fromkeys(zip(rows.twin.astype(str).str.replace(":", "-"), rows.seed.astype(int))):
+        for case, seed in dict.fromkeys(zip(rows.twin.astype(str).map(_case_stem), rows.seed.astype(int))):
             if (out, case, seed) not in found:
                 path = _machine_file(Path(out) / "scores", case, seed)
                 found[(out, case, seed)] = json.loads(path.read_text()) if path.exists() else []
@@ -455,7 +461,7 @@ class _Case:
 
     @property
     def _stem(self) -> str:
-        return f"{self.name}-{self.variable}" if self.species else self.name
+        return _case_stem(self.label)
 
     def score_path(self, start, length, model) -> Path:
         return self.sdir / f"{self._stem}_s{self.seed}_{start:%Y%m%d}_{length}d_{model}.csv"
