@@ -271,8 +271,8 @@ def pair_tiers(entries, *, reference, twin=None, seeds=(), seasons=(), leads=Non
 
 
 def _case_stem(label: str) -> str:
-    """A case's name in its file names: its label, ``TWIN`` or a species twin's ``TWIN:VAR``
-    with ``:`` (not allowed in Windows file names) made ``-``."""
+    """A case's name in its score and machine file names: its label, ``TWIN``, or a species
+    twin's ``TWIN:VAR`` written ``TWIN-VAR``."""
     return label.replace(":", "-")
 
 
