@@ -124,6 +124,74 @@ def test_protocol_runs_resumes_and_reports_on_a_toy_size(tmp_path):
     assert machines[0]["torch"] and machines[0]["fastds"] and machines[0]["cpu"]
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_rollout_resumes_on_the_day_it_stopped(tmp_path, monkeypatch):
+    """A rollout's finished days are kept while it runs: killed on a day, the re-run samples
+    only the days after it, and the scores equal an uninterrupted run's (and an in-memory
+    run's: keeping days changes no number); the sampled fields go once scored."""
+    from fastds import protocol
+    from fastds.sampling import rollout
+    twin = TwinCase("toy", {"coarse_start": "2005-01-01", "coarse_end": "2005-12-31",
+                            "fine_start": "2005-05-16", "fine_end": "2005-08-24", "seed": 11})
+    cfg = ProtocolConfig(tier="toy", twins=(twin,), seeds=(0,), seasons=(3,), starts=("2005-08-27",),
+                         rollout_days=3, burn_in=2, members=2, models=("ddpm", "interp"),
+                         overrides=TEST_OVERRIDES, reps=100)
+    quiet = dict(out=tmp_path, echo=lambda *a: None)
+    run_protocol(cfg, **quiet)
+    score = next((tmp_path / "scores").glob("*_ddpm.csv"))
+    want = pd.read_csv(score)
+    kept = lambda: sorted(tmp_path.glob("cache/**/samples/*"))  # noqa: E731
+    assert kept() == []
+
+    real_sample, real_write = protocol._sample_rollout, rollout._write_part
+    score.unlink()
+    monkeypatch.setattr(protocol, "_sample_rollout", lambda *a, out=None, **k: real_sample(*a, **k))
+    run_protocol(cfg, **quiet)
+    pd.testing.assert_frame_equal(pd.read_csv(score), want)
+    monkeypatch.setattr(protocol, "_sample_rollout", real_sample)
+
+    written = []
+
+    def write(parts, day, values, signature, die_after=None):
+        if die_after is not None and len(written) == die_after:
+            raise _Killed(day)
+        written.append(day)
+        real_write(parts, day, values, signature)
+    score.unlink()
+    monkeypatch.setattr(rollout, "_write_part", lambda *a: write(*a, die_after=3))
+    with pytest.raises(_Killed):
+        run_protocol(cfg, **quiet)
+    days = pd.date_range("2005-08-25", periods=5, freq="D")  # 2 burn-in days, then the 3 scored
+    assert written == list(days[:3])
+    assert len(list(tmp_path.glob("cache/**/samples/*.parts/*.npy"))) == 3
+    written.clear()
+    monkeypatch.setattr(rollout, "_write_part", write)
+    run_protocol(cfg, **quiet)
+    assert written == list(days[3:])
+    pd.testing.assert_frame_equal(pd.read_csv(score), want)
+    assert kept() == []
+
+    # killed after sampling, before its scores were written: the fields are read, not sampled
+    score.unlink()
+    real_score = protocol._score_rollout
+
+    def die(*a):
+        raise _Killed("scoring")
+    monkeypatch.setattr(protocol, "_score_rollout", die)
+    with pytest.raises(_Killed):
+        run_protocol(cfg, **quiet)
+    assert [p.suffix for p in kept()] == [".nc"]
+    monkeypatch.setattr(protocol, "_score_rollout", real_score)
+    written.clear()
+    run_protocol(cfg, **quiet)
+    assert written == []
+    pd.testing.assert_frame_equal(pd.read_csv(score), want)
+    assert kept() == []
+
+
 def test_record_machine_lists_each_kind_once_and_says_when_a_case_mixes_them(tmp_path):
     from fastds.protocol import record_machine
     path, said = tmp_path / "scores" / "plume_s0_machine.json", []
