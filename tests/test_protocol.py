@@ -561,7 +561,11 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts"),
     (("full",), None, "smooth", "full-smooth-s012-rollouts"),
     (("full",), None, "rough", "full-rough-s2-rollouts"),
-    (("full",), None, "rough", "full-rough-s012-rollouts")])
+    (("full",), None, "rough", "full-rough-s012-rollouts"),
+    (("full-recon-epyc",), None, "plume", "full-recon-epyc-plume-s2-reconstruction"),
+    (("full-recon-epyc",), (1, 190), "plume", "full-recon-epyc-plume-s2-reconstruction-days1-190"),
+    (("full-recon-epyc",), (191, 380), "plume", "full-recon-epyc-plume-s2-reconstruction-days191-380"),
+    (("full-recon-epyc",), (381, 570), "plume", "full-recon-epyc-plume-s2-reconstruction-days381-570")])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
