@@ -577,14 +577,13 @@ def _sample_rollout(case: _Case, config, name, start, days, progress, out=None):
     complete (a run killed after sampling, before scoring) is read, not sampled again."""
     from .sampling.output import open_output
     from .sampling.pipeline import sample
-    if out is not None and out.exists() and not out.with_name(out.name + ".parts").exists():
-        with open_output(out) as ds:
-            return _rollout_field(ds, case, days)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
     cfg = case.cfg
     settings = dict(cfg.variants.get(name, {}))
     model = settings.pop("model", name)
+    if out is not None and out.exists() and not out.with_name(out.name + ".parts").exists():
+        return _rollout_field(open_output(out), case, name, model, days)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     noise = settings.pop("species_noise", "shared")
     latents = _species_latents(case, noise, days) if model != "joint" else (lambda c: c)
     ensemble = model in ("ddpm", "distill", "joint") or model.startswith("unet+")
@@ -600,23 +599,25 @@ def _sample_rollout(case: _Case, config, name, start, days, progress, out=None):
                 start=start - pd.Timedelta(days=cfg.burn_in), end=days[-1],
                 cfg=latents(dataclasses.replace(config.sample, **kw)), model=model,
                 progress=progress, cold_start=True, out=out)
-    with ds:  # closed once loaded: the file is removed after scoring
+    return _rollout_field(ds, case, name, model, days)
+
+
+def _rollout_field(ds, case: _Case, name, model, days):
+    """The case's variable on ``days`` of a sampled Dataset, (time, member, lat, lon), loaded;
+    a joint model's other species are kept for their own cases. ``ds`` is closed: the
+    file behind it is removed once the rollout is scored."""
+    with ds:
         if model == "joint":
             for v in case.spec.species:
-                keep = case.pred_path(start, len(days), name, v)
+                keep = case.pred_path(days[0], len(days), name, v)
                 if v != case.variable and not keep.exists():
                     keep.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_path(keep) as tmp:
                         ds[v].sel(time=days).transpose("time", "member", "lat", "lon").load().to_netcdf(tmp)
-        return _rollout_field(ds, case, days)
-
-
-def _rollout_field(ds, case: _Case, days):
-    """The case's variable on ``days`` of a sampled Dataset, (time, member, lat, lon), loaded."""
-    pred = ds[case.variable].sel(time=days)
-    if "member" not in pred.dims:
-        pred = pred.expand_dims(member=1, axis=1)
-    return pred.transpose("time", "member", "lat", "lon").load()
+        pred = ds[case.variable].sel(time=days)
+        if "member" not in pred.dims:
+            pred = pred.expand_dims(member=1, axis=1)
+        return pred.transpose("time", "member", "lat", "lon").load()
 
 
 def _species_latents(case: _Case, noise, days):
