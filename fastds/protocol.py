@@ -577,10 +577,11 @@ def _sample_rollout(case: _Case, config, name, start, days, progress, out=None):
     complete (a run killed after sampling, before scoring) is read, not sampled again."""
     from .sampling.output import open_output
     from .sampling.pipeline import sample
+    from .sampling.rollout import parts_of
     cfg = case.cfg
     settings = dict(cfg.variants.get(name, {}))
     model = settings.pop("model", name)
-    if out is not None and out.exists() and not out.with_name(out.name + ".parts").exists():
+    if out is not None and out.exists() and not parts_of(out).exists():
         return _rollout_field(open_output(out), case, name, model, days)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from .day import DayInputs
 from .downscalers import DayContext
 from .output import DayStore, is_zarr, open_output, write_output
 
-__all__ = ["Rollout", "History", "dataset"]
+__all__ = ["Rollout", "History", "dataset", "parts_of"]
 
 DAY0 = pd.Timestamp("2000-01-01")  # draws are keyed by days since this date
 
@@ -108,6 +108,13 @@ def dataset(values, days, store: Store, members, attrs, member0=0, species=None)
     return ds
 
 
+def parts_of(out) -> Path:
+    """The folder where a rollout writing ``out`` keeps its finished days (``OUT.parts/``);
+    it is removed once ``out`` is complete."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
 class Rollout:
     """Days ``days`` of one downscaler, forward in time (see the module docstring).
 
@@ -122,7 +129,7 @@ class Rollout:
         self.store, self.days, self.cfg = store, pd.DatetimeIndex(days), cfg
         self.members, self.member0, self.cold_start = cfg.members, int(member0), cold_start
         self.out = Path(out) if out is not None else None
-        self.parts = self.out.with_name(self.out.name + ".parts") if self.out is not None else None
+        self.parts = parts_of(self.out) if self.out is not None else None
         self.attrs, self.finish, self.coarse_days = dict(attrs or {}), finish, coarse_days
         self.progress, self.desc = progress, desc
         self.fine_set = set(store.times)
