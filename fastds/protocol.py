@@ -13,7 +13,8 @@ Everything is cached under ``out``: twins, stores and trained runs (``cache/``),
 rollout's scores (``scores/*.csv``, written atomically as it finishes) and, while a rollout
 runs, its finished days (``cache/TWIN/samples/*.nc.parts/``, removed once it is scored): an
 interrupted run resumes where it stopped, inside a rollout too (a 570-day reconstruction
-killed on day 400 samples its last 170 days and nothing before). ``results.json`` and ``results.md`` are rewritten at the end.
+killed on day 400 samples its last 170 days and nothing before). ``results.json`` and
+``results.md`` are rewritten at the end.
 
 Two tiers ship as TOML (``fastds/configs/protocol_quick.toml``, ``protocol_full.toml``):
 quick for day-to-day checks (one twin, two starts, one seed, under 20 minutes on 2 cores),

@@ -569,7 +569,7 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
-    reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
+    reconstruction, ``full-recon-epyc/scores`` for plume seed 2's replicate reconstruction): rebuilt by ``pair_tiers``, the means and every paired difference (not the
     bootstrap intervals, which depend on ``reps``) equal the committed table's, so a later
     seed can be pooled with them from a clean clone. The table's name says its seeds (``s01``:
     seeds 0 and 1, their differences averaged per day); a table pooled on some rollouts only
