@@ -561,25 +561,18 @@ def test_pair_machines_lists_each_case_s_machines_and_says_what_a_pairing_mixes(
     (("full",), None, "smooth", "full-smooth-s012-rollouts-5starts"),
     (("full",), None, "smooth", "full-smooth-s012-rollouts"),
     (("full",), None, "rough", "full-rough-s2-rollouts"),
-    (("full",), None, "rough", "full-rough-s012-rollouts"),
-    (("full-recon-epyc",), None, "plume", "full-recon-epyc-plume-s2-reconstruction"),
-    (("full-recon-epyc",), (1, 190), "plume", "full-recon-epyc-plume-s2-reconstruction-days1-190"),
-    (("full-recon-epyc",), (191, 380), "plume", "full-recon-epyc-plume-s2-reconstruction-days191-380"),
-    (("full-recon-epyc",), (381, 570), "plume", "full-recon-epyc-plume-s2-reconstruction-days381-570"),
-    (("full-recon-epyc",), None, "smooth", "full-recon-epyc-smooth-s1-reconstruction"),
-    (("full-recon-epyc",), (1, 190), "smooth", "full-recon-epyc-smooth-s1-reconstruction-days1-190"),
-    (("full-recon-epyc",), (191, 380), "smooth", "full-recon-epyc-smooth-s1-reconstruction-days191-380"),
-    (("full-recon-epyc",), (381, 570), "smooth", "full-recon-epyc-smooth-s1-reconstruction-days381-570"),
-    (("full-recon-epyc",), None, "rough", "full-recon-epyc-rough-s1-reconstruction"),
-    (("full-recon-epyc",), (1, 190), "rough", "full-recon-epyc-rough-s1-reconstruction-days1-190"),
-    (("full-recon-epyc",), (191, 380), "rough", "full-recon-epyc-rough-s1-reconstruction-days191-380"),
-    (("full-recon-epyc",), (381, 570), "rough", "full-recon-epyc-rough-s1-reconstruction-days381-570")])
+    (("full",), None, "rough", "full-rough-s012-rollouts")
+] + [(("full-recon-epyc",), leads, twin, f"full-recon-epyc-{twin}-s{seed}-reconstruction"
+                                            + (f"-days{leads[0]}-{leads[1]}" if leads else ""))
+        for twin, seed in (("plume", 2), ("smooth", 1), ("rough", 1))  # the replicates' reconstructions
+        for leads in (None, (1, 190), (191, 380), (381, 570))])
 def test_committed_full_tier_tables_rebuild_from_their_scores(tmp_path, folders, leads, twin, table):
     """The full tier's committed tables come from the per-day scores committed beside them
     (``docs/protocol/full/scores`` for the 30-day rollouts, ``full-recon/scores`` for the
     reconstruction, ``full-recon-epyc/scores`` for the replicate reconstructions, plume seed
-    2's, smooth seed 1's and rough seed 1's): rebuilt by ``pair_tiers``, the means and every paired difference
-    (not the bootstrap intervals, which depend on ``reps``) equal the committed table's, so a later
+    2's, smooth seed 1's and rough seed 1's): rebuilt by ``pair_tiers``, the means and every
+    paired difference (not the bootstrap intervals, which depend on ``reps``) equal the
+    committed table's, so a later
     seed can be pooled with them from a clean clone. The table's name says its seeds (``s01``:
     seeds 0 and 1, their differences averaged per day); a table pooled on some rollouts only
     names their starts in its title (``--start``: "rollouts from 2007-06-01, ...")."""
